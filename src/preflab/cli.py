@@ -1,0 +1,79 @@
+"""The face of preflab: ``preflab <command>``.
+
+Commands are loaded lazily (``LazyGroup``), so ``preflab --help`` and ``import preflab``
+never import torch. Each command parses its options, loads a config and calls one
+function of a stage; errors the user can fix (``PreflabError``) print as one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from preflab import __version__
+from preflab.errors import PreflabError
+
+# name -> (module:attribute, one-line help). The module is imported only when the command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("preflab.stages.sft:cli", "Supervised fine-tuning on demonstrations (loss on response tokens)."),
+    "rm": ("preflab.stages.reward:cli", "Train a reward model on K-way rankings."),
+    "rm-eval": ("preflab.stages.reward:eval_cli", "Evaluate a reward model: accuracy, ECE, reliability."),
+    "ppo": ("preflab.stages.ppo:cli", "PPO-ptx against a reward model with a KL penalty to the SFT model."),
+    "data": ("preflab.data.cli:data", "Task suite, labeling, agreement, import/export, stats."),
+    "judge": ("preflab.feedback.cli:judge", "Score responses to suite prompts with the gold judge."),
+    "generate": ("preflab.rollout:generate_cli", "Sample responses from a model for a prompt file."),
+    "eval": ("preflab.evals.cli:eval_cli", "Evaluate models on held-out prompts against the SFT model."),
+    "report": ("preflab.evals.report:cli", "Write RUN_DIR/report.html."),
+    "pipeline": ("preflab.pipeline:cli", "The main job: demonstrations -> SFT -> RM -> PPO -> eval -> report."),
+    "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("preflab"):
+                raise click.ClickException(f"command {name!r} is not available in this build ({e})") from None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text comes from the table, so listing commands imports nothing heavy.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="preflab")
+def app() -> None:
+    """preflab: SFT, a K-way reward model and PPO-ptx, with a data engine and evaluation you can trust."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one clear line and exit code 2."""
+    try:
+        app.main(args=argv, prog_name="preflab", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except PreflabError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

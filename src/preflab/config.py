@@ -1,0 +1,183 @@
+"""Typed configs for every stage: pydantic models, loaded from YAML, overridden with dotted keys.
+
+``load_config(SFTConfig, "configs/sft.yaml", ["optim.lr=1e-5", "train.batch_size=4"])``
+
+A wrong key, type or range raises ``ConfigError`` naming the key (``optim.lr``), and nothing
+starts. Each stage gets only the sections it needs (STYLE.md 8: pass what a function needs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from preflab.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared sections
+# ---------------------------------------------------------------------------------------------
+
+
+class LoraSection(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="peft target_modules.")
+
+
+class ModelSection(Section):
+    path: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="A local directory, a hub id, `bundled:smollm2-135m-instruct` or `tiny:` (random, for tests).",
+    )
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Weight dtype. Keep fp32 for training: bf16 autocast does the speed-up."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present, else CPU.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas (InstructGPT: 0.9, 0.95).")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    schedule: Literal["cosine", "constant", "linear"] = Field("cosine")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from warmup_start * lr.")
+    warmup_start: float = Field(0.0, ge=0, le=1, description="Warm-up starts at this fraction of lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine/linear decay floor as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
+
+
+class RunSection(Section):
+    out: str = Field("runs/sft", description="Run directory.")
+    seed: int = Field(0, description="Seed for python, numpy and torch (per rank: seed + 100003 * rank).")
+    log_every: int = Field(1, ge=1, description="Write metrics every N optimizer steps.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
+    keep_checkpoints: int = Field(1, ge=1, description="How many recent checkpoints to keep.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------
+
+
+class SFTData(Section):
+    train: str = Field("builtin:examples", description="JSONL of {prompt, response} or {messages}; `builtin:examples`.")
+    val: str | None = Field(None, description="Validation JSONL (None: hold out val_fraction of train).")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(512, ge=8, description="Token limit per example (longer ones are truncated).")
+    packing: bool = Field(False, description="Pack several examples into one row (no cross-attention masking).")
+
+
+class SFTTrain(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per rank).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    bf16: bool = Field(True, description="bf16 autocast (fp32 master weights and optimizer state).")
+    gradient_checkpointing: bool = Field(False)
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end only).")
+
+
+class SFTConfig(Section):
+    """`preflab sft`: supervised fine-tuning on demonstrations, loss on response tokens only."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: SFTData = Field(default_factory=SFTData)
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=2e-5, warmup_steps=2))
+    train: SFTTrain = Field(default_factory=SFTTrain)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+# ---------------------------------------------------------------------------------------------
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-5"`` -> (["optim", "lr"], 1e-5). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (creating sections as needed); returns ``data``."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def validate(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults < YAML file < dotted overrides; one ConfigError naming every bad key."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, list(overrides or []))
+    return validate(cls, data, source=str(path) if path else "config")
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
