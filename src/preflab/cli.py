@@ -32,13 +32,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
+    """A click group whose commands live in other modules, imported only when run."""
+
+    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = COMMANDS if commands is None else commands
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.lazy)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        if name not in self.lazy:
             return None
-        target, _ = COMMANDS[name]
+        target, _ = self.lazy[name]
         module_name, attr = target.split(":")
         try:
             module = importlib.import_module(module_name)
@@ -51,7 +57,7 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so listing commands imports nothing heavy.
         with formatter.section("Commands"):
-            formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
+            formatter.write_dl([(name, self.lazy[name][1]) for name in sorted(self.lazy)])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +69,9 @@ def app() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one clear line and exit code 2."""
     try:
-        app.main(args=argv, prog_name="preflab", standalone_mode=False)
+        rv = app.main(args=argv, prog_name="preflab", standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
