@@ -85,3 +85,30 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def stage_command(name: str, config_cls, run: str, help_text: str) -> click.Command:
+    """A stage command: ``preflab NAME --config FILE [key.sub=value ...] [--resume]``.
+
+    ``run`` is "module:function" taking (config, resume=bool); it is imported when called.
+    """
+
+    @click.command(name, help=help_text, context_settings={"ignore_unknown_options": False})
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                  help="YAML config (defaults apply to what it leaves out).")
+    @click.option("--resume", is_flag=True, help="Continue the run in run.out from its last checkpoint.")
+    @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+    @click.argument("overrides", nargs=-1)
+    def command(config_path, resume, print_config, overrides):
+        from preflab.config import dump_config, load_config
+
+        cfg = load_config(config_cls, config_path, list(overrides))
+        if print_config:
+            import yaml
+
+            click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+            return
+        module_name, attr = run.split(":")
+        getattr(importlib.import_module(module_name), attr)(cfg, resume=resume)
+
+    return command

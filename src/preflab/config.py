@@ -93,12 +93,17 @@ class SFTTrain(Section):
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end only).")
 
 
+class SFTOptim(OptimSection):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps from warmup_start * lr.")
+
+
 class SFTConfig(Section):
     """`preflab sft`: supervised fine-tuning on demonstrations, loss on response tokens only."""
 
     model: ModelSection = Field(default_factory=ModelSection)
     data: SFTData = Field(default_factory=SFTData)
-    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=2e-5, warmup_steps=2))
+    optim: SFTOptim = Field(default_factory=SFTOptim)
     train: SFTTrain = Field(default_factory=SFTTrain)
     run: RunSection = Field(default_factory=RunSection)
 
@@ -122,6 +127,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({e})") from None
+    if isinstance(value, dict) and not raw.strip().startswith("{"):
+        value = raw.strip()  # `model.path=tiny:` is a string, not the mapping {tiny: None}
+    elif isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value  # YAML 1.1 misses 3e-3
+        except ValueError:
+            pass
     return key.split("."), value
 
 

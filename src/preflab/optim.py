@@ -1,0 +1,49 @@
+"""Optimizer and learning-rate schedule shared by every training stage."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def lr_factor(step: int, total: int, *, schedule: str, warmup_steps: int, warmup_start: float,
+              min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warm-up from ``warmup_start`` to 1 over ``warmup_steps`` (InstructGPT PPO: from 0.1x
+    over 10 iterations), then constant, linear or cosine decay to ``min_ratio`` (InstructGPT:
+    cosine to 10% for SFT and RM).
+    """
+    if warmup_steps and step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], optim, total_steps: int):
+    """AdamW over trainable params and a LambdaLR for ``optim`` (an OptimSection)."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                            weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: lr_factor(s, total_steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
+                            warmup_start=optim.warmup_start, min_ratio=optim.min_lr_ratio),
+    )
+    return opt, sched
+
+
+def clip_grad(params, max_norm: float | None) -> float:
+    """Clip and return the total gradient norm (computed even when clipping is off)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    return float(norm)

@@ -1,0 +1,126 @@
+"""Confidence intervals for win rates and other means (evaluation maths).
+
+InstructGPT reports win rates against the SFT baseline with an interval (e.g.
+85 +/- 3%; RLHF_REFERENCE.md §1). Ties count half a win throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Interval", "WinRate", "bootstrap_ci", "win_rate", "wilson_interval"]
+
+
+class Interval(NamedTuple):
+    """A confidence interval [lo, hi]."""
+
+    lo: float
+    hi: float
+
+
+class WinRate(NamedTuple):
+    """Outcome of comparing A against B on the same prompts.
+
+    Attributes:
+        rate: (wins + ties / 2) / n.
+        wins, ties, losses: counts for A.
+        n: number of comparisons.
+        lo, hi: Wilson interval of ``rate`` at the requested z.
+    """
+
+    rate: float
+    wins: int
+    ties: int
+    losses: int
+    n: int
+    lo: float
+    hi: float
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> Interval:
+    """Wilson score interval for a proportion successes / n.
+
+    centre = (p + z^2/(2n)) / (1 + z^2/n)
+    half   = z * sqrt(p(1-p)/n + z^2/(4n^2)) / (1 + z^2/n)
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse
+    to a point at p = 0 or 1. ``successes`` may be fractional (a tie counts 0.5).
+
+    Args:
+        successes: number of successes, 0 <= successes <= n.
+        n: number of trials, > 0.
+        z: standard-normal quantile (1.96 for 95%).
+
+    Returns:
+        Interval(lo, hi).
+    """
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n], got {successes} of {n}")
+    p = successes / n
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+
+
+def win_rate(scores_a, scores_b, z: float = 1.96) -> WinRate:
+    """How often A scores higher than B on paired comparisons, ties counting half.
+
+    Args:
+        scores_a: (N,) a score per comparison for A (e.g. the gold judge's).
+        scores_b: (N,) the score of B on the same prompt.
+        z: standard-normal quantile of the Wilson interval.
+
+    Returns:
+        WinRate(rate, wins, ties, losses, n, lo, hi).
+    """
+    a = np.asarray(scores_a, dtype=np.float64).ravel()
+    b = np.asarray(scores_b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"scores must be non-empty and the same length, got {a.size} and {b.size}")
+    wins, ties = int((a > b).sum()), int((a == b).sum())
+    n = a.size
+    successes = wins + 0.5 * ties
+    lo, hi = wilson_interval(successes, n, z)
+    return WinRate(successes / n, wins, ties, n - wins - ties, n, lo, hi)
+
+
+def bootstrap_ci(
+    values,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``statistic`` over the rows of ``values``.
+
+    Rows are resampled with replacement, so keep the items that belong together (a
+    prompt's outcomes for both models) in one row. Deterministic for a given seed.
+
+    Args:
+        values: (N, ...) samples; the statistic sees an array of the same shape.
+        statistic: maps a resampled array to a float; the mean by default.
+        n_resamples: bootstrap replicates.
+        confidence: coverage of the interval, e.g. 0.95.
+        seed: seed of the resampling generator.
+
+    Returns:
+        Interval(lo, hi): the (1-c)/2 and (1+c)/2 quantiles of the replicates.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError("values must have at least one row")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, x.shape[0], size=(n_resamples, x.shape[0]))
+    replicates = np.array([statistic(x[r]) for r in rows], dtype=np.float64)
+    alpha = (1.0 - confidence) / 2.0
+    return Interval(float(np.quantile(replicates, alpha)), float(np.quantile(replicates, 1.0 - alpha)))

@@ -1,0 +1,189 @@
+"""Stage A: supervised fine-tuning on demonstrations, loss on response tokens only.
+
+Read top to bottom: 0. set-up, 1. data, 2. model and optimizer, 3. the loop, 4. save.
+Works on one process or under ``torchrun`` (DDP; every rank takes its slice of each global
+batch, the loss is normalised by the step's global token count, rank 0 alone writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from preflab import distributed, models
+from preflab.cli import stage_command
+from preflab.config import SFTConfig, dump_config
+from preflab.data.chat import Example, collate, pack, read_demos, tokenize_conversation
+from preflab.errors import DataError, TrainingError
+from preflab.lm import TokenNLL
+from preflab.optim import clip_grad, make_optimizer
+from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+
+
+def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic hold-out of ``fraction`` of the examples (at least one when fraction > 0)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(examples) * fraction)))
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: a fresh permutation per epoch, no partial batch."""
+    per_epoch = n // global_batch
+    epoch, within = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[within * global_batch:(within + 1) * global_batch].tolist()
+
+
+@torch.no_grad()
+def validation_loss(loss_fn: TokenNLL, examples: list[Example], batch_size: int, pad_id: int,
+                    device, bf16: bool, dist: distributed.Dist) -> float:
+    loss_fn.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    mine = examples[dist.rank::dist.world_size]
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            nll, count = loss_fn(**batch)
+        total += torch.tensor([nll.item(), count.item()], dtype=torch.float64)
+    loss_fn.train()
+    total = distributed.all_reduce_sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def train(cfg: SFTConfig, resume: bool = False) -> Path:
+    """Run SFT as configured; returns the directory of the saved Hugging Face model."""
+    # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
+    models.set_threads(cfg.model.threads)
+    device = models.pick_device(cfg.model.device)
+    dist = distributed.init(device)
+    seed_everything(cfg.run.seed + 100003 * dist.rank)
+    run = RunDir(cfg.run.out, stage="sft", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
+                 writer=dist.is_main)
+    bf16 = cfg.train.bf16
+
+    # 1. data: parse every file before any training, tokenize once, hold out validation -------
+    tokenizer = models.load_tokenizer(cfg.model.path)
+    train_convs = read_demos(cfg.data.train)
+    val_convs = read_demos(cfg.data.val) if cfg.data.val else []
+
+    def encode(convs):
+        out = [tokenize_conversation(tokenizer, c, cfg.data.max_length) for c in convs]
+        return [e for e in out if any(label != -100 for label in e.labels)]
+
+    train_ex, val_ex = encode(train_convs), encode(val_convs)
+    if not cfg.data.val:
+        train_ex, val_ex = split_val(train_ex, cfg.data.val_fraction, cfg.run.seed)
+    if cfg.data.packing:
+        train_ex = pack(train_ex, cfg.data.max_length)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
+    if len(train_ex) < global_batch:
+        raise DataError(f"{cfg.data.train}: {len(train_ex)} training examples, fewer than one global batch "
+                        f"({global_batch} = batch_size x grad_accum x ranks)")
+    steps_per_epoch = len(train_ex) // global_batch
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    run.log(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {total_steps} steps")
+
+    # 2. model, optimizer, schedule; resume from the newest checkpoint --------------------------
+    lora = models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    model = models.load_policy(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, lora=lora)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    loss_fn = TokenNLL(model)
+    if dist.enabled:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
+    start = 0
+    state = run.load_checkpoint() if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        run.log(f"resumed at step {start}")
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
+                            keep=cfg.run.keep_checkpoints)
+        distributed.barrier()
+
+    # 3. the loop: one global batch per optimizer step ------------------------------------------
+    micro = cfg.train.batch_size
+    with Progress(total_steps, "sft", enabled=cfg.run.progress and dist.is_main, start=start,
+                  keys=("train/loss", "val/loss", "perf/tokens_per_s")) as bar:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
+            mine = idx[dist.rank * micro * cfg.train.grad_accum:(dist.rank + 1) * micro * cfg.train.grad_accum]
+            batches = [collate([train_ex[i] for i in mine[j:j + micro]], tokenizer.pad_token_id)
+                       for j in range(0, len(mine), micro)]
+            # Normalise by the global count of response tokens in this step: exact under
+            # accumulation and ranks (DDP averages gradients, hence the world_size factor).
+            n_tokens = distributed.all_reduce_sum(sum((b["labels"][:, 1:] != -100).sum() for b in batches))
+            scale = dist.world_size / max(1, int(n_tokens))
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for j, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = not dist.enabled or j == len(batches) - 1
+                ctx = loss_fn.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    nll, _ = loss_fn(**batch)
+                    (nll * scale).backward()
+                loss_sum += nll.detach().double().cpu()
+            loss = float(distributed.all_reduce_sum(loss_sum)) / max(1, int(n_tokens))
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                    f"{run.latest_checkpoint() or 'none'}")
+            grad_norm = clip_grad(params, cfg.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            dt = time.perf_counter() - t0
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                       "train/tokens": int(n_tokens), "perf/step_s": dt,
+                       "perf/tokens_per_s": sum(b["attention_mask"].sum().item() for b in batches)
+                       * dist.world_size / dt}
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex:
+                metrics["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id,
+                                                      device, bf16, dist)
+            if done % cfg.run.log_every == 0 or done == total_steps:
+                metrics["perf/peak_rss_mb"] = peak_rss_mb()
+                run.log_metrics(done, metrics)
+            bar.update(metrics)
+            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+                checkpoint(done)
+
+    # 4. final validation and a plain Hugging Face checkpoint -----------------------------------
+    final = {}
+    if val_ex:
+        final["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
+        run.log_metrics(total_steps, final)
+    checkpoint(total_steps)
+    out = Path(cfg.run.out) / "model"
+    if dist.is_main:
+        models.save_model(model, tokenizer, out)
+    distributed.barrier()
+    run.finish(final_metrics=final)
+    return out
+
+
+cli = stage_command("sft", SFTConfig, "preflab.stages.sft:train",
+                    "Supervised fine-tuning on demonstrations (loss on response tokens only).")

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from preflab.config import SFTConfig, load_config
+from preflab.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def config_class(path: Path):
+    from preflab import config
+
+    stage = path.stem.split("_")[0]
+    return {"sft": config.SFTConfig, "rm": getattr(config, "RMConfig", None),
+            "ppo": getattr(config, "PPOConfig", None), "pipeline": getattr(config, "PipelineConfig", None)}[stage]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_validates(path):
+    cls = config_class(path)
+    assert cls is not None, f"no config class for {path.name}"
+    load_config(cls, path)
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        load_config(SFTConfig, None, ["optim.learning_rate=1e-5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.batchsize: unknown key"):
+        load_config(SFTConfig, bad)
+
+
+def test_bad_value_and_type_are_named():
+    with pytest.raises(ConfigError, match=r"optim\.lr: .*greater than 0"):
+        load_config(SFTConfig, None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size: .*integer"):
+        load_config(SFTConfig, None, ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        load_config(SFTConfig, None, ["model.dtype=fp8"])
+
+
+def test_overrides_beat_yaml_and_parse_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.1\ntrain:\n  bf16: false\n")
+    cfg = load_config(SFTConfig, f, ["optim.lr=3e-4", "train.bf16=true", "data.val=null"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.bf16 is True and cfg.data.val is None
+    assert cfg.optim.warmup_steps == SFTConfig().optim.warmup_steps  # partial section keeps stage defaults
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(SFTConfig, None, ["optim.lr"])
