@@ -1,1 +1,103 @@
-"""preflab.rl."""
+"""preflab.rl: the maths of RLHF as pure functions.
+
+Tensors (or numpy arrays) in, tensors out; shapes in each docstring; no config objects,
+no I/O, no distributed code. Nothing here imports the rest of preflab. Docstrings cite
+the section of RLHF_REFERENCE.md (and through it the paper or code) they follow.
+
+- ``logprobs``: token log-probs with the sampling temperature, entropy, masked statistics.
+- ``kl``: per-token KL estimators k1/k2/k3, fixed and adaptive KL controllers.
+- ``advantages``: per-token rewards (score on the last real token), GAE, whitening.
+- ``ppo``: clipped policy and value losses, explained variance, the LM loss of SFT/ptx.
+- ``ranking``: InstructGPT's K-way loss, Bradley-Terry, Plackett-Luce.
+- ``calibration``: ECE/MCE, reliability by reward margin, temperature scaling (numpy).
+- ``stats``: Wilson interval, win rate, bootstrap interval (numpy).
+"""
+
+from .advantages import GAE, PPORewards, gae, last_token_index, ppo_rewards, whiten_advantages, whiten_rewards
+from .calibration import (
+    Calibration,
+    CalibrationBin,
+    MarginBin,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_by_margin,
+)
+from .kl import AdaptiveKLController, FixedKLController, KLController, kl_k1, kl_k2, kl_k3
+from .logprobs import (
+    entropy_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    selective_log_softmax,
+    token_logprobs,
+)
+from .ppo import (
+    LMLossSum,
+    PolicyLoss,
+    ValueLoss,
+    explained_variance,
+    lm_loss,
+    policy_loss,
+    sum_lm_loss,
+    value_loss,
+)
+from .ranking import (
+    KWayRankingLoss,
+    batched_kway_ranking_loss,
+    batched_plackett_luce_loss,
+    bradley_terry_loss,
+    kway_ranking_loss,
+    plackett_luce_loss,
+    ranks_from_tiers,
+)
+from .stats import Interval, WinRate, bootstrap_ci, wilson_interval, win_rate
+
+__all__ = [
+    "AdaptiveKLController",
+    "Calibration",
+    "CalibrationBin",
+    "FixedKLController",
+    "GAE",
+    "Interval",
+    "KLController",
+    "KWayRankingLoss",
+    "LMLossSum",
+    "MarginBin",
+    "PPORewards",
+    "PolicyLoss",
+    "ValueLoss",
+    "WinRate",
+    "batched_kway_ranking_loss",
+    "batched_plackett_luce_loss",
+    "bootstrap_ci",
+    "bradley_terry_loss",
+    "entropy_from_logits",
+    "expected_calibration_error",
+    "explained_variance",
+    "fit_temperature",
+    "gae",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kway_ranking_loss",
+    "last_token_index",
+    "lm_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "plackett_luce_loss",
+    "policy_loss",
+    "ppo_rewards",
+    "ranks_from_tiers",
+    "reliability_by_margin",
+    "selective_log_softmax",
+    "sum_lm_loss",
+    "token_logprobs",
+    "value_loss",
+    "whiten_advantages",
+    "whiten_rewards",
+    "win_rate",
+    "wilson_interval",
+]

@@ -40,10 +40,12 @@ class CalibrationBin(NamedTuple):
 
 
 class Calibration(NamedTuple):
-    """Attributes:
-    ece: sum over bins of count/N * |accuracy - mean_confidence|.
-    mce: largest |accuracy - mean_confidence| over non-empty bins.
-    table: the n_bins bins, empty ones included.
+    """Result of ``expected_calibration_error``.
+
+    Attributes:
+        ece: sum over bins of count/N * |accuracy - mean_confidence|.
+        mce: largest |accuracy - mean_confidence| over non-empty bins.
+        table: the n_bins bins, empty ones included.
     """
 
     ece: float
@@ -166,9 +168,7 @@ def _bce_at_inverse_temperature(inv_t: float, m: np.ndarray, y: np.ndarray) -> f
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
-def fit_temperature(
-    margins, labels, t_min: float = 1e-2, t_max: float = 1e2, iterations: int = 100
-) -> float:
+def fit_temperature(margins, labels, t_min: float = 1e-2, t_max: float = 1e2, iterations: int = 100) -> float:
     """Temperature T minimising the cross-entropy of sigmoid(margin / T) against labels.
 
     Temperature scaling (Guo et al. 2017), as Gao et al. §2.2 recalibrate their RMs:
@@ -193,7 +193,9 @@ def fit_temperature(
     m = np.asarray(margins, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=np.float64).ravel()
     if m.shape != y.shape or m.size == 0:
-        raise ValueError(f"margins and labels must be non-empty and the same length, got {m.size} and {y.size}")
+        raise ValueError(
+            f"margins and labels must be non-empty and the same length, got {m.size} and {y.size}"
+        )
     if np.any((y < 0) | (y > 1)):
         raise ValueError("labels must lie in [0, 1]")
     if not 0 < t_min < t_max:

@@ -62,7 +62,8 @@ class LMLossSum(NamedTuple):
     """Summed next-token NLL, for normalising by a global token count.
 
     Attributes:
-        loss_sum: scalar float32, sum of -log p(label) over counted tokens (differentiable).
+        loss_sum: scalar, sum of -log p(label) over counted tokens (differentiable); float32
+            for fp16/bf16/fp32 logits, float64 for float64 logits.
         n_tokens: scalar int64, number of counted tokens.
     """
 
@@ -170,7 +171,7 @@ def sum_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     prompt in SFT, padding) do not count. With gradient accumulation or several ranks,
     divide the sum by the token count of the *whole* optimiser step, not by each
     micro-batch's: only then is 1 x 8 the same update as 8 x 1 (STYLE.md 5). The sum
-    is accumulated in float32 whatever the logits' dtype.
+    is accumulated in float32 at least, so bf16 logits do not round it.
 
     Args:
         logits: (B, T, V).
@@ -183,7 +184,8 @@ def sum_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     shift_logits = logits[:, :-1, :].flatten(0, 1)
     shift_labels = labels[:, 1:].flatten()
     nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="none")
-    return LMLossSum(loss_sum=nll.float().sum(), n_tokens=(shift_labels != ignore_index).sum())
+    nll = nll.to(torch.promote_types(nll.dtype, torch.float32))
+    return LMLossSum(loss_sum=nll.sum(), n_tokens=(shift_labels != ignore_index).sum())
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -198,7 +200,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
         ignore_index: label value to skip.
 
     Returns:
-        scalar float32 tensor.
+        scalar tensor, float32 (float64 for float64 logits).
     """
     total = sum_lm_loss(logits, labels, ignore_index)
     return total.loss_sum / total.n_tokens

@@ -147,7 +147,9 @@ def kway_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tenso
     return out.loss
 
 
-def batched_plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def batched_plackett_luce_loss(
+    rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """Plackett-Luce negative log-likelihood of each ranking, averaged over prompts.
 
     DPO App. A.3, Eq. 18 (RLHF_REFERENCE.md §5), for a strict order tau::

@@ -1,0 +1,52 @@
+"""preflab.rl.stats: Wilson interval, win rate, bootstrap interval."""
+
+import numpy as np
+import pytest
+
+from preflab.rl.stats import bootstrap_ci, wilson_interval, win_rate
+
+
+def test_wilson_60_of_100():
+    """p = 0.6, z = 1.96, z^2/n = 0.038416, denominator 1.038416.
+    centre = (0.6 + 0.019208)/1.038416 = 0.596300
+    half   = 1.96 * sqrt(0.24/100 + 3.8416/40000)/1.038416 = 1.96 * 0.0499604/1.038416 = 0.094300
+    -> (0.5020, 0.6906)."""
+    lo, hi = wilson_interval(60, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.5020, 0.6906)
+
+
+def test_wilson_zero_successes_does_not_collapse():
+    """0 of 10: centre = half = (3.8416/20)/1.38416 = 0.138770, so (0, 0.277540)."""
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0
+    assert hi == pytest.approx(0.277540, abs=1e-6)
+
+
+def test_wilson_fractional_successes_and_bad_input():
+    """Ties count half: 59.5 of 100 sits between 59 and 60."""
+    assert wilson_interval(59, 100).lo < wilson_interval(59.5, 100).lo < wilson_interval(60, 100).lo
+    with pytest.raises(ValueError):
+        wilson_interval(1, 0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_win_rate_counts_ties_half():
+    """A = [3, 2, 1, 5], B = [1, 2, 2, 4]: wins (3>1, 5>4) = 2, ties 1, losses 1;
+    rate = (2 + 0.5)/4 = 0.625, interval = wilson_interval(2.5, 4)."""
+    out = win_rate([3, 2, 1, 5], [1, 2, 2, 4])
+    assert (out.wins, out.ties, out.losses, out.n) == (2, 1, 1, 4)
+    assert out.rate == 0.625
+    assert (out.lo, out.hi) == wilson_interval(2.5, 4)
+    with pytest.raises(ValueError):
+        win_rate([1, 2], [1])
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, size=200)
+    lo, hi = bootstrap_ci(x, n_resamples=500, seed=3)
+    assert (lo, hi) == bootstrap_ci(x, n_resamples=500, seed=3)
+    assert lo < x.mean() < hi
+    assert 0.15 < hi - lo < 0.4  # about 2 * 1.96 / sqrt(200) = 0.277
+    assert bootstrap_ci(np.full(10, 2.5)) == (2.5, 2.5)
