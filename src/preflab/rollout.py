@@ -1,0 +1,267 @@
+"""Batched generation and scoring: the policy samples, then policy, reference, critic and reward
+model read the samples in one forward pass each.
+
+Layout of a batch (``Samples``): queries left-padded to ``Tq`` and responses right-padded to
+``Tr``, so every response starts at column ``Tq`` of the concatenation. Position ids come from
+the attention mask (as in ``generate``), so a forward pass over the concatenation sees exactly
+the positions the sampler saw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import click
+import torch
+
+from preflab.lm import decoder_hidden, unwrap
+
+
+@dataclass
+class Samples:
+    """One batch of rollouts. Shapes: B rows, Tq query columns, Tr response columns."""
+
+    query: torch.Tensor  # (B, Tq) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, Tq) 1 on real prompt tokens
+    response: torch.Tensor  # (B, Tr) right-padded response ids (EOS included when sampled)
+    response_mask: torch.Tensor  # (B, Tr) 1 on real response tokens
+    ended: torch.Tensor  # (B,) bool: the response contains EOS (or the truncation token)
+    texts: list[str]  # decoded responses, without the EOS token
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, position_ids of query + response."""
+        ids = torch.cat([self.query, self.response], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+    def select(self, idx: torch.Tensor | list[int]) -> Samples:
+        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        t = torch.as_tensor(idx_list, dtype=torch.long)
+        return Samples(self.query[t], self.query_mask[t], self.response[t], self.response_mask[t],
+                       self.ended[t], [self.texts[i] for i in idx_list])
+
+    def to(self, device: torch.device) -> Samples:
+        return replace(self, query=self.query.to(device), query_mask=self.query_mask.to(device),
+                       response=self.response.to(device), response_mask=self.response_mask.to(device),
+                       ended=self.ended.to(device))
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding does not shift them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def response_mask_after_stop(response: torch.Tensor, stop_id: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including the first ``stop_id`` at index >= ``start``; and whether one occurred.
+
+    (B, Tr) -> ((B, Tr) long mask, (B,) bool). With ``start`` > 0 this is lm-human-preferences'
+    truncation (``truncate_token`` after ``truncate_after``).
+    """
+    is_stop = response == stop_id
+    if start:
+        is_stop[:, :start] = False
+    ended = is_stop.any(1)
+    first = torch.where(ended, is_stop.float().argmax(1), torch.full_like(ended, response.shape[1], dtype=torch.long))
+    cols = torch.arange(response.shape[1], device=response.device)
+    return (cols[None, :] <= first[:, None]).long(), ended
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation back ends
+# ---------------------------------------------------------------------------------------------
+
+
+class Generator(Protocol):
+    """A sampling back end: HF generate now; vLLM or another engine can stand here later."""
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0) -> Samples: ...
+
+
+class HFGenerator:
+    """Batched, KV-cached sampling with ``model.generate``; stops at EOS or the length limit."""
+
+    def __init__(self, model: Any, tokenizer: Any, bf16: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.bf16 = bf16
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0) -> Samples:
+        tok = self.tokenizer
+        model = unwrap(self.model) if not hasattr(self.model, "disable_adapter") else self.model
+        device = next(model.parameters()).device
+        query, query_mask = left_pad(prompts, tok.pad_token_id)
+        query, query_mask = query.to(device), query_mask.to(device)
+        sampling = temperature > 0
+        kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+        if sampling:
+            kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+        was_training = model.training
+        model.eval()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = model.generate(input_ids=query, attention_mask=query_mask, **kwargs)
+        model.train(was_training)
+        response = out[:, query.shape[1]:]
+        if response.shape[1] == 0:
+            response = torch.full((len(prompts), 1), tok.pad_token_id, dtype=torch.long, device=device)
+        mask, ended = response_mask_after_stop(response, tok.eos_token_id)
+        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
+        texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
+        return Samples(query, query_mask, response, mask, ended, texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: one forward pass per model
+# ---------------------------------------------------------------------------------------------
+
+
+def response_hidden(model: Any, samples: Samples) -> torch.Tensor:
+    """(B, Tr, H): the trunk's hidden state at the position *before* each response token.
+
+    Column t is the state from which response token t is predicted (and valued).
+    """
+    inp = samples.inputs()
+    base = unwrap(model)
+    out = base.get_decoder()(**inp, use_cache=False)
+    tq = samples.query.shape[1]
+    return out.last_hidden_state[:, tq - 1:-1]
+
+
+def response_logits(model: Any, samples: Samples, temperature: float) -> torch.Tensor:
+    """(B, Tr, V) logits for the response tokens, divided by the sampling temperature.
+
+    RLHF_REFERENCE §2: training-time logits are divided by T for policy and reference alike,
+    or the KL rises faster than expected.
+    """
+    h = response_hidden(model, samples)
+    logits = unwrap(model).get_output_embeddings()(h).float()
+    return logits / max(temperature, 1e-7)
+
+
+def score_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply a sequence-classification model's 1-output head: (..., H) -> (...)."""
+    base = unwrap(model)
+    head = getattr(base, "score", None) or getattr(base, "classifier", None)
+    return head(hidden).squeeze(-1).float()
+
+
+def reward_norm(model: Any) -> tuple[float, float]:
+    """(gain, bias) stored with a reward model by the RM stage; identity when absent."""
+    cfg = unwrap(model).config
+    return float(getattr(cfg, "preflab_reward_gain", 1.0)), float(getattr(cfg, "preflab_reward_bias", 0.0))
+
+
+def last_token_index(samples: Samples) -> torch.Tensor:
+    """(B,) index in query + response of the last real token (the last query token if empty)."""
+    return samples.query.shape[1] - 1 + samples.lengths
+
+
+def reward_scores(rm: Any, samples: Samples, normalise: bool = True) -> torch.Tensor:
+    """(B,) reward at the last real token, with the RM's stored gain and bias applied."""
+    inp = samples.inputs()
+    hidden = unwrap(rm).get_decoder()(**inp, use_cache=False).last_hidden_state
+    idx = last_token_index(samples).to(hidden.device)
+    raw = score_head(rm, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+    if not normalise:
+        return raw
+    gain, bias = reward_norm(rm)
+    return gain * raw + bias
+
+
+def critic_values(critic: Any, samples: Samples) -> torch.Tensor:
+    """(B, Tr) value estimates V(query + response[:t]) for every response position."""
+    return score_head(critic, response_hidden(critic, samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# `preflab generate`
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str | list[dict[str, str]]], max_prompt_tokens: int | None = None) -> list[list[int]]:
+    from preflab.data.chat import render_prompt
+
+    out = []
+    for p in prompts:
+        ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        out.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
+    return out
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int = 128,
+                   temperature: float = 0.7, batch_size: int = 16, bf16: bool = True,
+                   progress: bool = False) -> list[str]:
+    """Sample one response per prompt, in batches; returns decoded texts in prompt order."""
+    from preflab.run import Progress
+
+    gen = HFGenerator(model, tokenizer, bf16=bf16)
+    ids = encode_prompts(tokenizer, prompts)
+    # Similar lengths together: less padding, faster batches; results go back in input order.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    texts: list[str] = [""] * len(ids)
+    with Progress(len(ids), "generate", enabled=progress) as bar:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            out = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
+            for i, t in zip(chunk, out.texts):
+                texts[i] = t
+            bar.update(advance=len(chunk))
+    return texts
+
+
+@click.command("generate")
+@click.option("--model", "model_spec", required=True, help="Model directory, hub id, bundled: or tiny:.")
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL with `id` and `prompt` (or `messages`).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output JSONL {id, response}.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0), help="0: greedy.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N prompts.")
+@click.option("--threads", default=None, type=click.IntRange(1))
+def generate_cli(model_spec, prompts_path, out_path, max_new_tokens, temperature, seed, batch_size, limit, threads):
+    """Sample one response per prompt from a model and write JSONL {id, response}."""
+    from preflab import models
+    from preflab.data.jsonl import read_jsonl, write_jsonl
+
+    def parse(obj):
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise ValueError("each row needs an 'id'")
+        if isinstance(obj.get("prompt"), str):
+            return obj["id"], obj["prompt"]
+        if isinstance(obj.get("messages"), list):
+            return obj["id"], obj["messages"]
+        raise ValueError("each row needs 'prompt' (a string) or 'messages' (a list)")
+
+    rows = read_jsonl(prompts_path, parse)[:limit]
+    models.set_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = models.load_tokenizer(model_spec)
+    model = models.load_policy(model_spec)
+    t0 = time.time()
+    texts = generate_texts(model, tokenizer, [p for _, p in rows], max_new_tokens=max_new_tokens,
+                           temperature=temperature, batch_size=batch_size, progress=True)
+    write_jsonl(Path(out_path), [{"id": i, "response": t} for (i, _), t in zip(rows, texts)])
+    click.echo(f"wrote {len(rows)} responses to {out_path} in {time.time() - t0:.1f}s")
