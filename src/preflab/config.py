@@ -109,6 +109,164 @@ class SFTConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------
+
+
+class RMData(Section):
+    train: str = Field(..., description="Grouped K-way JSONL ({prompt, responses, order}), pairs JSONL, "
+                                        "or `store:PATH` (the preference store; split from `split`).")
+    format: Literal["kway", "pairs"] = Field("kway", description="kway: rankings (one element per prompt); "
+                                                                 "pairs: {prompt, chosen, rejected} rows.")
+    split: str | None = Field("rm", description="Store split to train on (store: sources only).")
+    val: str | None = Field(None, description="Held-out file or store (None: hold out val_fraction).")
+    val_split: str | None = Field("eval", description="Store split for held-out evaluation.")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(384, ge=16, description="Token limit of prompt + response.")
+    demos: str | None = Field(None, description="Demonstrations JSONL: after training, a bias makes their mean score 0.")
+
+
+class RMOptim(OptimSection):
+    lr: float = Field(9e-6, gt=0, description="InstructGPT: 9e-6, cosine to 10%.")
+
+
+class RMTrain(Section):
+    loss: Literal["kway", "plackett_luce"] = Field(
+        "kway", description="kway: InstructGPT Eq. 1 (all C(K,2) pairs of a prompt as one element); "
+                            "plackett_luce: listwise likelihood.")
+    epochs: float = Field(1.0, gt=0, description="InstructGPT trains one epoch (more overfits).")
+    max_steps: int | None = Field(None, ge=1)
+    batch_prompts: int = Field(8, ge=1, description="Prompts (not pairs) per micro-batch, per rank.")
+    grad_accum: int = Field(1, ge=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0)
+
+
+class RMNorm(Section):
+    demos_mean_zero: bool = Field(True, description="Bias so the demonstrations' mean score is 0 (InstructGPT).")
+    policy_gain_bias: bool = Field(False, description="Gain and bias so held-out policy samples have mean 0, "
+                                                      "std 1 (lm-human-preferences).")
+
+
+class RMEval(Section):
+    n_bins: int = Field(10, ge=2, description="Bins of the expected calibration error.")
+    temperature_scaling: bool = Field(True, description="Fit a temperature on a validation split and report ECE after it.")
+    worst_k: int = Field(20, ge=0, description="Held-out pairs where the RM is most confidently wrong, with texts.")
+
+
+class RMRun(RunSection):
+    out: str = Field("runs/rm", description="Run directory.")
+
+
+class RMConfig(Section):
+    """`preflab rm`: a scalar reward head trained on K-way rankings."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: RMData
+    optim: RMOptim = Field(default_factory=RMOptim)
+    train: RMTrain = Field(default_factory=RMTrain)
+    norm: RMNorm = Field(default_factory=RMNorm)
+    eval: RMEval = Field(default_factory=RMEval)
+    run: RMRun = Field(default_factory=RMRun)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO-ptx
+# ---------------------------------------------------------------------------------------------
+
+
+class PPOModels(Section):
+    policy: ModelSection = Field(default_factory=ModelSection)
+    reward_model: str = Field(..., description="Reward model directory (from `preflab rm`).")
+    critic: Literal["reward_model", "policy_head"] = Field(
+        "reward_model", description="reward_model: a separate critic initialised from the RM (InstructGPT); "
+                                    "policy_head: a value head on the policy trunk (less memory).")
+    reference: str | None = Field(None, description="Reference model (None: the initial policy; with LoRA, "
+                                                    "the policy with adapters disabled).")
+
+
+class PPOData(Section):
+    prompts: str = Field(..., description="Prompt JSONL (suite format, {prompt} or {messages}).")
+    split: str | None = Field("ppo", description="Keep rows whose `split` equals this (None: all).")
+    max_prompt_tokens: int = Field(256, ge=8)
+    ptx: str | None = Field(None, description="Pretraining-mix JSONL of {text} (or demonstrations) for PPO-ptx.")
+
+
+class Rollout(Section):
+    batch_size: int = Field(16, ge=1, description="Prompts per rollout (per rank).")
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; training logits are divided by it.")
+    top_k: int = Field(0, ge=0, description="0: off.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    missing_eos_penalty: float | None = Field(
+        -1.0, description="Score given to responses that end without EOS (None: keep the RM score).")
+    truncate_token: str | None = Field(None, description="Pad after this token (lm-human-preferences); None: off.")
+    truncate_after: int = Field(0, ge=0)
+    bf16: bool = Field(True, description="bf16 autocast for sampling and scoring.")
+
+
+class PPOHyper(Section):
+    epochs: int = Field(1, ge=1, description="PPO epochs per rollout (InstructGPT: 1).")
+    minibatch_size: int = Field(8, ge=1, description="Rollouts per minibatch (per rank).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per minibatch.")
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_rewards: bool = Field(False, description="Scale rewards to unit variance without shifting the mean.")
+    critic_lr: float | None = Field(None, gt=0, description="Critic LR (None: optim.lr).")
+
+
+class KLSection(Section):
+    coef: float = Field(0.05, ge=0, description="beta (initial value when adaptive).")
+    adaptive: bool = Field(False, description="Adaptive controller (Ziegler et al.).")
+    target: float = Field(6.0, gt=0, description="Target KL in nats (adaptive).")
+    horizon: int = Field(10000, ge=1, description="Horizon in episodes (adaptive).")
+    estimator: Literal["k1", "k3"] = Field("k1")
+
+
+class PTXSection(Section):
+    coef: float = Field(0.0, ge=0, description="gamma: 0 is PPO, > 0 is PPO-ptx (InstructGPT: 27.8).")
+    batch_size: int = Field(8, ge=1, description="Pretraining sequences per minibatch.")
+    max_length: int = Field(128, ge=8)
+
+
+class PPOOptim(OptimSection):
+    lr: float = Field(3e-6, gt=0)
+    eps: float = Field(1e-5, gt=0, description="Adam eps (lm-human-preferences: 1e-5).")
+    schedule: Literal["cosine", "constant", "linear"] = Field("constant")
+    warmup_steps: int = Field(10, ge=0, description="InstructGPT: 10 iterations from 0.1x.")
+    warmup_start: float = Field(0.1, ge=0, le=1)
+
+
+class PPOTrain(Section):
+    steps: int = Field(20, ge=1, description="Rollout + update iterations.")
+    bf16: bool = True
+    save_every: int = Field(0, ge=0)
+
+
+class PPORun(RunSection):
+    out: str = Field("runs/ppo", description="Run directory.")
+
+
+class PPOConfig(Section):
+    """`preflab ppo`: PPO(-ptx) against a reward model with a per-token KL penalty to the SFT model."""
+
+    models: PPOModels
+    data: PPOData
+    rollout: Rollout = Field(default_factory=Rollout)
+    ppo: PPOHyper = Field(default_factory=PPOHyper)
+    kl: KLSection = Field(default_factory=KLSection)
+    ptx: PTXSection = Field(default_factory=PTXSection)
+    optim: PPOOptim = Field(default_factory=PPOOptim)
+    train: PPOTrain = Field(default_factory=PPOTrain)
+    run: PPORun = Field(default_factory=PPORun)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and overrides
 # ---------------------------------------------------------------------------------------------
 
