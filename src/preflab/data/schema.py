@@ -15,6 +15,7 @@ Nothing here imports numpy or torch; the module is cheap to import.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ Order = list[list[int]]
 KNOWN_FLAGS = ("unsafe", "pii", "not_rankable", "low_quality", "duplicate")
 
 
+def _is_list_like(x: Any) -> bool:
+    return hasattr(x, "__iter__") and not isinstance(x, str | bytes | dict)
+
+
 def validate_order(order: Any, k: int, *, allow_empty: bool = False) -> Order:
     """Check that ``order`` is a complete tiered ranking of ``k`` candidates; return it normalised.
 
@@ -33,8 +38,9 @@ def validate_order(order: Any, k: int, *, allow_empty: bool = False) -> Order:
     reason naming the problem (wrong K, duplicate, out of range, empty tier, not a list).
     ``allow_empty`` accepts ``[]`` (a ranking flagged not_rankable has no order).
     """
-    if not isinstance(order, list | tuple):
+    if not _is_list_like(order):
         raise ValueError(f"order must be a list of tiers, got {type(order).__name__}")
+    order = list(order)
     if not order:
         if allow_empty:
             return []
@@ -44,16 +50,18 @@ def validate_order(order: Any, k: int, *, allow_empty: bool = False) -> Order:
     seen: set[int] = set()
     out: Order = []
     for t, tier in enumerate(order):
-        if not isinstance(tier, list | tuple):
+        if not _is_list_like(tier):
             raise ValueError(f"tier {t} of order must be a list of candidate positions, got {tier!r}")
+        tier = list(tier)
         if not tier:
             raise ValueError(f"tier {t} of order is empty")
         norm = []
         for x in tier:
-            if isinstance(x, bool) or not isinstance(x, int):
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
                 raise ValueError(f"order entry {x!r} in tier {t} is not an integer position")
             if not 0 <= x < k:
                 raise ValueError(f"order entry {x} in tier {t} is outside 0..{k - 1} (K={k})")
+            x = int(x)
             if x in seen:
                 raise ValueError(f"candidate {x} is ranked twice (candidates share a rank only inside one tier)")
             seen.add(x)

@@ -24,9 +24,11 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,14 +161,28 @@ class PreferenceStore:
         self._depth = 0
         c = self._conn
         c.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        mode = self._set_wal(timeout_s)
+        if mode != "wal":
             raise DataError(f"{self.path}: cannot switch the store to WAL mode (journal_mode={mode})")
         c.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
         c.execute("PRAGMA foreign_keys = ON")
         self.migrate()
 
     # -- plumbing -------------------------------------------------------------------------
+
+    def _set_wal(self, timeout_s: float) -> str:
+        # Switching a fresh file to WAL needs an exclusive lock and SQLite does not call the
+        # busy handler for it, so processes opening a new store at once retry here.
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                return str(self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise DataError(f"{self.path}: cannot open the store ({e})") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def close(self) -> None:
         self._conn.close()
@@ -289,7 +305,7 @@ class PreferenceStore:
         if meta is not None and len(meta) != len(texts):
             raise DataError(f"{len(meta)} meta dicts for {len(texts)} candidates")
         with self._tx() as c:
-            self._require_prompt(c, prompt_id)
+            prompt_id = self._require_prompt(c, prompt_id)
             now = _now()
             return [
                 int(c.execute(
@@ -335,6 +351,7 @@ class PreferenceStore:
         error nothing is written.
         """
         with self._tx() as c:
+            prompt_id = self._require_prompt(c, prompt_id)
             ids, norm, flag_list = self._check_ranking(c, prompt_id, candidate_ids, order, labeler, time_s, flags)
             cur = c.execute(
                 'INSERT INTO rankings(prompt_id, candidate_ids, "order", labeler, time_s, flags, meta, created_at) '
@@ -344,15 +361,17 @@ class PreferenceStore:
             )
             return int(cur.lastrowid)
 
-    def _require_prompt(self, c: sqlite3.Connection, prompt_id: Any) -> None:
-        if isinstance(prompt_id, bool) or not isinstance(prompt_id, int):
+    def _require_prompt(self, c: sqlite3.Connection, prompt_id: Any) -> int:
+        if isinstance(prompt_id, bool) or not isinstance(prompt_id, numbers.Integral):
             raise DataError(f"prompt id must be an int, got {prompt_id!r}")
+        prompt_id = int(prompt_id)  # numpy ints too; sqlite3 binds only Python ints
         if c.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone() is None:
             raise DataError(f"unknown prompt id {prompt_id}")
+        return prompt_id
 
     def _check_candidates(self, c: sqlite3.Connection, prompt_id: int, candidate_ids: Sequence[int]) -> list[int]:
-        self._require_prompt(c, prompt_id)
-        ids = list(candidate_ids)
+        prompt_id = self._require_prompt(c, prompt_id)
+        ids = [int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x for x in candidate_ids]
         if len(ids) < 2:
             raise DataError(f"a ranking needs at least 2 candidates, got {len(ids)}")
         for cid in ids:
@@ -433,28 +452,40 @@ class PreferenceStore:
         """The RM's training set: one grouped K-way object per (prompt, labeler ranking).
 
         ``{"prompt": str, "responses": [str]*K, "order": [[int]...], "meta": {"prompt_id",
-        "ranking_id", "labeler", "split", "flags", "candidate_ids"}}``. Rankings carrying any of
+        "ranking_id", "labeler", "split", "flags", "candidate_ids"[, "messages"]}}``; ``messages``
+        (the prompt as chat messages) is there when the prompt was imported from a conversation
+        (HH-RLHF, TRL conversational): render those rather than the raw text. Rankings carrying any of
         ``exclude_flags``, and all-tied rankings (no pairs), are left out.
         """
         out = []
+        msgs: dict[int, Any] = {}
+        for pid, pmeta in self._conn.execute("SELECT id, meta FROM prompts WHERE meta LIKE '%\"messages\"%'"):
+            m = json.loads(pmeta).get("messages")
+            if m:
+                msgs[int(pid)] = m
         for r in self.rankings(split=split, labeler=labeler):
             if set(r.flags) & set(exclude_flags) or len(r.order) < 2:
                 continue
             meta = {"prompt_id": r.prompt_id, "ranking_id": r.id, "labeler": r.labeler, "split": r.split,
                     "flags": r.flags, "candidate_ids": r.candidate_ids}
+            if r.prompt_id in msgs:  # imported conversations: the prompt as chat messages
+                meta["messages"] = msgs[r.prompt_id]
             out.append(KWay(r.prompt, r.candidates, r.order, meta).to_dict())
         return out
 
     def has_ranking(self, prompt_id: int, candidate_ids: Sequence[int], order: Sequence[Sequence[int]],
                     labeler: str) -> bool:
-        """True if this exact ranking (same prompt, candidates, order and labeler) is stored."""
-        ids_json = json.dumps(list(candidate_ids))
-        order_json = json.dumps([sorted(int(x) for x in t) for t in order])
-        row = self._conn.execute(
-            'SELECT 1 FROM rankings WHERE prompt_id = ? AND candidate_ids = ? AND "order" = ? AND labeler = ? LIMIT 1',
-            (prompt_id, ids_json, order_json, labeler),
-        ).fetchone()
-        return row is not None
+        """True if this labeler already stored the same ranking of this prompt: the same candidate
+        ids in the same tiers (positions may be listed in another order)."""
+        ids = list(candidate_ids)
+        want = (sorted(ids), [sorted(ids[x] for x in tier) for tier in order])
+        for cids_json, order_json in self._conn.execute(
+            'SELECT candidate_ids, "order" FROM rankings WHERE prompt_id = ? AND labeler = ?', (prompt_id, labeler)
+        ):
+            got_ids = json.loads(cids_json)
+            if (sorted(got_ids), [sorted(got_ids[x] for x in tier) for tier in json.loads(order_json)]) == want:
+                return True
+        return False
 
     # -- demonstrations ---------------------------------------------------------------------
 
@@ -499,6 +530,7 @@ class PreferenceStore:
         if copies < 1:
             raise DataError(f"copies must be >= 1, got {copies}")
         with self._tx() as c:
+            prompt_id = self._require_prompt(c, prompt_id)
             ids = self._check_candidates(c, prompt_id, candidate_ids)
             now = _now()
             return [

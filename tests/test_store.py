@@ -1,0 +1,219 @@
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from preflab.data.schema import Demonstration, Prompt
+from preflab.errors import DataError
+from preflab.feedback import store as store_mod
+from preflab.feedback.store import PreferenceStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    with PreferenceStore(tmp_path / "prefs.db") as s:
+        yield s
+
+
+def _prompt_with(store, k=4, text="Write a haiku.", split="rm"):
+    pid = store.add_prompts([Prompt(text=text, category="poetry", split=split)])[0]
+    cids = store.add_candidates(pid, [f"response {i}" for i in range(k)], model="sft")
+    return pid, cids
+
+
+def test_add_and_read_back_a_ranking_with_ties(store):
+    pid, cids = _prompt_with(store)
+    rid = store.add_ranking(pid, cids, [[2], [0, 3], [1]], "alice", time_s=41.5, flags=["unsafe"])
+    (r,) = store.rankings()
+    assert r.id == rid and r.prompt_id == pid and r.candidate_ids == cids
+    assert r.order == [[2], [0, 3], [1]] and r.labeler == "alice" and r.time_s == 41.5
+    assert r.flags == ["unsafe"] and r.split == "rm" and r.models == ["sft"] * 4
+    assert r.candidates == ["response 0", "response 1", "response 2", "response 3"]
+    (g,) = store.grouped_kway()
+    assert g["prompt"] == "Write a haiku." and g["responses"] == r.candidates and g["order"] == r.order
+    assert g["meta"]["labeler"] == "alice" and g["meta"]["ranking_id"] == rid
+    assert store.rankings(labeler="bob") == [] and store.grouped_kway(split="eval") == []
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda c, o: (c, [[0], [1], [2]]), "ranks 3 of K=4"),  # wrong K vs candidates given
+        (lambda c, o: (c[:3] + [9999], o), "unknown candidate id 9999"),
+        (lambda c, o: ([c[0], c[0], c[1], c[2]], o), "duplicate candidate"),
+        (lambda c, o: (c, [[0], [1, 2], [2, 3]]), "ranked twice"),  # a rank outside a tie
+        (lambda c, o: (c, [[0], [1], [2], [7]]), "outside 0..3"),
+        (lambda c, o: (c, []), "order is empty"),
+    ],
+)
+def test_bad_ranking_rejected_with_reason_and_nothing_written(store, mutate, reason):
+    pid, cids = _prompt_with(store)
+    store.add_ranking(pid, cids, [[0], [1], [2], [3]], "alice")
+    before = store.counts()
+    c, o = mutate(cids, [[0], [1], [2], [3]])
+    with pytest.raises(DataError, match=reason):
+        store.add_ranking(pid, c, o, "bob")
+    assert store.counts() == before
+
+
+def test_candidates_from_another_prompt_rejected(store):
+    pid, cids = _prompt_with(store)
+    _, other = _prompt_with(store, text="Another prompt")
+    before = store.counts()
+    with pytest.raises(DataError, match=f"candidate {other[0]} belongs to prompt"):
+        store.add_ranking(pid, [other[0], *cids[1:]], [[0], [1], [2], [3]], "alice")
+    with pytest.raises(DataError, match="labeler"):
+        store.add_ranking(pid, cids, [[0], [1], [2], [3]], "")
+    with pytest.raises(DataError, match="time_s"):
+        store.add_ranking(pid, cids, [[0], [1], [2], [3]], "a", time_s=-1)
+    with pytest.raises(DataError, match="unknown prompt"):
+        store.add_ranking(12345, cids, [[0], [1], [2], [3]], "a")
+    assert store.counts() == before
+
+
+def test_failed_batch_rolls_back_everything(store):
+    before = store.counts()
+    with pytest.raises(DataError):
+        with store.transaction():
+            pid, cids = _prompt_with(store)
+            store.add_ranking(pid, cids, [[0], [1], [2], [3]], "alice")
+            store.add_ranking(pid, cids, [[0], [1]], "alice")  # bad: the whole batch goes
+    assert store.counts() == before
+
+
+def test_not_rankable_may_have_no_order_and_is_left_out_of_kway(store):
+    pid, cids = _prompt_with(store)
+    store.add_ranking(pid, cids, [], "alice", flags=["not_rankable"])
+    assert store.counts()["rankings"] == 1
+    assert store.grouped_kway() == []
+
+
+def test_prompts_uid_and_lookup(store):
+    a, b = store.add_prompts([Prompt(text="Hi  there", uid="suite/1"), {"text": "x", "split": "eval"}])
+    assert store.add_prompts([Prompt(text="changed", uid="suite/1")]) == [a]
+    assert store.find_prompt("Hi there") == a and store.find_prompt("nope") is None
+    assert [p.id for p in store.prompts(split="eval")] == [b]
+    with pytest.raises(DataError, match="empty"):
+        store.add_prompts([""])
+
+
+def test_demonstrations(store):
+    pid, _ = _prompt_with(store)
+    ids = store.add_demonstrations([Demonstration(prompt="Write a haiku.", response="Old pond"),
+                                    {"prompt": "New prompt", "response": "Answer", "labeler": "bob"}], split="sft")
+    assert len(ids) == 2
+    demos = store.demonstrations()
+    assert demos[0].prompt_id == pid and demos[1].labeler == "bob"
+    assert [d.response for d in store.demonstrations(split="sft")] == ["Answer"]
+
+
+def test_queue_assigns_each_task_once_and_completes(store):
+    pid, cids = _prompt_with(store)
+    t_ids = store.enqueue("rm", pid, cids, copies=2)
+    assert store.queue_counts("rm") == {"pending": 2, "assigned": 0, "done": 0}
+    ta = store.next_task("alice")
+    assert ta.candidates[0] == "response 0" and ta.status == "assigned"
+    assert store.next_task("alice").id == ta.id  # resumes her open task
+    tb = store.next_task("bob")
+    assert {ta.id, tb.id} == set(t_ids)
+    assert store.next_task("carol") is None
+    rid = store.complete(ta.id, [[1], [0, 2], [3]], "alice", time_s=10)
+    assert store.task(ta.id).ranking_id == rid
+    with pytest.raises(DataError, match="not assigned to 'alice'"):
+        store.complete(tb.id, [[0], [1], [2], [3]], "alice")
+    with pytest.raises(DataError, match="ranks"):
+        store.complete(tb.id, [[0]], "bob")
+    assert store.task(tb.id).status == "assigned"  # bad ranking: task untouched
+    assert store.next_task("alice") is None  # she already had this prompt
+    store.release(tb.id)
+    assert store.next_task("carol").id == tb.id
+    c = store.counts()
+    assert (c["rankings"], c["queue_done"], c["queue_assigned"]) == (1, 1, 1)
+
+
+def test_schema_version_recorded_and_reopen(tmp_path):
+    path = tmp_path / "s.db"
+    with PreferenceStore(path) as s:
+        assert s.schema_version() == len(store_mod.MIGRATIONS) == 1
+        pid, cids = _prompt_with(s)
+        s.add_ranking(pid, cids, [[0], [1], [2], [3]], "alice")
+    with PreferenceStore(path) as s:
+        assert s.schema_version() == 1 and s.counts()["rankings"] == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT version, description FROM schema_version").fetchall()[0][0] == 1
+    conn.close()
+
+
+def test_pending_migration_applied_in_order(tmp_path, monkeypatch):
+    path = tmp_path / "s.db"
+    with PreferenceStore(path) as s:
+        pid, cids = _prompt_with(s)
+    applied = []
+
+    def v2(conn):
+        applied.append(2)
+        conn.execute("ALTER TABLE prompts ADD COLUMN source TEXT")
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, ("add prompts.source", v2)])
+    with PreferenceStore(path) as s:
+        assert s.schema_version() == 2 and applied == [2]
+        assert s.counts()["candidates"] == 4
+    with PreferenceStore(path) as s:  # nothing pending: not applied twice
+        assert applied == [2]
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    with pytest.raises(DataError, match="newer"):
+        PreferenceStore(path)
+
+
+def _writer(path, pid, cids, labeler, n, barrier):
+    with PreferenceStore(path) as s:
+        barrier.wait(30)  # both connections open: the writes really interleave
+        for i in range(n):
+            s.add_ranking(pid, cids, [[i % 4], [(i + 1) % 4, (i + 2) % 4], [(i + 3) % 4]], labeler, time_s=float(i))
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "s.db"
+    with PreferenceStore(path) as s:
+        pid, cids = _prompt_with(s)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(path, pid, cids, f"w{j}", 200, barrier)) for j in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with PreferenceStore(path) as s:
+        assert s.counts()["rankings"] == 400
+        rs = s.rankings()
+        assert len([r for r in rs if r.labeler == "w0"]) == len([r for r in rs if r.labeler == "w1"]) == 200
+        assert sorted(r.time_s for r in rs if r.labeler == "w1") == [float(i) for i in range(200)]
+
+
+def _opener(path, barrier):
+    barrier.wait(30)  # all open a store that does not exist yet: WAL switch and migration race
+    with PreferenceStore(path) as s:
+        s.add_prompts([f"prompt {i}" for i in range(20)])
+
+
+def test_processes_creating_a_new_store_at_once(tmp_path):
+    path = tmp_path / "fresh.db"
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_opener, args=(path, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with PreferenceStore(path) as s:
+        assert s.counts()["prompts"] == 80 and s.schema_version() == 1
+
+
+def test_numpy_ids_and_orders_accepted(store):
+    np = pytest.importorskip("numpy")
+    pid, cids = _prompt_with(store, k=3)
+    rid = store.add_ranking(np.int64(pid), np.array(cids), [np.array([2]), np.array([0, 1])], "alice")
+    assert store.rankings()[0].id == rid and store.rankings()[0].order == [[2], [0, 1]]
