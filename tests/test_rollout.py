@@ -7,8 +7,15 @@ import torch
 
 from preflab import models
 from preflab.rl import selective_log_softmax
-from preflab.rollout import (HFGenerator, Samples, critic_values, encode_prompts, response_logits,
-                             response_mask_after_stop, reward_scores)
+from preflab.rollout import (
+    HFGenerator,
+    Samples,
+    critic_values,
+    encode_prompts,
+    response_logits,
+    response_mask_after_stop,
+    reward_scores,
+)
 
 
 @pytest.fixture(scope="module")

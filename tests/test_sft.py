@@ -189,6 +189,7 @@ def _ddp_worker(rank, world, port, cfg_json):
     torch.set_num_threads(1)
     cfg = SFTConfig.model_validate_json(cfg_json)
     sft.train(cfg)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import click
 import torch
 
-from preflab.lm import decoder_hidden, unwrap
+from preflab.lm import unwrap
 
 
 @dataclass

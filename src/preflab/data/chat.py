@@ -119,3 +119,47 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     if cur.input_ids:
         rows.append(cur)
     return rows
+
+
+def parse_prompt_row(obj: Any) -> dict[str, Any]:
+    """A prompt row: ``{"prompt": str}`` or ``{"messages": [...]}`` plus any metadata (id, split, ...)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if isinstance(obj.get("prompt"), str):
+        if not obj["prompt"].strip():
+            raise ValueError("'prompt' is empty")
+        return obj
+    if isinstance(obj.get("messages"), list) and obj["messages"]:
+        msgs = obj["messages"]
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+        return {**obj, "prompt": msgs}
+    raise ValueError("each row needs 'prompt' (a string) or 'messages' (a list)")
+
+
+def read_prompts(path: str, split: str | None = None) -> list[dict[str, Any]]:
+    """Prompt rows of a JSONL file (suite format or plain), keeping those of ``split`` when given."""
+    rows = read_jsonl(path, parse_prompt_row)
+    if split is not None and any("split" in r for r in rows):
+        rows = [r for r in rows if r.get("split") == split]
+    return rows
+
+
+def tokenize_text(tokenizer: Any, text: str, max_length: int) -> Example:
+    """A plain text for language modelling: every token is a target (PPO-ptx pretraining rows)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+    return Example(ids, list(ids))
+
+
+def read_lm_rows(path: str, tokenizer: Any, max_length: int) -> list[Example]:
+    """Rows of ``{"text"}`` (all tokens count) or demonstrations (response tokens count)."""
+
+    def parse(obj: Any) -> Example:
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            return tokenize_text(tokenizer, obj["text"], max_length)
+        return tokenize_conversation(tokenizer, parse_demo(obj), max_length)
+
+    if path == "builtin:examples":
+        path = str(EXAMPLES)
+    return [e for e in read_jsonl(path, parse) if any(label != IGNORE for label in e.labels[1:])]

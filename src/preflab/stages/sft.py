@@ -19,6 +19,7 @@ from preflab import distributed, models
 from preflab.cli import stage_command
 from preflab.config import SFTConfig, dump_config
 from preflab.data.chat import Example, collate, pack, read_demos, tokenize_conversation
+from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
 from preflab.lm import TokenNLL
 from preflab.optim import clip_grad, make_optimizer
@@ -34,15 +35,6 @@ def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     n_val = max(1, int(round(len(examples) * fraction)))
     val = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
-
-
-def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step``: a fresh permutation per epoch, no partial batch."""
-    per_epoch = n // global_batch
-    epoch, within = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[within * global_batch:(within + 1) * global_batch].tolist()
 
 
 @torch.no_grad()
@@ -129,7 +121,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
-            mine = idx[dist.rank * micro * cfg.train.grad_accum:(dist.rank + 1) * micro * cfg.train.grad_accum]
+            mine = rank_slice(idx, dist.rank, dist.world_size)
             batches = [collate([train_ex[i] for i in mine[j:j + micro]], tokenizer.pad_token_id)
                        for j in range(0, len(mine), micro)]
             # Normalise by the global count of response tokens in this step: exact under

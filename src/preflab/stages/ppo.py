@@ -1,0 +1,442 @@
+"""Stage C: PPO-ptx against a reward model, with a per-token KL penalty to the SFT model.
+
+Read top to bottom: 0. set-up, 1. data, 2. models, then per iteration 3. generate, 4. score,
+5. rewards and advantages, 6. update (PPO + pretraining mix), 7. KL control, logs and
+checkpoints; 8. save. The maths lives in ``preflab.rl`` (pure functions, tested against
+hand-computed values); this file wires it to models, ranks and the run directory.
+
+Defaults follow RLHF_REFERENCE.md and DESIGN.md "Defaults that must hold": score on the last
+real token, k1 KL on every response token, training logits divided by the sampling temperature,
+rewards whitened without shifting the mean (option), advantages fully whitened with biased
+variance after returns are computed, dropout off, a penalty score without EOS, and both
+``objective/kl`` (to the reference) and ``policy/approxkl`` (between PPO iterates) logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preflab import distributed, models
+from preflab.cli import stage_command
+from preflab.config import PPOConfig, dump_config
+from preflab.data.chat import IGNORE, collate, read_lm_rows, read_prompts
+from preflab.data.order import rank_slice, step_indices
+from preflab.errors import DataError, TrainingError
+from preflab.lm import TokenNLL, unwrap
+from preflab.optim import clip_grad, lr_factor
+from preflab.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    policy_loss,
+    ppo_rewards,
+    selective_log_softmax,
+    value_loss,
+)
+from preflab.rollout import (
+    HFGenerator,
+    Samples,
+    critic_values,
+    encode_prompts,
+    response_logits,
+    response_mask_after_stop,
+    reward_scores,
+)
+from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+
+RewardFn = Callable[[Samples], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable pair: policy and critic in one module, so DDP sees one forward per micro-batch
+# ---------------------------------------------------------------------------------------------
+
+
+class ActorCritic(nn.Module):
+    """Policy plus a critic: a separate scorer model (InstructGPT: initialised from the RM) or a
+    zero-initialised value head on the policy trunk (lm-human-preferences; one trunk pass)."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        if critic is None:
+            hidden = unwrap(policy).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+        self.ptx = TokenNLL(policy)
+
+    def forward(self, input_ids, attention_mask, position_ids, response, tq: int, temperature: float,
+                ptx: dict[str, torch.Tensor] | None = None):
+        """Log-probs (B, Tr) of ``response``, values (B, Tr), token entropy (B, Tr, no grad) and
+        the pretraining NLL sum and token count (zeros without ``ptx``)."""
+        base = unwrap(self.policy)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False).last_hidden_state
+        h = hidden[:, tq - 1:-1]
+        logits = base.get_output_embeddings()(h).float() / max(temperature, 1e-7)
+        logprobs = selective_log_softmax(logits, response)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+        if self.value_head is not None:
+            values = self.value_head(h).squeeze(-1).float()
+        else:
+            s = Samples(input_ids[:, :tq], attention_mask[:, :tq], response, attention_mask[:, tq:],
+                        torch.ones(len(response), dtype=torch.bool), [])
+            values = critic_values(self.critic, s)
+        if ptx is not None:
+            ptx_sum, ptx_n = self.ptx(**ptx)
+        else:
+            ptx_sum, ptx_n = logprobs.new_zeros(()), torch.zeros((), dtype=torch.long)
+        return logprobs, values, entropy, ptx_sum, ptx_n
+
+
+# ---------------------------------------------------------------------------------------------
+# Scored rollouts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """A rollout batch after scoring. (B, Tr) unless noted."""
+
+    samples: Samples
+    mask: torch.Tensor  # float response mask
+    logprobs: torch.Tensor  # log pi_old of the sampled tokens
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,) RM score (normalised, penalised without EOS)
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    non_score_reward: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+    """``rl.masked_whiten`` with moments over every rank's rollouts (identical on one rank)."""
+    m = mask.to(x.dtype)
+    stats = distributed.all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double())
+    mean = (stats[0] / stats[1]).to(x.dtype)
+    sq = distributed.all_reduce_sum(((x - mean) ** 2 * m).sum().double())
+    var = (sq / stats[1]).to(x.dtype)  # biased, as lm-human-preferences' tf.nn.moments
+    w = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        w = w + mean
+    return torch.where(mask.bool(), w, torch.zeros((), dtype=w.dtype))
+
+
+def global_mean(x: torch.Tensor) -> float:
+    s = distributed.all_reduce_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+    return float(s[0] / s[1])
+
+
+@torch.no_grad()
+def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | None, reward_fn: RewardFn,
+                  cfg: PPOConfig, kl_coef: float, tokenizer, device: torch.device, chunk: int) -> Scored:
+    """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages."""
+    r = cfg.rollout
+    mask = samples.response_mask.float()
+    logprobs, ref_logprobs, values = [], [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.bf16)
+    for s in range(0, len(samples.texts), chunk):
+        part = samples.select(list(range(s, min(s + chunk, len(samples.texts)))))
+        inp = part.inputs()
+        with autocast:
+            lp, v, _, _, _ = ac(**inp, response=part.response, tq=part.query.shape[1], temperature=r.temperature)
+            if reference is None:  # LoRA: the reference is the policy with its adapters disabled
+                with ac.policy.disable_adapter():
+                    ref_logits = response_logits(ac.policy, part, r.temperature)
+            else:
+                ref_logits = response_logits(reference, part, r.temperature)
+        logprobs.append(lp)
+        values.append(v)
+        ref_logprobs.append(selective_log_softmax(ref_logits, part.response))
+    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+    # The RM reads the response up to the truncation token when one is configured (the policy
+    # terms above still use the whole response, as lm-human-preferences does).
+    scored, ended = samples, samples.ended
+    if r.truncate_token is not None:
+        trunc_id = tokenizer.convert_tokens_to_ids(r.truncate_token)
+        tmask, hit = response_mask_after_stop(samples.response, trunc_id, start=r.truncate_after)
+        scored = Samples(samples.query, samples.query_mask, samples.response,
+                         samples.response_mask * tmask, samples.ended | hit, samples.texts)
+        ended = scored.ended
+    with autocast:
+        scores = reward_fn(scored).float()
+    if r.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, r.missing_eos_penalty))
+
+    # 5. rewards: -beta * KL on every response token, the score on the last real one; GAE with
+    # returns before whitening; advantages whitened (RLHF_REFERENCE §2).
+    kl = (kl_k1 if cfg.kl.estimator == "k1" else kl_k3)(logprobs, ref_logprobs) * mask
+    rw = ppo_rewards(kl, scores, mask, kl_coef)
+    rewards = global_whiten(rw.rewards, mask, shift_mean=False) if cfg.ppo.whiten_rewards else rw.rewards
+    values = values * mask
+    adv = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+    advantages = global_whiten(adv.advantages, mask, shift_mean=True)
+    return Scored(samples, mask, logprobs * mask, ref_logprobs * mask, values, scores, kl, rewards,
+                  rw.non_score_reward, advantages, adv.returns)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the update
+# ---------------------------------------------------------------------------------------------
+
+
+def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
+               ptx_batches: Callable[[], dict[str, torch.Tensor]] | None, generator: torch.Generator,
+               dist: distributed.Dist) -> dict[str, float]:
+    """PPO epochs over minibatches of one rollout; returns minibatch-averaged statistics.
+
+    Every term is normalised by its global count over the minibatch (tokens for PPO, tokens of
+    the pretraining rows for ptx), so gradient accumulation and ranks give the same update.
+    With ptx, the pretraining gradient (times gamma) is accumulated into the same buffers as the
+    PPO gradient of each minibatch (InstructGPT App. C.4).
+    """
+    p = cfg.ppo
+    module = getattr(ac, "module", ac)
+    params = [q for q in module.parameters() if q.requires_grad]
+    b = len(batch.samples.texts)
+    micro = max(1, p.minibatch_size // p.grad_accum)
+    keys = ("loss/policy", "loss/value", "loss/ptx", "policy/approxkl", "policy/clipfrac", "value/clipfrac",
+            "policy/entropy", "policy/ratio")
+    totals = dict.fromkeys(keys, 0.0)
+    n_updates = 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    for _ in range(p.epochs):
+        perm = torch.randperm(b, generator=generator).tolist()
+        for start in range(0, b - p.minibatch_size + 1, p.minibatch_size):
+            mb = perm[start:start + p.minibatch_size]
+            parts = [mb[i:i + micro] for i in range(0, len(mb), micro)]
+            n_tok = distributed.all_reduce_sum(batch.mask[mb].sum().double())
+            ptx = [ptx_batches() for _ in parts] if ptx_batches else [None] * len(parts)
+            n_ptx = distributed.all_reduce_sum(
+                torch.tensor(sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in ptx if x), dtype=torch.float64))
+            stats = dict.fromkeys(keys, 0.0)
+            for j, idx in enumerate(parts):
+                s = batch.samples.select(idx)
+                m = batch.mask[idx]
+                weight = float(m.sum()) / float(n_tok) * dist.world_size  # DDP averages over ranks
+                ptx_in = {k: v.to(device) for k, v in ptx[j].items()} if ptx[j] else None
+                sync = not dist.enabled or j == len(parts) - 1
+                with (contextlib.nullcontext() if sync else ac.no_sync()), autocast:
+                    lp, v, ent, ptx_sum, _ = ac(**s.inputs(), response=s.response, tq=s.query.shape[1],
+                                                temperature=cfg.rollout.temperature, ptx=ptx_in)
+                    pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
+                    vf = value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range)
+                    loss = (pg.loss + p.vf_coef * vf.loss) * weight
+                    if ptx_in is not None and n_ptx > 0:
+                        loss = loss + cfg.ptx.coef * ptx_sum * dist.world_size / float(n_ptx)
+                    if not torch.isfinite(loss):
+                        raise TrainingError("non-finite PPO loss")
+                    loss.backward()
+                w = float(m.sum()) / float(n_tok)
+                stats["loss/policy"] += float(pg.loss.detach()) * w
+                stats["loss/value"] += float(vf.loss.detach()) * w
+                stats["policy/approxkl"] += float(pg.approxkl) * w
+                stats["policy/clipfrac"] += float(pg.clipfrac) * w
+                stats["value/clipfrac"] += float(vf.clipfrac) * w
+                stats["policy/ratio"] += float(pg.ratio_mean) * w
+                stats["policy/entropy"] += float(masked_mean(ent, m)) * w
+                if ptx_in is not None and n_ptx > 0:
+                    stats["loss/ptx"] += float(ptx_sum.detach()) / float(n_ptx) * dist.world_size
+            clip_grad(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k in keys:
+                totals[k] += float(distributed.all_reduce_mean(torch.tensor(stats[k])))
+            n_updates += 1
+    return {k: v / max(1, n_updates) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
+    """Run PPO(-ptx) as configured; returns the saved policy directory.
+
+    ``reward_fn`` replaces the reward model with a programmatic reward (tests, rule rewards);
+    the critic is still initialised from ``models.reward_model``.
+    """
+    # 0. set-up ----------------------------------------------------------------------------------
+    models.set_threads(cfg.models.policy.threads)
+    device = models.pick_device(cfg.models.policy.device)
+    dist = distributed.init(device)
+    seed_everything(cfg.run.seed + 100003 * dist.rank)
+    run = RunDir(cfg.run.out, stage="ppo", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
+                 writer=dist.is_main)
+    r, p = cfg.rollout, cfg.ppo
+    if r.batch_size % p.minibatch_size:
+        raise DataError(f"rollout.batch_size ({r.batch_size}) must be a multiple of ppo.minibatch_size "
+                        f"({p.minibatch_size})")
+
+    # 1. data: prompts of the PPO split, and the pretraining mix --------------------------------
+    tokenizer = models.load_tokenizer(cfg.models.policy.path)
+    rows = read_prompts(cfg.data.prompts, cfg.data.split)
+    global_batch = r.batch_size * dist.world_size
+    if len(rows) < global_batch:
+        raise DataError(f"{cfg.data.prompts}: {len(rows)} prompts (split {cfg.data.split!r}) are fewer than "
+                        f"one rollout batch ({global_batch})")
+    prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in rows], cfg.data.max_prompt_tokens)
+    ptx_rows = read_lm_rows(cfg.data.ptx, tokenizer, cfg.ptx.max_length) if cfg.ptx.coef > 0 else []
+    if cfg.ptx.coef > 0 and not ptx_rows:
+        raise DataError("ptx.coef > 0 needs data.ptx: a JSONL of {text} or demonstrations")
+
+    # 2. models: trainable policy and critic; frozen reference and reward model ---------------
+    pol = cfg.models.policy
+    lora = models.LoraOptions(**pol.lora.model_dump(exclude={"enabled"})) if pol.lora.enabled else None
+    policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
+    critic = (models.load_scorer(cfg.models.reward_model, device=pol.device)
+              if cfg.models.critic == "reward_model" else None)
+    ac = ActorCritic(policy, critic).to(device)
+    ac.train()
+    reference = None
+    if lora is None or cfg.models.reference is not None:
+        reference = models.load_policy(cfg.models.reference or pol.path, device=pol.device, dropout_off=True)
+        reference.eval().requires_grad_(False)
+    if reward_fn is None:
+        rm = models.load_scorer(cfg.models.reward_model, device=pol.device).eval().requires_grad_(False)
+
+        def reward_fn(s: Samples) -> torch.Tensor:
+            return reward_scores(rm, s)
+
+    steps_per_update = p.epochs * (r.batch_size // p.minibatch_size)
+    total_updates = cfg.train.steps * steps_per_update
+    policy_params = [q for q in policy.parameters() if q.requires_grad]
+    value_params = [q for q in (critic.parameters() if critic is not None else ac.value_head.parameters())]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params, "lr": o.lr}, {"params": value_params, "lr": p.critic_lr or o.lr}],
+        betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_updates, schedule=o.schedule, warmup_steps=o.warmup_steps, warmup_start=o.warmup_start,
+        min_ratio=o.min_lr_ratio))
+    kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else FixedKLController(cfg.kl.coef))
+    gen = HFGenerator(policy, tokenizer, bf16=r.bf16)
+    update_rng = torch.Generator().manual_seed(cfg.run.seed + 7)
+    ptx_rng = torch.Generator().manual_seed(cfg.run.seed + 11)
+    train_module = torch.nn.parallel.DistributedDataParallel(ac) if dist.enabled else ac
+
+    start = 0
+    state = run.load_checkpoint() if resume else None
+    if state is not None:
+        ac.load_state_dict(state["actor_critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl"])
+        update_rng.set_state(state["update_rng"])
+        ptx_rng.set_state(state["ptx_rng"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        run.log(f"resumed at step {start}")
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint(step, {"actor_critic": ac.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "kl": kl_ctl.state_dict(),
+                                   "update_rng": update_rng.get_state(), "ptx_rng": ptx_rng.get_state(),
+                                   "rng": rng_state(), "step": step}, keep=cfg.run.keep_checkpoints)
+        distributed.barrier()
+
+    def ptx_batches() -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(ptx_rows), (cfg.ptx.batch_size,), generator=ptx_rng).tolist()
+        return collate([ptx_rows[i] for i in idx], tokenizer.pad_token_id)
+
+    # 3-7. iterate: generate, score, advantages, update, control KL, log --------------------------
+    samples_path = Path(cfg.run.out) / "samples.jsonl"
+    keys = ("objective/score", "objective/kl", "objective/kl_coef", "response/length_mean")
+    with Progress(cfg.train.steps, "ppo", enabled=cfg.run.progress and dist.is_main, start=start, keys=keys) as bar:
+        for step in range(start, cfg.train.steps):
+            t0 = time.perf_counter()
+            idx = rank_slice(step_indices(step, len(rows), global_batch, cfg.run.seed), dist.rank, dist.world_size)
+            samples = gen.generate([prompt_ids[i] for i in idx], max_new_tokens=r.max_new_tokens,
+                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                   min_new_tokens=r.min_new_tokens).to(device)
+            t_gen = time.perf_counter()
+            ac.eval()  # dropout is off anyway; eval() makes that explicit for scoring
+            batch = score_rollout(samples, ac=ac, reference=reference, reward_fn=reward_fn, cfg=cfg,
+                                  kl_coef=kl_ctl.value, tokenizer=tokenizer, device=device,
+                                  chunk=p.minibatch_size)
+            ac.train()
+            t_score = time.perf_counter()
+            stats = ppo_update(train_module, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                               device=device, ptx_batches=ptx_batches if ptx_rows else None,
+                               generator=update_rng, dist=dist)
+            t_train = time.perf_counter()
+
+            # 7. KL control on this rollout's KL; metrics over every rank's rollouts.
+            seq_kl = batch.kl.sum(1)
+            kl_mean = global_mean(seq_kl)
+            metrics = {
+                "objective/kl": kl_mean,
+                "objective/kl_coef": kl_ctl.value,
+                "objective/score": global_mean(batch.scores),
+                "objective/non_score_reward": global_mean(batch.non_score_reward.sum(1)),
+                "objective/rlhf_reward": global_mean(batch.scores + batch.non_score_reward.sum(1)),
+                "objective/entropy": global_mean(-batch.logprobs.sum(1)),
+                **stats,
+                "value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask)),
+                "response/length_mean": global_mean(batch.mask.sum(1)),
+                "response/no_eos_fraction": global_mean((~samples.ended).float()),
+                "perf/step_s": t_train - t0,
+                "perf/gen_s": t_gen - t0,
+                "perf/score_s": t_score - t_gen,
+                "perf/train_s": t_train - t_score,
+                "perf/tokens_per_s": float(samples.query_mask.sum() + samples.response_mask.sum())
+                * dist.world_size / (t_train - t0),
+                "perf/peak_rss_mb": peak_rss_mb(),
+            }
+            if not all(math.isfinite(v) for k, v in metrics.items() if k != "value/explained_variance"):
+                raise TrainingError(f"non-finite metrics at step {step + 1}; last good checkpoint: "
+                                    f"{run.latest_checkpoint() or 'none'}")
+            kl_ctl.update(kl_mean, n_steps=global_batch)
+            done = step + 1
+            if done % cfg.run.log_every == 0 or done == cfg.train.steps:
+                run.log_metrics(done, metrics)
+            if dist.is_main:
+                with open(samples_path, "a", encoding="utf-8") as f:
+                    for i, text, score in zip(idx, samples.texts, batch.scores.tolist()):
+                        f.write(json.dumps({"step": done, "prompt_index": i, "id": rows[i].get("id"),
+                                            "response": text, "score": score}) + "\n")
+            bar.update(metrics)
+            save_every = cfg.train.save_every or cfg.run.save_every
+            if save_every and done % save_every == 0 and done < cfg.train.steps:
+                checkpoint(done)
+
+    # 8. save the policy (and critic) as Hugging Face directories ---------------------------------
+    checkpoint(cfg.train.steps)
+    out = Path(cfg.run.out) / "model"
+    if dist.is_main:
+        if critic is not None:
+            models.save_model(critic, tokenizer, Path(cfg.run.out) / "critic")
+        models.save_model(policy, tokenizer, out)
+    distributed.barrier()
+    run.finish()
+    return out
+
+
+cli = stage_command("ppo", PPOConfig, "preflab.stages.ppo:train",
+                    "PPO-ptx against a reward model with a per-token KL penalty to the SFT model.")

@@ -1,0 +1,246 @@
+"""PPO-ptx on tiny random models with a programmatic reward: learning, KL control, invariances,
+resume, NaN handling, LoRA reference, ptx."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from helpers import max_param_diff, model_weights
+from preflab import models
+from preflab.config import PPOConfig, load_config
+from preflab.errors import TrainingError
+from preflab.rl import masked_whiten
+from preflab.stages import ppo
+
+TINY = "configs/ppo_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def good_tokens():
+    tok = models.load_tokenizer("tiny:")
+    return torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+
+def letter_reward(good):
+    """Fraction of response tokens that are lowercase letters (about 10% for the random policy)."""
+
+    def reward(s):
+        hit = torch.isin(s.response, good).float() * s.response_mask
+        return hit.sum(1) / s.response_mask.sum(1).clamp(min=1)
+
+    return reward
+
+
+def cfg_for(tmp_path, *overrides):
+    return load_config(PPOConfig, TINY, [f"run.out={tmp_path}", *overrides])
+
+
+def metrics(cfg):
+    return [json.loads(line) for line in open(os.path.join(cfg.run.out, "metrics.jsonl"))]
+
+
+def test_ppo_raises_the_reward_and_beta_controls_kl(tmp_path, good_tokens):
+    free = cfg_for(tmp_path / "free", "train.steps=25", "kl.coef=0")
+    ppo.train(free, reward_fn=letter_reward(good_tokens))
+    rows = metrics(free)
+    first = sum(r["objective/score"] for r in rows[:3]) / 3
+    last = sum(r["objective/score"] for r in rows[-3:]) / 3
+    assert last > first + 0.3, (first, last)
+    assert rows[-1]["objective/kl"] > 5.0  # beta = 0: nothing holds the policy near the reference
+    for key in ("objective/kl_coef", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
+                "policy/clipfrac", "value/clipfrac", "value/explained_variance", "loss/policy", "loss/value",
+                "loss/ptx", "response/length_mean", "response/no_eos_fraction", "perf/step_s", "perf/gen_s",
+                "perf/train_s", "perf/tokens_per_s", "perf/peak_rss_mb"):
+        assert key in rows[-1], key
+
+    leashed = cfg_for(tmp_path / "leashed", "train.steps=25", "kl.coef=2.0")
+    ppo.train(leashed, reward_fn=letter_reward(good_tokens))
+    assert max(r["objective/kl"] for r in metrics(leashed)) < 2.0
+    # The saved policy loads in plain transformers.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "free/model")
+
+
+def test_adaptive_controller_moves_beta(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "train.steps=6", "kl.coef=0.1", "kl.adaptive=true", "kl.target=0.01", "kl.horizon=80")
+    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    coefs = [r["objective/kl_coef"] for r in metrics(cfg)]
+    assert coefs[0] == pytest.approx(0.1)
+    assert coefs[-1] > coefs[0]  # KL above a tiny target: beta grows
+
+
+def test_training_logits_are_divided_by_the_temperature():
+    """ActorCritic's log-probs are log_softmax(logits / T); without the division the T = 2 and
+    T = 1 results would coincide."""
+    policy = models.load_policy("tiny:")
+    ac = ppo.ActorCritic(policy, None)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    mask = torch.ones_like(ids)
+    pos = torch.arange(6)[None]
+    resp = ids[:, 3:]
+    with torch.no_grad():
+        lp1 = ac(ids, mask, pos, resp, tq=3, temperature=1.0)[0]
+        lp2 = ac(ids, mask, pos, resp, tq=3, temperature=2.0)[0]
+        logits = policy(input_ids=ids).logits[:, 2:-1]
+    expect2 = torch.log_softmax(logits / 2.0, -1).gather(-1, resp[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp2, expect2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(lp1, lp2)
+
+
+def test_global_whiten_equals_masked_whiten_on_one_rank():
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    for shift in (True, False):
+        torch.testing.assert_close(ppo.global_whiten(x, m, shift), masked_whiten(x, m, shift_mean=shift))
+
+
+def _scored_batch(cfg, good):
+    """One scored rollout of the tiny policy, plus the trainable module, for update tests."""
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("tiny:")
+    policy = models.load_policy("tiny:", dropout_off=True)
+    ac = ppo.ActorCritic(policy, None)
+    ref = models.load_policy("tiny:")
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    rows = read_prompts(cfg.data.prompts)[:8]
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
+                                                max_new_tokens=6, temperature=1.0)
+    batch = ppo.score_rollout(samples, ac=ac, reference=ref, reward_fn=letter_reward(good), cfg=cfg,
+                              kl_coef=0.05, tokenizer=tok, device=torch.device("cpu"), chunk=4)
+    return ac, batch
+
+
+def _update(ac, batch, cfg, dist=None):
+    from preflab import distributed
+
+    opt = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    module = torch.nn.parallel.DistributedDataParallel(ac) if dist and dist.enabled else ac
+    return ppo.ppo_update(module, batch, optimizer=opt, scheduler=sched, cfg=cfg, device=torch.device("cpu"),
+                          ptx_batches=None, generator=torch.Generator().manual_seed(0),
+                          dist=dist or distributed.Dist())
+
+
+def test_gradient_accumulation_1x8_equals_8x1(good_tokens, tmp_path):
+    base = ["rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=2"]
+    one = cfg_for(tmp_path, *base, "ppo.grad_accum=1")
+    eight = cfg_for(tmp_path, *base, "ppo.grad_accum=8")
+    ac1, batch = _scored_batch(one, good_tokens)
+    ac8, _ = _scored_batch(one, good_tokens)
+    s1 = _update(ac1, batch, one)
+    s8 = _update(ac8, batch, eight)
+    diff = max(float((a - b).abs().max()) for a, b in zip(ac1.state_dict().values(), ac8.state_dict().values()))
+    assert diff < 1e-5
+    assert s1["loss/policy"] == pytest.approx(s8["loss/policy"], abs=1e-6)
+    init = models.load_policy("tiny:").state_dict()
+    assert max(float((ac1.policy.state_dict()[k] - v).abs().max()) for k, v in init.items()) > 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _update_worker(rank, world, port, path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from preflab import distributed
+
+    d = distributed.init(torch.device("cpu"))
+    blob = torch.load(path, weights_only=False)
+    half = list(range(rank * 4, rank * 4 + 4))
+    b = blob["batch"]
+    part = ppo.Scored(b.samples.select(half), *(getattr(b, f)[half] for f in (
+        "mask", "logprobs", "ref_logprobs", "values", "scores", "kl", "rewards", "non_score_reward",
+        "advantages", "returns")))
+    ac = blob["ac"]
+    _update(ac, part, blob["cfg"], d)
+    if rank == 0:
+        torch.save(ac.state_dict(), path + ".out")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_rank(good_tokens, tmp_path):
+    """One rank updating on 8 rollouts == two ranks on 4 each (the same global minibatch)."""
+    one = cfg_for(tmp_path, "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=2")
+    two = cfg_for(tmp_path, "rollout.batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=2")
+    ac, batch = _scored_batch(one, good_tokens)
+    import copy
+
+    ac2 = copy.deepcopy(ac)
+    _update(ac, batch, one)
+    path = str(tmp_path / "blob.pt")
+    torch.save({"ac": ac2, "batch": batch, "cfg": two}, path)
+    torch.multiprocessing.spawn(_update_worker, args=(2, _free_port(), path), nprocs=2)
+    got = torch.load(path + ".out")
+    diff = max(float((got[k] - v).abs().max()) for k, v in ac.state_dict().items())
+    assert diff < 1e-5
+
+
+def test_resume_equals_uninterrupted(tmp_path, good_tokens, monkeypatch):
+    full = cfg_for(tmp_path / "full", "train.steps=4")
+    w_full = model_weights(ppo.train(full, reward_fn=letter_reward(good_tokens)))
+    cut = cfg_for(tmp_path / "cut", "train.steps=4", "train.save_every=2")
+    real = ppo.ppo_update
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo, "ppo_update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train(cut, reward_fn=letter_reward(good_tokens))
+    monkeypatch.undo()
+    w_cut = model_weights(ppo.train(cut, resume=True, reward_fn=letter_reward(good_tokens)))
+    assert max_param_diff(w_full, w_cut) < 1e-6
+    a = [r["objective/score"] for r in metrics(full)]
+    b = [r["objective/score"] for r in metrics(cut)]
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_nan_stops_with_a_clear_error_and_checkpoint_intact(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "train.steps=4", "train.save_every=1")
+    good = letter_reward(good_tokens)
+    calls = {"n": 0}
+
+    def reward(s):
+        calls["n"] += 1
+        out = good(s)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    with pytest.raises(TrainingError, match="non-finite"):
+        ppo.train(cfg, reward_fn=reward)
+    state = torch.load(tmp_path / "checkpoints/step-000002/state.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def test_lora_reference_is_the_adapter_free_policy_and_ptx_runs(tmp_path, good_tokens):
+    """With LoRA the reference is the policy with adapters off: the first rollout's KL is 0
+    exactly (B = 0 at init). The ptx term is computed on the built-in demonstrations."""
+    cfg = cfg_for(tmp_path, "train.steps=2", "models.policy.lora.enabled=true", "models.policy.lora.r=4",
+                  "ptx.coef=1.0", "data.ptx=builtin:examples", "ptx.batch_size=2")
+    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rows = metrics(cfg)
+    assert rows[0]["objective/kl"] == 0.0
+    assert rows[1]["objective/kl"] != 0.0
+    assert all(r["loss/ptx"] > 0 for r in rows)
+
+
+def test_critic_initialised_from_the_reward_model(tmp_path):
+    cfg = cfg_for(tmp_path, "train.steps=2", "models.critic=reward_model")
+    ppo.train(cfg)  # the tiny scorer is the reward model too
+    assert (tmp_path / "critic/config.json").is_file()
+    rows = metrics(cfg)
+    assert len(rows) == 2 and all(r["value/clipfrac"] >= 0 for r in rows)
