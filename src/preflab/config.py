@@ -267,6 +267,65 @@ class PPOConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# The main job
+# ---------------------------------------------------------------------------------------------
+
+
+class SuiteSection(Section):
+    prompts: str | None = Field(None, description="Your own prompt JSONL in the suite format (None: built-in suite).")
+    seed: int = 0
+    n: int = Field(3200, ge=100, description="Prompts in the built-in suite.")
+
+
+class DemosSection(Section):
+    mode: Literal["mixed", "best_of_n", "reference"] = Field(
+        "reference", description="reference: constraint-satisfying templated answers (and templated refusals); "
+                                 "best_of_n: the gold judge's best of n base-model samples; mixed: best of n, "
+                                 "reference when no sample is good enough.")
+    limit: int = Field(400, ge=8, description="SFT-split prompts that get a demonstration.")
+    n: int = Field(4, ge=1, description="Samples per prompt for best_of_n/mixed.")
+    extra: str | None = Field(None, description="Your own demonstrations JSONL, added to the generated ones.")
+
+
+class LabelingSection(Section):
+    k: int = Field(4, ge=2, le=9, description="Samples per RM prompt (InstructGPT: 4 to 9).")
+    limit: int = Field(240, ge=8, description="RM-split prompts to rank.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    overlap: float = Field(0.15, ge=0, le=1, description="Fraction ranked by three labelers (agreement slice).")
+
+
+class EvalSection(Section):
+    limit: int = Field(320, ge=4, description="Held-out eval-split prompts.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    models: list[Literal["base", "sft", "ppo", "ppo_ptx"]] = Field(
+        ["base", "sft", "ppo", "ppo_ptx"], description="Models to evaluate (SFT is the reference).")
+
+
+class PipelineConfig(Section):
+    """`preflab pipeline`: base -> demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> eval -> report.
+
+    The ``sft``, ``rm``, ``ppo`` and ``ppo_ptx`` sections are overrides of those stages' own
+    configs (same keys as `preflab sft` etc.); the pipeline fills in models, data and run
+    directories. They are validated against the stage configs before anything starts.
+    """
+
+    base_model: str = Field("bundled:smollm2-135m-instruct", description="The pretrained policy to post-train.")
+    threads: int | None = Field(None, ge=1, description="torch threads for every stage.")
+    seed: int = 0
+    suite: SuiteSection = Field(default_factory=SuiteSection)
+    demos: DemosSection = Field(default_factory=DemosSection)
+    labeling: LabelingSection = Field(default_factory=LabelingSection)
+    sft: dict[str, Any] = Field(default_factory=dict, description="Overrides of the SFT config.")
+    rm: dict[str, Any] = Field(default_factory=dict, description="Overrides of the RM config.")
+    ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides of the PPO config.")
+    ppo_ptx: dict[str, Any] = Field(default_factory=dict, description="Overrides of the PPO config for PPO-ptx "
+                                                                      "(applied after `ppo`).")
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and overrides
 # ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,242 @@
+"""The main job: the InstructGPT recipe end to end, each step resumable.
+
+    suite -> demos -> sft -> label -> agreement -> rm -> ppo -> ppo_ptx -> eval -> report
+
+``RUN/pipeline.json`` records each finished step and its wall time; rerunning the command after
+a kill skips finished steps and resumes the interrupted one (training stages continue from
+their last checkpoint, evaluation reuses cached generations, labeling restarts from an empty
+store because it writes to a temporary store that is renamed only when complete).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from preflab.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig, dump_config, validate
+from preflab.data.jsonl import atomic_write_text, write_jsonl
+
+STEPS = ("suite", "demos", "sft", "label", "agreement", "rm", "ppo", "ppo_ptx", "eval", "report")
+
+# `--preset tiny`: the same graph on random tiny models, in a couple of minutes (tests, CI).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "base_model": "tiny:",
+        "suite": {"n": 400},
+        "demos": {"mode": "reference", "limit": 32},
+        "labeling": {"k": 4, "limit": 24, "max_new_tokens": 8, "overlap": 0.25},
+        "sft": {"train": {"max_steps": 6, "batch_size": 8, "bf16": False}, "optim": {"lr": 1e-3},
+                "data": {"max_length": 192}},
+        "rm": {"train": {"batch_prompts": 4, "bf16": False}, "optim": {"lr": 1e-3}, "data": {"max_length": 192}},
+        "ppo": {"train": {"steps": 2, "bf16": False}, "rollout": {"batch_size": 8, "max_new_tokens": 8, "bf16": False},
+                "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-4, "warmup_steps": 0}},
+        "ppo_ptx": {"ptx": {"coef": 1.0, "batch_size": 2}},
+        "eval": {"limit": 16, "max_new_tokens": 8},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class Pipeline:
+    """Builds each stage's config from the pipeline config and runs the steps in order."""
+
+    def __init__(self, cfg: PipelineConfig, out: str | Path):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.data = self.out / "data"
+        self.prompts = self.data / "prompts.jsonl"
+        self.demos_path = self.data / "demos.jsonl"
+        self.store = self.out / "store.sqlite"
+        self.state_path = self.out / "pipeline.json"
+        # Validate every stage config before anything starts (a bad key fails now, not in hour two).
+        self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", "ppo", "ppo_ptx")}
+
+    # -- stage configs -----------------------------------------------------------------------
+
+    def _model(self) -> dict[str, Any]:
+        return {"threads": self.cfg.threads}
+
+    def _stage_config(self, name: str):
+        c, run = self.cfg, {"seed": self.cfg.seed, "progress": True}
+        if name == "sft":
+            base = {"model": {"path": c.base_model, **self._model()},
+                    "data": {"train": str(self.demos_path), "val_fraction": 0.1},
+                    "train": {"epochs": 2, "batch_size": 8}, "run": {"out": str(self.out / "sft"), **run}}
+            return validate(SFTConfig, deep_merge(base, c.sft), "pipeline.sft")
+        if name == "rm":
+            base = {"model": {"path": str(self.out / "sft/model"), **self._model()},
+                    "data": {"train": f"store:{self.store}", "split": "rm", "val_split": None, "val_fraction": 0.2,
+                             "demos": str(self.demos_path)},
+                    "run": {"out": str(self.out / "rm"), **run}}
+            return validate(RMConfig, deep_merge(base, c.rm), "pipeline.rm")
+        base = {"models": {"policy": {"path": str(self.out / "sft/model"), **self._model()},
+                           "reward_model": str(self.out / "rm/model")},
+                "data": {"prompts": str(self.prompts), "split": "ppo", "ptx": str(self.demos_path)},
+                "run": {"out": str(self.out / name), **run}}
+        merged = deep_merge(base, c.ppo)
+        if name == "ppo_ptx":
+            merged = deep_merge(deep_merge(merged, {"ptx": {"coef": 1.0}}), c.ppo_ptx)
+            return validate(PPOConfig, merged, "pipeline.ppo_ptx")
+        return validate(PPOConfig, deep_merge(merged, {"ptx": {"coef": 0.0}}), "pipeline.ppo")
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"steps": []}
+
+    def _record(self, step: str, seconds: float) -> None:
+        st = self.state()
+        st["steps"] = [s for s in st["steps"] if s["step"] != step] + [{"step": step, "seconds": round(seconds, 1)}]
+        atomic_write_text(self.state_path, json.dumps(st, indent=2))
+
+    def done(self) -> set[str]:
+        return {s["step"] for s in self.state()["steps"]}
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def step_suite(self) -> None:
+        from preflab.data.suite import load_prompts, write_suite
+
+        if self.cfg.suite.prompts:
+            write_jsonl(self.prompts, [p.to_dict() for p in load_prompts(self.cfg.suite.prompts)])
+        else:
+            write_suite(self.prompts, seed=self.cfg.suite.seed, n=self.cfg.suite.n)
+
+    def _split(self, split: str, limit: int | None = None):
+        from preflab.data.suite import load_prompts
+
+        rows = [p for p in load_prompts(self.prompts) if p.split == split]
+        return rows[:limit] if limit else rows
+
+    def step_demos(self) -> None:
+        from preflab import models
+        from preflab.feedback.demos import write_demonstrations
+
+        d = self.cfg.demos
+        model = tok = None
+        if d.mode != "reference":
+            model, tok = models.load_policy(self.cfg.base_model), models.load_tokenizer(self.cfg.base_model)
+        rows = write_demonstrations(self._split("sft", d.limit), model, tok, n=d.n, mode=d.mode, progress=True)
+        if d.extra:
+            from preflab.data.chat import read_demos
+
+            rows += [{"messages": m, "source": "user"} for m in read_demos(d.extra)]
+        write_jsonl(self.demos_path, rows)
+
+    def step_sft(self) -> None:
+        from preflab.stages import sft
+
+        cfg = self.stage_configs["sft"]
+        sft.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+
+    def step_label(self) -> None:
+        from preflab.feedback.label_cli import collect_rankings
+
+        lab = self.cfg.labeling
+        tmp = self.store.with_suffix(".sqlite.partial")
+        for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            p.unlink(missing_ok=True)
+        collect_rankings(model_spec=str(self.out / "sft/model"), prompts=self._split("rm", lab.limit),
+                         store_path=tmp, split="rm", k=lab.k, max_new_tokens=lab.max_new_tokens,
+                         temperature=lab.temperature, overlap=lab.overlap, seed=self.cfg.seed)
+        tmp.rename(self.store)
+
+    def step_agreement(self) -> None:
+        from preflab.feedback.label_cli import store_agreement
+
+        summary = store_agreement(self.store, split="rm")
+        atomic_write_text(self.out / "agreement.json", json.dumps(summary, indent=2, default=str))
+
+    def step_rm(self) -> None:
+        from preflab.stages import reward
+
+        cfg = self.stage_configs["rm"]
+        reward.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+
+    def _ppo(self, name: str) -> None:
+        from preflab.stages import ppo
+
+        cfg = self.stage_configs[name]
+        ppo.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+
+    def step_ppo(self) -> None:
+        self._ppo("ppo")
+
+    def step_ppo_ptx(self) -> None:
+        self._ppo("ppo_ptx")
+
+    def step_eval(self) -> None:
+        from preflab.evals.evaluate import evaluate
+
+        e = self.cfg.eval
+        paths = {"base": self.cfg.base_model, "sft": str(self.out / "sft/model"),
+                 "ppo": str(self.out / "ppo/model"), "ppo_ptx": str(self.out / "ppo_ptx/model")}
+        evaluate({m: paths[m] for m in e.models}, self._split("eval", e.limit), reference="sft",
+                 reward_model=str(self.out / "rm/model"), out_dir=self.out / "eval",
+                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=self.cfg.seed)
+
+    def step_report(self) -> None:
+        from preflab.evals.report import write_report
+
+        write_report(self.out)
+
+    # -- driver ------------------------------------------------------------------------------
+
+    def run(self, only: Callable[[str], bool] = lambda s: True) -> None:
+        from preflab import models
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "pipeline_config.json", json.dumps(dump_config(self.cfg), indent=2))
+        models.set_threads(self.cfg.threads)
+        finished = self.done()
+        for step in STEPS:
+            if step in finished or not only(step):
+                if step in finished:
+                    click.secho(f"[pipeline] {step}: done already", fg="bright_black", err=True)
+                continue
+            click.secho(f"[pipeline] {step} ...", fg="cyan", bold=True, err=True)
+            t0 = time.perf_counter()
+            getattr(self, f"step_{step}")()
+            took = time.perf_counter() - t0
+            self._record(step, took)
+            click.secho(f"[pipeline] {step}: {took:.0f}s", fg="green", err=True)
+        total = sum(s["seconds"] for s in self.state()["steps"])
+        click.secho(f"[pipeline] finished in {total / 60:.1f} min of stage time; report: {self.out / 'report.html'}",
+                    fg="green", bold=True, err=True)
+
+
+@click.command("pipeline")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Pipeline YAML.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="tiny: the same graph on random tiny models, in a few minutes.")
+@click.option("--out", default="runs/demo", show_default=True, help="Run directory (rerun to resume).")
+@click.option("--restart", is_flag=True, help="Delete the run directory first.")
+@click.argument("overrides", nargs=-1)
+def cli(config_path, preset, out, restart, overrides):
+    """The main job: demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> evaluation -> report."""
+    from preflab.config import apply_overrides, load_yaml
+
+    data = deep_merge(PRESETS[preset], {}) if preset else {}
+    if config_path:
+        data = deep_merge(data, load_yaml(config_path))
+    apply_overrides(data, list(overrides))
+    cfg = validate(PipelineConfig, data, config_path or "pipeline")
+    if restart and Path(out).exists():
+        shutil.rmtree(out)
+    Pipeline(cfg, out).run()
+
