@@ -340,7 +340,10 @@ def _dropout_kwargs(spec: str) -> dict[str, float]:
     return {k: 0.0 for k, v in cfg.to_dict().items() if "dropout" in k and isinstance(v, float)}
 
 
-def wrap_lora(model: PreTrainedModel, lora: LoraOptions) -> PreTrainedModel:
+def wrap_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSAL_LM",
+              modules_to_save: list[str] | None = None) -> PreTrainedModel:
+    """peft LoRA adapters; a scorer passes task_type="SEQ_CLS", modules_to_save=["score"]
+    so its new head trains in full."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -348,7 +351,8 @@ def wrap_lora(model: PreTrainedModel, lora: LoraOptions) -> PreTrainedModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, cfg)
 

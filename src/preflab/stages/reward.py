@@ -1,0 +1,707 @@
+"""Stage B: a scalar reward model trained on K-way rankings (InstructGPT Eq. 1).
+
+Read top to bottom: data (rows -> ``Group``s -> token ids), the model's score at the last real
+token, the loss with every prompt as one batch element, evaluation, then ``train``:
+0. set-up, 1. data, 2. model and optimizer, 3. the loop, 4. normalisation, 5. evaluation, 6. save.
+
+The RM reads exactly what PPO's rollouts give it: the chat-rendered prompt, the response and
+the end-of-turn (EOS) token; the score is the head output at that last real token
+(RLHF_REFERENCE.md §2), padding ignored. All C(K,2) pairs of a prompt form ONE batch element,
+K forward passes per prompt, tied pairs dropped (§1). Works on one process or under
+``torchrun`` (DDP), like ``stages/sft.py``: the loss is normalised by the step's global count
+of prompts, so gradient accumulation and ranks are exact; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch import nn
+
+from preflab import distributed, models
+from preflab.cli import stage_command
+from preflab.config import RMConfig, dump_config
+from preflab.data.chat import read_demos, render_prompt
+from preflab.data.jsonl import atomic_write_text, read_jsonl
+from preflab.data.order import step_indices
+from preflab.data.schema import ranks_from_order, validate_order
+from preflab.errors import DataError, TrainingError
+from preflab.lm import unwrap
+from preflab.optim import clip_grad, make_optimizer
+from preflab.rl.calibration import expected_calibration_error, fit_temperature, reliability_by_margin
+from preflab.rl.ranking import batched_kway_ranking_loss, batched_plackett_luce_loss
+from preflab.rl.stats import wilson_interval
+from preflab.rollout import score_head
+from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+
+# ---------------------------------------------------------------------------------------------
+# Data: grouped K-way rows, TRL pairs, or the preference store -> Group
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One prompt's K ranked responses. ``ranks[i]``: tier of response i, 0 = best, equal = tied."""
+
+    prompt: str | list[dict[str, str]]
+    responses: list[str]
+    ranks: list[int]
+    category: str | None = None
+    slice: str | None = None
+    labeler: str | None = None
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(winner, loser) index pairs; ties give none."""
+        k = len(self.responses)
+        return [(w, v) for w in range(k) for v in range(k) if self.ranks[w] < self.ranks[v]]
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def parse_group(obj: Any, fmt: str | None = None) -> Group:
+    """A grouped K-way row ``{prompt, responses, order, category?, slice?, labeler?}`` (also under
+    ``meta``) or a TRL pair ``{prompt, chosen, rejected}`` (K = 2). ``fmt`` None: by the keys."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+    kind = fmt or ("pairs" if "chosen" in obj else "kway")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)):
+        raise ValueError("'prompt' must be a string or a list of chat messages")
+    if kind == "pairs":
+        for key in ("chosen", "rejected"):
+            if not isinstance(obj[key], str):
+                raise ValueError(f"{key!r} must be a string")
+        responses, ranks = [obj["chosen"], obj["rejected"]], [0, 1]
+    else:
+        if "responses" not in obj and "chosen" in obj:
+            raise ValueError("a pairs row, but data.format is kway")
+        responses = obj["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise ValueError("'responses' must be a list of strings")
+        ranks = ranks_from_order(validate_order(obj["order"], len(responses)), len(responses))
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("'meta' must be an object")
+    pick = {k: _text_or_none(obj.get(k, meta.get(k))) for k in ("category", "slice", "labeler")}
+    return Group(prompt, list(responses), ranks, **pick)
+
+
+def read_groups(source: str, fmt: str | None = None, split: str | None = None) -> list[Group]:
+    """Every group of a JSONL file (bad row: DataError ``file:line: reason``) or of ``store:PATH``
+    (the preference store's rankings of ``split``, with the prompts' category and slice)."""
+    if not source.startswith("store:"):
+        return read_jsonl(source, lambda obj: parse_group(obj, fmt))
+    path = Path(source.removeprefix("store:"))
+    if not path.is_file():  # PreferenceStore() would create an empty store
+        raise DataError(f"{path}: preference store not found")
+    from preflab.feedback.store import PreferenceStore
+
+    with PreferenceStore(path) as store:
+        rows = store.grouped_kway(split=split)
+        prompts = {p.id: p for p in store.prompts(split=split)}
+    out = []
+    for row in rows:
+        p = prompts.get(row["meta"].get("prompt_id"))
+        out.append(Group(row["prompt"], list(row["responses"]), ranks_from_order(row["order"]),
+                         category=p.category if p else None, slice=p.slice if p else None,
+                         labeler=_text_or_none(row["meta"].get("labeler"))))
+    return out
+
+
+def split_val(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
+    """Hold out ``fraction`` of the *prompts* (every labeler's ranking of a prompt goes to the same side)."""
+    keys = sorted({json.dumps(g.prompt) for g in groups})
+    if fraction <= 0 or len(keys) < 2:
+        return groups, []
+    random.Random(seed).shuffle(keys)
+    val = set(keys[:max(1, int(round(len(keys) * fraction)))])
+    return [g for g in groups if json.dumps(g.prompt) not in val], [g for g in groups if json.dumps(g.prompt) in val]
+
+
+def encode_pair(tokenizer, prompt: str | list[dict[str, str]], response: str, max_length: int) -> list[int]:
+    """Token ids of chat-rendered prompt + response + EOS: the sequence a PPO rollout gives the RM.
+
+    Prompt and response are tokenized apart, as in rollouts (query ids, then sampled ids). Over
+    ``max_length``, the response keeps its head (at most max_length - min(prompt, max_length/2)
+    tokens, EOS then lost, like a cut-off sample) and the prompt keeps its tail.
+    """
+    p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + len(r) > max_length:
+        r = r[:max_length - min(len(p), max_length // 2)]
+        p = p[len(p) - (max_length - len(r)):]
+    return p + r
+
+
+@dataclass
+class Encoded:
+    ids: list[list[int]]  # K token sequences
+    ranks: list[int]
+
+
+def encode_groups(tokenizer, groups: list[Group], max_length: int) -> list[Encoded]:
+    return [Encoded([encode_pair(tokenizer, g.prompt, r, max_length) for r in g.responses], list(g.ranks))
+            for g in groups]
+
+
+def collate_groups(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts of any K -> rows (sum K, T) right-padded, and (P, Kmax) ranks and validity mask.
+
+    Rows are in group order, so ``rewards (sum K,)`` scatter into (P, Kmax) with ``valid``.
+    """
+    rows = [ids for g in batch for ids in g.ids]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    kmax = max(len(g.ids) for g in batch)
+    ranks = torch.zeros((len(batch), kmax), dtype=torch.long)
+    valid = torch.zeros((len(batch), kmax), dtype=torch.bool)
+    for p, g in enumerate(batch):
+        ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
+        valid[p, :len(g.ranks)] = True
+    return {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
+
+
+# ---------------------------------------------------------------------------------------------
+# The score: the head at the last real token, with our own forward
+# ---------------------------------------------------------------------------------------------
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,) column of the last 1 in each row (left or right padding alike)."""
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (cols + 1)).argmax(1)
+
+
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) raw scores: the trunk runs once, the 1-output head reads only the last real token.
+
+    Position ids count real tokens (as ``generate`` does), so padding on either side gives the
+    same score; with right padding they equal transformers' own, so the saved model's
+    ``AutoModelForSequenceClassification`` forward (last non-pad token) returns the same scores.
+    """
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = unwrap(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=positions, use_cache=False).last_hidden_state
+    idx = last_real_index(attention_mask)
+    return score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+
+
+class Scorer(nn.Module):
+    """``forward(input_ids, attention_mask) -> (B,)`` raw rewards; DDP wraps this module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return sequence_rewards(self.model, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def score_ids(model: nn.Module, seqs: list[list[int]], pad_id: int, *, batch_size: int = 16,
+              bf16: bool = False, shard: bool = False) -> list[float]:
+    """Raw scores of token sequences, batched by length; ``shard``: each rank scores its slice, all get all."""
+    device = next(model.parameters()).device
+    rank, world = _rank_world() if shard else (0, 1)
+    mine = list(range(rank, len(seqs), world))
+    mine.sort(key=lambda i: len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    out: dict[int, float] = {}
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s:s + batch_size]
+        batch = collate_groups([Encoded([seqs[i] for i in chunk], [0] * len(chunk))], pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            r = sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out.update(zip(chunk, r.float().cpu().tolist()))
+    model.train(was_training)
+    merged: dict[int, float] = {}
+    for part in distributed.all_gather_object(out) if shard else [out]:
+        merged.update(part)
+    return [merged[i] for i in range(len(seqs))]
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def score_texts(model: nn.Module, tokenizer, prompts: list, responses: list[str], *, max_length: int = 384,
+                batch_size: int = 16, bf16: bool = False, normalise: bool = False) -> list[float]:
+    """Scores of (prompt, response) pairs; ``normalise`` applies the stored gain and bias."""
+    seqs = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    raw = score_ids(model, seqs, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16)
+    if not normalise:
+        return raw
+    cfg = unwrap(model).config
+    gain, bias = getattr(cfg, "preflab_reward_gain", 1.0), getattr(cfg, "preflab_reward_bias", 0.0)
+    return [gain * s + bias for s in raw]
+
+
+def score_groups(model, encoded: list[Encoded], pad_id: int, *, batch_size: int, bf16: bool,
+                 shard: bool = False) -> list[list[float]]:
+    flat = score_ids(model, [ids for e in encoded for ids in e.ids], pad_id, batch_size=batch_size,
+                     bf16=bf16, shard=shard)
+    out, i = [], 0
+    for e in encoded:
+        out.append(flat[i:i + len(e.ids)])
+        i += len(e.ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss: a SUM over prompts, so the caller normalises by the step's global prompt count
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # sum over prompts of the per-prompt loss (differentiable)
+    n_prompts: int  # prompts with at least one untied pair
+    n_pairs: int
+    n_correct: int
+
+
+def pad_rewards(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(sum K,) rewards in group order -> (P, Kmax), zeros where ``valid`` is False (differentiable)."""
+    return flat.new_zeros(valid.shape).masked_scatter(valid, flat)
+
+
+def _kway_sum(rewards, ranks, valid) -> torch.Tensor:
+    # InstructGPT Eq. 1: -1/C_eff sum log sigmoid(r_w - r_l) per prompt (0 for an all-tied prompt).
+    return batched_kway_ranking_loss(rewards, ranks, valid).per_prompt_loss.sum()
+
+
+def _plackett_luce_sum(rewards, ranks, valid) -> torch.Tensor:
+    # The batched PL loss is a mean over the P prompts (RLHF_REFERENCE.md §5).
+    return batched_plackett_luce_loss(rewards, ranks, valid) * rewards.shape[0]
+
+
+LOSSES = {"kway": _kway_sum, "plackett_luce": _plackett_luce_sum}
+
+
+def ranking_loss(flat_rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
+                 loss: str = "kway") -> LossParts:
+    """The micro-batch's summed loss and pair counts from (sum K,) rewards of a ``collate_groups`` batch."""
+    rewards = pad_rewards(flat_rewards.float(), valid)
+    with torch.no_grad():
+        counts = batched_kway_ranking_loss(rewards.detach(), ranks, valid)
+    return LossParts(LOSSES[loss](rewards, ranks, valid), int((counts.n_pairs > 0).sum()),
+                     int(counts.n_pairs.sum()), int(counts.n_correct.sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: accuracy (overall, per category and slice), calibration, worst pairs, agreement
+# ---------------------------------------------------------------------------------------------
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _accuracy(correct: np.ndarray) -> dict[str, Any]:
+    n = int(correct.size)
+    lo, hi = wilson_interval(float(correct.sum()), n) if n else (math.nan, math.nan)
+    return {"n_pairs": n, "accuracy": float(correct.mean()) if n else math.nan, "ci": [lo, hi]}
+
+
+def _pair_signs(ranks: list[int]) -> np.ndarray:
+    try:
+        from preflab.feedback.agreement import pair_labels
+    except ImportError:  # pragma: no cover - the data engine may be absent from a build
+        def pair_labels(r):
+            r = np.asarray(r, dtype=float)
+            i, j = np.triu_indices(r.shape[-1], 1)
+            return np.sign(r[..., j] - r[..., i])
+    return pair_labels(np.asarray(ranks, dtype=float))
+
+
+def labeler_agreement(groups: list[Group]) -> dict[str, Any] | None:
+    """Pairwise agreement between labelers who ranked the same prompt and responses (ties excluded),
+    the ceiling against which RM accuracy reads (InstructGPT: 72.6%, RLHF_REFERENCE.md §1, §7)."""
+    by_key: dict[str, list[tuple[int, Group]]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        if g.labeler is not None and len(set(g.responses)) == len(g.responses):
+            by_key[json.dumps([g.prompt, sorted(g.responses)])].append((i, g))
+    agree = comparable = 0
+    shared: list[int] = []
+    for items in by_key.values():
+        if len({g.labeler for _, g in items}) < 2:
+            continue
+        texts = sorted(items[0][1].responses)
+        labels = []
+        for _, g in items:
+            rank_of = dict(zip(g.responses, g.ranks))
+            labels.append((g.labeler, _pair_signs([rank_of[t] for t in texts])))
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                if labels[a][0] == labels[b][0]:
+                    continue
+                ok = (labels[a][1] != 0) & (labels[b][1] != 0)
+                agree += int((labels[a][1][ok] == labels[b][1][ok]).sum())
+                comparable += int(ok.sum())
+        shared += [i for i, _ in items]
+    if not comparable:
+        return None
+    return {"n_prompts": len({json.dumps(groups[i].prompt) for i in shared}), "n_pairs": comparable,
+            "agreement": agree / comparable, "groups": shared}
+
+
+def evaluate(groups: list[Group], scores: list[list[float]], *, n_bins: int = 10,
+             temperature_scaling: bool = True, worst_k: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Held-out metrics of raw scores (gain and bias do not change who wins; raw margins are the
+    trained log-odds). Returns a JSON-ready report; ``report_metrics`` flattens it to ``rm/...``."""
+    rows = [(gi, w, v, s[w] - s[v]) for gi, (g, s) in enumerate(zip(groups, scores)) for w, v in g.pairs()]
+    if not rows:
+        raise DataError("the held-out set has no untied pair to evaluate")
+    margin = np.array([m for *_, m in rows])
+    correct = margin > 0  # a tie in reward is not correct (TRL's reward accuracy)
+    report: dict[str, Any] = {"n_groups": len(groups), **_accuracy(correct)}
+    rewards = [torch.tensor(s) for s in scores]
+    per_prompt = [float(batched_kway_ranking_loss(r[None], torch.tensor(g.ranks)[None], torch.ones(1, len(r)))
+                        .per_prompt_loss[0]) for r, g in zip(rewards, groups) if g.pairs()]
+    report["loss"] = float(np.mean(per_prompt))
+    for attr in ("category", "slice"):
+        names = [getattr(groups[gi], attr) for gi, *_ in rows]
+        if any(n is not None for n in names):
+            arr = np.array([str(n) for n in names])
+            report[f"by_{attr}"] = {n: _accuracy(correct[arr == n]) for n in sorted(set(arr))}
+    # Calibration of p(chosen > rejected) = sigmoid(margin) (§7): ECE on max(p, 1-p), and the
+    # N+ reliability table of accuracy per 0.5-wide bin of |margin|.
+    cal = expected_calibration_error(_sigmoid(margin), np.ones_like(margin), n_bins)
+    report["ece"] = {"ece": cal.ece, "mce": cal.mce, "table": [b._asdict() for b in cal.table]}
+    report["reliability"] = [b._asdict() for b in reliability_by_margin(margin)]
+    # Temperature scaling (Gao et al. §2.2): fit T on half the prompts, report ECE on the other half.
+    fit_groups = list(range(len(groups)))
+    random.Random(seed).shuffle(fit_groups)
+    fit_set = set(fit_groups[:len(groups) // 2])
+    in_fit = np.array([gi in fit_set for gi, *_ in rows])
+    if temperature_scaling and in_fit.any() and (~in_fit).any():
+        t = fit_temperature(margin[in_fit], np.ones(int(in_fit.sum())))
+        test = margin[~in_fit]
+        report["temperature"] = {
+            "T": t, "n_fit": int(in_fit.sum()), "n_test": int(test.size),
+            "ece_before": expected_calibration_error(_sigmoid(test), np.ones_like(test), n_bins).ece,
+            "ece_after": expected_calibration_error(_sigmoid(test / t), np.ones_like(test), n_bins).ece}
+    worst = sorted(range(len(rows)), key=lambda i: margin[i])[:worst_k]
+    report["worst"] = [{"prompt": groups[rows[i][0]].prompt, "chosen": groups[rows[i][0]].responses[rows[i][1]],
+                        "rejected": groups[rows[i][0]].responses[rows[i][2]], "margin": float(margin[i]),
+                        "p_wrong": float(_sigmoid(-margin[i])), "category": groups[rows[i][0]].category}
+                       for i in worst if margin[i] <= 0]
+    agreement = labeler_agreement(groups)
+    if agreement is not None:
+        shared = set(agreement.pop("groups"))
+        on_shared = np.array([gi in shared for gi, *_ in rows])
+        agreement["rm_accuracy"] = float(correct[on_shared].mean())
+        report["labelers"] = agreement
+    return report
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The flat ``rm/...`` metrics of an ``evaluate`` report (for metrics.jsonl)."""
+    m = {"rm/accuracy": report["accuracy"], "rm/loss": report["loss"], "rm/pairs": report["n_pairs"],
+         "rm/ece": report["ece"]["ece"], "rm/mce": report["ece"]["mce"]}
+    for attr in ("category", "slice"):
+        for name, acc in report.get(f"by_{attr}", {}).items():
+            m[f"rm/accuracy/{attr}/{name}"] = acc["accuracy"]
+    if "temperature" in report:
+        t = report["temperature"]
+        m.update({"rm/temperature": t["T"], "rm/ece_test_before": t["ece_before"], "rm/ece_test_after": t["ece_after"]})
+    if "labelers" in report:
+        m.update({"rm/labeler_agreement": report["labelers"]["agreement"],
+                  "rm/accuracy_multi_labeled": report["labelers"]["rm_accuracy"]})
+    return m
+
+
+def print_report(report: dict[str, Any], console=None) -> None:
+    """Rich tables: summary, accuracy per category/slice, ECE bins, reliability by margin, worst pairs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    lo, hi = report["ci"]
+    summary = Table(title="reward model, held-out")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("pairs / prompts", f"{report['n_pairs']} / {report['n_groups']}")
+    summary.add_row("accuracy (95% CI)", f"{report['accuracy']:.3f} ({lo:.3f}-{hi:.3f})")
+    summary.add_row("loss (Eq. 1)", f"{report['loss']:.4f}")
+    summary.add_row("ECE / MCE", f"{report['ece']['ece']:.4f} / {report['ece']['mce']:.4f}")
+    if "temperature" in report:
+        t = report["temperature"]
+        summary.add_row("temperature (fit half)", f"{t['T']:.3f}")
+        summary.add_row("ECE other half before -> after", f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}")
+    if "labelers" in report:
+        la = report["labelers"]
+        summary.add_row("labeler agreement (ceiling)", f"{la['agreement']:.3f} on {la['n_pairs']} pairs")
+        summary.add_row("RM accuracy, same prompts", f"{la['rm_accuracy']:.3f}")
+    console.print(summary)
+    for attr in ("category", "slice"):
+        if f"by_{attr}" in report:
+            t = Table(title=f"accuracy by {attr}")
+            for col in (attr, "pairs", "accuracy", "95% CI"):
+                t.add_column(col, justify="left" if col == attr else "right")
+            for name, a in report[f"by_{attr}"].items():
+                t.add_row(name, str(a["n_pairs"]), f"{a['accuracy']:.3f}", f"{a['ci'][0]:.3f}-{a['ci'][1]:.3f}")
+            console.print(t)
+    t = Table(title="expected calibration error: confidence bins")
+    for col in ("confidence", "pairs", "mean conf", "accuracy"):
+        t.add_column(col, justify="right")
+    for b in report["ece"]["table"]:
+        t.add_row(f"{b['lo']:.2f}-{b['hi']:.2f}", str(b["count"]), f"{b['mean_confidence']:.3f}", f"{b['accuracy']:.3f}")
+    console.print(t)
+    t = Table(title="reliability by |reward difference| (perfect: sigmoid(mid))")
+    for col in ("|r_c - r_r|", "pairs", "accuracy", "sigmoid(mid)"):
+        t.add_column(col, justify="right")
+    for b in report["reliability"]:
+        t.add_row(f"{b['lo']:.1f}-{b['hi']:.1f}", str(b["count"]), f"{b['accuracy']:.3f}", f"{b['expected']:.3f}")
+    console.print(t)
+    if report["worst"]:
+        t = Table(title="most confidently wrong pairs")
+        for col in ("margin", "prompt", "chosen (by label)", "rejected"):
+            t.add_column(col, overflow="fold", justify="right" if col == "margin" else "left")
+        for w in report["worst"]:
+            t.add_row(f"{w['margin']:.2f}", *(str(w[k])[:80] for k in ("prompt", "chosen", "rejected")))
+        console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation after training
+# ---------------------------------------------------------------------------------------------
+
+
+def normalisation(demo_scores: list[float], policy_scores: list[float], *, demos_mean_zero: bool,
+                  policy_gain_bias: bool) -> tuple[float, float]:
+    """(gain, bias) with reward = gain * raw + bias.
+
+    policy_gain_bias: held-out policy samples get mean 0, std 1 (lm-human-preferences
+    ``set_reward_norm``, biased std). demos_mean_zero: the bias makes the demonstrations' mean 0
+    (InstructGPT); with both, the gain comes from the policy samples and the bias from the demos.
+    """
+    gain, bias = 1.0, 0.0
+    if policy_gain_bias and len(policy_scores) > 1:
+        gain = 1.0 / max(float(np.std(policy_scores)), 1e-8)
+        bias = -gain * float(np.mean(policy_scores))
+    if demos_mean_zero and demo_scores:
+        bias = -gain * float(np.mean(demo_scores))
+    return gain, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: RMConfig, resume: bool = False) -> Path:
+    """Train, normalise, evaluate and save a reward model; returns the saved Hugging Face directory."""
+    # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
+    models.set_threads(cfg.model.threads)
+    device = models.pick_device(cfg.model.device)
+    dist = distributed.init(device)
+    seed_everything(cfg.run.seed + 100003 * dist.rank)
+    run = RunDir(cfg.run.out, stage="rm", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
+                 writer=dist.is_main)
+    bf16, d = cfg.train.bf16, cfg.data
+
+    # 1. data: parse every source before any training, drop all-tied rankings, tokenize once ----
+    tokenizer = models.load_tokenizer(cfg.model.path)
+    pad_id = tokenizer.pad_token_id
+    train_g = read_groups(d.train, d.format, d.split)
+    val_g = read_groups(d.val, d.format, d.val_split) if d.val else []
+    if not d.val:
+        train_g, val_g = split_val(train_g, d.val_fraction, cfg.run.seed)
+    n_read = len(train_g)
+    train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
+    train_ex, val_ex = encode_groups(tokenizer, train_g, d.max_length), encode_groups(tokenizer, val_g, d.max_length)
+    global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size
+    if len(train_ex) < global_batch:
+        raise DataError(f"{d.train}: {len(train_ex)} rankings with an untied pair, fewer than one global batch "
+                        f"({global_batch} = batch_prompts x grad_accum x ranks)")
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * (len(train_ex) // global_batch)))
+    run.log(f"rm: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / "
+            f"{len(val_ex)} held out, {total_steps} steps, loss {cfg.train.loss}")
+
+    # 2. model (scalar head on the SFT trunk), optimizer, schedule; resume ----------------------
+    model = models.load_scorer(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+    if cfg.model.lora.enabled:
+        model = models.wrap_lora(model, models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})),
+                                 task_type="SEQ_CLS", modules_to_save=["score"])
+    if cfg.train.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable()
+    model.train()  # dropout is off in the config (load_scorer); train() only matters for LoRA dropout
+    scorer: nn.Module = Scorer(model)
+    if dist.enabled:
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
+    start = 0
+    state = run.load_checkpoint() if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        run.log(f"resumed at step {start}")
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
+                            keep=cfg.run.keep_checkpoints)
+        distributed.barrier()
+
+    def held_out(ex: list[Encoded], groups: list[Group]) -> dict[str, Any]:
+        scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)
+        return evaluate(groups, scores, n_bins=cfg.eval.n_bins, temperature_scaling=cfg.eval.temperature_scaling,
+                        worst_k=cfg.eval.worst_k, seed=cfg.run.seed)
+
+    # 3. the loop: one global batch of prompts per optimizer step -------------------------------
+    micro = cfg.train.batch_prompts
+    with Progress(total_steps, "rm", enabled=cfg.run.progress and dist.is_main, start=start,
+                  keys=("train/loss", "train/accuracy", "rm/accuracy")) as bar:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
+            mine = idx[dist.rank * micro * cfg.train.grad_accum:(dist.rank + 1) * micro * cfg.train.grad_accum]
+            batches = [collate_groups([train_ex[i] for i in mine[j:j + micro]], pad_id)
+                       for j in range(0, len(mine), micro)]
+            # Normalise by the global count of prompts with an untied pair in this step: each
+            # prompt is one element of Eq. 1's mean, exact under accumulation and ranks (DDP
+            # averages gradients, hence the world_size factor); mirrors SFT's token count.
+            n_prompts = int(distributed.all_reduce_sum(
+                torch.tensor(sum(len(set(train_ex[i].ranks)) > 1 for i in mine), dtype=torch.long)))
+            scale = dist.world_size / max(1, n_prompts)
+            sums = torch.zeros(3, dtype=torch.float64)  # loss sum, pairs, correct pairs
+            for j, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = not dist.enabled or j == len(batches) - 1
+                ctx = scorer.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    flat = scorer(batch["input_ids"], batch["attention_mask"])
+                    parts = ranking_loss(flat, batch["ranks"], batch["valid"], cfg.train.loss)
+                    (parts.total * scale).backward()
+                sums += torch.tensor([parts.total.item(), parts.n_pairs, parts.n_correct], dtype=torch.float64)
+            sums = distributed.all_reduce_sum(sums)
+            loss = float(sums[0]) / max(1, n_prompts)
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                    f"{run.latest_checkpoint() or 'none'}")
+            grad_norm = clip_grad(params, cfg.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            dt = time.perf_counter() - t0
+            metrics = {"train/loss": loss, "train/accuracy": float(sums[2] / max(1.0, float(sums[1]))),
+                       "train/lr": lr, "train/grad_norm": grad_norm, "train/prompts": n_prompts,
+                       "train/pairs": int(sums[1]), "perf/step_s": dt, "perf/pairs_per_s": float(sums[1]) / dt,
+                       "perf/tokens_per_s": sum(b["attention_mask"].sum().item() for b in batches)
+                       * dist.world_size / dt}
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex and done < total_steps:
+                rep = held_out(val_ex, val_g)
+                metrics.update({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]})
+            if done % cfg.run.log_every == 0 or done == total_steps:
+                metrics["perf/peak_rss_mb"] = peak_rss_mb()
+                run.log_metrics(done, metrics)
+            bar.update(metrics)
+            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+                checkpoint(done)
+    checkpoint(total_steps)
+
+    # 4. normalisation: demonstrations' mean score 0 (InstructGPT §3.5); optionally policy samples
+    #    N(0, 1) (lm-human-preferences). Without demos, the top-ranked training responses stand in.
+    if d.demos:
+        demos = [(m[:-1], m[-1]["content"]) for m in read_demos(d.demos)]
+        demo_source = d.demos
+    else:
+        demos = [(g.prompt, r) for g in train_g for r, k in zip(g.responses, g.ranks) if k == 0]
+        demo_source = "top-ranked training responses (no data.demos)"
+    demo_raw = score_ids(model, [encode_pair(tokenizer, p, r, d.max_length) for p, r in demos], pad_id,
+                         batch_size=micro * 4, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
+    pool = val_ex or train_ex  # "held-out policy samples": every response of the held-out rankings
+    policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=micro * 4, bf16=bf16,
+                           shard=True) if cfg.norm.policy_gain_bias else []
+    gain, bias = normalisation(demo_raw, policy_raw, demos_mean_zero=cfg.norm.demos_mean_zero,
+                               policy_gain_bias=cfg.norm.policy_gain_bias)
+    unwrap(model).config.preflab_reward_gain = gain
+    unwrap(model).config.preflab_reward_bias = bias
+    final: dict[str, Any] = {"rm/norm_gain": gain, "rm/norm_bias": bias}
+    if demo_raw:
+        final["rm/demo_score_mean"] = gain * float(np.mean(demo_raw)) + bias
+    run.log(f"rm: normalisation gain {gain:.4g} bias {bias:.4g} (demos: {demo_source})")
+
+    # 5. held-out evaluation: accuracy, calibration, worst pairs, labeler ceiling ---------------
+    if val_ex:
+        report = held_out(val_ex, val_g)
+        report["normalisation"] = {"gain": gain, "bias": bias, "demos": demo_source}
+        final.update(report_metrics(report))
+        if dist.is_main:
+            atomic_write_text(Path(cfg.run.out) / "eval" / "rm_eval.json", json.dumps(report, indent=2, default=str))
+            if cfg.run.progress:
+                print_report(report)
+    run.log_metrics(total_steps, final)
+
+    # 6. a plain Hugging Face sequence-classification checkpoint (LoRA merged) -------------------
+    out = Path(cfg.run.out) / "model"
+    if dist.is_main:
+        models.save_model(model, tokenizer, out)
+    distributed.barrier()
+    run.finish(final_metrics=final)
+    return out
+
+
+cli = stage_command("rm", RMConfig, "preflab.stages.reward:train",
+                    "Train a reward model on K-way rankings (InstructGPT Eq. 1; all pairs of a prompt in one element).")
+
+
+@click.command("rm-eval")
+@click.option("--model", "model_spec", required=True, help="Reward model directory (from `preflab rm`).")
+@click.option("--data", required=True, help="Held-out grouped K-way or pairs JSONL, or store:PATH.")
+@click.option("--split", default=None, help="Store split (store: sources only; default: all).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--max-length", default=384, show_default=True, type=click.IntRange(16))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--n-bins", default=10, show_default=True, type=click.IntRange(2))
+@click.option("--worst-k", default=20, show_default=True, type=click.IntRange(0))
+@click.option("--temperature-scaling/--no-temperature-scaling", default=True, show_default=True)
+@click.option("--bf16/--no-bf16", default=False, show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(1))
+def eval_cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
+             bf16, threads):
+    """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
+    the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
+    models.set_threads(threads)
+    groups = [g for g in read_groups(data, None, split) if g.pairs()]
+    tokenizer = models.load_tokenizer(model_spec)
+    model = models.load_scorer(model_spec)
+    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
+                          batch_size=batch_size, bf16=bf16)
+    report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)
+    print_report(report)
+    if out_path:
+        atomic_write_text(out_path, json.dumps(report, indent=2, default=str))
+        click.echo(f"wrote {out_path}")

@@ -1,0 +1,378 @@
+"""Reward-model stage on a tiny random model: the batched K-way loss, last-token scoring, learning,
+saving for plain transformers, normalisation, invariances (accumulation, ranks, resume), bad input."""
+
+import json
+import math
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from helpers import max_param_diff, model_weights
+from preflab import models
+from preflab.config import RMConfig, load_config
+from preflab.errors import DataError
+from preflab.rl.ranking import bradley_terry_loss
+from preflab.stages import reward
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
+    wait on each other make a 10 ms step take seconds; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "sugar"]
+
+
+def write_rankings(path, n, seed=0, k=4, marker="zebra"):
+    """K-way rankings a tiny network can learn: the two responses containing ``marker`` win (tied)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        resps = [[rng.choice(WORDS) for _ in range(3)] for _ in range(k)]
+        win = rng.sample(range(k), 2)
+        for w in win:
+            resps[w].insert(rng.randrange(4), marker)
+        rows.append({"prompt": f"Describe item {i}.", "responses": [" ".join(r) for r in resps],
+                     "order": [sorted(win), sorted(set(range(k)) - set(win))], "category": ["a", "b"][i % 2]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_mixed(path, n=16, seed=1):
+    """Rankings of varying K (2..4) with ties, so per-prompt weights differ from per-pair ones."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = 2 + i % 3
+        resps = [" ".join(rng.choice(WORDS) for _ in range(2 + rng.randrange(3))) for _ in range(k)]
+        perm = rng.sample(range(k), k)
+        order = [perm[:2], perm[2:]] if k == 4 and i % 2 else [[p] for p in perm]
+        rows.append({"prompt": f"Rank {i}", "responses": resps, "order": order})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# Invariance runs: Adam maps a gradient entry of ~1e-9 (pure rounding) to a step of ~lr, which
+# turns float noise into visible parameter noise; eps = 1e-5 (lm-human-preferences' value) damps it.
+EXACT = ["optim.lr=1e-3", "optim.eps=1e-5"]
+
+
+def rm_cfg(tmp_path, data, *overrides):
+    base = ["model.path=tiny:", f"data.train={data}", "data.val_fraction=0", "data.max_length=96",
+            "optim.lr=3e-3", "optim.schedule=constant", "train.bf16=false", "run.progress=false",
+            f"run.out={tmp_path / 'run'}"]
+    return load_config(RMConfig, None, base + list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss path
+# ---------------------------------------------------------------------------------------------
+
+
+def _stub_batch():
+    """Three prompts of K = 3 (one tie), 2 and 4, collated into one padded batch."""
+    enc = [reward.Encoded([[5], [6, 7], [8]], [0, 1, 1]),
+           reward.Encoded([[9], [10]], [1, 0]),
+           reward.Encoded([[11], [12], [13], [14, 15]], [3, 2, 1, 0])]
+    flat = torch.tensor([2.0, 0.5, 0.5, 0.3, 1.0, 0.0, 1.0, 2.0, 3.0], requires_grad=True)
+    return enc, flat
+
+
+def test_kway_batch_equals_hand_computed_and_separate_prompts():
+    """Eq. 1 per prompt: -1/C_eff sum over untied pairs log sigmoid(r_w - r_l); softplus(-m) = -log sigmoid(m).
+
+    A: r = [2, .5, .5], ranks [0, 1, 1]: the tie (1, 2) is dropped; pairs (0,1), (0,2), margin 1.5 each:
+       softplus(-1.5) = 0.2014132779827524.
+    B: r = [.3, 1], ranks [1, 0]: pair (1, 0), margin 0.7: softplus(-0.7) = 0.4031860488854579.
+    C: r = [0, 1, 2, 3], ranks [3, 2, 1, 0]: 6 pairs, margins 1, 1, 1, 2, 2, 3:
+       (3 softplus(-1) + 2 softplus(-2) + softplus(-3)) / 6 = 0.2070380727023926.
+    The step sums prompts (the caller divides by the global prompt count): 0.8116373995706029.
+    """
+    enc, flat = _stub_batch()
+    batch = reward.collate_groups(enc, pad_id=0)
+    assert batch["input_ids"].shape == (9, 2) and batch["valid"].sum(1).tolist() == [3, 2, 4]
+    parts = reward.ranking_loss(flat, batch["ranks"], batch["valid"])
+    assert parts.total.item() == pytest.approx(0.8116373995706029, abs=1e-6)
+    assert (parts.n_prompts, parts.n_pairs, parts.n_correct) == (3, 9, 9)
+    separate = []
+    offset = 0
+    for e in enc:
+        b = reward.collate_groups([e], pad_id=0)
+        separate.append(reward.ranking_loss(flat[offset:offset + len(e.ids)], b["ranks"], b["valid"]).total)
+        offset += len(e.ids)
+    assert separate[0].item() == pytest.approx(0.2014132779827524, abs=1e-6)
+    assert separate[1].item() == pytest.approx(0.4031860488854579, abs=1e-6)
+    torch.testing.assert_close(parts.total, sum(separate))
+    # and the gradient flows back to the flat (sum K,) rewards, nothing to the padding
+    parts.total.backward()
+    assert flat.grad is not None and flat.grad[1] == flat.grad[2] and flat.grad[0] < 0
+
+
+def test_plackett_luce_with_k2_is_bradley_terry():
+    flat = torch.tensor([0.3, -1.2, 2.0, 0.5, 0.1, 0.1])
+    enc = [reward.Encoded([[1], [2]], [0, 1]), reward.Encoded([[3], [4]], [1, 0]), reward.Encoded([[5], [6]], [0, 1])]
+    b = reward.collate_groups(enc, pad_id=0)
+    pl = reward.ranking_loss(flat, b["ranks"], b["valid"], "plackett_luce")
+    kw = reward.ranking_loss(flat, b["ranks"], b["valid"], "kway")
+    bt = bradley_terry_loss(torch.tensor([0.3, 0.5, 0.1]), torch.tensor([-1.2, 2.0, 0.1])) * 3
+    torch.testing.assert_close(pl.total, bt)
+    torch.testing.assert_close(kw.total, bt)
+    assert pl.n_correct == kw.n_correct == 1  # a reward tie (0.1, 0.1) is not correct
+
+
+def test_score_reads_the_last_real_token_whatever_the_padding():
+    from preflab.rollout import left_pad
+
+    tok = models.load_tokenizer("tiny:")
+    model = models.load_scorer("tiny:")
+    seqs = [reward.encode_pair(tok, p, r, 96) for p, r in [("Hi", "Hello there."), ("A longer prompt here", "No"),
+                                                          ("x", "a much longer response, with commas")]]
+    right = reward.collate_groups([reward.Encoded(seqs, [0, 1, 2])], tok.pad_token_id)
+    left_ids, left_mask = left_pad(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        r_right = reward.sequence_rewards(model, right["input_ids"], right["attention_mask"])
+        r_left = reward.sequence_rewards(model, left_ids, left_mask)
+        alone = torch.cat([reward.sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                           for s in seqs])
+    torch.testing.assert_close(r_right, r_left, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_right, alone, atol=1e-5, rtol=1e-5)
+    # The sequence is the rollout's: chat-rendered prompt, response, EOS last.
+    assert seqs[0][-1] == tok.eos_token_id
+    assert tok.decode(seqs[0]).endswith("<|im_start|>assistant\nHello there.<|im_end|>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning, saving, normalisation, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    data = write_rankings(tmp / "rank.jsonl", 80)
+    demos = tmp / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "response": f"zebra {WORDS[i]} stone"}) + "\n"
+                             for i in range(6)))
+    cfg = rm_cfg(tmp, data, "data.val_fraction=0.2", "train.batch_prompts=8", "train.max_steps=16",
+                 f"data.demos={demos}", "eval.worst_k=3")
+    return cfg, reward.train(cfg), demos
+
+
+def test_learns_a_marker_preference_to_95_percent(trained):
+    cfg, out, _ = trained
+    report = json.loads((out.parent / "eval" / "rm_eval.json").read_text())
+    assert report["accuracy"] >= 0.95, report["accuracy"]
+    assert report["n_pairs"] == 16 * 4  # 16 held-out prompts x 4 untied pairs (2 winners x 2 losers)
+    assert set(report["by_category"]) == {"a", "b"} and report["reliability"] and report["ece"]["table"]
+    assert "temperature" in report
+    rows = [json.loads(line) for line in open(out.parent / "metrics.jsonl")]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert losses[0] > 0.5 and losses[-1] < 0.2
+    final = rows[-1]
+    assert final["rm/accuracy"] == report["accuracy"] and "rm/ece" in final and "rm/accuracy/category/a" in final
+
+
+def test_saved_rm_loads_in_plain_transformers_with_the_same_scores(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    from preflab.rollout import Samples, left_pad, reward_scores
+
+    _, out, demos = trained
+    tok = models.load_tokenizer(str(out))
+    ours = models.load_scorer(str(out))
+    hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    assert hf.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    prompts, responses = ["Describe item 3.", "Describe item 99."], ["zebra apple river", "green table"]
+    raw = reward.score_texts(ours, tok, prompts, responses, max_length=96)
+    seqs = [reward.encode_pair(tok, p, r, 96) for p, r in zip(prompts, responses)]
+    batch = reward.collate_groups([reward.Encoded(seqs, [0, 1])], tok.pad_token_id)
+    with torch.no_grad():
+        hf_scores = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(hf_scores, torch.tensor(raw), atol=1e-5, rtol=1e-5)
+    # rollout.reward_scores (query left-padded, response right-padded) applies the stored bias.
+    gain, bias = hf.config.preflab_reward_gain, hf.config.preflab_reward_bias
+    assert gain == 1.0 and bias != 0.0
+    q = [tok(reward.render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    r = [s[len(qq):] for s, qq in zip(seqs, q)]
+    query, query_mask = left_pad(q, tok.pad_token_id)
+    resp = reward.collate_groups([reward.Encoded(r, [0, 1])], tok.pad_token_id)
+    samples = Samples(query, query_mask, resp["input_ids"], resp["attention_mask"], torch.ones(2, dtype=torch.bool),
+                      responses)
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(ours, samples), torch.tensor(raw) * gain + bias, atol=1e-5, rtol=1e-5)
+    # The demonstrations' mean normalised score is 0.
+    rows = [json.loads(line) for line in open(demos)]
+    normed = reward.score_texts(ours, tok, [d["prompt"] for d in rows], [d["response"] for d in rows],
+                                max_length=96, normalise=True)
+    assert abs(sum(normed) / len(normed)) < 1e-4
+
+
+def test_rm_eval_cli_prints_tables_and_writes_json(trained, tmp_path):
+    from click.testing import CliRunner
+
+    _, out, _ = trained
+    data = write_rankings(tmp_path / "held.jsonl", 6, seed=7)
+    res = CliRunner().invoke(reward.eval_cli, ["--model", str(out), "--data", str(data), "--max-length", "96",
+                                               "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and "reliability" in res.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["n_pairs"] == 24 and report["accuracy"] >= 0.9
+
+
+def test_normalisation_gain_and_bias():
+    policy = [1.0, 3.0, 5.0, 7.0]  # mean 4, biased std sqrt(5)
+    gain, bias = reward.normalisation([], policy, demos_mean_zero=False, policy_gain_bias=True)
+    assert gain == pytest.approx(1 / math.sqrt(5)) and bias == pytest.approx(-4 / math.sqrt(5))
+    gain, bias = reward.normalisation([2.0, 4.0], policy, demos_mean_zero=True, policy_gain_bias=True)
+    assert gain * 3.0 + bias == pytest.approx(0.0)  # demos' mean 3 maps to 0, gain from the policy
+    assert reward.normalisation([2.0, 4.0], [], demos_mean_zero=True, policy_gain_bias=False) == (1.0, -3.0)
+
+
+def test_labeler_agreement_and_store_source(tmp_path):
+    """Two labelers rank the same 3 responses: 3 pairs; they disagree on one -> 2/3."""
+    from preflab.feedback.store import PreferenceStore
+
+    path = tmp_path / "s.sqlite"
+    with PreferenceStore(path) as store:
+        for i in range(10):
+            split = "eval" if i < 2 else "rm"
+            (pid,) = store.add_prompts([{"text": f"Describe item {i}.", "category": "c", "slice": "s1"}], split=split)
+            cids = store.add_candidates(pid, ["zebra apple", "green stone", "river light"])
+            store.add_ranking(pid, cids, [[0], [1], [2]], "ann")
+            if split == "eval":
+                store.add_ranking(pid, cids, [[0], [2], [1]], "bob")
+    held = reward.read_groups(f"store:{path}", split="eval")
+    assert len(held) == 4 and {g.labeler for g in held} == {"ann", "bob"} and held[0].category == "c"
+    agreement = reward.labeler_agreement(held)
+    assert agreement["agreement"] == pytest.approx(2 / 3) and agreement["n_prompts"] == 2
+    cfg = rm_cfg(tmp_path, f"store:{path}", f"data.val=store:{path}", "train.batch_prompts=4", "train.max_steps=1")
+    reward.train(cfg)
+    report = json.loads((tmp_path / "run/eval/rm_eval.json").read_text())
+    assert report["labelers"]["agreement"] == pytest.approx(2 / 3) and report["n_groups"] == 4
+    assert report["by_slice"]["s1"]["n_pairs"] == 12
+    with pytest.raises(DataError, match="not found"):
+        reward.read_groups(f"store:{tmp_path / 'none.sqlite'}")
+
+
+def test_lora_trains_the_head_and_saves_merged(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_rankings(tmp_path / "r.jsonl", 8)
+    out = reward.train(rm_cfg(tmp_path, data, "model.lora.enabled=true", "model.lora.r=4",
+                              "train.batch_prompts=4", "train.max_steps=2"))
+    w = model_weights(out)
+    assert "score.weight" in w and not any("lora" in k for k in w)
+    init = models.load_scorer("tiny:")
+    assert not torch.allclose(w["model.layers.0.self_attn.q_proj.weight"],
+                              init.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # merged adapters
+    hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
+    assert torch.equal(hf.score.weight, w["score.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    wa = model_weights(reward.train(rm_cfg(tmp_path / "a", data, *EXACT, "train.batch_prompts=8",
+                                           "train.max_steps=2")))
+    wb = model_weights(reward.train(rm_cfg(tmp_path / "b", data, *EXACT, "train.batch_prompts=1",
+                                           "train.grad_accum=8", "train.max_steps=2")))
+    init = models.load_scorer("tiny:").state_dict()
+    assert max(float((wa[k] - init[k]).abs().max()) for k in wa if k != "score.weight") > 1e-4  # it trained
+    assert max_param_diff(wa, wb) < 2e-6
+
+
+def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "cut").mkdir()
+    args = ["train.batch_prompts=4", "train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"]
+    w_full = model_weights(reward.train(rm_cfg(tmp_path / "full", data, *args)))
+    cut = rm_cfg(tmp_path / "cut", data, *args, "run.save_every=2")
+    calls = {"n": 0}
+    real = reward.clip_grad
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(reward, "clip_grad", boom)
+    with pytest.raises(KeyboardInterrupt):
+        reward.train(cut)
+    monkeypatch.undo()
+    w_cut = model_weights(reward.train(cut, resume=True))
+    assert max_param_diff(w_full, w_cut) < 1e-6
+
+    def losses(d):
+        return [(r["step"], r["train/loss"]) for r in map(json.loads, open(d / "run/metrics.jsonl")) if "train/loss" in r]
+
+    full_rows, cut_rows = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [s for s, _ in full_rows] == [s for s, _ in cut_rows] == [1, 2, 3, 4]
+    assert [v for _, v in full_rows] == pytest.approx([v for _, v in cut_rows], abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_json):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    reward.train(RMConfig.model_validate_json(cfg_json))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_rank(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    w_one = model_weights(reward.train(rm_cfg(tmp_path / "one", data, *EXACT, "train.batch_prompts=8",
+                                              "train.max_steps=2")))
+    two = rm_cfg(tmp_path / "two", data, *EXACT, "train.batch_prompts=4", "train.max_steps=2")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two.model_dump_json()), nprocs=2)
+    assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    f = tmp_path / "r.jsonl"
+    good = '{"prompt": "p", "responses": ["a", "b"], "order": [[1], [0]]}\n'
+    f.write_text(good + '{"prompt": "p", "responses": ["a", "b"], "order": [[0], [0]]}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:2: .*ranked twice"):
+        reward.read_groups(str(f))
+    f.write_text(good + good + '{"prompt": "p", "responses": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:3: missing key 'order'"):
+        reward.read_groups(str(f))
+    f.write_text('{"prompt": "p", "chosen": "a"}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:1: missing key 'rejected'"):
+        reward.read_groups(str(f), "pairs")
+    f.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:1: .*data\.format is kway"):
+        reward.read_groups(str(f), "kway")
+    assert reward.read_groups(str(f))[0].ranks == [0, 1]
+    f.write_text(good + "{not json\n")
+    with pytest.raises(DataError, match=r"r\.jsonl:2: invalid JSON"):
+        reward.train(rm_cfg(tmp_path, f))
