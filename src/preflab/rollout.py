@@ -116,7 +116,8 @@ class HFGenerator:
         kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
         if sampling:
-            kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+            # top_k=0 switches the warper off; None would fall back to generation_config.top_k (50).
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         was_training = model.training
         model.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):

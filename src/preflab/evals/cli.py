@@ -1,0 +1,112 @@
+"""`preflab eval`: evaluate models against the reference and print the summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from preflab.errors import PreflabError
+
+
+def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise PreflabError(f"--models {v!r}: expected NAME=PATH (e.g. sft=runs/x/sft/model)")
+        if name in out:
+            raise PreflabError(f"--models: {name!r} given twice")
+        out[name.strip()] = spec.strip()
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row of strings per model, in the column order of ``SUMMARY_COLUMNS``."""
+    rows = []
+    for name, m in results["models"].items():
+        w = m["win_rate"]
+        rmw = m.get("rm_win_rate")
+        rows.append([
+            name,
+            f"{_pct(w['rate'])} [{_pct(w['lo'])}, {_pct(w['hi'])}]",
+            _pct(rmw["rate"]) if rmw else "-",
+            _num(m["kl"]),
+            _num(m["length_words"]["mean"], ".1f"),
+            _pct(m["refusal"]["harmful"]),
+            _pct(m["refusal"]["over_refusal"]),
+            _pct(m["toxicity_proxy"]),
+            _pct(m["mc1"]["mc1"]),
+        ])
+    return rows
+
+
+SUMMARY_COLUMNS = ("model", "gold win [95% CI]", "RM win", "KL", "words", "refuse harmful", "over-refuse",
+                   "toxic (proxy)", "MC1")
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: no need to squeeze the table into 80 columns
+        console = Console(width=140)
+    t = Table(title=f"{results['n_prompts']} prompts, win-rates against {results['reference']!r} (gold judge and RM; "
+                    "KL in nats per response)")
+    for c in SUMMARY_COLUMNS:
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+    for row in summary_rows(results):
+        t.add_row(*row)
+    console.print(t)
+
+
+@click.command("eval")
+@click.option("--models", "model_args", multiple=True, required=True,
+              help="NAME=PATH (model directory, hub id, bundled: or tiny:); repeat for each model.")
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Prompt file (the suite's prompts.jsonl or your own).")
+@click.option("--split", default="eval", show_default=True,
+              help="Keep prompts of this split (files without splits are used whole); 'all' keeps every row.")
+@click.option("--reference", default="sft", show_default=True, help="Name of the model the others are compared with.")
+@click.option("--rm", "reward_model", default=None, help="Reward model directory: RM scores and RM win-rate.")
+@click.option("--out", "out_dir", default="runs/eval", show_default=True, type=click.Path(file_okay=False),
+              help="Writes results.json, samples.jsonl and generations/ here (cached generations are reused).")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N prompts.")
+@click.option("--max-new-tokens", default=96, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0), help="0: greedy.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--bf16/--no-bf16", default=False, show_default=True, help="bfloat16 autocast for every forward pass.")
+@click.option("--threads", default=None, type=click.IntRange(1))
+def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, limit, max_new_tokens, temperature,
+             batch_size, seed, bf16, threads):
+    """Evaluate models on held-out prompts against the reference model: gold-judged win-rate with a 95%
+    interval, RM win-rate, KL to the reference, length, refusals, toxicity proxy, MC1 truthfulness proxy,
+    failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table."""
+    from preflab import models as loader
+    from preflab.data.suite.schema import load_prompts
+    from preflab.evals.evaluate import evaluate
+
+    named = _parse_models(model_args)
+    prompts = load_prompts(prompts_path)
+    if split != "all" and any(p.split is not None for p in prompts):
+        prompts = [p for p in prompts if p.split == split]
+    prompts = prompts[:limit]
+    if not prompts:
+        raise PreflabError(f"{prompts_path}: no prompts of split {split!r}")
+    loader.set_threads(threads)
+    results = evaluate(named, prompts, reference=reference, reward_model=reward_model, out_dir=out_dir,
+                       max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+                       progress=True, bf16=bf16)
+    print_summary(results)
+    click.echo(f"wrote {Path(out_dir) / 'results.json'} and {Path(out_dir) / 'samples.jsonl'}")

@@ -1,0 +1,517 @@
+"""`preflab report RUN_DIR`: one self-contained HTML page about a run (RUN_DIR/report.html).
+
+Plots are PNGs drawn with matplotlib's Agg canvas (no pyplot, no global backend change) and
+embedded as base64; CSS is inline; there is no JavaScript and nothing is fetched, so the page
+reads offline and can be mailed as one file.
+
+What it reads, every file optional (a missing or malformed one gives a "not available"
+section, never a crash):
+
+- ``eval/results.json`` and ``eval/samples.jsonl`` from ``preflab eval`` (``evals.evaluate``);
+- ``ppo/metrics.jsonl``, ``ppo_ptx/metrics.jsonl``: PPO curves (``objective/score``,
+  ``objective/kl``, ``objective/kl_coef``, ``response/length_mean``, ``response/no_eos_fraction``);
+- ``rm/eval/rm_eval.json``: the RM's held-out accuracy, ECE and reliability table
+  (``rl.calibration.reliability_by_margin``);
+- ``agreement.json``: labeler agreement (``feedback.labelers.agreement_summary``);
+- ``pipeline.json``: stage timings, ``{"steps": [{"step", "seconds"}]}`` or a list of
+  ``{"stage", "seconds"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from preflab.data.jsonl import atomic_write_text
+
+__all__ = ["SECTIONS", "cli", "render_report", "write_report"]
+
+PPO_KEYS = (("objective/score", "RM score"), ("objective/kl", "KL to reference (nats)"),
+            ("objective/kl_coef", "KL coefficient"), ("response/length_mean", "response length (tokens)"),
+            ("response/no_eos_fraction", "no-EOS fraction"))
+PPO_RUNS = ("ppo", "ppo_ptx")
+TOP_K = 10
+_MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; padding-bottom: .15em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; vertical-align: top; }
+th { background: #f2f2f2; }
+td.text, th.text { text-align: left; white-space: pre-wrap; max-width: 520px; }
+img { max-width: 100%; height: auto; }
+.na { color: #8a6d3b; background: #fcf8e3; border: 1px solid #faebcc; padding: .5em .8em; }
+.note { color: #555; font-size: 0.9em; }
+details { margin: .4em 0; }
+summary { cursor: pointer; font-weight: 600; }
+nav ul { columns: 2; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files, tolerantly
+# ---------------------------------------------------------------------------------------------
+
+
+def _json(path: Path) -> Any:
+    """The parsed JSON file, or None if it is missing or invalid."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (invalid lines skipped); [] if missing."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML and plotting helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _na(what: str) -> str:
+    return f'<p class="na">not available: {_e(what)}</p>'
+
+
+def _fmt(x: Any, pct: bool = False, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int | float):
+        return f"{100 * x:.1f}%" if pct else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]], text_cols: tuple[int, ...] = (0,)) -> str:
+    """An HTML table; cells are escaped; columns in ``text_cols`` are left-aligned."""
+    def cell(tag: str, i: int, v: Any) -> str:
+        cls = ' class="text"' if i in text_cols else ""
+        return f"<{tag}{cls}>{_e(v)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1, nrows: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _png(fig: Any, alt: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections: each takes the loaded run and returns an HTML fragment
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """The files of a run directory, loaded once."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self.results = _json(run_dir / "eval" / "results.json")
+        if not isinstance(self.results, dict) or not isinstance(self.results.get("models"), dict):
+            self.results = None
+        self.samples = _jsonl(run_dir / "eval" / "samples.jsonl")
+        self.ppo = {name: _jsonl(run_dir / name / "metrics.jsonl") for name in PPO_RUNS}
+        self.rm_eval = _json(run_dir / "rm" / "eval" / "rm_eval.json")
+        self.agreement = _json(run_dir / "agreement.json")
+        self.pipeline = _json(run_dir / "pipeline.json")
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return self.results["models"] if self.results else {}
+
+
+def section_models(run: Run) -> str:
+    if not run.results:
+        return _na("eval/results.json is missing (run `preflab eval`)")
+    ref = run.results.get("reference", "?")
+    header = ["model", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "gold score", "RM score", "KL (nats)",
+              "length (words)", "no-EOS", "refusal harmful", "over-refusal", "toxicity proxy", "MC1", "attempts",
+              "follows constraints", "appropriate", "distinct-2"]
+    rows = []
+    for name, m in run.models.items():
+        w, rmw = m.get("win_rate") or {}, m.get("rm_win_rate") or {}
+        refusal, meta = m.get("refusal") or {}, m.get("metadata") or {}
+        win = f"{_fmt(w.get('rate'), True)} [{_fmt(w.get('lo'), True)}, {_fmt(w.get('hi'), True)}]" if w else "-"
+        rows.append([name, win, _fmt(rmw.get("rate"), True), _fmt((m.get("gold") or {}).get("total")),
+                     _fmt(m.get("rm_score")), _fmt(m.get("kl")), _fmt((m.get("length_words") or {}).get("mean")),
+                     _fmt(m.get("no_eos_fraction"), True), _fmt(refusal.get("harmful"), True),
+                     _fmt(refusal.get("over_refusal"), True), _fmt(m.get("toxicity_proxy"), True),
+                     _fmt((m.get("mc1") or {}).get("mc1"), True), _fmt(meta.get("attempts"), True),
+                     _fmt(meta.get("follows_constraints"), True), _fmt(meta.get("appropriate"), True),
+                     _fmt(m.get("distinct_2"))])
+    s = run.results.get("settings") or {}
+    note = (f'<p class="note">{_e(run.results.get("n_prompts", "?"))} held-out prompts; temperature '
+            f'{_e(s.get("temperature", "?"))}, at most {_e(s.get("max_new_tokens", "?"))} new tokens. Win-rates are '
+            f'paired against {_e(ref)} (ties count half; Wilson 95% interval): gold by the gold judge, RM by the '
+            'reward model. The toxicity column is a PROXY (fraction of responses with a word of the '
+            'better_profanity list); MC1 is a truthfulness proxy on the misconception slice; KL is to '
+            f'{_e(ref)} on each model\'s own samples.</p>')
+    return note + _table(header, rows)
+
+
+def section_win_rate(run: Run) -> str:
+    if not run.results:
+        return _na("eval/results.json is missing")
+    names = list(run.models)
+    fig, ax = _figure(7.5, 0.6 + 0.55 * len(names) * 1.6)
+    ax = ax[0][0]
+    for k, (key, label, color) in enumerate((("win_rate", "gold judge", "#2b6cb0"),
+                                              ("rm_win_rate", "reward model", "#dd6b20"))):
+        ys, xs, lo, hi = [], [], [], []
+        for i, n in enumerate(names):
+            w = run.models[n].get(key)
+            if not w or _num(w.get("rate")) is None:
+                continue
+            ys.append(i + (0.2 if k == 0 else -0.2))
+            xs.append(w["rate"])
+            lo.append(max(0.0, w["rate"] - (_num(w.get("lo")) or w["rate"])))
+            hi.append(max(0.0, (_num(w.get("hi")) or w["rate"]) - w["rate"]))
+        if xs:
+            ax.barh(ys, xs, height=0.38, xerr=[lo, hi], color=color, alpha=0.85, label=label, capsize=3)
+    ax.axvline(0.5, color="#444", lw=1, ls="--")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"win-rate against {run.results.get('reference', 'reference')} (95% interval)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.invert_yaxis()
+    return ('<p class="note">Gold and RM win-rates side by side: where the RM says a model wins and the gold '
+            'judge does not, the policy is exploiting the reward model.</p>' + _png(fig, "win-rate bars"))
+
+
+def section_ppo_curves(run: Run) -> str:
+    runs = {n: rows for n, rows in run.ppo.items() if rows}
+    if not runs:
+        return _na("ppo/metrics.jsonl and ppo_ptx/metrics.jsonl are missing")
+    fig, axes = _figure(11, 5.6, ncols=3, nrows=2)
+    flat = [a for row in axes for a in row]
+    for ax, (key, label) in zip(flat, PPO_KEYS):
+        drawn = False
+        for name, rows in runs.items():
+            pts = [(r.get("step"), _num(r.get(key))) for r in rows]
+            pts = [(s, v) for s, v in pts if isinstance(s, int | float) and v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
+                drawn = True
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"{key}: not logged", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    flat[-1].axis("off")
+    missing = [n for n in PPO_RUNS if n not in runs]
+    note = f'<p class="note">{_e(", ".join(missing))}: not available.</p>' if missing else ""
+    return note + _png(fig, "PPO curves")
+
+
+def section_gold_vs_kl(run: Run) -> str:
+    if not run.results:
+        return _na("eval/results.json is missing")
+    pts = [(n, _num(m.get("kl")), _num((m.get("gold") or {}).get("total"))) for n, m in run.models.items()]
+    pts = [p for p in pts if p[1] is not None and p[2] is not None]
+    if not pts:
+        return _na("no model has both a KL and a gold score")
+    fig, ax = _figure(6, 3.8)
+    ax = ax[0][0]
+    for n, kl, g in pts:
+        ax.scatter([kl], [g], s=40)
+        ax.annotate(n, (kl, g), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set_xlabel(f"KL to {run.results.get('reference', 'reference')} (nats per response)")
+    ax.set_ylabel("mean gold score")
+    return ('<p class="note">Gao et al. (2022): gold score rises then falls with KL when the policy '
+            'over-optimises the reward model; compare models at their KL.</p>' + _png(fig, "gold score against KL"))
+
+
+def section_lengths(run: Run) -> str:
+    if not run.results:
+        return _na("eval/results.json is missing")
+    fig, ax = _figure(7, 3.6)
+    ax = ax[0][0]
+    by_model: dict[str, list[float]] = {}
+    for r in run.samples:
+        if isinstance(r.get("words"), int | float):
+            by_model.setdefault(str(r.get("model")), []).append(float(r["words"]))
+    drawn = False
+    for name, m in run.models.items():
+        if by_model.get(name):
+            ax.hist(by_model[name], bins=20, histtype="step", lw=1.6, label=name)
+            drawn = True
+        else:  # fall back on the histogram stored in results.json
+            h = (m.get("length_words") or {}).get("hist") or {}
+            edges, counts = h.get("edges") or [], h.get("counts") or []
+            if len(edges) == len(counts) + 1 and counts:
+                ax.stairs(counts, edges, lw=1.6, label=name)
+                drawn = True
+    if not drawn:
+        return _na("no length data in results.json or samples.jsonl")
+    ax.set_xlabel("response length (words)")
+    ax.set_ylabel("responses")
+    ax.legend(fontsize=8)
+    header = ["model", "words mean", "words q10", "words q50", "words q90", "tokens mean", "tokens q90"]
+    rows = [[n, *[_fmt((m.get("length_words") or {}).get(q)) for q in ("mean", "q10", "q50", "q90")],
+             *[_fmt((m.get("length_tokens") or {}).get(q)) for q in ("mean", "q90")]] for n, m in run.models.items()]
+    return _png(fig, "length distributions") + _table(header, rows)
+
+
+def section_refusals(run: Run) -> str:
+    if not run.results:
+        return _na("eval/results.json is missing")
+    names = list(run.models)
+    panels = (("by_slice", "refusal rate per slice"), ("by_category", "refusal rate per category"))
+    fig, axes = _figure(11, 4.2, ncols=2)
+    any_drawn = False
+    for ax, (key, title) in zip(axes[0], panels):
+        cats = sorted({c for m in run.models.values() for c in ((m.get("refusal") or {}).get(key) or {})})
+        width = 0.8 / max(len(names), 1)
+        for i, n in enumerate(names):
+            table = (run.models[n].get("refusal") or {}).get(key) or {}
+            vals = [_num((table.get(c) or {}).get("rate")) or 0.0 for c in cats]
+            if cats:
+                ax.bar([j + i * width for j in range(len(cats))], vals, width=width, label=n)
+                any_drawn = True
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+        if cats:
+            ax.legend(fontsize=7)
+    if not any_drawn:
+        return _na("results.json has no refusal rates")
+    return ('<p class="note">Refusal = a phrase of <code>feedback.rubric.REFUSAL_PHRASES</code> near the start of '
+            'the response. Harmful prompts should be refused; alarming-but-harmless ones should not '
+            '(over-refusal).</p>' + _png(fig, "refusal rates"))
+
+
+def section_rm_reliability(run: Run) -> str:
+    r = run.rm_eval
+    if not isinstance(r, dict):
+        return _na("rm/eval/rm_eval.json is missing (the RM stage writes it when it has held-out rankings)")
+    out = []
+    summary = [["accuracy", _fmt(r.get("accuracy"), True)], ["pairs", _fmt(r.get("n_pairs"))],
+               ["ECE", _fmt((r.get("ece") or {}).get("ece"))], ["MCE", _fmt((r.get("ece") or {}).get("mce"))]]
+    t = r.get("temperature") or {}
+    if t:
+        summary += [["temperature T", _fmt(t.get("T"))], ["test ECE before / after T",
+                                                          f"{_fmt(t.get('ece_before'))} / {_fmt(t.get('ece_after'))}"]]
+    out.append(_table(["metric", "value"], summary))
+    bins = [b for b in (r.get("reliability") or []) if isinstance(b, dict)]
+    pts = [(_num(b.get("mid")), _num(b.get("accuracy")), b.get("count", 0)) for b in bins]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    if not pts:
+        out.append(_na("the reliability table is empty or missing"))
+        return "".join(out)
+    fig, ax = _figure(6, 3.8)
+    ax = ax[0][0]
+    top = max(p[0] for p in pts) + 0.5
+    xs = [top * i / 100 for i in range(101)]
+    ax.plot(xs, [1 / (1 + math.exp(-x)) for x in xs], color="#444", ls="--", label="perfect: sigmoid(margin)")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#2b6cb0", label="RM")
+    for x, y, c in pts:
+        ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+    ax.set_xlabel("|reward margin| (bin midpoint)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.4, 1.02)
+    ax.legend(fontsize=8)
+    out.append('<p class="note">Reliability by reward margin (RLHF_REFERENCE.md §7): accuracy of held-out pairs '
+               'per 0.5-wide bin of |r_chosen - r_rejected| against sigmoid(midpoint); numbers are pair '
+               'counts.</p>')
+    out.append(_png(fig, "RM reliability diagram"))
+    return "".join(out)
+
+
+def section_agreement(run: Run) -> str:
+    a = run.agreement
+    if not isinstance(a, dict):
+        return _na("agreement.json is missing")
+    scalars = [[k, _fmt(v, pct=isinstance(v, float) and 0 <= v <= 1 and k not in ("kendalls_w",))]
+               for k, v in a.items() if isinstance(v, int | float | str | bool) or v is None]
+    out = ['<p class="note">InstructGPT: 72.6 &plusmn; 1.5% pairwise agreement among training labelers, 77.3 '
+           '&plusmn; 1.3% among held-out ones (RLHF_REFERENCE.md §1).</p>',
+           _table(["metric", "value"], scalars)]
+    tables = {k: v for k, v in a.items()
+              if isinstance(v, dict) and v and all(isinstance(x, int | float) or x is None for x in v.values())}
+    plotted = {k: {kk: _num(vv) for kk, vv in v.items() if _num(vv) is not None} for k, v in list(tables.items())[:3]}
+    plotted = {k: v for k, v in plotted.items() if v}
+    if plotted:
+        fig, axes = _figure(4.2 * len(plotted), 0.8 + 0.3 * max(len(v) for v in plotted.values()), ncols=len(plotted))
+        for ax, (k, v) in zip(axes[0], plotted.items()):
+            ax.barh(list(v), list(v.values()), color="#2b6cb0")
+            ax.axvline(0.726, color="#444", ls="--", lw=1)
+            ax.set_xlim(0, 1)
+            ax.set_title(f"{k} (dashed: InstructGPT 72.6%)", fontsize=9)
+            ax.tick_params(labelsize=8)
+        out.append(_png(fig, "labeler agreement"))
+    for k, v in tables.items():
+        out.append(f"<h3>{_e(k)}</h3>" + _table(["key", "value"], [[kk, _fmt(vv, True)] for kk, vv in v.items()]))
+    return "".join(out)
+
+
+def section_failure_bins(run: Run) -> str:
+    bins = (run.results or {}).get("failure_bins")
+    if not isinstance(bins, dict) or not bins:
+        return _na("results.json has no failure bins")
+    names = list(bins)
+    kinds = list(dict.fromkeys(k for n in names for k in (bins[n] or {})))
+    rows = []
+    for kind in kinds:
+        row = [kind]
+        for n in names:
+            b = (bins[n] or {}).get(kind) or {}
+            extra = f" (mean ratio {_fmt(b['mean_ratio'])})" if _num(b.get("mean_ratio")) is not None else ""
+            row.append(f"{_fmt(b.get('metric'), True)} of {_fmt(b.get('n'))}{extra}")
+        rows.append(row)
+    out = [_table(["failure bin", *names], rows)]
+    for kind in kinds:
+        desc = next(((bins[n] or {}).get(kind, {}).get("description") for n in names
+                     if (bins[n] or {}).get(kind, {}).get("description")), "")
+        parts = []
+        for n in names:
+            exs = ((bins[n] or {}).get(kind) or {}).get("examples") or []
+            for ex in exs:
+                members = ex.get("members") if isinstance(ex, dict) else None
+                for m in members or [ex]:
+                    if not isinstance(m, dict):
+                        continue
+                    detail = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items()
+                                       if k not in ("id", "prompt", "response"))
+                    parts.append([n, m.get("id", ""), m.get("prompt", ""), m.get("response", ""), detail])
+        body = (_table(["model", "id", "prompt", "response", "details"], parts, text_cols=(0, 1, 2, 3, 4))
+                if parts else '<p class="note">no examples</p>')
+        out.append(f"<details><summary>{_e(kind)}: {_e(desc)}</summary>{body}</details>")
+    return "".join(out)
+
+
+def section_top_reward(run: Run) -> str:
+    rows = [r for r in run.samples if _num(r.get("rm_score")) is not None]
+    if not rows:
+        return _na("eval/samples.jsonl is missing or has no RM scores")
+    models = sorted({str(r.get("model")) for r in rows})
+    ref = (run.results or {}).get("reference", "sft")
+    ppo = [m for m in models if "ppo" in m.lower()] or [m for m in models if m != ref] or models
+    picked = sorted((r for r in rows if str(r.get("model")) in ppo), key=lambda r: -float(r["rm_score"]))[:TOP_K]
+    table = []
+    for r in picked:
+        g = r.get("gold") or {}
+        gold = ", ".join(f"{k[0].upper()}={_fmt(g.get(k))}" for k in ("attempts", "constraints", "refusal",
+                                                                       "truthful", "degenerate") if k in g)
+        table.append([r.get("model"), r.get("id"), r.get("prompt", ""), r.get("response", ""),
+                      _fmt(r.get("rm_score")), _fmt(g.get("total")), gold])
+    return (f'<p class="note">The {len(picked)} highest RM-scored responses of {_e(", ".join(ppo))}, with their gold '
+            'scores (A attempts, C constraints, R refusal, T truthful, D degenerate penalty): read them for reward '
+            'hacking.</p>' + _table(["model", "id", "prompt", "response", "RM score", "gold total", "gold criteria"],
+                                    table, text_cols=(0, 1, 2, 3, 6)))
+
+
+def section_timings(run: Run) -> str:
+    p = run.pipeline
+    steps = p.get("steps") if isinstance(p, dict) else p
+    if not isinstance(steps, list) or not steps:
+        return _na("pipeline.json is missing")
+    rows = [[s.get("stage", s.get("step", "?")), _fmt(_num(s.get("seconds")), digits=4)]
+            for s in steps if isinstance(s, dict)]
+    total = sum(_num(s.get("seconds")) or 0.0 for s in steps if isinstance(s, dict))
+    rows.append(["total", _fmt(total, digits=5)])
+    return _table(["stage", "seconds"], rows)
+
+
+SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
+    ("models", "Models", section_models),
+    ("win-rate", "Win-rate against the reference", section_win_rate),
+    ("ppo-curves", "PPO curves", section_ppo_curves),
+    ("gold-vs-kl", "Gold score against KL", section_gold_vs_kl),
+    ("lengths", "Length distributions", section_lengths),
+    ("refusals", "Refusal rates", section_refusals),
+    ("rm-reliability", "Reward model reliability", section_rm_reliability),
+    ("agreement", "Labeler agreement", section_agreement),
+    ("failure-bins", "Failure bins", section_failure_bins),
+    ("top-reward", "Top-reward samples for manual review", section_top_reward),
+    ("timings", "Stage timings", section_timings),
+)
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The report page of ``run_dir`` as an HTML string."""
+    run_dir = Path(run_dir)
+    run = Run(run_dir)
+    parts = []
+    for anchor, title, build in SECTIONS:
+        try:
+            body = build(run)
+        except _MALFORMED as e:  # a file of an unexpected shape: say so, keep the rest of the page
+            body = _na(f"malformed input ({type(e).__name__}: {e})")
+        parts.append(f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>')
+    nav = "".join(f'<li><a href="#{a}">{_e(t)}</a></li>' for a, t, _ in SECTIONS)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>preflab report: {_e(run_dir.name)}</title><style>{CSS}</style></head><body>"
+            f"<h1>preflab report: {_e(run_dir.name)}</h1><nav><ul>{nav}</ul></nav>{''.join(parts)}"
+            "</body></html>\n")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` (atomically) and return its path."""
+    out = Path(run_dir) / "report.html"
+    atomic_write_text(out, render_report(run_dir))
+    return out
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def cli(run_dir: str) -> None:
+    """Write RUN_DIR/report.html: one self-contained page (tables, embedded plots, no network) with the
+    models table, win-rates, PPO curves, gold against KL, lengths, refusals, RM reliability, labeler
+    agreement, failure bins, the top-reward samples and stage timings."""
+    path = write_report(run_dir)
+    click.echo(f"wrote {path}")

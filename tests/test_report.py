@@ -1,0 +1,133 @@
+"""The HTML report from a synthetic run directory: every section, self-contained, and tolerant of
+missing or malformed files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from preflab.evals.report import SECTIONS, render_report, write_report
+
+
+def _model(rate: float, kl: float, gold: float, words: float) -> dict:
+    win = {"rate": rate, "wins": 5, "ties": 2, "losses": 3, "n": 10, "lo": rate - 0.2, "hi": rate + 0.2}
+    return {
+        "spec": "x", "n": 10, "gold": {"total": gold}, "win_rate": win, "rm_win_rate": {**win, "rate": 0.7},
+        "rm_score": 0.3, "kl": kl, "length_words": {"mean": words, "q10": 5, "q50": words, "q90": 2 * words,
+                                                      "hist": {"edges": [0, 10, 20], "counts": [4, 6]}},
+        "length_tokens": {"mean": 1.3 * words, "q90": 3 * words}, "no_eos_fraction": 0.1, "distinct_2": 0.8,
+        "toxicity_proxy": 0.0, "mc1": {"mc1": 0.5, "n": 2},
+        "refusal": {"by_slice": {"harmful": {"rate": 0.8, "n": 5}, "alarming_harmless": {"rate": 0.2, "n": 5}},
+                    "by_category": {"open_qa": {"rate": 0.3, "n": 10}}, "harmful": 0.8, "over_refusal": 0.2,
+                    "ordinary": 0.0},
+        "metadata": {"attempts": 0.9, "follows_constraints": 0.5, "appropriate": 0.8},
+    }
+
+
+def make_run(root: Path, complete: bool = True) -> Path:
+    """A run directory with small fake files of every kind the report reads."""
+    run = root / "run"
+    (run / "eval").mkdir(parents=True)
+    bins = {"instruction_miss": {"metric": 0.4, "count": 2, "n": 5, "description": "misses a constraint",
+                                 "examples": [{"id": "p1", "prompt": "Write <b>3</b> words.",
+                                               "response": "one two three four", "gold_total": 0.2}]},
+            "length_inflation": {"metric": 0.1, "count": 1, "n": 10, "mean_ratio": 1.2, "description": "longer",
+                                 "examples": []},
+            "policy_inconsistency": {"metric": 0.5, "count": 1, "n": 2, "description": "paraphrases differ",
+                                     "examples": [{"group": "g", "differs_in": "refusal", "members": [
+                                         {"id": "a", "prompt": "p", "response": "I can't.", "refused": True}]}]}}
+    results = {"reference": "sft", "n_prompts": 10, "settings": {"temperature": 0.7, "max_new_tokens": 32},
+               "models": {"sft": _model(0.5, 0.0, 0.4, 12), "ppo": _model(0.65, 2.1, 0.5, 20),
+                          "ppo_ptx": _model(0.6, 1.5, 0.48, 15)},
+               "failure_bins": {"sft": bins, "ppo": bins, "ppo_ptx": bins}, "examples": []}
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    samples = [{"model": m, "id": f"p{i}", "prompt": f"prompt {i} <script>alert(1)</script>",
+                "response": f"answer {i} " * (i + 1), "words": 2 * (i + 1), "rm_score": i * (2 if m == "ppo" else 1),
+                "gold": {"total": 0.1 * (i % 10), "attempts": 1.0, "constraints": 1.0, "refusal": 1.0,
+                         "truthful": 1.0, "degenerate": 0.0}}
+               for m in ("sft", "ppo", "ppo_ptx") for i in range(12)]
+    (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if not complete:
+        return run
+    for name in ("ppo", "ppo_ptx"):
+        (run / name).mkdir()
+        rows = [{"step": s, "objective/score": 0.1 * s, "objective/kl": 0.2 * s, "objective/kl_coef": 0.05 - 0.001 * s,
+                 "response/length_mean": 20 + s, "response/no_eos_fraction": 0.1} for s in range(1, 6)]
+        (run / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn")
+    (run / "rm" / "eval").mkdir(parents=True)
+    rel = [{"lo": 0.5 * b, "hi": 0.5 * (b + 1), "mid": 0.5 * b + 0.25, "count": 10 - b, "accuracy": 0.55 + 0.1 * b,
+            "expected": 0.6} for b in range(4)] + [{"lo": 2, "hi": 2.5, "mid": 2.25, "count": 0, "accuracy": None}]
+    (run / "rm" / "eval" / "rm_eval.json").write_text(json.dumps(
+        {"accuracy": 0.7, "n_pairs": 120, "ece": {"ece": 0.04, "mce": 0.1}, "reliability": rel,
+         "temperature": {"T": 1.3, "ece_before": 0.05, "ece_after": 0.02}}))
+    (run / "agreement.json").write_text('{"groups": 8, "pairwise": 0.74, "kendalls_w": 0.8, "fleiss_kappa": NaN, '
+                                        '"pairwise_by_labeler_pair": {"a|b": 0.7, "a|c": 0.78}}')
+    (run / "pipeline.json").write_text(json.dumps({"steps": [{"step": "sft", "seconds": 12.5},
+                                                             {"step": "rm", "seconds": 4.0}]}))
+    return run
+
+
+def _section(page: str, anchor: str) -> str:
+    m = re.search(rf'<section id="{anchor}">(.*?)</section>', page, re.S)
+    assert m, anchor
+    return m.group(1)
+
+
+def test_full_report_has_every_section_and_is_self_contained(tmp_path):
+    run = make_run(tmp_path)
+    path = write_report(run)
+    assert path == run / "report.html"
+    page = path.read_text()
+    for anchor, title, _ in SECTIONS:
+        body = _section(page, anchor)
+        assert f"<h2>{title}</h2>" in page
+        assert "not available" not in body, (anchor, body[:300])
+    assert page.count('src="data:image/png;base64,') == 7  # win-rate, PPO, gold-KL, lengths, refusals, RM reliability, agreement
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # offline, escaped
+    assert "&lt;script&gt;" in page
+    top = _section(page, "top-reward")
+    assert top.count("<tr>") == 1 + 10  # header + the 10 highest RM scores
+    assert "ppo" in top and ">22<" in top  # 2 * 11, the best ppo sample
+    assert "sft</td>" not in top  # only PPO models
+    timings = _section(page, "timings")
+    assert "sft" in timings and "16.5" in timings
+
+
+def test_missing_files_give_not_available_sections(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    page = write_report(empty).read_text()
+    for anchor, _, _ in SECTIONS:
+        assert "not available" in _section(page, anchor), anchor
+    partial = make_run(tmp_path, complete=False)
+    page = render_report(partial)
+    for anchor in ("ppo-curves", "rm-reliability", "agreement", "timings"):
+        assert "not available" in _section(page, anchor), anchor
+    for anchor in ("models", "win-rate", "gold-vs-kl", "lengths", "refusals", "failure-bins", "top-reward"):
+        assert "not available" not in _section(page, anchor), anchor
+
+
+def test_malformed_files_do_not_crash(tmp_path):
+    run = tmp_path / "bad"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text(json.dumps(
+        {"reference": "sft", "models": {"ppo": {"win_rate": "oops", "refusal": []}}, "failure_bins": {"ppo": 3}}))
+    (run / "eval" / "samples.jsonl").write_text("not json\n[1, 2]\n")
+    (run / "rm" / "eval").mkdir(parents=True)
+    (run / "rm" / "eval" / "rm_eval.json").write_text('{"reliability": "nope"}')
+    (run / "pipeline.json").write_text("[1, 2")
+    page = write_report(run).read_text()
+    assert page.count("<section") == len(SECTIONS)
+    assert "not available" in page
+
+
+def test_report_command(tmp_path):
+    from preflab.cli import app
+
+    run = make_run(tmp_path)
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    assert (run / "report.html").is_file() and "report.html" in r.output
