@@ -29,6 +29,7 @@ STEPS = ("suite", "demos", "sft", "label", "agreement", "rm", "ppo", "ppo_ptx", 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "base_model": "tiny:",
+        "threads": 1,  # tiny matrices: one thread beats two (no OpenMP hand-offs)
         "suite": {"n": 400},
         "demos": {"mode": "reference", "limit": 32},
         "labeling": {"k": 4, "limit": 24, "max_new_tokens": 8, "overlap": 0.25},

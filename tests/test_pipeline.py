@@ -1,0 +1,59 @@
+"""The main job's graph on tiny models: every step runs, the report exists, and a killed run
+resumes without redoing finished steps."""
+
+import json
+
+import pytest
+
+from preflab.cli import main
+from preflab.config import PipelineConfig, load_config
+from preflab.errors import ConfigError
+from preflab.pipeline import PRESETS, STEPS, Pipeline
+
+
+def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # Kill the run inside the PPO-ptx step; everything before it is recorded as done.
+    real = Pipeline.step_ppo_ptx
+
+    def boom(self):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Pipeline, "step_ppo_ptx", boom)
+    with pytest.raises(SystemExit) as e:  # the CLI turns Ctrl-C into exit status 130
+        main(["pipeline", "--preset", "tiny", "--out", str(out)])
+    assert e.value.code == 130
+    state = json.loads((out / "pipeline.json").read_text())
+    assert [s["step"] for s in state["steps"]] == list(STEPS[:STEPS.index("ppo_ptx")])
+    sft_model = (out / "sft/model/model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(Pipeline, "step_ppo_ptx", real)
+    main(["pipeline", "--preset", "tiny", "--out", str(out)])
+    state = json.loads((out / "pipeline.json").read_text())
+    assert [s["step"] for s in state["steps"]] == list(STEPS)
+    assert (out / "sft/model/model.safetensors").stat().st_mtime_ns == sft_model  # not redone
+
+    results = json.loads((out / "eval/results.json").read_text())
+    assert set(results["models"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    for name in ("base", "ppo", "ppo_ptx"):
+        wr = results["models"][name]["win_rate"]
+        assert 0.0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1.0
+    html = (out / "report.html").read_text()
+    assert "ppo_ptx" in html and "<img" in html
+    ptx_rows = [json.loads(x) for x in (out / "ppo_ptx/metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/ptx"] > 0 for r in ptx_rows)
+    assert json.loads((out / "agreement.json").read_text())["groups"] >= 1
+
+
+def test_bad_stage_override_fails_before_anything_starts(tmp_path):
+    cfg = load_config(PipelineConfig, None, ["sft.optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"pipeline\.sft: optim\.lrr: unknown key"):
+        Pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_validate():
+    from preflab.config import validate
+
+    for name, data in PRESETS.items():
+        Pipeline(validate(PipelineConfig, data, name), "/nonexistent/never-created")
