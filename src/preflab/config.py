@@ -184,6 +184,9 @@ class PPOModels(Section):
                                     "policy_head: a value head on the policy trunk (less memory).")
     reference: str | None = Field(None, description="Reference model (None: the initial policy; with LoRA, "
                                                     "the policy with adapters disabled).")
+    frozen_dtype: Literal["fp32", "bf16"] = Field(
+        "bf16", description="Weights of the frozen reference and reward model. bf16 halves their memory and is "
+                            "what bf16 autocast feeds the matmuls anyway; the trained models stay fp32.")
 
 
 class PPOData(Section):

@@ -314,10 +314,12 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     ac.train()
     reference = None
     if lora is None or cfg.models.reference is not None:
-        reference = models.load_policy(cfg.models.reference or pol.path, device=pol.device, dropout_off=True)
+        reference = models.load_policy(cfg.models.reference or pol.path, dtype=cfg.models.frozen_dtype,
+                                       device=pol.device, dropout_off=True)
         reference.eval().requires_grad_(False)
     if reward_fn is None:
-        rm = models.load_scorer(cfg.models.reward_model, device=pol.device).eval().requires_grad_(False)
+        rm = models.load_scorer(cfg.models.reward_model, dtype=cfg.models.frozen_dtype,
+                                device=pol.device).eval().requires_grad_(False)
 
         def reward_fn(s: Samples) -> torch.Tensor:
             return reward_scores(rm, s)
