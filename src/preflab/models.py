@@ -242,10 +242,39 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads (None: keep torch's default) and tune the allocator for training."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    keep_large_blocks()
+
+
+_MALLOC_TUNED = False
+
+
+def keep_large_blocks() -> None:
+    """Stop glibc from unmapping large freed blocks after every step (Linux only).
+
+    Gradients, logits and optimizer temporaries are tens of MB each: above glibc's mmap
+    threshold they are returned to the OS when freed and page-faulted back on the next step.
+    Raising the mmap and trim thresholds keeps them mapped: measured -12% per SFT step on
+    SmolLM2-135M (2.00 -> 1.75 s, benchmarks/sft_step.py), about +0.16 GiB peak RSS.
+    """
+    global _MALLOC_TUNED
+    import sys
+
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: 1 GiB
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never trim
+    except (OSError, AttributeError):
+        return  # not glibc (e.g. musl): nothing to tune
+    _MALLOC_TUNED = True
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -32,7 +32,7 @@ from preflab.data.chat import IGNORE, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
 from preflab.lm import TokenNLL, unwrap
-from preflab.optim import clip_grad, lr_factor
+from preflab.optim import adamw, clip_grad, schedule
 from preflab.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -328,13 +328,9 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     total_updates = cfg.train.steps * steps_per_update
     policy_params = [q for q in policy.parameters() if q.requires_grad]
     value_params = [q for q in (critic.parameters() if critic is not None else ac.value_head.parameters())]
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        [{"params": policy_params, "lr": o.lr}, {"params": value_params, "lr": p.critic_lr or o.lr}],
-        betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_updates, schedule=o.schedule, warmup_steps=o.warmup_steps, warmup_start=o.warmup_start,
-        min_ratio=o.min_lr_ratio))
+    optimizer = adamw([{"params": policy_params, "lr": cfg.optim.lr},
+                       {"params": value_params, "lr": p.critic_lr or cfg.optim.lr}], cfg.optim)
+    scheduler = schedule(optimizer, cfg.optim, total_updates)
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     gen = HFGenerator(policy, tokenizer, bf16=r.bf16)
