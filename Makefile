@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/preflab pipeline --out runs/demo
+	$(VENV)/bin/preflab pipeline --config configs/pipeline.yaml --out runs/demo
 
 test: install
-	$(PY) -m pytest -q -n 2 -m "not slow and not browser" tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" tests

@@ -2,7 +2,7 @@
 
 Identical settings for both: policy SmolLM2-135M-Instruct; reward model and critic = a copy of it
 with a 1-output classification head (the same saved directory); 16 prompts per rollout (~49
-tokens), exactly 64 new tokens (no early stop), temperature 0.7, KL coef 0.05, lr 3e-6,
+tokens), up to 64 new tokens (both stop at EOS: TRL's generate inherits the model's EOS), temperature 0.7, KL coef 0.05, lr 3e-6,
 minibatch 8, 1 PPO epoch, then 4; 2 threads. TRL is 1.12.0 (`pip install trl==1.12.0`, the last
 release with PPOTrainer, in `trl.experimental.ppo`); TRL ignores bf16 on CPU, preflab uses bf16
 autocast with fp32 master weights (its default) -- the precision each tool runs at on this CPU.
@@ -63,7 +63,7 @@ def run_preflab(epochs: int, steps: int) -> dict:
     cfg = load_config(PPOConfig, None, [
         f"models.policy.path={MODEL}", f"models.policy.threads={THREADS}", f"models.reward_model={rm_dir}",
         f"data.prompts={prompts}", "data.split=null", f"rollout.batch_size={N_PROMPTS}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}", "rollout.temperature=0.7",
+        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=0.7",
         "rollout.missing_eos_penalty=null", f"ppo.minibatch_size={MINIBATCH}", f"ppo.epochs={epochs}",
         "kl.coef=0.05", "optim.lr=3e-6", f"train.steps={steps}", f"run.out={out}", "run.progress=false"])
     ppo.train(cfg)

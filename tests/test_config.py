@@ -16,6 +16,13 @@ def config_class(path: Path):
             "ppo": getattr(config, "PPOConfig", None), "pipeline": getattr(config, "PipelineConfig", None)}[stage]
 
 
+def test_pipeline_yaml_equals_the_built_in_defaults():
+    from preflab.config import PipelineConfig
+
+    cfg = load_config(PipelineConfig, Path(__file__).parents[1] / "configs/pipeline.yaml")
+    assert cfg.model_dump(exclude={"threads"}) == PipelineConfig().model_dump(exclude={"threads"})
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_yaml_validates(path):
     cls = config_class(path)

@@ -292,7 +292,7 @@ class DemosSection(Section):
 
 class LabelingSection(Section):
     k: int = Field(4, ge=2, le=9, description="Samples per RM prompt (InstructGPT: 4 to 9).")
-    limit: int = Field(240, ge=8, description="RM-split prompts to rank.")
+    limit: int = Field(360, ge=8, description="RM-split prompts to rank (360 x C(4,2) = 2,160 comparisons).")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.8, gt=0)
     overlap: float = Field(0.15, ge=0, le=1, description="Fraction ranked by three labelers (agreement slice).")
@@ -320,11 +320,24 @@ class PipelineConfig(Section):
     suite: SuiteSection = Field(default_factory=SuiteSection)
     demos: DemosSection = Field(default_factory=DemosSection)
     labeling: LabelingSection = Field(default_factory=LabelingSection)
-    sft: dict[str, Any] = Field(default_factory=dict, description="Overrides of the SFT config.")
-    rm: dict[str, Any] = Field(default_factory=dict, description="Overrides of the RM config.")
-    ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides of the PPO config.")
-    ppo_ptx: dict[str, Any] = Field(default_factory=dict, description="Overrides of the PPO config for PPO-ptx "
-                                                                      "(applied after `ppo`).")
+    # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
+    sft: dict[str, Any] = Field(
+        default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 2, "batch_size": 8},
+                                 "data": {"max_length": 320}},
+        description="Overrides of the SFT config.")
+    rm: dict[str, Any] = Field(
+        default_factory=lambda: {"train": {"batch_prompts": 8}, "data": {"max_length": 320}},
+        description="Overrides of the RM config.")
+    ppo: dict[str, Any] = Field(
+        default_factory=lambda: {"train": {"steps": 20}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
+                                 "ppo": {"epochs": 2, "minibatch_size": 8}, "kl": {"coef": 0.02},
+                                 "optim": {"lr": 1e-5, "warmup_steps": 4}},
+        description="Overrides of the PPO config (InstructGPT: beta 0.02).")
+    ppo_ptx: dict[str, Any] = Field(
+        default_factory=lambda: {"ptx": {"coef": 1.0, "batch_size": 4}},
+        description="Overrides of the PPO config for PPO-ptx (applied after `ppo`). gamma is 1 here, not "
+                    "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
+                    "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")
     eval: EvalSection = Field(default_factory=EvalSection)
 
 

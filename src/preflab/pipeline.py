@@ -232,7 +232,9 @@ def cli(config_path, preset, out, restart, overrides):
     """The main job: demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> evaluation -> report."""
     from preflab.config import apply_overrides, load_yaml
 
-    data = deep_merge(PRESETS[preset], {}) if preset else {}
+    # Defaults, then the preset, the YAML file and the overrides, merged key by key (a YAML that
+    # sets sft.optim.lr keeps the default sft.train section).
+    data = deep_merge(PipelineConfig().model_dump(mode="json"), PRESETS[preset] if preset else {})
     if config_path:
         data = deep_merge(data, load_yaml(config_path))
     apply_overrides(data, list(overrides))

@@ -202,6 +202,36 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def save_training(self, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int = 1,
+                      **extra: Any) -> None:
+        """Checkpoint a training loop: model, optimizer, scheduler, RNG states, step and ``extra``
+        objects with ``state_dict()`` (e.g. a KL controller). Every rank waits for rank 0."""
+        from preflab import distributed
+
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
+                 "extra": {k: v.state_dict() for k, v in extra.items()}}
+        self.save_checkpoint(step, state, keep=keep)
+        distributed.barrier()
+
+    def resume_training(self, model: Any, optimizer: Any, scheduler: Any, **extra: Any) -> int:
+        """Load the newest checkpoint into the given objects; returns its step (0: none).
+
+        Metric rows after that step are dropped: the resumed run logs them again.
+        """
+        state = self.load_checkpoint()
+        if state is None:
+            return 0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for k, v in extra.items():
+            v.load_state_dict(state["extra"][k])
+        set_rng_state(state["rng"])
+        self.truncate_metrics(state["step"])
+        self.log(f"resumed at step {state['step']}")
+        return state["step"]
+
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any] | None:
         import torch
 
@@ -209,6 +239,19 @@ class RunDir:
         if path is None:
             return None
         return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+class GeneratorState:
+    """``state_dict``/``load_state_dict`` for a ``torch.Generator``, so checkpoints can hold it."""
+
+    def __init__(self, generator: Any):
+        self.generator = generator
+
+    def state_dict(self) -> Any:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.generator.set_state(state)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from preflab.rollout import (
     response_mask_after_stop,
     reward_scores,
 )
-from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+from preflab.run import GeneratorState, Progress, RunDir, peak_rss_mb, seed_everything
 
 RewardFn = Callable[[Samples], torch.Tensor]
 
@@ -338,26 +338,11 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     ptx_rng = torch.Generator().manual_seed(cfg.run.seed + 11)
     train_module = torch.nn.parallel.DistributedDataParallel(ac) if dist.enabled else ac
 
-    start = 0
-    state = run.load_checkpoint() if resume else None
-    if state is not None:
-        ac.load_state_dict(state["actor_critic"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl"])
-        update_rng.set_state(state["update_rng"])
-        ptx_rng.set_state(state["ptx_rng"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        run.log(f"resumed at step {start}")
+    extra = {"kl": kl_ctl, "update_rng": GeneratorState(update_rng), "ptx_rng": GeneratorState(ptx_rng)}
+    start = run.resume_training(ac, optimizer, scheduler, **extra) if resume else 0
 
     def checkpoint(step: int) -> None:
-        run.save_checkpoint(step, {"actor_critic": ac.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "kl": kl_ctl.state_dict(),
-                                   "update_rng": update_rng.get_state(), "ptx_rng": ptx_rng.get_state(),
-                                   "rng": rng_state(), "step": step}, keep=cfg.run.keep_checkpoints)
-        distributed.barrier()
+        run.save_training(step, ac, optimizer, scheduler, keep=cfg.run.keep_checkpoints, **extra)
 
     def ptx_batches() -> dict[str, torch.Tensor]:
         idx = torch.randint(len(ptx_rows), (cfg.ptx.batch_size,), generator=ptx_rng).tolist()

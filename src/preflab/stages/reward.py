@@ -43,7 +43,7 @@ from preflab.rl.calibration import expected_calibration_error, fit_temperature, 
 from preflab.rl.ranking import batched_kway_ranking_loss, batched_plackett_luce_loss
 from preflab.rl.stats import wilson_interval
 from preflab.rollout import score_head
-from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
 
 # ---------------------------------------------------------------------------------------------
 # Data: grouped K-way rows, TRL pairs, or the preference store -> Group
@@ -555,22 +555,10 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
         scorer = torch.nn.parallel.DistributedDataParallel(scorer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
-    start = 0
-    state = run.load_checkpoint() if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        run.log(f"resumed at step {start}")
+    start = run.resume_training(model, optimizer, scheduler) if resume else 0
 
     def checkpoint(step: int) -> None:
-        run.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
-                            keep=cfg.run.keep_checkpoints)
-        distributed.barrier()
+        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
 
     def held_out(ex: list[Encoded], groups: list[Group]) -> dict[str, Any]:
         scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)

@@ -23,7 +23,7 @@ from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
 from preflab.lm import TokenNLL
 from preflab.optim import clip_grad, make_optimizer
-from preflab.run import Progress, RunDir, peak_rss_mb, rng_state, seed_everything, set_rng_state
+from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
 
 
 def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -97,22 +97,10 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
-    start = 0
-    state = run.load_checkpoint() if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        run.log(f"resumed at step {start}")
+    start = run.resume_training(model, optimizer, scheduler) if resume else 0
 
     def checkpoint(step: int) -> None:
-        run.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
-                            keep=cfg.run.keep_checkpoints)
-        distributed.barrier()
+        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
 
     # 3. the loop: one global batch per optimizer step ------------------------------------------
     micro = cfg.train.batch_size
