@@ -264,7 +264,7 @@ def keep_large_blocks() -> None:
     global _MALLOC_TUNED
     import sys
 
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+    if _MALLOC_TUNED or not sys.platform.startswith("linux") or os.environ.get("PREFLAB_MALLOC_TUNE") == "0":
         return
     try:
         import ctypes
