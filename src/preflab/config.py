@@ -330,7 +330,7 @@ class PipelineConfig(Section):
         description="Overrides of the RM config.")
     ppo: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"steps": 20}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
-                                 "ppo": {"epochs": 2, "minibatch_size": 8}, "kl": {"coef": 0.02},
+                                 "ppo": {"epochs": 2, "minibatch_size": 8, "grad_accum": 4}, "kl": {"coef": 0.02},
                                  "optim": {"lr": 1e-5, "warmup_steps": 4}},
         description="Overrides of the PPO config (InstructGPT: beta 0.02).")
     ppo_ptx: dict[str, Any] = Field(
