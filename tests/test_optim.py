@@ -30,7 +30,7 @@ def test_fused_adamw_matches_the_for_loop_version():
     fused = adamw(a, cfg)
     assert fused.defaults["fused"]
     loop = torch.optim.AdamW(b, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
-    for step in range(5):
+    for _ in range(5):
         g = [torch.randn_like(t) for t in init]
         for p, q, gi in zip(a, b, g):
             p.grad, q.grad = gi.clone(), gi.clone()

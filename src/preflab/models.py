@@ -114,18 +114,7 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _distinct_pad(tokenizer, model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish(model, tokenizer, target)
     click.echo(f"converted in {time.time() - t0:.1f}s", err=True)
 
 
@@ -211,11 +200,21 @@ def ensure_tiny(spec: str) -> Path:
         model = AutoModelForCausalLM.from_config(tiny_model_config(len(tok)))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    _publish(model, tok, target)
+    return target
+
+
+def _publish(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save into a temporary sibling directory, then rename it to ``target`` (a cache slot).
+
+    Two processes converting at once both finish; the loser's rename fails and is fine as long
+    as the winner's directory is complete.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -223,7 +222,6 @@ def ensure_tiny(spec: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ---------------------------------------------------------------------------------------------
