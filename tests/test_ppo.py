@@ -3,12 +3,11 @@ resume, NaN handling, LoRA reference, ptx."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 
-from helpers import max_param_diff, model_weights
+from helpers import free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import PPOConfig, load_config
 from preflab.errors import TrainingError
@@ -142,16 +141,9 @@ def test_gradient_accumulation_1x8_equals_8x1(good_tokens, tmp_path):
     assert max(float((ac1.policy.state_dict()[k] - v).abs().max()) for k, v in init.items()) > 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _update_worker(rank, world, port, path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_gloo_env(rank, world, port)
     from preflab import distributed
 
     d = distributed.init(torch.device("cpu"))
@@ -180,7 +172,7 @@ def test_two_gloo_ranks_equal_one_rank(good_tokens, tmp_path):
     _update(ac, batch, one)
     path = str(tmp_path / "blob.pt")
     torch.save({"ac": ac2, "batch": batch, "cfg": two}, path)
-    torch.multiprocessing.spawn(_update_worker, args=(2, _free_port(), path), nprocs=2)
+    torch.multiprocessing.spawn(_update_worker, args=(2, free_port(), path), nprocs=2)
     got = torch.load(path + ".out")
     diff = max(float((got[k] - v).abs().max()) for k, v in ac.state_dict().items())
     assert diff < 1e-5

@@ -3,14 +3,12 @@ saving for plain transformers, normalisation, invariances (accumulation, ranks, 
 
 import json
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
 
-from helpers import max_param_diff, model_weights
+from helpers import free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import RMConfig, load_config
 from preflab.errors import DataError
@@ -327,16 +325,9 @@ def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
     assert [v for _, v in full_rows] == pytest.approx([v for _, v in cut_rows], abs=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, cfg_json):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_gloo_env(rank, world, port)
     reward.train(RMConfig.model_validate_json(cfg_json))
     torch.distributed.destroy_process_group()
 
@@ -348,7 +339,7 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path):
     w_one = model_weights(reward.train(rm_cfg(tmp_path / "one", data, *EXACT, "train.batch_prompts=8",
                                               "train.max_steps=2")))
     two = rm_cfg(tmp_path / "two", data, *EXACT, "train.batch_prompts=4", "train.max_steps=2")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two.model_dump_json()), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
     assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
 
 

@@ -1,13 +1,11 @@
 """SFT on a tiny random model: learning, response-only loss, invariances, resume, atomicity, DDP."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 
-from helpers import max_param_diff, model_weights, write_demos
+from helpers import free_port, join_gloo_env, max_param_diff, model_weights, write_demos
 from preflab import models
 from preflab.config import SFTConfig, load_config
 from preflab.data.chat import IGNORE, collate, parse_demo, read_demos, tokenize_conversation
@@ -177,16 +175,9 @@ def test_cli_runs_sft_and_reports_bad_keys(tmp_path, capsys):
     assert (tmp_path / "o/model/config.json").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, cfg_json):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_gloo_env(rank, world, port)
     cfg = SFTConfig.model_validate_json(cfg_json)
     sft.train(cfg)
     torch.distributed.barrier()
@@ -199,7 +190,7 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path):
     one = tiny_cfg(tmp_path / "one", "train.batch_size=8", "train.max_steps=3")
     two = tiny_cfg(tmp_path / "two", "train.batch_size=4", "train.max_steps=3")
     w_one = model_weights(sft.train(one))
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two.model_dump_json()), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
     w_two = model_weights(tmp_path / "two/run/model")
 
     def losses(d):
