@@ -10,6 +10,7 @@ import torch
 from helpers import free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import PPOConfig, load_config
+from preflab.data.chat import Example
 from preflab.errors import TrainingError
 from preflab.rl import masked_whiten
 from preflab.stages import ppo
@@ -115,28 +116,35 @@ def _scored_batch(cfg, good):
     return ac, batch
 
 
-def _update(ac, batch, cfg, dist=None):
+def _update(ac, batch, cfg, dist=None, ptx_rows=None):
     from preflab import distributed
 
     opt = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     module = torch.nn.parallel.DistributedDataParallel(ac) if dist and dist.enabled else ac
+    ptx = ppo.PtxBatches(ptx_rows, cfg.ptx.batch_size, 0, torch.Generator().manual_seed(3)) if ptx_rows else None
     return ppo.ppo_update(module, batch, optimizer=opt, scheduler=sched, cfg=cfg, device=torch.device("cpu"),
-                          ptx_batches=None, generator=torch.Generator().manual_seed(0),
+                          ptx_batches=ptx, generator=torch.Generator().manual_seed(0),
                           dist=dist or distributed.Dist())
 
 
-def test_gradient_accumulation_1x8_equals_8x1(good_tokens, tmp_path):
-    base = ["rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=2"]
+@pytest.mark.parametrize("with_ptx", [False, True])
+def test_gradient_accumulation_1x8_equals_8x1(good_tokens, tmp_path, with_ptx):
+    base = ["rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=2", "ptx.coef=0.5", "ptx.batch_size=4"]
     one = cfg_for(tmp_path, *base, "ppo.grad_accum=1")
     eight = cfg_for(tmp_path, *base, "ppo.grad_accum=8")
     ac1, batch = _scored_batch(one, good_tokens)
     ac8, _ = _scored_batch(one, good_tokens)
-    s1 = _update(ac1, batch, one)
-    s8 = _update(ac8, batch, eight)
+    # Pretraining rows of different lengths: 4 per minibatch, split over 8 micro-batches (4 get none).
+    rows = [Example(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in (3, 7, 4, 9, 5, 6)]
+    s1 = _update(ac1, batch, one, ptx_rows=rows if with_ptx else None)
+    s8 = _update(ac8, batch, eight, ptx_rows=rows if with_ptx else None)
     diff = max(float((a - b).abs().max()) for a, b in zip(ac1.state_dict().values(), ac8.state_dict().values()))
     assert diff < 1e-5
     assert s1["loss/policy"] == pytest.approx(s8["loss/policy"], abs=1e-6)
+    if with_ptx:
+        assert s1["loss/ptx"] > 0
+        assert s1["loss/ptx"] == pytest.approx(s8["loss/ptx"], rel=1e-5)
     init = models.load_policy("tiny:").state_dict()
     assert max(float((ac1.policy.state_dict()[k] - v).abs().max()) for k, v in init.items()) > 1e-4
 

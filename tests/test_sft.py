@@ -198,3 +198,38 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path):
 
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
     assert max_param_diff(w_one, w_two) < 1e-5
+
+
+def _scripted_val_losses(monkeypatch, values):
+    it = iter(values)
+    monkeypatch.setattr(sft, "validation_loss", lambda *a, **k: next(it))
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_select_best_exports_the_weights_with_the_lowest_validation_loss(tmp_path, monkeypatch, killed):
+    """Val loss 3.0 at step 2, 1.0 at step 4, 2.0 at step 6 (and at the end): step 4's weights are
+    exported, also when the run is killed in step 5 and resumed from the step-4 checkpoint."""
+    common = ["train.batch_size=4", "data.val_fraction=0.25"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cfg = tiny_cfg(tmp_path / "a", *common, "train.max_steps=6", "train.eval_every=2", "train.select_best=true",
+                   "run.save_every=2")
+    if killed:
+        _scripted_val_losses(monkeypatch, [3.0, 1.0])
+        _kill_at_step(monkeypatch, 5)
+        with pytest.raises(KeyboardInterrupt):
+            sft.train(cfg)
+        monkeypatch.undo()
+        _scripted_val_losses(monkeypatch, [2.0, 2.0])
+        out = sft.train(cfg, resume=True)
+    else:
+        _scripted_val_losses(monkeypatch, [3.0, 1.0, 2.0, 2.0])
+        out = sft.train(cfg)
+    monkeypatch.undo()
+    step4 = sft.train(tiny_cfg(tmp_path / "b", *common, "train.max_steps=4"))
+    assert max_param_diff(model_weights(out), model_weights(step4)) < 1e-6
+    final = json.loads((tmp_path / "a/run/manifest.json").read_text())["final_metrics"]
+    assert final["best/step"] == 4 and final["best/val_loss"] == 1.0
+    # Without select_best the last step is exported: the two differ.
+    last = model_weights(sft.train(tiny_cfg(tmp_path / "a", *common, "train.max_steps=6", "run.out=" + str(tmp_path / "c"))))
+    assert max_param_diff(last, model_weights(step4)) > 1e-4

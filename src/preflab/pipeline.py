@@ -32,14 +32,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threads": 1,  # tiny matrices: one thread beats two (no OpenMP hand-offs)
         "suite": {"n": 400},
         "demos": {"mode": "reference", "limit": 32},
-        "labeling": {"k": 4, "limit": 24, "max_new_tokens": 8, "overlap": 0.25},
+        "labeling": {"k": 4, "limit": 24, "max_new_tokens": 8, "overlap": 0.25, "bf16": False},
         "sft": {"train": {"max_steps": 6, "batch_size": 8, "bf16": False}, "optim": {"lr": 1e-3},
                 "data": {"max_length": 192}},
         "rm": {"train": {"batch_prompts": 4, "bf16": False}, "optim": {"lr": 1e-3}, "data": {"max_length": 192}},
         "ppo": {"train": {"steps": 2, "bf16": False}, "rollout": {"batch_size": 8, "max_new_tokens": 8, "bf16": False},
                 "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-4, "warmup_steps": 0}},
         "ppo_ptx": {"ptx": {"coef": 1.0, "batch_size": 2}},
-        "eval": {"limit": 16, "max_new_tokens": 8},
+        "eval": {"limit": 16, "max_new_tokens": 8, "bf16": False},
     },
 }
 
@@ -75,7 +75,9 @@ class Pipeline:
         if name == "sft":
             base = {"model": {"path": c.base_model, **self._model()},
                     "data": {"train": str(self.demos_path), "val_fraction": 0.1},
-                    "train": {"epochs": 2, "batch_size": 8}, "run": {"out": str(self.out / "sft"), **run}}
+                    # No RM exists yet when SFT runs: the exported checkpoint is chosen by validation loss.
+                    "train": {"epochs": 2, "batch_size": 8, "eval_every": 15, "select_best": True},
+                    "run": {"out": str(self.out / "sft"), **run}}
             return validate(SFTConfig, deep_merge(base, c.sft), "pipeline.sft")
         if name == "rm":
             base = {"model": {"path": str(self.out / "sft/model"), **self._model()},
@@ -154,7 +156,8 @@ class Pipeline:
             p.unlink(missing_ok=True)
         collect_rankings(model_spec=str(self.out / "sft/model"), prompts=self._split("rm", lab.limit),
                          store_path=tmp, split="rm", k=lab.k, max_new_tokens=lab.max_new_tokens,
-                         temperature=lab.temperature, overlap=lab.overlap, seed=self.cfg.seed)
+                         temperature=lab.temperature, overlap=lab.overlap, batch_size=lab.batch_size, bf16=lab.bf16,
+                         seed=self.cfg.seed)
         tmp.rename(self.store)
 
     def step_agreement(self) -> None:
@@ -189,7 +192,8 @@ class Pipeline:
                  "ppo": str(self.out / "ppo/model"), "ppo_ptx": str(self.out / "ppo_ptx/model")}
         evaluate({m: paths[m] for m in e.models}, self._split("eval", e.limit), reference="sft",
                  reward_model=str(self.out / "rm/model"), out_dir=self.out / "eval",
-                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=self.cfg.seed)
+                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
+                 bf16=e.bf16, seed=self.cfg.seed)
 
     def step_report(self) -> None:
         from preflab.evals.report import write_report

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,8 +203,22 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
 # ---------------------------------------------------------------------------------------------
 
 
+class PtxBatches:
+    """Draws ``batch_size`` random pretraining rows per minibatch and collates them into one
+    micro-batch per PPO micro-batch (None where a part gets no row), so ``ppo.grad_accum``
+    changes the peak memory and not the update."""
+
+    def __init__(self, rows: list[dict[str, Any]], batch_size: int, pad_id: int, generator: torch.Generator):
+        self.rows, self.batch_size, self.pad_id, self.generator = rows, batch_size, pad_id, generator
+
+    def __call__(self, n_parts: int) -> list[dict[str, torch.Tensor] | None]:
+        idx = torch.randint(len(self.rows), (self.batch_size,), generator=self.generator)
+        return [collate([self.rows[i] for i in chunk.tolist()], self.pad_id) if len(chunk) else None
+                for chunk in torch.tensor_split(idx, n_parts)]
+
+
 def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
-               ptx_batches: Callable[[], dict[str, torch.Tensor]] | None, generator: torch.Generator,
+               ptx_batches: Callable[[int], list[dict[str, torch.Tensor] | None]] | None, generator: torch.Generator,
                dist: distributed.Dist) -> dict[str, float]:
     """PPO epochs over minibatches of one rollout; returns minibatch-averaged statistics.
 
@@ -228,7 +243,9 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
             mb = perm[start:start + p.minibatch_size]
             parts = [mb[i:i + micro] for i in range(0, len(mb), micro)]
             n_tok = distributed.all_reduce_sum(batch.mask[mb].sum().double())
-            ptx = [ptx_batches() for _ in parts] if ptx_batches else [None] * len(parts)
+            # One draw of ptx.batch_size pretraining rows per minibatch, split over its micro-batches
+            # (so grad_accum changes the memory, not the update).
+            ptx = ptx_batches(len(parts)) if ptx_batches else [None] * len(parts)
             n_ptx = distributed.all_reduce_sum(
                 torch.tensor(sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in ptx if x), dtype=torch.float64))
             stats = dict.fromkeys(keys, 0.0)
@@ -344,9 +361,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     def checkpoint(step: int) -> None:
         run.save_training(step, ac, optimizer, scheduler, keep=cfg.run.keep_checkpoints, **extra)
 
-    def ptx_batches() -> dict[str, torch.Tensor]:
-        idx = torch.randint(len(ptx_rows), (cfg.ptx.batch_size,), generator=ptx_rng).tolist()
-        return collate([ptx_rows[i] for i in idx], tokenizer.pad_token_id)
+    ptx_batches = PtxBatches(ptx_rows, cfg.ptx.batch_size, tokenizer.pad_token_id, ptx_rng)
 
     # 3-7. iterate: generate, score, advantages, update, control KL, log --------------------------
     samples_path = Path(cfg.run.out) / "samples.jsonl"

@@ -8,8 +8,12 @@ batch, the loss is normalised by the step's global token count, rank 0 alone wri
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +106,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     def checkpoint(step: int) -> None:
         run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
 
+    best = BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
+
     # 3. the loop: one global batch per optimizer step ------------------------------------------
     micro = cfg.train.batch_size
     with Progress(total_steps, "sft", enabled=cfg.run.progress and dist.is_main, start=start,
@@ -144,6 +150,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex:
                 metrics["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id,
                                                       device, bf16, dist)
+                best.offer(done, metrics["val/loss"], model)
             if done % cfg.run.log_every == 0 or done == total_steps:
                 metrics["perf/peak_rss_mb"] = peak_rss_mb()
                 run.log_metrics(done, metrics)
@@ -155,14 +162,59 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     final = {}
     if val_ex:
         final["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
+        best.offer(total_steps, final["val/loss"], model)
         run.log_metrics(total_steps, final)
     checkpoint(total_steps)
+    if best.enabled and best.step is not None:
+        if best.step != total_steps:
+            best.load_into(model)
+            run.log(f"sft: exporting step {best.step} (val loss {best.val_loss:.4f}), not the last step")
+        final.update({"best/step": best.step, "best/val_loss": best.val_loss})
     out = Path(cfg.run.out) / "model"
     if dist.is_main:
         models.save_model(model, tokenizer, out)
     distributed.barrier()
     run.finish(final_metrics=final)
     return out
+
+
+class BestWeights:
+    """The trainable weights with the lowest validation loss so far, in ``DIR/weights.pt`` and
+    ``DIR/meta.json`` (written together by a directory rename, so a kill leaves the previous
+    pair). A resumed run reads them back, and replays the same steps, so it finds the same best."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.step: int | None = None
+        self.val_loss = math.inf
+        meta = path / "meta.json"
+        if enabled and meta.is_file():
+            m = json.loads(meta.read_text())
+            self.step, self.val_loss = int(m["step"]), float(m["val_loss"])
+
+    def offer(self, step: int, val_loss: float, model: torch.nn.Module) -> None:
+        if not self.enabled or not val_loss < self.val_loss:
+            return
+        if step == self.step:
+            return
+        weights = {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=self.path.parent))
+        try:
+            torch.save(weights, tmp / "weights.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            os.rename(tmp, self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.step, self.val_loss = step, val_loss
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        weights = torch.load(self.path / "weights.pt", map_location="cpu")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
 
 
 cli = stage_command("sft", SFTConfig, "preflab.stages.sft:train",
