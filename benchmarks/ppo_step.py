@@ -13,6 +13,9 @@ tools alternate; 1 warm-up step, then the median of the timed steps. preflab's s
 
     .venv/bin/python benchmarks/ppo_step.py                  # both tools, 1 and 4 epochs
     .venv/bin/python benchmarks/ppo_step.py --tools preflab  # preflab only
+
+Rows named ``preflab-vhead`` use the value-head critic on the policy trunk (one trained model
+instead of two): an option of preflab's, shown beside the identical-settings comparison.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def prepare() -> tuple[Path, Path]:
     return rm_dir, prompts
 
 
-def run_preflab(epochs: int, steps: int) -> dict:
+def run_preflab(epochs: int, steps: int, critic: str = "reward_model") -> dict:
     from preflab.config import PPOConfig, load_config
     from preflab.stages import ppo
 
@@ -69,7 +72,8 @@ def run_preflab(epochs: int, steps: int) -> dict:
         f"data.prompts={prompts}", "data.split=null", f"rollout.batch_size={N_PROMPTS}",
         f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=0.7",
         "rollout.missing_eos_penalty=null", f"ppo.minibatch_size={MINIBATCH}", f"ppo.grad_accum={MICRO_ACCUM}", f"ppo.epochs={epochs}",
-        "kl.coef=0.05", "optim.lr=3e-6", f"train.steps={steps}", f"run.out={out}", "run.progress=false"])
+        "kl.coef=0.05", "optim.lr=3e-6", f"train.steps={steps}", f"run.out={out}", "run.progress=false",
+        f"models.critic={critic}"])
     ppo.train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # drop warm-up
     med = {k: statistics.median(r[k] for r in rows) for k in ("perf/step_s", "perf/gen_s", "perf/score_s", "perf/train_s")}
@@ -124,8 +128,14 @@ def run_trl(epochs: int, steps: int) -> dict:
     return {"s_per_step": statistics.median(per), "steps": per}
 
 
+# preflab-vhead: the critic is a value head on the policy trunk (`models.critic=policy_head`), an
+# option of preflab's, NOT the identical setting (TRL and preflab's default train a separate critic).
+TOOLS = {"preflab": lambda e, s: run_preflab(e, s), "preflab-vhead": lambda e, s: run_preflab(e, s, "policy_head"),
+         "trl": lambda e, s: run_trl(e, s)}
+
+
 def one(tool: str, epochs: int, steps: int) -> None:
-    result = (run_preflab if tool == "preflab" else run_trl)(epochs, steps)
+    result = TOOLS[tool](epochs, steps)
     result.update(tool=tool, epochs=epochs, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print("RESULT " + json.dumps(result))
 
@@ -133,7 +143,7 @@ def one(tool: str, epochs: int, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", nargs=2, metavar=("TOOL", "EPOCHS"))
-    ap.add_argument("--tools", default="preflab,trl")
+    ap.add_argument("--tools", default="preflab,trl,preflab-vhead", help=f"comma-separated, of {', '.join(TOOLS)}")
     ap.add_argument("--epochs", default="1,4")
     ap.add_argument("--steps", type=int, default=4, help="steps per run, the first one a warm-up")
     a = ap.parse_args()

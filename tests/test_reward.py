@@ -12,6 +12,7 @@ from helpers import free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import RMConfig, load_config
 from preflab.errors import DataError
+from preflab.evals import rm_eval
 from preflab.rl.ranking import bradley_terry_loss
 from preflab.stages import reward
 
@@ -218,7 +219,7 @@ def test_rm_eval_cli_prints_tables_and_writes_json(trained, tmp_path):
 
     _, out, _ = trained
     data = write_rankings(tmp_path / "held.jsonl", 6, seed=7)
-    res = CliRunner().invoke(reward.eval_cli, ["--model", str(out), "--data", str(data), "--max-length", "96",
+    res = CliRunner().invoke(rm_eval.cli, ["--model", str(out), "--data", str(data), "--max-length", "96",
                                                "--out", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "reliability" in res.output
@@ -250,7 +251,7 @@ def test_labeler_agreement_and_store_source(tmp_path):
                 store.add_ranking(pid, cids, [[0], [2], [1]], "bob")
     held = reward.read_groups(f"store:{path}", split="eval")
     assert len(held) == 4 and {g.labeler for g in held} == {"ann", "bob"} and held[0].category == "c"
-    agreement = reward.labeler_agreement(held)
+    agreement = rm_eval.labeler_agreement(held)
     assert agreement["agreement"] == pytest.approx(2 / 3) and agreement["n_prompts"] == 2
     cfg = rm_cfg(tmp_path, f"store:{path}", f"data.val=store:{path}", "train.batch_prompts=4", "train.max_steps=1")
     reward.train(cfg)

@@ -19,7 +19,7 @@ from preflab.errors import PreflabError
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("preflab.stages.sft:cli", "Supervised fine-tuning on demonstrations (loss on response tokens)."),
     "rm": ("preflab.stages.reward:cli", "Train a reward model on K-way rankings."),
-    "rm-eval": ("preflab.stages.reward:eval_cli", "Evaluate a reward model: accuracy, ECE, reliability."),
+    "rm-eval": ("preflab.evals.rm_eval:cli", "Evaluate a reward model: accuracy, ECE, reliability."),
     "ppo": ("preflab.stages.ppo:cli", "PPO-ptx against a reward model with a KL penalty to the SFT model."),
     "data": ("preflab.data.cli:data", "Task suite, labeling, agreement, import/export, stats."),
     "judge": ("preflab.feedback.cli:judge", "Score responses to suite prompts with the gold judge."),

@@ -1,0 +1,230 @@
+"""Reward-model evaluation: held-out pairwise accuracy (overall, per category and slice), ECE
+with the reliability table, temperature scaling, the most confidently wrong pairs, and the
+labelers' own agreement on the same prompts (the ceiling RM accuracy reads against).
+
+Used by ``stages/reward.py`` after training and by ``preflab rm-eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import click
+import numpy as np
+import torch
+
+from preflab.data.jsonl import atomic_write_text
+from preflab.errors import DataError
+from preflab.rl.calibration import expected_calibration_error, fit_temperature, reliability_by_margin
+from preflab.rl.ranking import batched_kway_ranking_loss
+from preflab.rl.stats import wilson_interval
+
+if TYPE_CHECKING:
+    from preflab.stages.reward import Group
+
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _accuracy(correct: np.ndarray) -> dict[str, Any]:
+    n = int(correct.size)
+    lo, hi = wilson_interval(float(correct.sum()), n) if n else (math.nan, math.nan)
+    return {"n_pairs": n, "accuracy": float(correct.mean()) if n else math.nan, "ci": [lo, hi]}
+
+
+def _pair_signs(ranks: list[int]) -> np.ndarray:
+    try:
+        from preflab.feedback.agreement import pair_labels
+    except ImportError:  # pragma: no cover - the data engine may be absent from a build
+        def pair_labels(r):
+            r = np.asarray(r, dtype=float)
+            i, j = np.triu_indices(r.shape[-1], 1)
+            return np.sign(r[..., j] - r[..., i])
+    return pair_labels(np.asarray(ranks, dtype=float))
+
+
+def labeler_agreement(groups: list[Group]) -> dict[str, Any] | None:
+    """Pairwise agreement between labelers who ranked the same prompt and responses (ties excluded),
+    the ceiling against which RM accuracy reads (InstructGPT: 72.6%, RLHF_REFERENCE.md §1, §7)."""
+    by_key: dict[str, list[tuple[int, Group]]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        if g.labeler is not None and len(set(g.responses)) == len(g.responses):
+            by_key[json.dumps([g.prompt, sorted(g.responses)])].append((i, g))
+    agree = comparable = 0
+    shared: list[int] = []
+    for items in by_key.values():
+        if len({g.labeler for _, g in items}) < 2:
+            continue
+        texts = sorted(items[0][1].responses)
+        labels = []
+        for _, g in items:
+            rank_of = dict(zip(g.responses, g.ranks))
+            labels.append((g.labeler, _pair_signs([rank_of[t] for t in texts])))
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                if labels[a][0] == labels[b][0]:
+                    continue
+                ok = (labels[a][1] != 0) & (labels[b][1] != 0)
+                agree += int((labels[a][1][ok] == labels[b][1][ok]).sum())
+                comparable += int(ok.sum())
+        shared += [i for i, _ in items]
+    if not comparable:
+        return None
+    return {"n_prompts": len({json.dumps(groups[i].prompt) for i in shared}), "n_pairs": comparable,
+            "agreement": agree / comparable, "groups": shared}
+
+
+def evaluate(groups: list[Group], scores: list[list[float]], *, n_bins: int = 10,
+             temperature_scaling: bool = True, worst_k: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Held-out metrics of raw scores (gain and bias do not change who wins; raw margins are the
+    trained log-odds). Returns a JSON-ready report; ``report_metrics`` flattens it to ``rm/...``."""
+    rows = [(gi, w, v, s[w] - s[v]) for gi, (g, s) in enumerate(zip(groups, scores)) for w, v in g.pairs()]
+    if not rows:
+        raise DataError("the held-out set has no untied pair to evaluate")
+    margin = np.array([m for *_, m in rows])
+    correct = margin > 0  # a tie in reward is not correct (TRL's reward accuracy)
+    report: dict[str, Any] = {"n_groups": len(groups), **_accuracy(correct)}
+    rewards = [torch.tensor(s) for s in scores]
+    per_prompt = [float(batched_kway_ranking_loss(r[None], torch.tensor(g.ranks)[None], torch.ones(1, len(r)))
+                        .per_prompt_loss[0]) for r, g in zip(rewards, groups) if g.pairs()]
+    report["loss"] = float(np.mean(per_prompt))
+    for attr in ("category", "slice"):
+        names = [getattr(groups[gi], attr) for gi, *_ in rows]
+        if any(n is not None for n in names):
+            arr = np.array([str(n) for n in names])
+            report[f"by_{attr}"] = {n: _accuracy(correct[arr == n]) for n in sorted(set(arr))}
+    # Calibration of p(chosen > rejected) = sigmoid(margin) (§7): ECE on max(p, 1-p), and the
+    # N+ reliability table of accuracy per 0.5-wide bin of |margin|.
+    cal = expected_calibration_error(_sigmoid(margin), np.ones_like(margin), n_bins)
+    report["ece"] = {"ece": cal.ece, "mce": cal.mce, "table": [b._asdict() for b in cal.table]}
+    report["reliability"] = [b._asdict() for b in reliability_by_margin(margin)]
+    # Temperature scaling (Gao et al. §2.2): fit T on half the prompts, report ECE on the other half.
+    fit_groups = list(range(len(groups)))
+    random.Random(seed).shuffle(fit_groups)
+    fit_set = set(fit_groups[:len(groups) // 2])
+    in_fit = np.array([gi in fit_set for gi, *_ in rows])
+    if temperature_scaling and in_fit.any() and (~in_fit).any():
+        t = fit_temperature(margin[in_fit], np.ones(int(in_fit.sum())))
+        test = margin[~in_fit]
+        report["temperature"] = {
+            "T": t, "n_fit": int(in_fit.sum()), "n_test": int(test.size),
+            "ece_before": expected_calibration_error(_sigmoid(test), np.ones_like(test), n_bins).ece,
+            "ece_after": expected_calibration_error(_sigmoid(test / t), np.ones_like(test), n_bins).ece}
+    worst = sorted(range(len(rows)), key=lambda i: margin[i])[:worst_k]
+    report["worst"] = [{"prompt": groups[rows[i][0]].prompt, "chosen": groups[rows[i][0]].responses[rows[i][1]],
+                        "rejected": groups[rows[i][0]].responses[rows[i][2]], "margin": float(margin[i]),
+                        "p_wrong": float(_sigmoid(-margin[i])), "category": groups[rows[i][0]].category}
+                       for i in worst if margin[i] <= 0]
+    agreement = labeler_agreement(groups)
+    if agreement is not None:
+        shared = set(agreement.pop("groups"))
+        on_shared = np.array([gi in shared for gi, *_ in rows])
+        agreement["rm_accuracy"] = float(correct[on_shared].mean())
+        report["labelers"] = agreement
+    return report
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The flat ``rm/...`` metrics of an ``evaluate`` report (for metrics.jsonl)."""
+    m = {"rm/accuracy": report["accuracy"], "rm/loss": report["loss"], "rm/pairs": report["n_pairs"],
+         "rm/ece": report["ece"]["ece"], "rm/mce": report["ece"]["mce"]}
+    for attr in ("category", "slice"):
+        for name, acc in report.get(f"by_{attr}", {}).items():
+            m[f"rm/accuracy/{attr}/{name}"] = acc["accuracy"]
+    if "temperature" in report:
+        t = report["temperature"]
+        m.update({"rm/temperature": t["T"], "rm/ece_test_before": t["ece_before"], "rm/ece_test_after": t["ece_after"]})
+    if "labelers" in report:
+        m.update({"rm/labeler_agreement": report["labelers"]["agreement"],
+                  "rm/accuracy_multi_labeled": report["labelers"]["rm_accuracy"]})
+    return m
+
+
+def print_report(report: dict[str, Any], console=None) -> None:
+    """Rich tables: summary, accuracy per category/slice, ECE bins, reliability by margin, worst pairs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    lo, hi = report["ci"]
+    summary = Table(title="reward model, held-out")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("pairs / prompts", f"{report['n_pairs']} / {report['n_groups']}")
+    summary.add_row("accuracy (95% CI)", f"{report['accuracy']:.3f} ({lo:.3f}-{hi:.3f})")
+    summary.add_row("loss (Eq. 1)", f"{report['loss']:.4f}")
+    summary.add_row("ECE / MCE", f"{report['ece']['ece']:.4f} / {report['ece']['mce']:.4f}")
+    if "temperature" in report:
+        t = report["temperature"]
+        summary.add_row("temperature (fit half)", f"{t['T']:.3f}")
+        summary.add_row("ECE other half before -> after", f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}")
+    if "labelers" in report:
+        la = report["labelers"]
+        summary.add_row("labeler agreement (ceiling)", f"{la['agreement']:.3f} on {la['n_pairs']} pairs")
+        summary.add_row("RM accuracy, same prompts", f"{la['rm_accuracy']:.3f}")
+    console.print(summary)
+    for attr in ("category", "slice"):
+        if f"by_{attr}" in report:
+            t = Table(title=f"accuracy by {attr}")
+            for col in (attr, "pairs", "accuracy", "95% CI"):
+                t.add_column(col, justify="left" if col == attr else "right")
+            for name, a in report[f"by_{attr}"].items():
+                t.add_row(name, str(a["n_pairs"]), f"{a['accuracy']:.3f}", f"{a['ci'][0]:.3f}-{a['ci'][1]:.3f}")
+            console.print(t)
+    t = Table(title="expected calibration error: confidence bins")
+    for col in ("confidence", "pairs", "mean conf", "accuracy"):
+        t.add_column(col, justify="right")
+    for b in report["ece"]["table"]:
+        t.add_row(f"{b['lo']:.2f}-{b['hi']:.2f}", str(b["count"]), f"{b['mean_confidence']:.3f}", f"{b['accuracy']:.3f}")
+    console.print(t)
+    t = Table(title="reliability by |reward difference| (perfect: sigmoid(mid))")
+    for col in ("|r_c - r_r|", "pairs", "accuracy", "sigmoid(mid)"):
+        t.add_column(col, justify="right")
+    for b in report["reliability"]:
+        t.add_row(f"{b['lo']:.1f}-{b['hi']:.1f}", str(b["count"]), f"{b['accuracy']:.3f}", f"{b['expected']:.3f}")
+    console.print(t)
+    if report["worst"]:
+        t = Table(title="most confidently wrong pairs")
+        for col in ("margin", "prompt", "chosen (by label)", "rejected"):
+            t.add_column(col, overflow="fold", justify="right" if col == "margin" else "left")
+        for w in report["worst"]:
+            t.add_row(f"{w['margin']:.2f}", *(str(w[k])[:80] for k in ("prompt", "chosen", "rejected")))
+        console.print(t)
+
+
+@click.command("rm-eval")
+@click.option("--model", "model_spec", required=True, help="Reward model directory (from `preflab rm`).")
+@click.option("--data", required=True, help="Held-out grouped K-way or pairs JSONL, or store:PATH.")
+@click.option("--split", default=None, help="Store split (store: sources only; default: all).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--max-length", default=384, show_default=True, type=click.IntRange(16))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--n-bins", default=10, show_default=True, type=click.IntRange(2))
+@click.option("--worst-k", default=20, show_default=True, type=click.IntRange(0))
+@click.option("--temperature-scaling/--no-temperature-scaling", default=True, show_default=True)
+@click.option("--bf16/--no-bf16", default=False, show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(1))
+def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
+             bf16, threads):
+    """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
+    the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
+    from preflab import models
+    from preflab.stages.reward import encode_groups, read_groups, score_groups
+
+    models.set_threads(threads)
+    groups = [g for g in read_groups(data, None, split) if g.pairs()]
+    tokenizer = models.load_tokenizer(model_spec)
+    model = models.load_scorer(model_spec)
+    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
+                          batch_size=batch_size, bf16=bf16)
+    report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)
+    print_report(report)
+    if out_path:
+        atomic_write_text(out_path, json.dumps(report, indent=2, default=str))
+        click.echo(f"wrote {out_path}")
