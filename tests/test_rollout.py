@@ -9,6 +9,7 @@ from preflab import models
 from preflab.rl import selective_log_softmax
 from preflab.rollout import (
     HFGenerator,
+    InverseCDFSampler,
     Samples,
     critic_values,
     encode_prompts,
@@ -54,6 +55,45 @@ def test_generation_layout_and_logprobs_match_the_sampler(tiny):
     assert torch.equal(pred[m], g.response[m])
     lp = selective_log_softmax(logits, g.response)
     assert torch.isfinite(lp[m]).all()
+
+
+def _draw(sampler, scores, n=40000):
+    torch.manual_seed(0)
+    out = sampler(None, scores.expand(n, -1).clone())
+    assert torch.equal(torch.isfinite(out).sum(1), torch.ones(n, dtype=torch.long))  # one token per row
+    return torch.bincount(out.argmax(1), minlength=scores.shape[1]).float() / n
+
+
+def test_inverse_cdf_sampler_draws_softmax_over_temperature():
+    # Five tokens, logits [2, 1, 0, -1, -inf], T = 0.5: p ∝ exp([4, 2, 0, -2]) / sum
+    #   = [0.8668, 0.1173, 0.0159, 0.0021, 0]; 40,000 draws: standard error <= 0.0017.
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    freq = _draw(InverseCDFSampler(0.5), scores)
+    torch.testing.assert_close(freq, torch.tensor([0.8668, 0.1173, 0.0159, 0.0021, 0.0]), atol=0.006, rtol=0)
+    assert freq[4] == 0  # a masked token (e.g. EOS under min_new_tokens) is never drawn
+
+
+def test_inverse_cdf_sampler_top_k_and_top_p():
+    # p = [0.5, 0.3, 0.15, 0.05] at T = 1. top_k=2: [0.625, 0.375, 0, 0].
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    torch.testing.assert_close(_draw(InverseCDFSampler(1.0, top_k=2), scores),
+                               torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01, rtol=0)
+    # top_p=0.7: mass above token 1 is 0.5 < 0.7 (kept), above token 2 is 0.8 (dropped): [0.625, 0.375, 0, 0].
+    # Order must not matter: the same probabilities shuffled.
+    perm = torch.tensor([2, 0, 3, 1])
+    freq = _draw(InverseCDFSampler(1.0, top_p=0.7), scores[:, perm])
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.01, rtol=0)
+
+
+def test_seeded_sampling_repeats(tiny):
+    model, tok = tiny
+    prompts = encode_prompts(tok, ["hi", "a longer prompt here"])
+    gen = HFGenerator(model, tok)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(gen.generate(prompts, max_new_tokens=8, temperature=1.0).response)
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_temperature_divides_training_logits(tiny):

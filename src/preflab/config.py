@@ -304,11 +304,12 @@ class LabelingSection(Section):
 
 
 class EvalSection(Section):
-    limit: int = Field(320, ge=4, description="Held-out eval-split prompts.")
+    limit: int = Field(300, ge=4, description="Held-out eval-split prompts.")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, gt=0)
     batch_size: int = Field(32, ge=1, description="Sequences per generate() and scoring call.")
-    bf16: bool = Field(True, description="bf16 autocast for sampling and scoring (about 2x faster on CPU).")
+    bf16: bool = Field(True, description="bf16 weights and autocast for sampling and scoring (about 2x faster "
+                                         "on CPU; log-softmax stays fp32).")
     models: list[Literal["base", "sft", "ppo", "ppo_ptx"]] = Field(
         ["base", "sft", "ppo", "ppo_ptx"], description="Models to evaluate (SFT is the reference).")
 
@@ -329,19 +330,19 @@ class PipelineConfig(Section):
     labeling: LabelingSection = Field(default_factory=LabelingSection)
     # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
     sft: dict[str, Any] = Field(
-        default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.5, "batch_size": 8},
+        default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.25, "batch_size": 8},
                                  "data": {"max_length": 320}},
         description="Overrides of the SFT config.")
     rm: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"batch_prompts": 8}, "optim": {"lr": 5e-5}, "data": {"max_length": 320}},
         description="Overrides of the RM config (lr 5e-5, not InstructGPT's 9e-6: 30 steps, not thousands).")
     ppo: dict[str, Any] = Field(
-        default_factory=lambda: {"train": {"steps": 20}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
+        default_factory=lambda: {"train": {"steps": 15}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
                                  "ppo": {"epochs": 1, "minibatch_size": 8}, "kl": {"coef": 0.02},
                                  "optim": {"lr": 2e-5, "warmup_steps": 4}},
         description="Overrides of the PPO config (InstructGPT: beta 0.02, one PPO epoch).")
     ppo_ptx: dict[str, Any] = Field(
-        default_factory=lambda: {"ptx": {"coef": 1.0, "batch_size": 4}},
+        default_factory=lambda: {"ptx": {"coef": 1.0, "batch_size": 2}},
         description="Overrides of the PPO config for PPO-ptx (applied after `ppo`). gamma is 1 here, not "
                     "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
                     "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")

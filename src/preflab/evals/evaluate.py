@@ -156,7 +156,7 @@ def _rm_scores(spec: str, prompts: Sequence[str], texts: dict[str, list[str]], *
 
     tokenizer = models.load_tokenizer(spec)
     torch.manual_seed(seed)  # a causal-LM checkpoint gets a new random head: make it the same every run
-    rm = models.load_scorer(spec)
+    rm = models.load_scorer(spec, dtype="bf16" if bf16 else "fp32")  # bf16: no per-call weight casts
     rm.eval()
     device = next(rm.parameters()).device
     result: dict[str, list[float | None]] = {}
@@ -273,7 +273,7 @@ def evaluate(models: dict[str, str], prompts: list[SuitePrompt], *, reference: s
         spec = models[name]
         settings = {"spec": spec, "max_new_tokens": max_new_tokens, "temperature": temperature}
         tokenizer = loader.load_tokenizer(spec)
-        model = loader.load_policy(spec)
+        model = loader.load_policy(spec, dtype="bf16" if bf16 else "fp32")
         model.eval()
         cache = _generate(model, tokenizer, prompts, out / "generations" / f"{name}.jsonl", settings,
                           max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
