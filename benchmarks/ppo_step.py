@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def run_preflab(epochs: int, steps: int, critic: str = "reward_model") -> dict:
         f"models.critic={critic}"])
     ppo.train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # drop warm-up
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints with optimizer state: ~3 GiB a run
     med = {k: statistics.median(r[k] for r in rows) for k in ("perf/step_s", "perf/gen_s", "perf/score_s", "perf/train_s")}
     return {"s_per_step": med["perf/step_s"], "gen_s": med["perf/gen_s"], "score_s": med["perf/score_s"],
             "train_s": med["perf/train_s"], "steps": [r["perf/step_s"] for r in rows]}
@@ -122,6 +124,7 @@ def run_trl(epochs: int, steps: int) -> dict:
                          train_dataset=data, callbacks=[Timer()])
     start = time.perf_counter()
     trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
     marks = [start, *times]
     per = [b - a for a, b in zip(marks, marks[1:])][1:]  # drop warm-up
     assert len(times) == steps, f"expected {steps} TRL updates of {N_PROMPTS} prompts, got {len(times)}"

@@ -43,6 +43,22 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     ptx_rows = [json.loads(x) for x in (out / "ppo_ptx/metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/ptx"] > 0 for r in ptx_rows)
     assert json.loads((out / "agreement.json").read_text())["groups"] >= 1
+    # Finished training stages keep their exported model, not their (optimizer-state) checkpoints.
+    for stage in ("sft", "rm", "ppo", "ppo_ptx"):
+        assert (out / stage / "model/config.json").is_file()
+        assert not (out / stage / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_stage_checkpoints_are_pruned_unless_kept(tmp_path, keep):
+    data = PipelineConfig().model_dump(mode="json") | {"keep_checkpoints": keep}
+    pipe = Pipeline(PipelineConfig.model_validate(data), tmp_path)
+    for d in ("sft/checkpoints/step-000004", "sft/best", "sft/model", "label"):
+        (tmp_path / d).mkdir(parents=True)
+    pipe._prune_checkpoints("sft")
+    pipe._prune_checkpoints("label")  # not a training stage: untouched
+    assert (tmp_path / "sft/checkpoints").exists() == keep and (tmp_path / "sft/best").exists() == keep
+    assert (tmp_path / "sft/model").is_dir() and (tmp_path / "label").is_dir()
 
 
 def test_bad_stage_override_fails_before_anything_starts(tmp_path):

@@ -325,6 +325,9 @@ class PipelineConfig(Section):
     base_model: str = Field("bundled:smollm2-135m-instruct", description="The pretrained policy to post-train.")
     threads: int | None = Field(None, ge=1, description="torch threads for every stage.")
     seed: int = 0
+    keep_checkpoints: bool = Field(False, description="Keep each training stage's checkpoints after it has finished "
+                                                      "and exported its model (the demo's hold ~9 GiB of optimizer "
+                                                      "state; only an unfinished stage needs them, to resume).")
     suite: SuiteSection = Field(default_factory=SuiteSection)
     demos: DemosSection = Field(default_factory=DemosSection)
     labeling: LabelingSection = Field(default_factory=LabelingSection)

@@ -200,6 +200,14 @@ class Pipeline:
 
         write_report(self.out)
 
+    def _prune_checkpoints(self, step: str) -> None:
+        """A finished training step is never resumed: drop its checkpoints (and SFT's best-weights
+        copy); its exported ``model/`` stays. A kill before this leaves them, which is harmless."""
+        if self.cfg.keep_checkpoints or step not in self.stage_configs:
+            return
+        for name in ("checkpoints", "best"):
+            shutil.rmtree(self.out / step / name, ignore_errors=True)
+
     # -- driver ------------------------------------------------------------------------------
 
     def run(self, only: Callable[[str], bool] = lambda s: True) -> None:
@@ -219,6 +227,7 @@ class Pipeline:
             getattr(self, f"step_{step}")()
             took = time.perf_counter() - t0
             self._record(step, took)
+            self._prune_checkpoints(step)
             click.secho(f"[pipeline] {step}: {took:.0f}s", fg="green", err=True)
         total = sum(s["seconds"] for s in self.state()["steps"])
         click.secho(f"[pipeline] finished in {total / 60:.1f} min of stage time; report: {self.out / 'report.html'}",
