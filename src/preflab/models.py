@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from preflab.data.jsonl import atomic_dir
 from preflab.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -392,15 +393,9 @@ def save_model(model: Any, tokenizer: Any, out: str | Path) -> Path:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = getattr(model, "module", model)  # DDP
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -23,11 +23,10 @@ import resource
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from preflab.data.jsonl import atomic_write_text
+from preflab.data.jsonl import atomic_dir, atomic_write_text
 from preflab.errors import PreflabError
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
@@ -189,15 +188,9 @@ class RunDir:
         import torch
 
         final = self.ckpt_dir / f"step-{step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=self.ckpt_dir))
-        try:
+        with atomic_dir(final) as tmp:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": _now()}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         for _, old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

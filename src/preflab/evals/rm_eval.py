@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from preflab.stages.reward import Group
 
 
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -211,7 +210,7 @@ def print_report(report: dict[str, Any], console=None) -> None:
 @click.option("--bf16/--no-bf16", default=False, show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1))
 def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
-             bf16, threads):
+        bf16, threads):
     """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
     the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
     from preflab import models

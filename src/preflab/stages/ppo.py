@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from torch import nn
 from preflab import distributed, models
 from preflab.cli import stage_command
 from preflab.config import PPOConfig, dump_config
-from preflab.data.chat import IGNORE, collate, read_lm_rows, read_prompts
+from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
 from preflab.lm import TokenNLL, unwrap
@@ -208,7 +207,7 @@ class PtxBatches:
     micro-batch per PPO micro-batch (None where a part gets no row), so ``ppo.grad_accum``
     changes the peak memory and not the update."""
 
-    def __init__(self, rows: list[dict[str, Any]], batch_size: int, pad_id: int, generator: torch.Generator):
+    def __init__(self, rows: list[Example], batch_size: int, pad_id: int, generator: torch.Generator):
         self.rows, self.batch_size, self.pad_id, self.generator = rows, batch_size, pad_id, generator
 
     def __call__(self, n_parts: int) -> list[dict[str, torch.Tensor] | None]:

@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from preflab import distributed, models
 from preflab.cli import stage_command
 from preflab.config import SFTConfig, dump_config
 from preflab.data.chat import Example, collate, pack, read_demos, tokenize_conversation
+from preflab.data.jsonl import atomic_dir
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
 from preflab.lm import TokenNLL
@@ -110,6 +108,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
 
     # 3. the loop: one global batch per optimizer step ------------------------------------------
     micro = cfg.train.batch_size
+    last_val: float | None = None  # validation loss after the last step, when eval_every hit it
     with Progress(total_steps, "sft", enabled=cfg.run.progress and dist.is_main, start=start,
                   keys=("train/loss", "val/loss", "perf/tokens_per_s")) as bar:
         for step in range(start, total_steps):
@@ -151,6 +150,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                 metrics["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id,
                                                       device, bf16, dist)
                 best.offer(done, metrics["val/loss"], model)
+                last_val = metrics["val/loss"] if done == total_steps else None
             if done % cfg.run.log_every == 0 or done == total_steps:
                 metrics["perf/peak_rss_mb"] = peak_rss_mb()
                 run.log_metrics(done, metrics)
@@ -161,7 +161,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     # 4. final validation and a plain Hugging Face checkpoint -----------------------------------
     final = {}
     if val_ex:
-        final["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
+        final["val/loss"] = last_val if last_val is not None else validation_loss(
+            loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
         best.offer(total_steps, final["val/loss"], model)
         run.log_metrics(total_steps, final)
     checkpoint(total_steps)
@@ -195,18 +196,10 @@ class BestWeights:
     def offer(self, step: int, val_loss: float, model: torch.nn.Module) -> None:
         if not self.enabled or not val_loss < self.val_loss:
             return
-        if step == self.step:
-            return
-        weights = {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
-        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=self.path.parent))
-        try:
+        weights = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+        with atomic_dir(self.path) as tmp:
             torch.save(weights, tmp / "weights.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            os.rename(tmp, self.path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.step, self.val_loss = step, val_loss
 
     def load_into(self, model: torch.nn.Module) -> None:
