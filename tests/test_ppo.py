@@ -116,6 +116,40 @@ def _scored_batch(cfg, good):
     return ac, batch
 
 
+def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path, good_tokens):
+    """score_rollout groups rows by prompt length and drops all-padding query columns; rows come
+    back in rollout order with the values a one-row chunk gives (no padding at all)."""
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    cfg = cfg_for(tmp_path)
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("tiny:")
+    policy = models.load_policy("tiny:", dropout_off=True)
+    ac = ppo.ActorCritic(policy, None)
+    torch.nn.init.normal_(ac.value_head.weight, std=0.1)  # non-zero values, so their order is checked
+    prompts = [r["prompt"] for r in read_prompts(cfg.data.prompts)[:6]]
+    prompts[2] = prompts[2] + " and a much longer tail " * 6  # one long prompt pads all the others
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, prompts), max_new_tokens=6, temperature=1.0)
+    lengths = samples.query_mask.sum(1)
+    assert ppo.by_query_length(samples) == sorted(range(6), key=lambda i: int(lengths[i]))
+    trimmed = samples.select([0, 1]).trim_query()
+    assert trimmed.query.shape[1] == int(lengths[:2].max()) < samples.query.shape[1]
+    kw = dict(ac=ac, reference=models.load_policy("tiny:"), reward_fn=letter_reward(good_tokens), cfg=cfg,
+              kl_coef=0.05, tokenizer=tok, device=torch.device("cpu"))
+    chunked = ppo.score_rollout(samples, chunk=4, **kw)
+    alone = ppo.score_rollout(samples, chunk=1, **kw)
+    for name in ("logprobs", "ref_logprobs", "values", "kl", "advantages", "returns"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(alone, name), atol=1e-5, rtol=1e-4, msg=name)
+    # ... and in rollout order: the whole padded batch in one pass gives the same rows.
+    with torch.no_grad():
+        lp, v, _, _, _ = ac(**samples.inputs(), response=samples.response, tq=samples.query.shape[1], temperature=1.0)
+    m = samples.response_mask.float()
+    torch.testing.assert_close(chunked.logprobs, lp * m, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked.values, v * m, atol=1e-5, rtol=1e-4)
+    assert chunked.values.abs().sum() > 0
+
+
 def _update(ac, batch, cfg, dist=None, ptx_rows=None):
     from preflab import distributed
 

@@ -148,6 +148,47 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
     assert tok.decode(seqs[0]).endswith("<|im_start|>assistant\nHello there.<|im_end|>")
 
 
+def test_shared_prefix_is_the_common_start_keeping_one_token_each():
+    assert reward.shared_prefix([[1, 2, 3, 9], [1, 2, 4], [1, 2, 3]]) == 2
+    assert reward.shared_prefix([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token for the head
+    assert reward.shared_prefix([[5, 1], [6, 1]]) == 0
+    assert reward.shared_prefix([[7, 7, 7]]) == 2
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_pass_gives_the_same_scores_and_gradients(lora):
+    """A prompt run once with its K responses on the cached keys and values equals K full
+    sequences: same scores, same loss gradient (groups of K = 2, 3, 4, prompts of different
+    lengths, a response that is a prefix of another, responses that share their first words)."""
+    tok = models.load_tokenizer("tiny:")
+    groups = [("Hi", ["Hello there.", "Hello", "Go away"]),
+              ("A much longer prompt, with several clauses, to force left padding", ["No.", "Yes, surely."]),
+              ("x", ["The cat sat.", "The cat ran off.", "The dog.", "A bird flew over the house"])]
+    enc = [reward.Encoded([reward.encode_pair(tok, p, r, 256) for r in rs], list(range(len(rs)))) for p, rs in groups]
+
+    def run(share):
+        torch.manual_seed(0)
+        model = models.load_scorer("tiny:")
+        if lora:
+            model = models.wrap_lora(model, models.LoraOptions(r=4), task_type="SEQ_CLS", modules_to_save=["score"])
+        batch = reward.collate_groups(enc, tok.pad_token_id, share_prefix=share)
+        flat = reward.Scorer(model)(**reward.scorer_inputs(batch))
+        reward.ranking_loss(flat, batch["ranks"], batch["valid"]).total.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        return flat.detach(), grads, batch
+
+    full, g_full, b_full = run(False)
+    shared, g_shared, b_shared = run(True)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert g_full.keys() == g_shared.keys() and len(g_full) > 2
+    for name in g_full:
+        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+    # The shared layout really is smaller: each prompt once, K short continuations.
+    assert b_shared["prefix_ids"].shape[0] == 3 and b_shared["group"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert b_shared["input_ids"].numel() + b_shared["prefix_ids"].numel() < 0.6 * b_full["input_ids"].numel()
+    assert reward.batch_tokens(b_shared) < 0.6 * reward.batch_tokens(b_full)
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning, saving, normalisation, evaluation
 # ---------------------------------------------------------------------------------------------

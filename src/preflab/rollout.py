@@ -47,6 +47,15 @@ class Samples:
         return Samples(self.query[t], self.query_mask[t], self.response[t], self.response_mask[t],
                        self.ended[t], [self.texts[i] for i in idx_list])
 
+    def trim_query(self) -> Samples:
+        """The same rows without the query columns that are padding in every row (left padding
+        sized for a longer prompt of another batch): same scores, fewer tokens."""
+        real = self.query_mask.bool().any(0)
+        first = int(real.float().argmax()) if bool(real.any()) else self.query.shape[1]
+        if first == 0:
+            return self
+        return replace(self, query=self.query[:, first:], query_mask=self.query_mask[:, first:])
+
     def to(self, device: torch.device) -> Samples:
         return replace(self, query=self.query.to(device), query_mask=self.query_mask.to(device),
                        response=self.response.to(device), response_mask=self.response_mask.to(device),

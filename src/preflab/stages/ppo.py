@@ -130,6 +130,12 @@ class Scored:
     returns: torch.Tensor
 
 
+def by_query_length(samples: Samples, rows: list[int] | None = None) -> list[int]:
+    """``rows`` (default: all) ordered by the number of real query tokens, shortest first."""
+    lengths = samples.query_mask.sum(1).tolist()
+    return sorted(range(len(lengths)) if rows is None else rows, key=lambda i: lengths[i])
+
+
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
     """``rl.masked_whiten`` with moments over every rank's rollouts (identical on one rank)."""
     m = mask.to(x.dtype)
@@ -156,8 +162,11 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
     mask = samples.response_mask.float()
     logprobs, ref_logprobs, values = [], [], []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.bf16)
-    for s in range(0, len(samples.texts), chunk):
-        part = samples.select(list(range(s, min(s + chunk, len(samples.texts)))))
+    # Chunks of similar prompt length, each without its all-padding query columns; rows go back
+    # to rollout order below (scores do not depend on padding).
+    order = by_query_length(samples)
+    for s in range(0, len(order), chunk):
+        part = samples.select(order[s:s + chunk]).trim_query()
         inp = part.inputs()
         with autocast:
             lp, v, _, _, _ = ac(**inp, response=part.response, tq=part.query.shape[1], temperature=r.temperature)
@@ -169,7 +178,9 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         logprobs.append(lp)
         values.append(v)
         ref_logprobs.append(selective_log_softmax(ref_logits, part.response))
-    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    logprobs, ref_logprobs, values = (torch.cat(x)[back.to(device)] for x in (logprobs, ref_logprobs, values))
 
     # The RM reads the response up to the truncation token when one is configured (the policy
     # terms above still use the whole response, as lm-human-preferences does).
@@ -239,7 +250,9 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
     for _ in range(p.epochs):
         perm = torch.randperm(b, generator=generator).tolist()
         for start in range(0, b - p.minibatch_size + 1, p.minibatch_size):
-            mb = perm[start:start + p.minibatch_size]
+            # Micro-batches of similar prompt length (their gradients are summed, so grouping does
+            # not change the update), each without its all-padding query columns.
+            mb = by_query_length(batch.samples, perm[start:start + p.minibatch_size])
             parts = [mb[i:i + micro] for i in range(0, len(mb), micro)]
             n_tok = distributed.all_reduce_sum(batch.mask[mb].sum().double())
             # One draw of ptx.batch_size pretraining rows per minibatch, split over its micro-batches
@@ -249,7 +262,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 torch.tensor(sum(int((x["labels"][:, 1:] != IGNORE).sum()) for x in ptx if x), dtype=torch.float64))
             stats = dict.fromkeys(keys, 0.0)
             for j, idx in enumerate(parts):
-                s = batch.samples.select(idx)
+                s = batch.samples.select(idx).trim_query()
                 m = batch.mask[idx]
                 weight = float(m.sum()) / float(n_tok) * dist.world_size  # DDP averages over ranks
                 ptx_in = {k: v.to(device) for k, v in ptx[j].items()} if ptx[j] else None

@@ -7,7 +7,8 @@ token, the loss with every prompt as one batch element, then ``train`` (evaluati
 The RM reads exactly what PPO's rollouts give it: the chat-rendered prompt, the response and
 the end-of-turn (EOS) token; the score is the head output at that last real token
 (RLHF_REFERENCE.md §2), padding ignored. All C(K,2) pairs of a prompt form ONE batch element,
-K forward passes per prompt, tied pairs dropped (§1). Works on one process or under
+K forward passes per prompt, tied pairs dropped (§1); by default (``train.share_prompt``) the
+prompt part of those K passes runs once and the K responses read its cached keys and values. Works on one process or under
 ``torchrun`` (DDP), like ``stages/sft.py``: the loss is normalised by the step's global count
 of prompts, so gradient accumulation and ranks are exact; rank 0 alone writes.
 """
@@ -15,6 +16,8 @@ of prompts, so gradient accumulation and ranks are exact; rank 0 alone writes.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import random
@@ -155,12 +158,27 @@ def encode_groups(tokenizer, groups: list[Group], max_length: int) -> list[Encod
             for g in groups]
 
 
-def collate_groups(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence of a group starts with (the rendered prompt, at
+    least), capped so each sequence keeps one token of its own: the head reads that token."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for i in range(max(0, n)):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return max(0, n)
+
+
+def collate_groups(batch: list[Encoded], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Prompts of any K -> rows (sum K, T) right-padded, and (P, Kmax) ranks and validity mask.
 
     Rows are in group order, so ``rewards (sum K,)`` scatter into (P, Kmax) with ``valid``.
+    ``share_prefix``: each group's common prefix (its prompt) becomes one left-padded row of
+    ``prefix_ids`` (P, Tp) and the rows hold only the K continuations; ``group`` (sum K,) maps a
+    row to its prefix. ``Scorer`` then runs a prompt once, not K times, for the same scores.
     """
-    rows = [ids for g in batch for ids in g.ids]
+    cut = [shared_prefix(g.ids) if share_prefix else 0 for g in batch]
+    rows = [ids[c:] for g, c in zip(batch, cut) for ids in g.ids]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -173,7 +191,13 @@ def collate_groups(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]
     for p, g in enumerate(batch):
         ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
         valid[p, :len(g.ranks)] = True
-    return {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
+    out = {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
+    if share_prefix:  # collate_groups' keys other than ranks and valid are Scorer's arguments
+        from preflab.rollout import left_pad
+
+        out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
+        out["group"] = torch.tensor([p for p, g in enumerate(batch) for _ in g.ids], dtype=torch.long)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,15 +225,62 @@ def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
 
 
+@functools.cache
+def _cache_argument(decoder_type: type) -> str:
+    """transformers 5 names a decoder's cache argument ``cache``, 4.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
+
+
+def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                          group: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) raw scores of prefix[group[i]] + row i, each prefix run once: its keys and values are
+    cached, gathered per row, and the rows attend to them. The same scores and gradients as
+    ``sequence_rewards`` on the concatenations (prompt tokens never attend to responses), for
+    about half the tokens when K = 4 responses share a prompt. Not under gradient checkpointing,
+    which drops the cache."""
+    from transformers import DynamicCache
+
+    decoder = unwrap(model).get_decoder()
+    kw = _cache_argument(type(decoder))
+    try:
+        cache = DynamicCache(config=unwrap(model).config)
+    except TypeError:  # transformers 4.x
+        cache = DynamicCache()
+    if prefix_ids.shape[1]:
+        positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
+        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
+                **{kw: cache})
+        cache.batch_select_indices(group)
+    mask = torch.cat([prefix_mask[group], attention_mask], dim=1)
+    positions = prefix_mask.long().sum(1)[group, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{kw: cache}).last_hidden_state
+    idx = last_real_index(attention_mask)
+    return score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+
+
+def scorer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The arguments of ``Scorer`` in a ``collate_groups`` batch."""
+    return {k: v for k, v in batch.items() if k not in ("ranks", "valid")}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a ``collate_groups`` batch runs through the model (a shared prompt counts once)."""
+    return int(batch["attention_mask"].sum()) + (int(batch["prefix_mask"].sum()) if "prefix_mask" in batch else 0)
+
+
 class Scorer(nn.Module):
-    """``forward(input_ids, attention_mask) -> (B,)`` raw rewards; DDP wraps this module."""
+    """``forward(input_ids, attention_mask[, prefix_ids, prefix_mask, group]) -> (N,)`` raw rewards
+    (a batch of ``collate_groups``); DDP wraps this module."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return sequence_rewards(self.model, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, prefix_ids=None, prefix_mask=None, group=None):
+        if prefix_ids is None:
+            return sequence_rewards(self.model, input_ids, attention_mask)
+        return shared_prefix_rewards(self.model, prefix_ids, prefix_mask, group, input_ids, attention_mask)
 
 
 @torch.no_grad()
@@ -371,6 +442,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                                  task_type="SEQ_CLS", modules_to_save=["score"])
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
+    share = cfg.train.share_prompt and not cfg.train.gradient_checkpointing  # checkpointing drops the cache
     model.train()  # dropout is off in the config (load_scorer); train() only matters for LoRA dropout
     scorer: nn.Module = Scorer(model)
     if dist.enabled:
@@ -395,7 +467,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             t0 = time.perf_counter()
             idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
             mine = idx[dist.rank * micro * cfg.train.grad_accum:(dist.rank + 1) * micro * cfg.train.grad_accum]
-            batches = [collate_groups([train_ex[i] for i in mine[j:j + micro]], pad_id)
+            batches = [collate_groups([train_ex[i] for i in mine[j:j + micro]], pad_id, share_prefix=share)
                        for j in range(0, len(mine), micro)]
             # Normalise by the global count of prompts with an untied pair in this step: each
             # prompt is one element of Eq. 1's mean, exact under accumulation and ranks (DDP
@@ -409,7 +481,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                 sync = not dist.enabled or j == len(batches) - 1
                 ctx = scorer.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    flat = scorer(batch["input_ids"], batch["attention_mask"])
+                    flat = scorer(**scorer_inputs(batch))
                     parts = ranking_loss(flat, batch["ranks"], batch["valid"], cfg.train.loss)
                     (parts.total * scale).backward()
                 sums += torch.tensor([parts.total.item(), parts.n_pairs, parts.n_correct], dtype=torch.float64)
@@ -429,8 +501,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             metrics = {"train/loss": loss, "train/accuracy": float(sums[2] / max(1.0, float(sums[1]))),
                        "train/lr": lr, "train/grad_norm": grad_norm, "train/prompts": n_prompts,
                        "train/pairs": int(sums[1]), "perf/step_s": dt, "perf/pairs_per_s": float(sums[1]) / dt,
-                       "perf/tokens_per_s": sum(b["attention_mask"].sum().item() for b in batches)
-                       * dist.world_size / dt}
+                       "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt}
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex and done < total_steps:
                 rep = held_out(val_ex, val_g)
                 metrics.update({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]})
