@@ -2,6 +2,10 @@
 resumes without redoing finished steps."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +51,20 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     for stage in ("sft", "rm", "ppo", "ppo_ptx"):
         assert (out / stage / "model/config.json").is_file()
         assert not (out / stage / "checkpoints").exists()
+
+    # benchmarks/best_of_n.py reads a finished run: best-of-N from its SFT model, judged by gold.
+    script = Path(__file__).parents[1] / "benchmarks/best_of_n.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(out), "--n", "2", "--limit", "6",
+                           "--threads", "1"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best of 2" in proc.stdout and "ppo_ptx (RUN/eval/results.json)" in proc.stdout
+    assert len(list((out / "eval/best_of_n").glob("sft-seed*.jsonl"))) == 2
+    # benchmarks/labeler_ceiling.py: the panel's agreement on every held-out RM prompt, next to the RM.
+    script = Path(__file__).parents[1] / "benchmarks/labeler_ceiling.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(out), str(out / "rm/eval/rm_eval.json")],
+                          capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "labeler vs labeler" in proc.stdout and "rm_eval.json" in proc.stdout
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -336,6 +336,22 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
     assert max_param_diff(wa, wb) < 2e-6
 
 
+def test_shared_prompt_training_equals_full_sequences_and_checkpointing_falls_back(tmp_path):
+    """Two steps with the prompt run once (the default), with it run K times, and under gradient
+    checkpointing (which drops the cache, so the stage uses full sequences) reach the same weights."""
+    data = write_mixed(tmp_path / "m.jsonl")
+    weights = {}
+    for name, extra in [("shared", []), ("full", ["train.share_prompt=false"]),
+                        ("ckpt", ["train.gradient_checkpointing=true"])]:
+        (tmp_path / name).mkdir()
+        weights[name] = model_weights(reward.train(rm_cfg(tmp_path / name, data, *EXACT, "train.batch_prompts=8",
+                                                          "train.max_steps=2", *extra)))
+    init = models.load_scorer("tiny:").state_dict()
+    assert max(float((weights["shared"][k] - init[k]).abs().max()) for k in init if k != "score.weight") > 1e-4
+    assert max_param_diff(weights["shared"], weights["full"]) < 2e-6
+    assert max_param_diff(weights["full"], weights["ckpt"]) < 2e-6
+
+
 def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
     data = write_mixed(tmp_path / "m.jsonl")
     (tmp_path / "full").mkdir()

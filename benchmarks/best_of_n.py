@@ -1,0 +1,100 @@
+"""What a run's reward model buys without RL: best-of-N sampling from the SFT model, judged by gold.
+
+For each of the first ``--limit`` prompts of the eval split, ``--n`` fresh samples from
+``RUN/sft/model`` (seeds 1..N; the evaluation's own SFT sample used seed 0) at the evaluation's
+settings. Reported against that evaluation sample (``RUN/eval/generations/sft.jsonl``; ties
+count half, Wilson 95%): one random sample (the noise floor), the sample each reward model
+scores highest (best-of-N, KL to SFT at most log N - (N-1)/N nats), best-of-2, and the sample
+the gold judge itself scores highest (the ceiling of any reranker). Read next to PPO-ptx's
+win-rate in ``RUN/eval/results.json``: PPO at a larger KL doing worse than best-of-N with the
+same reward model is an optimiser that spends KL on the RM's errors.
+
+    .venv/bin/python benchmarks/best_of_n.py --run runs/demo                      # the run's RM
+    .venv/bin/python benchmarks/best_of_n.py --run runs/demo --rm runs/rm-4ep/model   # others too
+
+Generations are cached in ``RUN/eval/best_of_n/`` and reused by a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="a pipeline run directory")
+    ap.add_argument("--rm", action="append", default=None, help="reward model directory (repeatable; "
+                                                                  "default: RUN/rm/model)")
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from preflab import models
+    from preflab.data.suite.schema import load_prompts
+    from preflab.evals.evaluate import _generate, _rm_scores
+    from preflab.evals.metrics import gold_win_rate
+    from preflab.feedback.rubric import judge_batch
+
+    models.set_threads(a.threads)
+    cfg = json.loads((a.run / "pipeline_config.json").read_text())["eval"]
+    prompts = [p for p in load_prompts(a.run / "data/prompts.jsonl") if p.split == "eval"][:a.limit]
+    by_id = {p.id: p for p in prompts}
+    ref = {}
+    for line in open(a.run / "eval/generations/sft.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        ref[row["id"]] = row["response"]
+    spec = str(a.run / "sft/model")
+    bf16 = cfg.get("bf16", True)
+    tokenizer, model = models.load_tokenizer(spec), models.load_policy(spec, dtype="bf16" if bf16 else "fp32")
+    model.eval()
+    samples = []  # samples[s][i]: seed s + 1, prompt i
+    for seed in range(1, a.n + 1):
+        settings = {"spec": spec, "max_new_tokens": cfg["max_new_tokens"], "temperature": cfg["temperature"],
+                    "seed": seed}
+        cache = _generate(model, tokenizer, prompts, a.run / "eval/best_of_n" / f"sft-seed{seed}.jsonl", settings,
+                          max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                          batch_size=cfg["batch_size"], seed=seed, bf16=bf16, progress=True, label=f"seed {seed}")
+        samples.append([cache[p.id]["response"] for p in prompts])
+    del model
+
+    def gold(texts: list[str]) -> np.ndarray:
+        return np.array([j.total for j in judge_batch(by_id, [{"id": p.id, "response": t}
+                                                             for p, t in zip(prompts, texts)])])
+
+    ref_gold = gold([ref[p.id] for p in prompts])
+    g = np.stack([gold(s) for s in samples])  # (N, prompts)
+    cols = np.arange(len(prompts))
+    rows: list[tuple[str, dict]] = [
+        ("one random sample (seed 1)", gold_win_rate(g[0], ref_gold)),
+        (f"gold's best of {a.n} (ceiling)", gold_win_rate(g.max(0), ref_gold)),
+    ]
+    for rm in a.rm or [str(a.run / "rm/model")]:
+        scores = _rm_scores(rm, [p.prompt for p in prompts], {str(s): samples[s] for s in range(a.n)},
+                            batch_size=cfg["batch_size"], bf16=bf16, progress=True)
+        r = np.stack([np.array(scores[str(s)], dtype=float) for s in range(a.n)])
+        rows.append((f"{rm}: best of {a.n}", gold_win_rate(g[r.argmax(0), cols], ref_gold)))
+        rows.append((f"{rm}: best of 2", gold_win_rate(g[r[:2].argmax(0), cols], ref_gold)))
+    results = json.loads((a.run / "eval/results.json").read_text())["models"]
+    t = Table(title=f"Gold win-rate vs the evaluation's SFT sample, {len(prompts)} eval prompts, "
+                    f"T = {cfg['temperature']}, <= {cfg['max_new_tokens']} tokens")
+    for c in ("policy", "win-rate [95% CI]", "wins / ties / losses"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for name, w in rows + [(f"{m} (RUN/eval/results.json)", results[m]["win_rate"])
+                           for m in ("ppo", "ppo_ptx") if m in results]:
+        t.add_row(name, f"{100 * w['rate']:.1f}% [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}]",
+                  f"{w['wins']} / {w['ties']} / {w['losses']}")
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: no need to squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()
