@@ -33,7 +33,6 @@ def main() -> None:
     a = ap.parse_args()
 
     import numpy as np
-    from rich.console import Console
     from rich.table import Table
 
     from preflab import models
@@ -41,6 +40,7 @@ def main() -> None:
     from preflab.evals.evaluate import _generate, _rm_scores
     from preflab.evals.metrics import gold_win_rate
     from preflab.feedback.rubric import judge_batch
+    from preflab.run import table_console
 
     models.set_threads(a.threads)
     cfg = json.loads((a.run / "pipeline_config.json").read_text())["eval"]
@@ -90,10 +90,7 @@ def main() -> None:
                            for m in ("ppo", "ppo_ptx") if m in results]:
         t.add_row(name, f"{100 * w['rate']:.1f}% [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}]",
                   f"{w['wins']} / {w['ties']} / {w['losses']}")
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: no need to squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(t)
+    table_console().print(t)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ def main() -> None:
     ap.add_argument("reports", nargs="*", type=Path, help="rm_eval.json files of RMs trained on this run's store")
     a = ap.parse_args()
 
-    from rich.console import Console
     from rich.table import Table
 
     from preflab.data.suite.schema import load_prompts
     from preflab.feedback.labelers import agreement_summary, default_panel, panel_groups
+    from preflab.run import table_console
     from preflab.stages.reward import read_groups, split_val
 
     groups = [g for g in read_groups(f"store:{a.run / 'store.sqlite'}", None, "rm") if g.pairs()]
@@ -54,10 +54,7 @@ def main() -> None:
         t.add_row(f"RM {path}", str(rep["n_pairs"]),
                   f"{100 * rep['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
                   f"{100 * (ceiling - rep['accuracy']):.1f}")
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: no need to squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(t)
+    table_console().print(t)
 
 
 if __name__ == "__main__":

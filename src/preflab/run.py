@@ -252,6 +252,14 @@ class GeneratorState:
 # ---------------------------------------------------------------------------------------------
 
 
+def table_console(width: int = 160) -> Any:
+    """A rich ``Console`` for tables: a log file or a pipe gets ``width`` columns, not rich's 80."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
+
+
 class Progress:
     """A rich progress bar with ETA and the latest metrics; silent when disabled."""
 

@@ -55,12 +55,11 @@ SUMMARY_COLUMNS = ("model", "gold win [95% CI]", "RM win", "KL", "words", "refus
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: no need to squeeze the table into 80 columns
-        console = Console(width=140)
+    from preflab.run import table_console
+
+    console = table_console(140)
     t = Table(title=f"{results['n_prompts']} prompts, win-rates against {results['reference']!r} (gold judge and RM; "
                     "KL in nats per response)")
     for c in SUMMARY_COLUMNS:
