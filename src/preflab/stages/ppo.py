@@ -178,9 +178,8 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         logprobs.append(lp)
         values.append(v)
         ref_logprobs.append(selective_log_softmax(ref_logits, part.response))
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    logprobs, ref_logprobs, values = (torch.cat(x)[back.to(device)] for x in (logprobs, ref_logprobs, values))
+    back = torch.argsort(torch.tensor(order, device=device))  # row i of the rollout is row back[i] of the chunks
+    logprobs, ref_logprobs, values = (torch.cat(x)[back] for x in (logprobs, ref_logprobs, values))
 
     # The RM reads the response up to the truncation token when one is configured (the policy
     # terms above still use the whole response, as lm-human-preferences does).

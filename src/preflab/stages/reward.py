@@ -8,9 +8,10 @@ The RM reads exactly what PPO's rollouts give it: the chat-rendered prompt, the 
 the end-of-turn (EOS) token; the score is the head output at that last real token
 (RLHF_REFERENCE.md §2), padding ignored. All C(K,2) pairs of a prompt form ONE batch element,
 K forward passes per prompt, tied pairs dropped (§1); by default (``train.share_prompt``) the
-prompt part of those K passes runs once and the K responses read its cached keys and values. Works on one process or under
-``torchrun`` (DDP), like ``stages/sft.py``: the loss is normalised by the step's global count
-of prompts, so gradient accumulation and ranks are exact; rank 0 alone writes.
+prompt part of those K passes runs once and the K responses read its cached keys and values.
+Works on one process or under ``torchrun`` (DDP), like ``stages/sft.py``: the loss is
+normalised by the step's global count of prompts, so gradient accumulation and ranks are exact;
+rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.lm import unwrap
 from preflab.optim import clip_grad, make_optimizer
 from preflab.rl.ranking import batched_kway_ranking_loss, batched_plackett_luce_loss
-from preflab.rollout import score_head
+from preflab.rollout import left_pad, position_ids, score_head
 from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +194,6 @@ def collate_groups(batch: list[Encoded], pad_id: int, share_prefix: bool = False
         valid[p, :len(g.ranks)] = True
     out = {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
     if share_prefix:  # collate_groups' keys other than ranks and valid are Scorer's arguments
-        from preflab.rollout import left_pad
-
         out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
         out["group"] = torch.tensor([p for p, g in enumerate(batch) for _ in g.ids], dtype=torch.long)
     return out
@@ -218,9 +217,13 @@ def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     same score; with right padding they equal transformers' own, so the saved model's
     ``AutoModelForSequenceClassification`` forward (last non-pad token) returns the same scores.
     """
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = unwrap(model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=positions, use_cache=False).last_hidden_state
+                                         position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return head_at_last_token(model, hidden, attention_mask)
+
+
+def head_at_last_token(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the score head on each row's last real token of ``hidden`` (B, T, H)."""
     idx = last_real_index(attention_mask)
     return score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
 
@@ -247,16 +250,13 @@ def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mas
     except TypeError:  # transformers 4.x
         cache = DynamicCache()
     if prefix_ids.shape[1]:
-        positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
-                **{kw: cache})
+        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                use_cache=True, **{kw: cache})
         cache.batch_select_indices(group)
     mask = torch.cat([prefix_mask[group], attention_mask], dim=1)
-    positions = prefix_mask.long().sum(1)[group, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{kw: cache}).last_hidden_state
-    idx = last_real_index(attention_mask)
-    return score_head(model, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -input_ids.shape[1]:],
+                     use_cache=True, **{kw: cache}).last_hidden_state
+    return head_at_last_token(model, hidden, attention_mask)
 
 
 def scorer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
