@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import free_port, join_gloo_env, max_param_diff, model_weights
+from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import PPOConfig, load_config
 from preflab.data.chat import Example
@@ -199,8 +199,7 @@ def _update_worker(rank, world, port, path):
     _update(ac, part, blob["cfg"], d)
     if rank == 0:
         torch.save(ac.state_dict(), path + ".out")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_rank()
 
 
 def test_two_gloo_ranks_equal_one_rank(good_tokens, tmp_path):

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from helpers import free_port, join_gloo_env, max_param_diff, model_weights
+from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
 from preflab import models
 from preflab.config import RMConfig, load_config
 from preflab.errors import DataError
@@ -387,7 +387,7 @@ def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
 def _ddp_worker(rank, world, port, cfg_json):
     join_gloo_env(rank, world, port)
     reward.train(RMConfig.model_validate_json(cfg_json))
-    torch.distributed.destroy_process_group()
+    end_rank()
 
 
 def test_two_gloo_ranks_equal_one_rank(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import free_port, join_gloo_env, max_param_diff, model_weights, write_demos
+from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights, write_demos
 from preflab import models
 from preflab.config import SFTConfig, load_config
 from preflab.data.chat import IGNORE, collate, parse_demo, read_demos, tokenize_conversation
@@ -170,8 +170,15 @@ def test_cli_runs_sft_and_reports_bad_keys(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sft", "model.path=tiny:", "optim.lrr=1"])
     assert e.value.code == 2 and "optim.lrr: unknown key" in capsys.readouterr().err
-    main(["sft", "--config", "configs/sft_tiny.yaml", f"data.train={demos}", f"run.out={tmp_path / 'o'}",
-          "train.max_steps=1"])
+    # A group joined before the command (as under torchrun) is closed when the stage ends.
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        main(["sft", "--config", "configs/sft_tiny.yaml", f"data.train={demos}", f"run.out={tmp_path / 'o'}",
+              "train.max_steps=1"])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert (tmp_path / "o/model/config.json").is_file()
 
 
@@ -180,8 +187,7 @@ def _ddp_worker(rank, world, port, cfg_json):
     join_gloo_env(rank, world, port)
     cfg = SFTConfig.model_validate_json(cfg_json)
     sft.train(cfg)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_rank()
 
 
 def test_two_gloo_ranks_equal_one_rank(tmp_path):

@@ -109,6 +109,11 @@ def stage_command(name: str, config_cls, run: str, help_text: str) -> click.Comm
             click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
             return
         module_name, attr = run.split(":")
-        getattr(importlib.import_module(module_name), attr)(cfg, resume=resume)
+        try:
+            getattr(importlib.import_module(module_name), attr)(cfg, resume=resume)
+        finally:
+            from preflab import distributed
+
+            distributed.shutdown()  # under torchrun: close the group rather than leave it to exit
 
     return command

@@ -38,6 +38,12 @@ def init(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (the end of a torchrun stage)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
