@@ -9,6 +9,7 @@ points as noise (the run-to-run spread of the default setting is several points)
 
     .venv/bin/python benchmarks/ppo_sweep.py --run runs/demo            # the settings below
     .venv/bin/python benchmarks/ppo_sweep.py --run runs/demo --only lr5e-5
+    .venv/bin/python benchmarks/ppo_sweep.py --run runs/demo --only seed1 --extra seed1=run.seed=1
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--out", type=Path, default=Path("runs/ppo-sweep"))
-    ap.add_argument("--only", action="append", choices=sorted(SETTINGS), help="run only these settings")
+    ap.add_argument("--only", action="append",
+                    help="of the settings above, run only these (--extra settings always run)")
     ap.add_argument("--extra", action="append", default=[], help="NAME=override,override,... (another setting)")
     a = ap.parse_args()
-    settings = {k: v for k, v in SETTINGS.items() if not a.only or k in a.only}
-    for spec in a.extra:
-        name, _, overrides = spec.partition("=")
-        settings[name] = [o for o in overrides.split(",") if o]
+    extra = {name: [o for o in overrides.split(",") if o]
+             for name, _, overrides in (spec.partition("=") for spec in a.extra)}
+    unknown = sorted(set(a.only or []) - set(SETTINGS) - set(extra))
+    if unknown:
+        ap.error(f"--only: unknown setting(s) {', '.join(unknown)}; known: {', '.join([*SETTINGS, *extra])}")
+    settings = {k: v for k, v in SETTINGS.items() if not a.only or k in a.only} | extra
 
     from preflab.run import table_console
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from preflab.config import OptimSection
-from preflab.optim import adamw, lr_factor
+from preflab.optim import adamw, lr_factor, schedule
 
 
 def test_lr_factor_hand_computed():
@@ -19,6 +19,21 @@ def test_lr_factor_hand_computed():
     assert lr_factor(14, 14, **kw) == pytest.approx(0.1)
     assert lr_factor(7, 14, schedule="constant", warmup_steps=0, warmup_start=0.0, min_ratio=0.1) == 1.0
     assert lr_factor(5, 10, schedule="linear", warmup_steps=0, warmup_start=0.0, min_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_schedule_delays_a_param_group():
+    """Group 0 delayed 3 steps: 0.1 (waiting) x3, then its own warm-up 0.1, 0.55 and 1; group 1 starts at once."""
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=2.0)
+    cfg = OptimSection(lr=2.0, schedule="constant", warmup_steps=2, warmup_start=0.1)
+    sched = schedule(opt, cfg, total_steps=10, delays=[3, 0])
+    lrs = []
+    for _ in range(6):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert [a for a, _ in lrs] == pytest.approx([0.2, 0.2, 0.2, 0.2, 1.1, 2.0])
+    assert [b for _, b in lrs] == pytest.approx([0.2, 1.1, 2.0, 2.0, 2.0, 2.0])
 
 
 def test_fused_adamw_matches_the_for_loop_version():

@@ -11,7 +11,7 @@ from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_we
 from preflab import models
 from preflab.config import PPOConfig, load_config
 from preflab.data.chat import Example
-from preflab.errors import TrainingError
+from preflab.errors import ConfigError, TrainingError
 from preflab.rl import masked_whiten
 from preflab.stages import ppo
 
@@ -150,7 +150,7 @@ def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path
     assert chunked.values.abs().sum() > 0
 
 
-def _update(ac, batch, cfg, dist=None, ptx_rows=None):
+def _update(ac, batch, cfg, dist=None, ptx_rows=None, train_policy=True):
     from preflab import distributed
 
     opt = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
@@ -159,7 +159,43 @@ def _update(ac, batch, cfg, dist=None, ptx_rows=None):
     ptx = ppo.PtxBatches(ptx_rows, cfg.ptx.batch_size, 0, torch.Generator().manual_seed(3)) if ptx_rows else None
     return ppo.ppo_update(module, batch, optimizer=opt, scheduler=sched, cfg=cfg, device=torch.device("cpu"),
                           ptx_batches=ptx, generator=torch.Generator().manual_seed(0),
-                          dist=dist or distributed.Dist())
+                          dist=dist or distributed.Dist(), train_policy=train_policy)
+
+
+def test_critic_warmup_update_leaves_the_policy_untouched(good_tokens, tmp_path):
+    """train_policy=False: the value head moves, the policy does not (AdamW's weight decay of
+    0.01 would move it too if its zero gradients reached the optimizer)."""
+    cfg = cfg_for(tmp_path, "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=2")
+    ac, batch = _scored_batch(cfg, good_tokens)
+    before = {k: v.clone() for k, v in ac.state_dict().items()}
+    _update(ac, batch, cfg, train_policy=False)
+    after = ac.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("policy."))
+    assert max(float((before[k] - after[k]).abs().max()) for k in before if k.startswith("value_head.")) > 1e-4
+
+
+def test_critic_warmup_steps_hold_the_policy_and_its_schedule(good_tokens, tmp_path, monkeypatch):
+    seen = []
+    real = ppo.ppo_update
+
+    def spy(ac, batch, *, optimizer, **kw):
+        seen.append((kw["train_policy"], kw["ptx_batches"] is not None, [g["lr"] for g in optimizer.param_groups]))
+        return real(ac, batch, optimizer=optimizer, **kw)
+
+    monkeypatch.setattr(ppo, "ppo_update", spy)
+    cfg = cfg_for(tmp_path, "train.steps=3", "ppo.critic_warmup_steps=2", "ptx.coef=0.5",
+                  "data.ptx=builtin:examples", "optim.lr=1e-3", "optim.warmup_steps=2",
+                  "optim.warmup_start=0.1", "rollout.batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")
+    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    # Two warm-up rollouts (one update each): the critic's LR warms up, the policy's waits; then
+    # the policy starts its own warm-up at 0.1 x lr, with the pretraining mix.
+    assert [(t, x) for t, x, _ in seen] == [(False, False), (False, False), (True, True)]
+    assert [lr for _, _, lr in seen][0] == pytest.approx([1e-4, 1e-4])
+    assert [lr for _, _, lr in seen][1] == pytest.approx([1e-4, 5.5e-4])
+    assert [lr for _, _, lr in seen][2] == pytest.approx([1e-4, 1e-3])
+    with pytest.raises(ConfigError, match="critic_warmup_steps"):
+        ppo.train(cfg_for(tmp_path / "bad", "train.steps=2", "ppo.critic_warmup_steps=2"),
+                  reward_fn=letter_reward(good_tokens))
 
 
 @pytest.mark.parametrize("with_ptx", [False, True])

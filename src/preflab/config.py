@@ -226,6 +226,9 @@ class PPOHyper(Section):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_rewards: bool = Field(False, description="Scale rewards to unit variance without shifting the mean.")
     critic_lr: float | None = Field(None, gt=0, description="Critic LR (None: optim.lr).")
+    critic_warmup_steps: int = Field(
+        0, ge=0, description="The first N rollouts train only the critic (the policy, its pretraining mix "
+        "and its LR schedule wait), so policy updates start with a critic fitted to this policy's returns.")
 
 
 class KLSection(Section):

@@ -40,12 +40,17 @@ def adamw(param_groups, optim) -> torch.optim.AdamW:
                              weight_decay=optim.weight_decay, fused=fused or None)
 
 
-def schedule(opt: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: lr_factor(s, total_steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
-                            warmup_start=optim.warmup_start, min_ratio=optim.min_lr_ratio),
-    )
+def schedule(opt: torch.optim.Optimizer, optim, total_steps: int,
+             delays: list[int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` per step; with ``delays``, param group i's schedule starts ``delays[i]`` steps late
+    (PPO's policy waits out the critic warm-up and then gets its own LR warm-up)."""
+
+    def factor(delay: int):
+        return lambda s: lr_factor(max(0, s - delay), total_steps - delay, schedule=optim.schedule,
+                                   warmup_steps=optim.warmup_steps, warmup_start=optim.warmup_start,
+                                   min_ratio=optim.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [factor(d) for d in delays or [0] * len(opt.param_groups)])
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optim, total_steps: int):

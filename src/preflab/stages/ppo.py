@@ -30,7 +30,7 @@ from preflab.cli import stage_command
 from preflab.config import PPOConfig, dump_config
 from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
-from preflab.errors import DataError, TrainingError
+from preflab.errors import ConfigError, DataError, TrainingError
 from preflab.lm import TokenNLL, unwrap
 from preflab.optim import adamw, clip_grad, schedule
 from preflab.rl import (
@@ -228,17 +228,21 @@ class PtxBatches:
 
 def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
                ptx_batches: Callable[[int], list[dict[str, torch.Tensor] | None]] | None, generator: torch.Generator,
-               dist: distributed.Dist) -> dict[str, float]:
+               dist: distributed.Dist, train_policy: bool = True) -> dict[str, float]:
     """PPO epochs over minibatches of one rollout; returns minibatch-averaged statistics.
 
     Every term is normalised by its global count over the minibatch (tokens for PPO, tokens of
     the pretraining rows for ptx), so gradient accumulation and ranks give the same update.
     With ptx, the pretraining gradient (times gamma) is accumulated into the same buffers as the
-    PPO gradient of each minibatch (InstructGPT App. C.4).
+    PPO gradient of each minibatch (InstructGPT App. C.4). ``train_policy=False`` (critic
+    warm-up) steps only the critic: the policy loss enters with weight 0 (so DDP still sees
+    every parameter) and the policy's gradients are dropped before the optimizer step.
     """
     p = cfg.ppo
     module = getattr(ac, "module", ac)
     params = [q for q in module.parameters() if q.requires_grad]
+    policy_params = [q for q in module.policy.parameters() if q.requires_grad]
+    policy_weight = 1.0 if train_policy else 0.0
     b = len(batch.samples.texts)
     micro = max(1, p.minibatch_size // p.grad_accum)
     keys = ("loss/policy", "loss/value", "loss/ptx", "policy/approxkl", "policy/clipfrac", "value/clipfrac",
@@ -271,7 +275,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                                                 temperature=cfg.rollout.temperature, ptx=ptx_in)
                     pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
                     vf = value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range)
-                    loss = (pg.loss + p.vf_coef * vf.loss) * weight
+                    loss = (policy_weight * pg.loss + p.vf_coef * vf.loss) * weight
                     if ptx_in is not None and n_ptx > 0:
                         loss = loss + cfg.ptx.coef * ptx_sum * dist.world_size / float(n_ptx)
                     if not torch.isfinite(loss):
@@ -287,6 +291,9 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 stats["policy/entropy"] += float(masked_mean(ent, m)) * w
                 if ptx_in is not None and n_ptx > 0:
                     stats["loss/ptx"] += float(ptx_sum.detach()) / float(n_ptx) * dist.world_size
+            if not train_policy:
+                for q in policy_params:
+                    q.grad = None  # AdamW skips them: no step, no weight decay, no moment update
             clip_grad(params, cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -358,7 +365,10 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     value_params = [q for q in (critic.parameters() if critic is not None else ac.value_head.parameters())]
     optimizer = adamw([{"params": policy_params, "lr": cfg.optim.lr},
                        {"params": value_params, "lr": p.critic_lr or cfg.optim.lr}], cfg.optim)
-    scheduler = schedule(optimizer, cfg.optim, total_updates)
+    if p.critic_warmup_steps >= cfg.train.steps:
+        raise ConfigError(f"ppo.critic_warmup_steps ({p.critic_warmup_steps}) must be below train.steps "
+                          f"({cfg.train.steps})")
+    scheduler = schedule(optimizer, cfg.optim, total_updates, delays=[p.critic_warmup_steps * steps_per_update, 0])
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     gen = HFGenerator(policy, tokenizer, bf16=r.bf16)
@@ -391,9 +401,10 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                                   chunk=p.minibatch_size)
             ac.train()
             t_score = time.perf_counter()
+            train_policy = step >= p.critic_warmup_steps
             stats = ppo_update(train_module, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                               device=device, ptx_batches=ptx_batches if ptx_rows else None,
-                               generator=update_rng, dist=dist)
+                               device=device, ptx_batches=ptx_batches if ptx_rows and train_policy else None,
+                               generator=update_rng, dist=dist, train_policy=train_policy)
             t_train = time.perf_counter()
 
             # 7. KL control on this rollout's KL; metrics over every rank's rollouts.
