@@ -45,18 +45,10 @@ def join_gloo_env(rank: int, world: int, port: int) -> None:
 
 
 def end_rank() -> None:
-    """Leave the gloo group and end this spawned rank without interpreter finalization.
-
-    Every result is on disk by now. Torch 2.13's gloo teardown at interpreter exit
-    occasionally aborts a rank ("terminate called without an active exception", with no
-    Python frame left on the stack: seen in about 1 of 30 runs, once in CI), which would
-    fail a test whose work had already succeeded.
-    """
-    import os
-    import sys
+    """End a spawned rank the way `preflab <stage>` ends one under torchrun (see
+    ``distributed.exit_now``): every result is on disk by now."""
+    from preflab import distributed
 
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    distributed.shutdown()
+    distributed.exit_now(0)

@@ -206,6 +206,27 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path):
     assert max_param_diff(w_one, w_two) < 1e-5
 
 
+def test_torchrun_stage_command_ends_both_ranks_cleanly(tmp_path):
+    """`torchrun -m preflab.cli sft` on 2 gloo ranks: exit 0, and what the ranks wrote before they
+    left through ``distributed.exit_now`` (no interpreter teardown) is complete on disk."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    demos = write_demos(tmp_path / "d.jsonl", 16)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           "-m", "preflab.cli", "sft", "--config", "configs/sft_tiny.yaml", f"data.train={demos}",
+                           f"run.out={tmp_path / 'o'}", "train.max_steps=2", "run.progress=false"],
+                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "o/metrics.jsonl")) if "train/loss" in r] == [1, 2]
+    assert models.load_policy(str(tmp_path / "o/model")) is not None
+
+
 def _scripted_val_losses(monkeypatch, values):
     it = iter(values)
     monkeypatch.setattr(sft, "validation_loss", lambda *a, **k: next(it))

@@ -109,11 +109,15 @@ def stage_command(name: str, config_cls, run: str, help_text: str) -> click.Comm
             click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
             return
         module_name, attr = run.split(":")
-        try:
-            getattr(importlib.import_module(module_name), attr)(cfg, resume=resume)
-        finally:
-            from preflab import distributed
+        stage = getattr(importlib.import_module(module_name), attr)
+        from preflab import distributed
 
+        try:
+            stage(cfg, resume=resume)
+            ranks = distributed.in_group()
+        finally:
             distributed.shutdown()  # under torchrun: close the group rather than leave it to exit
+        if ranks:
+            distributed.exit_now(0)  # see exit_now: skips gloo's occasionally aborting teardown
 
     return command
