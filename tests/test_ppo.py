@@ -190,9 +190,9 @@ def test_critic_warmup_steps_hold_the_policy_and_its_schedule(good_tokens, tmp_p
     # Two warm-up rollouts (one update each): the critic's LR warms up, the policy's waits; then
     # the policy starts its own warm-up at 0.1 x lr, with the pretraining mix.
     assert [(t, x) for t, x, _ in seen] == [(False, False), (False, False), (True, True)]
-    assert [lr for _, _, lr in seen][0] == pytest.approx([1e-4, 1e-4])
-    assert [lr for _, _, lr in seen][1] == pytest.approx([1e-4, 5.5e-4])
-    assert [lr for _, _, lr in seen][2] == pytest.approx([1e-4, 1e-3])
+    assert seen[0][2] == pytest.approx([1e-4, 1e-4])
+    assert seen[1][2] == pytest.approx([1e-4, 5.5e-4])
+    assert seen[2][2] == pytest.approx([1e-4, 1e-3])
     with pytest.raises(ConfigError, match="critic_warmup_steps"):
         ppo.train(cfg_for(tmp_path / "bad", "train.steps=2", "ppo.critic_warmup_steps=2"),
                   reward_fn=letter_reward(good_tokens))

@@ -68,25 +68,25 @@ def exit_now(code: int = 0) -> NoReturn:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if in_group():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if in_group():
         return all_reduce_sum(t) / dist.get_world_size()
     return t
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if in_group():
         dist.barrier()
 
 
 def broadcast_object(obj):
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if in_group():
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -95,7 +95,7 @@ def broadcast_object(obj):
 
 def all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if in_group():
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out

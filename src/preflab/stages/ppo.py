@@ -326,6 +326,9 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     if r.batch_size % p.minibatch_size:
         raise DataError(f"rollout.batch_size ({r.batch_size}) must be a multiple of ppo.minibatch_size "
                         f"({p.minibatch_size})")
+    if p.critic_warmup_steps >= cfg.train.steps:
+        raise ConfigError(f"ppo.critic_warmup_steps ({p.critic_warmup_steps}) must be below train.steps "
+                          f"({cfg.train.steps})")
 
     # 1. data: prompts of the PPO split, and the pretraining mix --------------------------------
     tokenizer = models.load_tokenizer(cfg.models.policy.path)
@@ -365,9 +368,6 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     value_params = [q for q in (critic.parameters() if critic is not None else ac.value_head.parameters())]
     optimizer = adamw([{"params": policy_params, "lr": cfg.optim.lr},
                        {"params": value_params, "lr": p.critic_lr or cfg.optim.lr}], cfg.optim)
-    if p.critic_warmup_steps >= cfg.train.steps:
-        raise ConfigError(f"ppo.critic_warmup_steps ({p.critic_warmup_steps}) must be below train.steps "
-                          f"({cfg.train.steps})")
     scheduler = schedule(optimizer, cfg.optim, total_updates, delays=[p.critic_warmup_steps * steps_per_update, 0])
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
