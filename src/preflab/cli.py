@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("preflab.evals.report:cli", "Write RUN_DIR/report.html."),
     "pipeline": ("preflab.pipeline:cli", "The main job: demonstrations -> SFT -> RM -> PPO -> eval -> report."),
     "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
+    "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
 }
 
 

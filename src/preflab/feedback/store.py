@@ -603,6 +603,13 @@ class PreferenceStore:
             c.execute("UPDATE queue SET status = 'pending', labeler = NULL, assigned_at = NULL "
                       "WHERE id = ? AND status = 'assigned'", (task_id,))
 
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only statement, outside any write lock. For modules that keep their own
+        tables in the store file (``preflab.annotate``); writes go through ``transaction()``."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise DataError("query() runs SELECT statements only; write inside transaction()")
+        return self._conn.execute(sql, list(args)).fetchall()
+
     def queue_counts(self, queue: str | None = None) -> dict[str, int]:
         q, args = _where("SELECT status, COUNT(*) FROM queue", queue=queue)
         got = dict(self._conn.execute(q + " GROUP BY status", args).fetchall())

@@ -1,0 +1,114 @@
+"""A labeler's work: take the next task, submit a ranking, or skip.
+
+Candidates are shown in an order shuffled per (labeler, task), so position bias spreads
+over candidates; submissions come back in display positions and are mapped to the task's
+candidate order before they reach the store. ``submit`` is idempotent: sending the same
+ranking of a task again returns the stored ranking's id and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from preflab.annotate.db import now
+from preflab.annotate.project import Project
+from preflab.annotate.validate import Invalid, parse_submission
+from preflab.feedback.labelers import stable_seed
+from preflab.feedback.store import PreferenceStore
+
+
+def display_order(project: Project, labeler: str, task_id: int, k: int) -> list[int]:
+    """``perm[d]`` = the task position shown at display position d (fixed per labeler and task)."""
+    perm = list(range(k))
+    random.Random(stable_seed("annotate-shuffle", project.name, labeler, task_id)).shuffle(perm)
+    return perm
+
+
+def next_task(store: PreferenceStore, project: Project, labeler: str) -> dict[str, Any] | None:
+    """Assign the labeler a task and return what they may see, or None when none is left.
+
+    A task they hold comes back first (a reload resumes it); otherwise the oldest pending task
+    of a prompt they have neither been given nor skipped. Atomic: a task goes to one labeler.
+    """
+    with store.transaction() as c:
+        row = c.execute("SELECT id FROM queue WHERE queue = ? AND status = 'assigned' AND labeler = ? "
+                        "ORDER BY id LIMIT 1", (project.queue, labeler)).fetchone()
+        if row is None:
+            row = c.execute(
+                "SELECT q.id FROM queue q WHERE q.queue = ? AND q.status = 'pending' "
+                "AND NOT EXISTS (SELECT 1 FROM queue o WHERE o.queue = q.queue AND o.prompt_id = q.prompt_id "
+                "                AND o.labeler = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM annotate_skips s JOIN queue o ON o.id = s.task_id "
+                "                WHERE s.labeler = ? AND o.queue = q.queue AND o.prompt_id = q.prompt_id) "
+                "ORDER BY q.id LIMIT 1", (project.queue, labeler, labeler)).fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE queue SET status = 'assigned', labeler = ?, assigned_at = ? WHERE id = ?",
+                      (labeler, now(), row[0]))
+        task = store.task(int(row[0]))
+    perm = display_order(project, labeler, task.id, len(task.candidates))
+    return {"task_id": task.id, "prompt": task.prompt, "k": len(perm),
+            "responses": [task.candidates[p] for p in perm]}
+
+
+def _own_task(store: PreferenceStore, project: Project, labeler: str, task_id: int) -> Any:
+    """The queue row of a task of this project that is (or was) this labeler's; else Invalid."""
+    rows = store.query("SELECT * FROM queue WHERE id = ?", (task_id,))
+    if not rows or rows[0]["queue"] != project.queue:
+        raise Invalid("task_id", f"unknown task {task_id}", 404)
+    if rows[0]["labeler"] != labeler:
+        raise Invalid("task_id", f"task {task_id} is not assigned to you", 403)
+    return rows[0]
+
+
+def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int, body: Any) -> tuple[int, bool]:
+    """Store the labeler's ranking of a task; return (ranking id, True if it was already stored).
+
+    Raises Invalid (nothing written) for an unknown task (404), another labeler's task (403),
+    a different ranking of a task already submitted (409), or a bad body (400/422).
+    """
+    row = _own_task(store, project, labeler, task_id)
+    k = len(json.loads(row["candidate_ids"]))
+    sub = parse_submission(body, k)
+    perm = display_order(project, labeler, task_id, k)
+    order = [sorted(perm[d] for d in tier) for tier in sub.order]  # best first, as task positions
+    scores: list[int | None] = [None] * k
+    flags: list[list[str]] = [[] for _ in range(k)]
+    for d, p in enumerate(perm):
+        scores[p], flags[p] = sub.scores[d], sub.flags[d]
+    with store.transaction() as c:
+        row = c.execute("SELECT status, labeler, ranking_id FROM queue WHERE id = ?", (task_id,)).fetchone()
+        if row["labeler"] != labeler:
+            raise Invalid("task_id", f"task {task_id} is not assigned to you", 403)
+        if row["status"] == "done":
+            got = c.execute('SELECT "order" FROM rankings WHERE id = ?', (row["ranking_id"],)).fetchone()
+            if json.loads(got[0]) != order:
+                raise Invalid("task_id", f"task {task_id} was already submitted with a different ranking", 409)
+            return int(row["ranking_id"]), True
+        meta = {"project": project.name, "source": "annotate", "scores": scores, "response_flags": flags,
+                "note": sub.note, "display": perm}
+        union = sorted({f for fl in flags for f in fl})
+        return store.complete(task_id, order, labeler, time_s=sub.time_s, flags=union, meta=meta), False
+
+
+def skip(store: PreferenceStore, project: Project, labeler: str, task_id: int) -> None:
+    """Give a task back: it goes to another labeler, and this one is not offered its prompt again."""
+    rows = store.query("SELECT 1 FROM annotate_skips WHERE task_id = ? AND labeler = ?", (task_id, labeler))
+    if rows:
+        return  # already skipped: idempotent
+    row = _own_task(store, project, labeler, task_id)
+    if row["status"] == "done":
+        raise Invalid("task_id", f"task {task_id} is already submitted", 409)
+    with store.transaction() as c:
+        c.execute("INSERT OR IGNORE INTO annotate_skips(task_id, labeler, created_at) VALUES (?, ?, ?)",
+                  (task_id, labeler, now()))
+        c.execute("UPDATE queue SET status = 'pending', labeler = NULL, assigned_at = NULL "
+                  "WHERE id = ? AND status = 'assigned' AND labeler = ?", (task_id, labeler))
+
+
+def done_count(store: PreferenceStore, project: Project, labeler: str) -> int:
+    rows = store.query("SELECT COUNT(*) FROM queue WHERE queue = ? AND labeler = ? AND status = 'done'",
+                       (project.queue, labeler))
+    return int(rows[0][0])
