@@ -16,11 +16,9 @@ from preflab import __version__
 from preflab.errors import PreflabError
 
 # name -> (module:attribute, one-line help). The module is imported only when the command runs.
+# The training stages come from the stage registry (``preflab.registry.STAGES``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sft": ("preflab.stages.sft:cli", "Supervised fine-tuning on demonstrations (loss on response tokens)."),
-    "rm": ("preflab.stages.reward:cli", "Train a reward model on K-way rankings."),
     "rm-eval": ("preflab.evals.rm_eval:cli", "Evaluate a reward model: accuracy, ECE, reliability."),
-    "ppo": ("preflab.stages.ppo:cli", "PPO-ptx against a reward model with a KL penalty to the SFT model."),
     "data": ("preflab.data.cli:data", "Task suite, labeling, agreement, import/export, stats."),
     "judge": ("preflab.feedback.cli:judge", "Score responses to suite prompts with the gold judge."),
     "generate": ("preflab.rollout:generate_cli", "Sample responses from a model for a prompt file."),
@@ -35,14 +33,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class LazyGroup(click.Group):
     """A click group whose commands live in other modules, imported only when run."""
 
-    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, **kwargs):
+    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, stages: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.lazy = COMMANDS if commands is None else commands
+        self.stages = {}
+        if stages:
+            from preflab.registry import STAGES
+
+            self.stages = STAGES
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(self.lazy)
+        return sorted([*self.lazy, *self.stages])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.stages:
+            return stage_command(self.stages[name])
         if name not in self.lazy:
             return None
         target, _ = self.lazy[name]
@@ -58,10 +63,11 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so listing commands imports nothing heavy.
         with formatter.section("Commands"):
-            formatter.write_dl([(name, self.lazy[name][1]) for name in sorted(self.lazy)])
+            helps = {**{n: h for n, (_, h) in self.lazy.items()}, **{n: s.help for n, s in self.stages.items()}}
+            formatter.write_dl(sorted(helps.items()))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, stages=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="preflab")
 def app() -> None:
     """preflab: SFT, a K-way reward model and PPO-ptx, with a data engine and evaluation you can trust."""
@@ -84,41 +90,122 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
+def stage_command(stage, config_cls=None, run: str | None = None, help_text: str | None = None) -> click.Command:
+    """A stage command: ``preflab NAME --config FILE [key.sub=value ...] [--resume [--force]]``.
 
-
-def stage_command(name: str, config_cls, run: str, help_text: str) -> click.Command:
-    """A stage command: ``preflab NAME --config FILE [key.sub=value ...] [--resume]``.
-
-    ``run`` is "module:function" taking (config, resume=bool); it is imported when called.
+    ``stage`` is a ``preflab.registry.Stage`` (name, config class, "module:function" taking
+    (config, resume=bool), help, example), or its name with the other three given here. The
+    function is imported when called. It runs inside ``preflab.run.session``: a failure or Ctrl-C
+    is recorded in the run's manifest (``failed``/``interrupted`` and why), and Ctrl-C prints the
+    command that resumes.
     """
+    if isinstance(stage, str):
+        name, example = stage, None
+    else:
+        name, config_cls, run, help_text = stage.name, stage.config, stage.run, stage.help
+        example = getattr(stage, "example", None)
+    epilog = (
+        "\b\nExamples:\n"
+        + (f"  {example}\n" if example else "")
+        + f"  preflab {name} --print-config > {name}.yaml     # every key with its default\n"
+        f"  preflab {name} --config {name}.yaml optim.lr=1e-5 run.out=runs/{name}\n"
+        f"  preflab {name} --config {name}.yaml --resume    # continue run.out from its last checkpoint"
+    )
 
-    @click.command(name, help=help_text, context_settings={"ignore_unknown_options": False})
+    @click.command(name, help=help_text, epilog=epilog, context_settings={"ignore_unknown_options": False})
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                   help="YAML config (defaults apply to what it leaves out).")
     @click.option("--resume", is_flag=True, help="Continue the run in run.out from its last checkpoint.")
-    @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+    @click.option("--force", is_flag=True, help="With --resume: accept a config that differs from the run's "
+                                                "(recorded in its manifest as a change at the resumed step).")
+    @click.option("--print-config", is_flag=True, help="Print the resolved config and exit (without --config: "
+                                                       "the defaults; required keys show as <required>).")
     @click.argument("overrides", nargs=-1)
-    def command(config_path, resume, print_config, overrides):
-        from preflab.config import dump_config, load_config
+    def command(config_path, resume, force, print_config, overrides):
+        import os
+        import shlex
+        from pathlib import Path
 
-        cfg = load_config(config_cls, config_path, list(overrides))
+        from preflab.config import load_config
+        from preflab.errors import ConfigError, TrainingError
+
         if print_config:
             import yaml
 
-            click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+            click.echo(yaml.safe_dump(_printable_config(config_cls, config_path, list(overrides)), sort_keys=False))
             return
+        if force and not resume:
+            raise ConfigError("--force only applies with --resume")
+        cfg = load_config(config_cls, config_path, list(overrides))
         module_name, attr = run.split(":")
         stage = getattr(importlib.import_module(module_name), attr)
         from preflab import distributed
+        from preflab.run import latest_checkpoint_in, session
 
+        out = Path(cfg.run.out)
+        again = shlex.join(["preflab", name, *(["--config", config_path] if config_path else []), *overrides,
+                            "--resume"])
         try:
-            stage(cfg, resume=resume)
+            with session(force=force):
+                stage(cfg, resume=resume)
             ranks = distributed.in_group()
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it once
+                ckpt = latest_checkpoint_in(out)
+                click.secho(f"\ninterrupted: {out}/manifest.json says so. "
+                            + (f"Its last checkpoint is {ckpt}; continue from it with:" if ckpt
+                               else "It has no checkpoint yet (run.save_every sets how often); start it again with:")
+                            + f"\n  {again}", fg="yellow", err=True)
+            raise
+        except TrainingError as e:
+            if "last good checkpoint" in str(e):
+                raise
+            ckpt = latest_checkpoint_in(out)
+            raise TrainingError(f"{e}; last good checkpoint: {ckpt or 'none'}"
+                                + (f" (continue with: {again})" if ckpt else "")) from None
         finally:
             distributed.shutdown()  # under torchrun: close the group rather than leave it to exit
         if ranks:
             distributed.exit_now(0)  # see exit_now: skips gloo's occasionally aborting teardown
 
+    def _printable_config(config_cls, config_path: str | None, overrides: list[str]) -> dict:
+        """The resolved config as a dict for ``--print-config``: with required keys the user has not
+        set yet (e.g. ``data.train`` of ``preflab rm``) shown as ``<required>``, so the defaults print
+        without a config file. Any other error is raised as usual."""
+        from pydantic import ValidationError
+
+        from preflab.config import apply_overrides as apply
+        from preflab.config import dump_config, format_validation_error, load_yaml
+        from preflab.errors import ConfigError
+
+        data = apply(load_yaml(config_path) if config_path else {}, overrides)
+        for _ in range(8):  # each pass fills one more level of missing sections
+            try:
+                return dump_config(config_cls.model_validate(data))
+            except ValidationError as err:
+                errors = err.errors()
+                if any(e["type"] != "missing" for e in errors):
+                    raise ConfigError(format_validation_error(err, config_path or "config")) from None
+                for e in errors:
+                    node, loc = data, [str(p) for p in e["loc"]]
+                    for part in loc[:-1]:
+                        node = node.setdefault(part, {})
+                    field = _field_at(config_cls, loc)
+                    node[loc[-1]] = {} if field is not None and isinstance(field, type) and hasattr(
+                        field, "model_fields") else "<required>"
+        raise ConfigError(f"{config_path or 'config'}: cannot resolve the defaults")
+
+
+    def _field_at(cls, loc: list[str]):
+        for part in loc:
+            info = getattr(cls, "model_fields", {}).get(part)
+            if info is None:
+                return None
+            cls = info.annotation
+        return cls
+
     return command
+
+
+if __name__ == "__main__":
+    main()

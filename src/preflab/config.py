@@ -8,19 +8,46 @@ starts. Each stage gets only the sections it needs (STYLE.md 8: pass what a func
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from preflab.errors import ConfigError
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and a
+    number must be finite (``inf``, ``nan``, ``1e999`` are errors naming the key, also inside
+    tuples, lists and free-form mappings such as the pipeline's stage overrides)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_numbers(cls, value: Any) -> Any:
+        bad = _non_finite(value)
+        if bad is not None:
+            where, number = bad
+            raise ValueError(f"must be a finite number, got {number}" if not where
+                             else f"{where} must be a finite number, got {number}")
+        return value
+
+
+def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The first non-finite float in ``value`` (nested lists, tuples and dicts) as (dotted key
+    inside ``value``, the number), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = enumerate(value) if isinstance(value, list | tuple) else value.items() if isinstance(value, dict) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +95,10 @@ class RunSection(Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = Field(1, ge=1, description="How many recent checkpoints to keep.")
     progress: bool = Field(True, description="Show a progress bar.")
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        [], description="Also send metrics to these trackers (metrics.jsonl is always written): tensorboard "
+                        "(RUN/tensorboard; pip install 'preflab[tensorboard]'), mlflow (MLFLOW_TRACKING_URI, "
+                        "else RUN/mlruns; pip install 'preflab[mlflow]').")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ read at the last real token of each row.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from preflab.data.jsonl import atomic_dir
+from preflab.data.jsonl import atomic_dir, honour_umask
 from preflab.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,14 +68,27 @@ def resolve(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec}: directory has no config.json (not a saved Hugging Face model)")
         return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelError(f"{spec}: model directory not found")
+    if looks_like_path(spec):
+        raise ModelError(f"{spec}: model directory not found ({path.absolute()} does not exist)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelError(
             f"{spec}: not a local directory, and HF_HUB_OFFLINE=1 forbids the hub. "
             "Pass a saved model directory or `bundled:smollm2-135m-instruct`."
         )
     return spec  # a hub id; from_pretrained reports network problems (wrapped in load_*).
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a model spec can only mean a local directory, never a hub id ``owner/name``: it
+    starts with ``./``, ``../``, ``/`` or ``~``, is not of the form ``owner/name``, or its first
+    part is a local directory (``runs/modle`` with ``runs/`` here). A mistyped path then fails at
+    once instead of trying the hub."""
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        return True
+    return Path(spec).parent.is_dir()
 
 
 def ensure_bundled(name: str) -> Path:
@@ -214,6 +228,7 @@ def _publish(model: Any, tokenizer: Any, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        honour_umask(tmp, directory=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -336,13 +351,47 @@ def load_policy(
     return model
 
 
-def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto") -> PreTrainedModel:
+REWARD_MARK = "preflab_reward_model"  # config.json key: true in every reward model `preflab rm` saves
+
+
+def is_reward_model(spec: str) -> bool:
+    """Whether ``spec`` is a reward model saved by preflab: its config.json has ``preflab_reward_model:
+    true`` (or, from before the mark existed, the normalisation ``preflab_reward_gain`` that only the
+    RM stage writes). ``tiny:`` test models count (they are random whatever they are used as)."""
+    import json
+
+    if spec.startswith("tiny:"):
+        return True
+    try:
+        cfg = json.loads((Path(resolve(spec)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get(REWARD_MARK)) or "preflab_reward_gain" in cfg
+
+
+def load_reward_model(spec: str, dtype: str = "fp32", device: str = "auto") -> PreTrainedModel:
+    """``load_scorer`` for a trained reward model: refuses anything ``preflab rm`` did not save."""
+    return load_scorer(spec, dtype=dtype, device=device, reward_model=True)
+
+
+def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto", *,
+                reward_model: bool = False) -> PreTrainedModel:
     """A sequence-classification model with one output (reward model or critic).
 
     From a causal LM checkpoint the head is new (randomly initialised); from a saved reward
     model it is the trained head. Dropout is off (RLHF_REFERENCE §2: no dropout in RL).
+    ``reward_model=True`` (scoring with a trained RM: PPO's reward and critic init, evaluation,
+    rm-eval) refuses a model without the reward-model mark, e.g. an SFT directory, whose head
+    would be random: ModelError naming it.
     """
     import warnings
+
+    if reward_model and not is_reward_model(spec):
+        raise ModelError(
+            f"{spec}: not a reward model: its config.json has no {REWARD_MARK} mark, so it was not saved by "
+            "`preflab rm` (an SFT or base model would get a random score head). Pass the model/ directory of "
+            "a `preflab rm` run"
+        )
 
     from transformers import AutoModelForSequenceClassification
 
@@ -385,18 +434,55 @@ def wrap_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSA
     return get_peft_model(model, cfg)
 
 
-def save_model(model: Any, tokenizer: Any, out: str | Path) -> Path:
-    """Save a plain Hugging Face directory (LoRA merged) atomically: tmp directory, then rename."""
+def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: bool | None = None) -> Path:
+    """Save a plain Hugging Face directory (LoRA merged) atomically: tmp directory, then rename.
+
+    ``reward_model`` (default: whether the model carries the RM stage's normalisation
+    ``preflab_reward_gain``) writes the reward-model mark that ``load_reward_model`` checks.
+    """
     quiet_transformers()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = getattr(model, "module", model)  # DDP
+    if reward_model is None:
+        reward_model = hasattr(model.config, "preflab_reward_gain")
+    if reward_model:
+        setattr(model.config, REWARD_MARK, True)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def apply_reward_norm(model: Any) -> Any:
+    """Fold a preflab reward model's normalisation into its score head, in place, and return it:
+    ``AutoModelForSequenceClassification.from_pretrained(dir)`` then gives raw head scores, and
+
+        model = preflab.models.apply_reward_norm(AutoModelForSequenceClassification.from_pretrained(dir))
+
+    gives the normalised scores PPO and evaluation use (``gain * raw + bias``, the config's
+    ``preflab_reward_gain``/``preflab_reward_bias``, reset to 1 and 0 here so nothing applies them
+    twice). The head of Llama-family models has no bias, so a new one is added; the model stays a
+    plain transformers model.
+    """
+    import torch
+
+    base = getattr(model, "module", model)
+    cfg = base.config
+    gain, bias = float(getattr(cfg, "preflab_reward_gain", 1.0)), float(getattr(cfg, "preflab_reward_bias", 0.0))
+    name = "score" if hasattr(base, "score") else "classifier"
+    head = getattr(base, name)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ModelError(f"apply_reward_norm: expected a one-output linear {name!r} head, got {type(head).__name__}")
+    new = torch.nn.Linear(head.in_features, 1, bias=True, device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(head.weight * gain)
+        new.bias.fill_((float(head.bias) * gain if head.bias is not None else 0.0) + bias)
+    setattr(base, name, new)
+    cfg.preflab_reward_gain, cfg.preflab_reward_bias = 1.0, 0.0
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

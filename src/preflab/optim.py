@@ -59,10 +59,41 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optim, total_steps: int
     return opt, schedule(opt, optim, total_steps)
 
 
-def clip_grad(params, max_norm: float | None) -> float:
-    """Clip and return the total gradient norm (computed even when clipping is off)."""
+def clip_grad(params, max_norm: float | None, *, step: int | None = None,
+              last_good: str | None = None) -> float:
+    """Clip and return the total gradient norm (computed even when clipping is off).
+
+    A non-finite norm (NaN or inf, e.g. after an LR of 1e30) raises TrainingError before any
+    gradient is touched, so the caller's ``optimizer.step()`` never applies a non-finite update.
+    ``step`` (1-based optimizer step) and ``last_good`` (the newest checkpoint, e.g.
+    ``run.latest_checkpoint()``) go into the message when the caller passes them.
+    """
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm)
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    if not math.isfinite(norm):
+        raise non_finite_error(f"gradient norm {norm}", step=step, last_good=last_good)
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+    return norm
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float | None, *, step: int | None = None,
+                  last_good: str | None = None) -> float:
+    """``clip_grad`` then ``optimizer.step()``: the step is refused (TrainingError) when the norm is
+    not finite. Returns the norm before clipping."""
+    norm = clip_grad(params, max_norm, step=step, last_good=last_good)
+    optimizer.step()
+    return norm
+
+
+def non_finite_error(what: str, *, step: int | None = None, last_good: object = None):
+    """The TrainingError for a non-finite quantity: which, at which step, and the checkpoint to go
+    back to (``--resume`` continues from it; lower optim.lr or raise optim.max_grad_norm first)."""
+    from preflab.errors import TrainingError
+
+    at = f" at step {step}" if step is not None else ""
+    ckpt = f"; last good checkpoint: {last_good}" if last_good is not None else ""
+    return TrainingError(f"non-finite {what}{at}; the update was not applied{ckpt} "
+                         "(lower optim.lr or check the data, then --resume)")

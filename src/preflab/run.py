@@ -13,8 +13,10 @@ back to that step so a resumed run's log equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import random
@@ -23,17 +25,24 @@ import resource
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preflab.data.jsonl import atomic_dir, atomic_write_text
-from preflab.errors import PreflabError
+from preflab.data.jsonl import atomic_dir, atomic_write_text, clean_stale_tmp_dirs
+from preflab.errors import ConfigError, DataError, ModelError, PreflabError
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _say(message: str) -> None:
+    import click
+
+    click.secho(message, fg="yellow", err=True)
 
 
 def git_commit() -> str | None:
@@ -92,22 +101,188 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Config keys whose change on --resume cannot change the results: how a run reports and paces
+# itself, not what it computes. Matched on the last part of the dotted key (``run.progress``,
+# ``model.threads``, ``models.policy.threads``).
+RESUME_ALLOWED_CHANGES = frozenset({
+    "progress", "threads", "log_every", "trackers", "save_every", "keep_checkpoints",
+    "eval_every", "worst_k", "device",
+})
+
+_FORCE_RESUME: list[bool] = [False]  # set by session(force=...); RunDir(force=None) reads it
+_OPEN_RUNS: list[RunDir] = []  # writer RunDirs of this process that have not finished or failed
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (lists are values)."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Dotted keys whose value differs between two configs: ``{key: {"old": a, "new": b}}``
+    (a key missing on one side has the value None there)."""
+    a, b = flatten(old), flatten(new)
+    return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def dead_owner(manifest: dict[str, Any]) -> str | None:
+    """For a manifest that still says ``running``: a sentence saying its process is gone (killed,
+    e.g. by ``kill -9`` or the OOM killer, before it could mark the run), else None. Only a
+    process on this host can be checked; one on another host is assumed alive."""
+    if not isinstance(manifest, dict) or manifest.get("status") != "running":
+        return None
+    pid, host = manifest.get("pid"), manifest.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return None
+    if pid == os.getpid() or pid_alive(pid):
+        return None
+    return (f"the process that ran it (pid {pid} on {host}, started {manifest.get('started_at')}) is gone "
+            f"without marking the run finished or failed: it was killed")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """``RUN/manifest.json`` as a dict; PreflabError naming the file when it is missing or unreadable."""
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        raise PreflabError(f"{path}: not a preflab run directory (no manifest.json)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PreflabError(f"{f}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise PreflabError(f"{f}: unreadable manifest (not a JSON object)")
+    return data
+
+
+# Files that make a directory a run: a pipeline run's or a stage run's (what the report reads).
+RUN_MARKERS = ("manifest.json", "pipeline.json", "pipeline_config.json", "eval/results.json",
+               "rm/eval/rm_eval.json", "agreement.json", "ppo/metrics.jsonl", "ppo_ptx/metrics.jsonl")
+
+
+def check_run_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is a run directory (a pipeline's or a stage's), else PreflabError naming it.
+    Says so on stderr when a run in it was killed (``dead_owner``)."""
+    path = Path(path)
+    if not path.is_dir() or not any((path / m).is_file() for m in RUN_MARKERS):
+        raise PreflabError(f"{path}: not a preflab run directory (it has none of {', '.join(RUN_MARKERS)}); "
+                           "pass the --out of `preflab pipeline` or the run.out of a stage")
+    for manifest in [path / "manifest.json", *sorted(path.glob("*/manifest.json"))]:
+        if manifest.is_file():
+            try:
+                died = dead_owner(json.loads(manifest.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+            if died:
+                _say(f"{manifest.parent}: {died}")
+    return path
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    import torch
+
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+@contextlib.contextmanager
+def session(force: bool = False) -> Iterator[None]:
+    """What a command wraps around a stage: RunDirs opened inside accept a changed config on
+    ``--resume`` when ``force``, and any still running when an exception leaves are marked
+    ``interrupted`` (Ctrl-C) or ``failed`` (anything else) with the reason, in their manifest."""
+    before = len(_OPEN_RUNS)
+    _FORCE_RESUME.append(force)
+    try:
+        yield
+    except BaseException as e:
+        for run in list(_OPEN_RUNS[before:]):
+            run.fail_from(e)
+        raise
+    finally:
+        _FORCE_RESUME.pop()
+
+
+def latest_checkpoint_in(path: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of the run in ``path`` (None: none), without opening it."""
+    found = _checkpoints(Path(path) / "checkpoints")
+    return found[-1][1] if found else None
+
+
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of each complete checkpoint in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / "state.pt").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 class RunDir:
-    """The directory of one run. Only the main rank (``writer=True``) writes anything."""
+    """The directory of one run. Only the main rank (``writer=True``) writes anything.
+
+    ``manifest.json`` says ``running`` (with this process's pid and host) until ``finish()``;
+    ``fail(reason)``/``interrupt(reason)`` (or leaving ``with RunDir(...)`` by an exception, or
+    ``session()``) records ``failed``/``interrupted`` and why. Opening a run whose manifest says
+    ``running`` while its process is gone says so (``dead_owner``). ``resume=True`` refuses a
+    config that differs from the run's in anything but RESUME_ALLOWED_CHANGES unless ``force``;
+    every change is recorded in the manifest's ``config_changes`` with the step it applies from.
+    """
 
     def __init__(self, path: str | os.PathLike, *, stage: str, config: dict[str, Any], seed: int,
-                 resume: bool = False, writer: bool = True):
+                 resume: bool = False, writer: bool = True, force: bool | None = None):
         self.path = Path(path)
         self.stage = stage
         self.writer = writer
         self.ckpt_dir = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
+        self._trackers: Any = None
+        self._created = False
+        force = _FORCE_RESUME[-1] if force is None else force
         if writer:
+            prev = read_manifest(self.path) if (self.path / "manifest.json").exists() else None
+            died = dead_owner(prev) if prev else None
+            if prev and not died and prev.get("status") == "running" and isinstance(prev.get("pid"), int) \
+                    and prev.get("pid") != os.getpid() and prev.get("host") == socket.gethostname() and not force:
+                raise PreflabError(f"{self.path} is in use: its manifest says running in pid {prev['pid']} on "
+                                   f"{prev['host']}, which is alive (if that process is not preflab, pass --force)")
             if not resume and self.metrics_path.exists() and self.metrics_path.stat().st_size:
+                why = f" ({died})" if died else ""
                 raise PreflabError(
-                    f"{self.path} already holds a run; pass --resume to continue it or choose another --out"
+                    f"{self.path} already holds a run{why}; pass --resume to continue it or choose another --out"
                 )
+            self._created = not self.path.exists()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.cleaned = clean_stale_tmp_dirs(self.ckpt_dir) + clean_stale_tmp_dirs(self.path)
             self.manifest = {
                 "stage": stage,
                 "config": config,
@@ -115,27 +290,97 @@ class RunDir:
                 "versions": versions(),
                 "git_commit": git_commit(),
                 "host": socket.gethostname(),
+                "pid": os.getpid(),
                 "started_at": _now(),
                 "finished_at": None,
                 "status": "running",
             }
-            old = self.path / "manifest.json"
-            if resume and old.exists():
-                prev = json.loads(old.read_text())
+            if resume and prev:
+                changes = config_changes(prev.get("config") or {}, config)
+                refused = {k: v for k, v in changes.items() if k.rsplit(".", 1)[-1] not in RESUME_ALLOWED_CHANGES}
+                if refused and not force:
+                    shown = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in refused.items())
+                    raise ConfigError(
+                        f"{self.path / 'manifest.json'}: --resume with a different config ({shown}). "
+                        "Resume with the run's own config, or pass --force to apply the change from the last "
+                        "checkpoint on (recorded in the manifest)"
+                    )
                 self.manifest["started_at"] = prev.get("started_at", self.manifest["started_at"])
                 self.manifest["resumed_at"] = prev.get("resumed_at", []) + [_now()]
+                self.manifest["config_changes"] = list(prev.get("config_changes", []))
+                if changes:
+                    step = self.checkpoints()[-1][0] if self.checkpoints() else 0
+                    self.manifest["config_changes"].append(
+                        {"from_step": step, "at": _now(), "forced": bool(refused), "changes": changes})
+                for key in ("owner_died", "failures"):
+                    if key in prev:
+                        self.manifest[key] = prev[key]
+            if died:
+                self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
             self._write_manifest()
+            if died:
+                self.log(f"note: {died}; resuming")
+                _say(f"{self.path}: {died}; resuming from its last checkpoint")
+            if self.cleaned:
+                self.log("removed unfinished checkpoint writes: " + ", ".join(p.name for p in self.cleaned))
+            _OPEN_RUNS[:] = [r for r in _OPEN_RUNS if r.path.resolve() != self.path.resolve()] + [self]
 
     # -- manifest and logs -------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
         atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=2, default=str))
 
+    def _close(self) -> None:
+        if self in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self)
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
+
     def finish(self, status: str = "finished", **extra: Any) -> None:
         if not self.writer:
             return
         self.manifest.update(status=status, finished_at=_now(), **extra)
+        self.manifest.pop("reason", None)
         self._write_manifest()
+        self._close()
+
+    def fail(self, reason: str, status: str = "failed") -> None:
+        """Record that the run stopped without finishing (``failed`` or ``interrupted``) and why."""
+        if not self.writer or self.manifest.get("status") != "running":
+            return
+        self.manifest.update(status=status, reason=reason, finished_at=_now())
+        self.manifest.setdefault("failures", []).append({"status": status, "reason": reason, "at": _now(),
+                                                        "last_checkpoint": str(self.latest_checkpoint())})
+        self._write_manifest()
+        self.log(f"{status}: {reason}")
+        self._close()
+
+    def interrupt(self, reason: str = "interrupted (Ctrl-C)") -> None:
+        self.fail(reason, status="interrupted")
+
+    def fail_from(self, exc: BaseException) -> None:
+        """``fail`` with the reason an exception gives. A run created by this process that fails
+        on its input (data, config, model) before logging or saving anything is removed instead,
+        so a bad data file leaves no half-created run directory."""
+        if not self.writer or self.manifest.get("status") != "running":
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self.interrupt(f"interrupted (Ctrl-C){f': {exc}' if str(exc) else ''}")
+            return
+        if isinstance(exc, DataError | ConfigError | ModelError) and self._created and not self.read_metrics() \
+                and not self.checkpoints():
+            self._close()
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        self.fail(f"{type(exc).__name__}: {exc}")
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.fail_from(exc)
 
     def log(self, message: str) -> None:
         if self.writer:
@@ -143,11 +388,29 @@ class RunDir:
                 f.write(f"{_now()} {message}\n")
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one row to metrics.jsonl (and the configured trackers). A NaN or inf value is
+        written as null (JSON has no NaN) and named in log.txt."""
         if not self.writer:
             return
         row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            self.log(f"step {step}: non-finite metrics written as null: "
+                     + ", ".join(f"{k}={row[k]}" for k in bad))
+            row = {k: _finite_or_none(v) for k, v in row.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        self.trackers().log(step, {k: v for k, v in row.items() if k != "step"})
+
+    def trackers(self) -> Any:
+        """The trackers named in the config's ``run.trackers`` (opened on first use)."""
+        if self._trackers is None:
+            from preflab.trackers import open_trackers
+
+            names = ((self.manifest.get("config") or {}).get("run") or {}).get("trackers") or []
+            self._trackers = open_trackers(names, self.path, run_name=f"{self.stage}:{self.path.name}",
+                                           params=self.manifest.get("config") or {})
+        return self._trackers
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -164,14 +427,7 @@ class RunDir:
     # -- checkpoints -------------------------------------------------------------------------
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.ckpt_dir.exists():
-            return []
-        found = []
-        for p in self.ckpt_dir.iterdir():
-            m = CKPT_RE.match(p.name)
-            if m and (p / "state.pt").is_file():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        return _checkpoints(self.ckpt_dir)
 
     def latest_checkpoint(self) -> Path | None:
         ckpts = self.checkpoints()
@@ -181,12 +437,21 @@ class RunDir:
         """Write ``state`` (torch-serialisable) as checkpoints/step-N atomically; prune old ones.
 
         The state is written into a hidden temporary directory and renamed into place, so a
-        crash mid-write leaves the previous checkpoint as the newest complete one.
+        crash mid-write leaves the previous checkpoint as the newest complete one. A model state
+        (``state["model"]``) with a NaN or inf is refused (TrainingError): the newest checkpoint
+        is always one that ``--resume`` can continue from.
         """
         if not self.writer:
             return None
         import torch
 
+        bad = _non_finite_tensors(state.get("model") or {}) if isinstance(state.get("model"), dict) else []
+        if bad:
+            from preflab.optim import non_finite_error
+
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise non_finite_error(f"model weights ({shown}); not saved as a checkpoint", step=step,
+                                   last_good=self.latest_checkpoint() or "none")
         final = self.ckpt_dir / f"step-{step:06d}"
         with atomic_dir(final) as tmp:
             torch.save(state, tmp / "state.pt")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from preflab.data import hygiene
-from preflab.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
+from preflab.data.jsonl import iter_jsonl, read_jsonl, read_text_utf8, write_jsonl
 from preflab.data.schema import KWay, Pair, Prompt, Ranking, order_from_scores, validate_order
 from preflab.errors import DataError, PreflabError
 
@@ -313,10 +313,9 @@ def _ls_ranker(data: dict, res: dict) -> tuple[list[str], list[list[int]]]:
 
 def read_label_studio(path: str | os.PathLike) -> Imported:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    text = read_text_utf8(path)
     try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
+        tasks = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(tasks, list):

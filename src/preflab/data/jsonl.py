@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +20,40 @@ from typing import Any, TypeVar
 from preflab.errors import DataError
 
 T = TypeVar("T")
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; Python has no getter before 3.13)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the mode an ordinary
+    ``open()``/``mkdir()`` would give it: 0666/0777 minus the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def not_utf8(path: str | os.PathLike, err: UnicodeDecodeError, lineno: int | None = None) -> DataError:
+    """One clear error for a file that is not UTF-8 text (e.g. UTF-16, Latin-1, a binary file)."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    return DataError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}"
+                     f"{' of the line' if lineno else ''}); save the file as UTF-8")
+
+
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """A whole text file; DataError naming the file when it is missing or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -28,8 +64,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, e, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -64,6 +104,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        honour_umask(tmp)  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -74,14 +115,44 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+TMP_DIR_PREFIX = ".tmp-"
+
+
+def clean_stale_tmp_dirs(parent: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Remove ``.tmp-*`` directories that ``atomic_dir`` left in ``parent`` when its process was
+    killed mid-write (a finished or failed write removes its own). Only directories older than
+    ``min_age_s`` go, so a write in progress in another process is left alone when that matters."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for p in parent.iterdir():
+        if p.name.startswith(TMP_DIR_PREFIX) and p.is_dir() and not p.is_symlink():
+            try:
+                if now - p.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Fill the yielded temporary sibling directory; on success it replaces ``path`` by a rename,
-    so a reader sees the old directory or the complete new one. On error ``path`` is untouched."""
+    so a reader sees the old directory or the complete new one. On error ``path`` is untouched.
+
+    Stale temporary directories of ``path`` from a killed earlier write are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    for stale in path.parent.glob(f"{TMP_DIR_PREFIX}{path.name}-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{path.name}-", dir=path.parent))
     try:
+        honour_umask(tmp, directory=True)  # mkdtemp makes 0700; the result is an ordinary directory
         yield tmp
         if path.exists():
             shutil.rmtree(path)

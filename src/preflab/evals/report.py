@@ -512,6 +512,11 @@ def write_report(run_dir: str | Path) -> Path:
 def cli(run_dir: str) -> None:
     """Write RUN_DIR/report.html: one self-contained page (tables, embedded plots, no network) with the
     models table, win-rates, PPO curves, gold against KL, lengths, refusals, RM reliability, labeler
-    agreement, failure bins, the top-reward samples and stage timings."""
+    agreement, failure bins, the top-reward samples and stage timings.
+
+    Example: preflab report runs/demo"""
+    from preflab.run import check_run_dir
+
+    check_run_dir(run_dir)  # a directory that is not a run is an error, not an empty report
     path = write_report(run_dir)
     click.echo(f"wrote {path}")

@@ -24,7 +24,7 @@ from preflab.rl.ranking import batched_kway_ranking_loss
 from preflab.rl.stats import wilson_interval
 
 if TYPE_CHECKING:
-    from preflab.stages.reward import Group
+    from preflab.data.rankings import Group
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -214,12 +214,13 @@ def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst
     """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
     the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
     from preflab import models
-    from preflab.stages.reward import encode_groups, read_groups, score_groups
+    from preflab.data.rankings import encode_groups, read_groups
+    from preflab.scoring import score_groups
 
     models.set_threads(threads)
     groups = [g for g in read_groups(data, None, split) if g.pairs()]
     tokenizer = models.load_tokenizer(model_spec)
-    model = models.load_scorer(model_spec)
+    model = models.load_reward_model(model_spec)
     scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
                           batch_size=batch_size, bf16=bf16)
     report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)

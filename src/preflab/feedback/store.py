@@ -156,17 +156,29 @@ class PreferenceStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; ``_tx`` issues BEGIN IMMEDIATE itself.
+        if self.path.is_dir():
+            raise DataError(f"{self.path}: is a directory, not a SQLite preference store")
         self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._depth = 0
         c = self._conn
-        c.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        mode = self._set_wal(timeout_s)
-        if mode != "wal":
-            raise DataError(f"{self.path}: cannot switch the store to WAL mode (journal_mode={mode})")
-        c.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
-        c.execute("PRAGMA foreign_keys = ON")
-        self.migrate()
+        try:
+            c.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            mode = self._set_wal(timeout_s)
+            if mode != "wal":
+                raise DataError(f"{self.path}: cannot switch the store to WAL mode (journal_mode={mode})")
+            c.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
+            c.execute("PRAGMA foreign_keys = ON")
+            self.migrate()
+        except sqlite3.DatabaseError as e:  # e.g. a JSONL file passed as --store
+            c.close()
+            if isinstance(e, sqlite3.OperationalError):
+                raise DataError(f"{self.path}: cannot open the store ({e})") from None
+            raise DataError(f"{self.path}: not a SQLite preference store ({e}); a store is the .sqlite file "
+                            "that `preflab data` commands create") from None
+        except BaseException:
+            c.close()
+            raise
 
     # -- plumbing -------------------------------------------------------------------------
 

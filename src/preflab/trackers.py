@@ -1,0 +1,125 @@
+"""Experiment trackers beside ``metrics.jsonl``: TensorBoard and MLflow, chosen by ``run.trackers``.
+
+``metrics.jsonl`` is always written (``RunDir.log_metrics``); each tracker named in the config
+gets the same rows with the same namespaced keys (``train/loss``, ``perf/step_s``...) at the
+same step. Both are optional extras, imported only when named:
+
+- ``tensorboard`` (``pip install 'preflab[tensorboard]'``): event files in ``RUN/tensorboard``;
+  ``tensorboard --logdir RUN/tensorboard``.
+- ``mlflow`` (``pip install 'preflab[mlflow]'``): one MLflow run per stage run, in the server or
+  directory ``MLFLOW_TRACKING_URI`` names, else ``RUN/mlruns``; the experiment is
+  ``MLFLOW_EXPERIMENT_NAME``, else ``preflab``. The resolved config goes in as flattened params.
+
+A non-finite value reaches no tracker (metrics.jsonl writes it as null); a value that is not a
+number (a string, a list) is left out too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from preflab.errors import ConfigError
+
+KNOWN = ("tensorboard", "mlflow")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+class TensorBoardTracker:
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("run.trackers: tensorboard needs the tensorboard package: "
+                              "pip install 'preflab[tensorboard]'") from e
+        self.log_dir = run_dir / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflowTracker:
+    def __init__(self, run_dir: Path, run_name: str, params: dict[str, Any]):
+        try:
+            import mlflow
+        except ImportError as e:
+            raise ConfigError("run.trackers: mlflow needs the mlflow package: pip install 'preflab[mlflow]'") from e
+        from preflab.run import flatten
+
+        self.mlflow = mlflow
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "preflab")
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        flat = [mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=flat[i:i + 100])
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [self.mlflow.entities.Metric(_mlflow_key(k), v, now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _mlflow_key(key: str) -> str:
+    """MLflow keys allow letters, digits, ``_ - . / `` and spaces; anything else becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+class Trackers:
+    """The trackers of one run; ``log`` sends finite numeric metrics to each."""
+
+    def __init__(self, trackers: list[Any]):
+        self.trackers = trackers
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.trackers:
+            return
+        scalars = _scalars(metrics)
+        for t in self.trackers:
+            t.log(step, scalars)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
+
+
+def open_trackers(names: list[str], run_dir: str | os.PathLike, *, run_name: str = "preflab",
+                  params: dict[str, Any] | None = None) -> Trackers:
+    """The trackers named (``[]``: none; metrics.jsonl is written by RunDir regardless)."""
+    run_dir = Path(run_dir)
+    out: list[Any] = []
+    for name in dict.fromkeys(names):
+        if name == "tensorboard":
+            out.append(TensorBoardTracker(run_dir))
+        elif name == "mlflow":
+            out.append(MLflowTracker(run_dir, run_name, params or {}))
+        else:
+            raise ConfigError(f"run.trackers: unknown tracker {name!r} (known: {', '.join(KNOWN)})")
+    return Trackers(out)
