@@ -86,6 +86,8 @@ def build(store_path: Path, *, labelers: int, rankings: int, k: int = 4, overlap
     """A project with at least ``rankings`` tasks, ``labelers`` accounts and one admin.
     Returns (labeler tokens, admin token, number of tasks)."""
     n_prompts = int(np.ceil(rankings / (1 + overlap * (overlap_labelers - 1))))
+    while n_prompts + round(overlap * n_prompts) * (overlap_labelers - 1) < rankings:
+        n_prompts += 1  # create_project rounds the overlap share
     items = [Item(f"Load-test prompt {i}: say something about item {i}.",
                   [f"Response {j} to prompt {i}." for j in range(k)], uid=f"load-{i}", slice=f"s{i % 3}")
              for i in range(n_prompts)]
