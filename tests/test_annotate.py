@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from preflab.cli import main
 from preflab.errors import DataError, PreflabError
 from preflab.feedback.agreement import krippendorff_alpha_ordinal
 from preflab.feedback.store import PreferenceStore
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
@@ -280,3 +283,19 @@ def test_cli_create_to_rm(tmp_path, capsys):
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
     assert "rm: 9 train rankings" in (run_dir / "log.txt").read_text()  # every ranking of the app, no conversion
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_cli_create_samples_candidates_from_a_model(tmp_path, capsys):
+    db = tmp_path / "s.sqlite"
+    assert run(["annotate", "create", "--store", str(db), "--name", "sampled", "--prompts",
+                str(FIXTURES / "prompts_tiny.jsonl"), "--model", "tiny:", "--split", "any", "--limit", "3", "--k", "2",
+                "--max-new-tokens", "4", "--overlap", "0"]) == 0
+    assert "3 prompts + 0 gold items, K=2, 3 tasks" in capsys.readouterr().out
+    with PreferenceStore(db) as store:
+        p = load_project(store, "sampled")
+        t = tasks.next_task(store, p, "x")
+        assert t["k"] == 2 and all(isinstance(r, str) and r for r in t["responses"])
+        assert {m for pr in store.prompts() for _, _, m in store.candidates(pr.id)} == {"tiny:"}
+    assert run(["annotate", "create", "--store", str(db), "--name", "x", "--prompts",
+                str(FIXTURES / "prompts_tiny.jsonl")]) == 2
+    assert "--prompts needs --model" in capsys.readouterr().err

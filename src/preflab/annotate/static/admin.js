@@ -42,7 +42,7 @@ function disagreement(item) {
   const box = document.createElement("div");
   box.className = "disagreement";
   const p = document.createElement("p");
-  p.textContent = `Prompt ${item.prompt_id} (agreement ${fmt(item.agreement, 2)}): ${item.prompt}`;
+  p.textContent = `Prompt #${item.prompt_id} (agreement ${fmt(item.agreement, 2)}): ${item.prompt}`;
   const ol = document.createElement("ol");
   for (const text of item.responses) {
     const li = document.createElement("li");
