@@ -83,6 +83,15 @@ def test_tokens_are_stored_hashed(tmp_path):
     assert token not in dump and fresh not in dump and hash_token(fresh) in dump
 
 
+def test_store_query_reads_only(proj):
+    store, _, _ = proj
+    assert store.query("SELECT COUNT(*) FROM annotate_accounts")[0][0] == 4
+    for sql in ("DELETE FROM annotate_accounts", "WITH x AS (SELECT 1) DELETE FROM annotate_accounts"):
+        with pytest.raises(DataError, match="SELECT statements only"):
+            store.query(sql)
+    assert store.query("SELECT COUNT(*) FROM annotate_accounts")[0][0] == 4
+
+
 def test_shuffled_display_maps_back_to_candidates(proj):
     store, project, _ = proj
     t = tasks.next_task(store, project, "alice")

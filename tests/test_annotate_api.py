@@ -132,6 +132,14 @@ def test_task_ownership_body_limits_and_idempotency(app):
     assert counts(path)["rankings"] == before["rankings"] + 1
 
 
+def test_static_files_only_from_the_package(app):
+    client, tokens, _ = app
+    h = auth(tokens["alice"])
+    assert client.get("/static/label.js", headers=h).status_code == 200
+    for name in ("..%2Fapp.py", ".hidden", "nope.js", "%2e%2e"):
+        assert client.get(f"/static/{name}", headers=h).status_code == 404, name
+
+
 def test_security_headers(app):
     client, tokens, _ = app
     for r in (client.get("/login"), client.get("/api/me", headers=auth(tokens["alice"])), client.get("/api/me")):

@@ -618,7 +618,7 @@ class PreferenceStore:
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Rows of one read-only statement, outside any write lock. For modules that keep their own
         tables in the store file (``preflab.annotate``); writes go through ``transaction()``."""
-        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+        if not sql.lstrip().upper().startswith("SELECT"):
             raise DataError("query() runs SELECT statements only; write inside transaction()")
         return self._conn.execute(sql, list(args)).fetchall()
 
