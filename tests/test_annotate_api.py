@@ -57,7 +57,9 @@ def test_login_cookie_and_roles(app):
     r = client.post("/api/login", json={"token": tokens["alice"]})
     assert r.json() == {"name": "alice", "role": "labeler"}
     cookie = r.headers["set-cookie"].lower()
-    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie  # plain HTTP on loopback
+    tls = TestClient(client.app, base_url="https://testserver")  # as behind a TLS proxy
+    assert "secure" in tls.post("/api/login", json={"token": tokens["bob"]}).headers["set-cookie"].lower()
     assert client.get("/api/me").json()["name"] == "alice"  # the cookie authenticates
     assert client.get("/").status_code == 200
     assert client.get("/api/admin/stats").status_code == 403
@@ -121,6 +123,9 @@ def test_task_ownership_body_limits_and_idempotency(app):
         (client.post(url, headers={**auth(tokens["alice"]), "Content-Type": "text/plain"},
                      content=json.dumps(RANKED)), 415, "body"),
     ]
+    chunks = (b'{"order": [[0], [1], [2], [3]], "note": "' + b"x" * 8192 for _ in range(10))  # no Content-Length
+    cases.append((client.post(url, headers={**auth(tokens["alice"]), "Content-Type": "application/json"},
+                              content=chunks), 413, "body"))
     for r, status, field in cases:
         assert (r.status_code, r.json()["field"]) == (status, field), r.text
     assert counts(path) == before

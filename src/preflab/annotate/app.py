@@ -147,7 +147,8 @@ def create_app(store_path: str | Path, project_name: str | None = None) -> FastA
         if acc is None:
             raise Invalid("token", "wrong token", 401)
         resp = JSONResponse({"name": acc.name, "role": acc.role})
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/", max_age=12 * 3600)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/", max_age=12 * 3600,
+                        secure=request.url.scheme == "https")  # behind a TLS proxy (X-Forwarded-Proto)
         return resp
 
     @app.post("/api/logout")
