@@ -60,15 +60,10 @@ def run(bf16: bool, share: bool, threads: int) -> dict:
 
     from preflab import models
     from preflab.config import RMOptim
+    from preflab.data.rankings import Encoded
     from preflab.optim import clip_grad, make_optimizer
-    from preflab.stages.reward import (
-        Encoded,
-        Scorer,
-        batch_tokens,
-        collate_groups,
-        ranking_loss,
-        scorer_inputs,
-    )
+    from preflab.rl.ranking import ranking_loss
+    from preflab.scoring import Scorer, batch_tokens, collate_groups, scorer_inputs
 
     models.set_threads(threads)
     device = models.pick_device("cpu")

@@ -23,3 +23,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random policy and its tokenizer (2-layer Llama, byte-level, ChatML template), seeded,
+    in eval mode; shared by the tests of a module that only read it."""
+    import torch
+
+    from preflab import models
+
+    torch.manual_seed(0)
+    return models.load_policy("tiny:"), models.load_tokenizer("tiny:")

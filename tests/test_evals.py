@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from preflab import models
 from preflab.data.suite import generate_suite
 from preflab.evals import metrics as M
 from preflab.rl.stats import wilson_interval
@@ -157,11 +156,6 @@ def one_thread():
     torch.set_num_threads(1)  # tiny models: threads only contend on a shared CPU
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(one_thread):
-    return models.load_policy("tiny:"), models.load_tokenizer("tiny:")
 
 
 def naive_logprob(model, tok, prompt, response, eos=True, temperature=1.0):

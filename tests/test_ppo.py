@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import models
+from preflab import models, scoring
 from preflab.config import PPOConfig, load_config
 from preflab.data.chat import Example
 from preflab.errors import ConfigError, TrainingError
@@ -77,7 +77,7 @@ def test_training_logits_are_divided_by_the_temperature():
     """ActorCritic's log-probs are log_softmax(logits / T); without the division the T = 2 and
     T = 1 results would coincide."""
     policy = models.load_policy("tiny:")
-    ac = ppo.ActorCritic(policy, None)
+    ac = scoring.ActorCritic(policy, None)
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
     mask = torch.ones_like(ids)
     pos = torch.arange(6)[None]
@@ -103,7 +103,7 @@ def _scored_batch(cfg, good):
     torch.manual_seed(0)
     tok = models.load_tokenizer("tiny:")
     policy = models.load_policy("tiny:", dropout_off=True)
-    ac = ppo.ActorCritic(policy, None)
+    ac = scoring.ActorCritic(policy, None)
     ref = models.load_policy("tiny:")
     from preflab.data.chat import read_prompts
     from preflab.rollout import HFGenerator, encode_prompts
@@ -126,13 +126,13 @@ def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path
     torch.manual_seed(0)
     tok = models.load_tokenizer("tiny:")
     policy = models.load_policy("tiny:", dropout_off=True)
-    ac = ppo.ActorCritic(policy, None)
+    ac = scoring.ActorCritic(policy, None)
     torch.nn.init.normal_(ac.value_head.weight, std=0.1)  # non-zero values, so their order is checked
     prompts = [r["prompt"] for r in read_prompts(cfg.data.prompts)[:6]]
     prompts[2] = prompts[2] + " and a much longer tail " * 6  # one long prompt pads all the others
     samples = HFGenerator(policy, tok).generate(encode_prompts(tok, prompts), max_new_tokens=6, temperature=1.0)
     lengths = samples.query_mask.sum(1)
-    assert ppo.by_query_length(samples) == sorted(range(6), key=lambda i: int(lengths[i]))
+    assert scoring.by_query_length(samples) == sorted(range(6), key=lambda i: int(lengths[i]))
     trimmed = samples.select([0, 1]).trim_query()
     assert trimmed.query.shape[1] == int(lengths[:2].max()) < samples.query.shape[1]
     kw = dict(ac=ac, reference=models.load_policy("tiny:"), reward_fn=letter_reward(good_tokens), cfg=cfg,

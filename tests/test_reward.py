@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import models
+from preflab import models, scoring
 from preflab.config import RMConfig, load_config
+from preflab.data import rankings
+from preflab.data.chat import render_prompt
 from preflab.errors import DataError
 from preflab.evals import rm_eval
+from preflab.rl import ranking
 from preflab.rl.ranking import bradley_terry_loss
 from preflab.stages import reward
 
@@ -78,9 +81,9 @@ def rm_cfg(tmp_path, data, *overrides):
 
 def _stub_batch():
     """Three prompts of K = 3 (one tie), 2 and 4, collated into one padded batch."""
-    enc = [reward.Encoded([[5], [6, 7], [8]], [0, 1, 1]),
-           reward.Encoded([[9], [10]], [1, 0]),
-           reward.Encoded([[11], [12], [13], [14, 15]], [3, 2, 1, 0])]
+    enc = [rankings.Encoded([[5], [6, 7], [8]], [0, 1, 1]),
+           rankings.Encoded([[9], [10]], [1, 0]),
+           rankings.Encoded([[11], [12], [13], [14, 15]], [3, 2, 1, 0])]
     flat = torch.tensor([2.0, 0.5, 0.5, 0.3, 1.0, 0.0, 1.0, 2.0, 3.0], requires_grad=True)
     return enc, flat
 
@@ -96,16 +99,16 @@ def test_kway_batch_equals_hand_computed_and_separate_prompts():
     The step sums prompts (the caller divides by the global prompt count): 0.8116373995706029.
     """
     enc, flat = _stub_batch()
-    batch = reward.collate_groups(enc, pad_id=0)
+    batch = scoring.collate_groups(enc, pad_id=0)
     assert batch["input_ids"].shape == (9, 2) and batch["valid"].sum(1).tolist() == [3, 2, 4]
-    parts = reward.ranking_loss(flat, batch["ranks"], batch["valid"])
+    parts = ranking.ranking_loss(flat, batch["ranks"], batch["valid"])
     assert parts.total.item() == pytest.approx(0.8116373995706029, abs=1e-6)
     assert (parts.n_prompts, parts.n_pairs, parts.n_correct) == (3, 9, 9)
     separate = []
     offset = 0
     for e in enc:
-        b = reward.collate_groups([e], pad_id=0)
-        separate.append(reward.ranking_loss(flat[offset:offset + len(e.ids)], b["ranks"], b["valid"]).total)
+        b = scoring.collate_groups([e], pad_id=0)
+        separate.append(ranking.ranking_loss(flat[offset:offset + len(e.ids)], b["ranks"], b["valid"]).total)
         offset += len(e.ids)
     assert separate[0].item() == pytest.approx(0.2014132779827524, abs=1e-6)
     assert separate[1].item() == pytest.approx(0.4031860488854579, abs=1e-6)
@@ -117,10 +120,10 @@ def test_kway_batch_equals_hand_computed_and_separate_prompts():
 
 def test_plackett_luce_with_k2_is_bradley_terry():
     flat = torch.tensor([0.3, -1.2, 2.0, 0.5, 0.1, 0.1])
-    enc = [reward.Encoded([[1], [2]], [0, 1]), reward.Encoded([[3], [4]], [1, 0]), reward.Encoded([[5], [6]], [0, 1])]
-    b = reward.collate_groups(enc, pad_id=0)
-    pl = reward.ranking_loss(flat, b["ranks"], b["valid"], "plackett_luce")
-    kw = reward.ranking_loss(flat, b["ranks"], b["valid"], "kway")
+    enc = [rankings.Encoded([[1], [2]], [0, 1]), rankings.Encoded([[3], [4]], [1, 0]), rankings.Encoded([[5], [6]], [0, 1])]
+    b = scoring.collate_groups(enc, pad_id=0)
+    pl = ranking.ranking_loss(flat, b["ranks"], b["valid"], "plackett_luce")
+    kw = ranking.ranking_loss(flat, b["ranks"], b["valid"], "kway")
     bt = bradley_terry_loss(torch.tensor([0.3, 0.5, 0.1]), torch.tensor([-1.2, 2.0, 0.1])) * 3
     torch.testing.assert_close(pl.total, bt)
     torch.testing.assert_close(kw.total, bt)
@@ -132,14 +135,14 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
 
     tok = models.load_tokenizer("tiny:")
     model = models.load_scorer("tiny:")
-    seqs = [reward.encode_pair(tok, p, r, 96) for p, r in [("Hi", "Hello there."), ("A longer prompt here", "No"),
+    seqs = [rankings.encode_pair(tok, p, r, 96) for p, r in [("Hi", "Hello there."), ("A longer prompt here", "No"),
                                                           ("x", "a much longer response, with commas")]]
-    right = reward.collate_groups([reward.Encoded(seqs, [0, 1, 2])], tok.pad_token_id)
+    right = scoring.collate_groups([rankings.Encoded(seqs, [0, 1, 2])], tok.pad_token_id)
     left_ids, left_mask = left_pad(seqs, tok.pad_token_id)
     with torch.no_grad():
-        r_right = reward.sequence_rewards(model, right["input_ids"], right["attention_mask"])
-        r_left = reward.sequence_rewards(model, left_ids, left_mask)
-        alone = torch.cat([reward.sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+        r_right = scoring.sequence_rewards(model, right["input_ids"], right["attention_mask"])
+        r_left = scoring.sequence_rewards(model, left_ids, left_mask)
+        alone = torch.cat([scoring.sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
                            for s in seqs])
     torch.testing.assert_close(r_right, r_left, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r_right, alone, atol=1e-5, rtol=1e-5)
@@ -149,10 +152,10 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
 
 
 def test_shared_prefix_is_the_common_start_keeping_one_token_each():
-    assert reward.shared_prefix([[1, 2, 3, 9], [1, 2, 4], [1, 2, 3]]) == 2
-    assert reward.shared_prefix([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token for the head
-    assert reward.shared_prefix([[5, 1], [6, 1]]) == 0
-    assert reward.shared_prefix([[7, 7, 7]]) == 2
+    assert scoring.shared_prefix([[1, 2, 3, 9], [1, 2, 4], [1, 2, 3]]) == 2
+    assert scoring.shared_prefix([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token for the head
+    assert scoring.shared_prefix([[5, 1], [6, 1]]) == 0
+    assert scoring.shared_prefix([[7, 7, 7]]) == 2
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -164,16 +167,16 @@ def test_shared_prompt_pass_gives_the_same_scores_and_gradients(lora):
     groups = [("Hi", ["Hello there.", "Hello", "Go away"]),
               ("A much longer prompt, with several clauses, to force left padding", ["No.", "Yes, surely."]),
               ("x", ["The cat sat.", "The cat ran off.", "The dog.", "A bird flew over the house"])]
-    enc = [reward.Encoded([reward.encode_pair(tok, p, r, 256) for r in rs], list(range(len(rs)))) for p, rs in groups]
+    enc = [rankings.Encoded([rankings.encode_pair(tok, p, r, 256) for r in rs], list(range(len(rs)))) for p, rs in groups]
 
     def run(share):
         torch.manual_seed(0)
         model = models.load_scorer("tiny:")
         if lora:
             model = models.wrap_lora(model, models.LoraOptions(r=4), task_type="SEQ_CLS", modules_to_save=["score"])
-        batch = reward.collate_groups(enc, tok.pad_token_id, share_prefix=share)
-        flat = reward.Scorer(model)(**reward.scorer_inputs(batch))
-        reward.ranking_loss(flat, batch["ranks"], batch["valid"]).total.backward()
+        batch = scoring.collate_groups(enc, tok.pad_token_id, share_prefix=share)
+        flat = scoring.Scorer(model)(**scoring.scorer_inputs(batch))
+        ranking.ranking_loss(flat, batch["ranks"], batch["valid"]).total.backward()
         grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
         return flat.detach(), grads, batch
 
@@ -186,7 +189,7 @@ def test_shared_prompt_pass_gives_the_same_scores_and_gradients(lora):
     # The shared layout really is smaller: each prompt once, K short continuations.
     assert b_shared["prefix_ids"].shape[0] == 3 and b_shared["group"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     assert b_shared["input_ids"].numel() + b_shared["prefix_ids"].numel() < 0.6 * b_full["input_ids"].numel()
-    assert reward.batch_tokens(b_shared) < 0.6 * reward.batch_tokens(b_full)
+    assert scoring.batch_tokens(b_shared) < 0.6 * scoring.batch_tokens(b_full)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +226,8 @@ def test_learns_a_marker_preference_to_95_percent(trained):
 def test_saved_rm_loads_in_plain_transformers_with_the_same_scores(trained):
     from transformers import AutoModelForSequenceClassification
 
-    from preflab.rollout import Samples, left_pad, reward_scores
+    from preflab.rollout import Samples, left_pad
+    from preflab.scoring import reward_scores
 
     _, out, demos = trained
     tok = models.load_tokenizer(str(out))
@@ -231,26 +235,26 @@ def test_saved_rm_loads_in_plain_transformers_with_the_same_scores(trained):
     hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
     assert hf.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     prompts, responses = ["Describe item 3.", "Describe item 99."], ["zebra apple river", "green table"]
-    raw = reward.score_texts(ours, tok, prompts, responses, max_length=96)
-    seqs = [reward.encode_pair(tok, p, r, 96) for p, r in zip(prompts, responses)]
-    batch = reward.collate_groups([reward.Encoded(seqs, [0, 1])], tok.pad_token_id)
+    raw = scoring.score_texts(ours, tok, prompts, responses, max_length=96)
+    seqs = [rankings.encode_pair(tok, p, r, 96) for p, r in zip(prompts, responses)]
+    batch = scoring.collate_groups([rankings.Encoded(seqs, [0, 1])], tok.pad_token_id)
     with torch.no_grad():
         hf_scores = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     torch.testing.assert_close(hf_scores, torch.tensor(raw), atol=1e-5, rtol=1e-5)
     # rollout.reward_scores (query left-padded, response right-padded) applies the stored bias.
     gain, bias = hf.config.preflab_reward_gain, hf.config.preflab_reward_bias
     assert gain == 1.0 and bias != 0.0
-    q = [tok(reward.render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    q = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
     r = [s[len(qq):] for s, qq in zip(seqs, q)]
     query, query_mask = left_pad(q, tok.pad_token_id)
-    resp = reward.collate_groups([reward.Encoded(r, [0, 1])], tok.pad_token_id)
+    resp = scoring.collate_groups([rankings.Encoded(r, [0, 1])], tok.pad_token_id)
     samples = Samples(query, query_mask, resp["input_ids"], resp["attention_mask"], torch.ones(2, dtype=torch.bool),
                       responses)
     with torch.no_grad():
         torch.testing.assert_close(reward_scores(ours, samples), torch.tensor(raw) * gain + bias, atol=1e-5, rtol=1e-5)
     # The demonstrations' mean normalised score is 0.
     rows = [json.loads(line) for line in open(demos)]
-    normed = reward.score_texts(ours, tok, [d["prompt"] for d in rows], [d["response"] for d in rows],
+    normed = scoring.score_texts(ours, tok, [d["prompt"] for d in rows], [d["response"] for d in rows],
                                 max_length=96, normalise=True)
     assert abs(sum(normed) / len(normed)) < 1e-4
 
@@ -290,7 +294,7 @@ def test_labeler_agreement_and_store_source(tmp_path):
             store.add_ranking(pid, cids, [[0], [1], [2]], "ann")
             if split == "eval":
                 store.add_ranking(pid, cids, [[0], [2], [1]], "bob")
-    held = reward.read_groups(f"store:{path}", split="eval")
+    held = rankings.read_groups(f"store:{path}", split="eval")
     assert len(held) == 4 and {g.labeler for g in held} == {"ann", "bob"} and held[0].category == "c"
     agreement = rm_eval.labeler_agreement(held)
     assert agreement["agreement"] == pytest.approx(2 / 3) and agreement["n_prompts"] == 2
@@ -300,7 +304,7 @@ def test_labeler_agreement_and_store_source(tmp_path):
     assert report["labelers"]["agreement"] == pytest.approx(2 / 3) and report["n_groups"] == 4
     assert report["by_slice"]["s1"]["n_pairs"] == 12
     with pytest.raises(DataError, match="not found"):
-        reward.read_groups(f"store:{tmp_path / 'none.sqlite'}")
+        rankings.read_groups(f"store:{tmp_path / 'none.sqlite'}")
 
 
 def test_lora_trains_the_head_and_saves_merged(tmp_path):
@@ -411,17 +415,17 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     good = '{"prompt": "p", "responses": ["a", "b"], "order": [[1], [0]]}\n'
     f.write_text(good + '{"prompt": "p", "responses": ["a", "b"], "order": [[0], [0]]}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:2: .*ranked twice"):
-        reward.read_groups(str(f))
+        rankings.read_groups(str(f))
     f.write_text(good + good + '{"prompt": "p", "responses": ["a", "b"]}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:3: missing key 'order'"):
-        reward.read_groups(str(f))
+        rankings.read_groups(str(f))
     f.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:1: missing key 'rejected'"):
-        reward.read_groups(str(f), "pairs")
+        rankings.read_groups(str(f), "pairs")
     f.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:1: .*data\.format is kway"):
-        reward.read_groups(str(f), "kway")
-    assert reward.read_groups(str(f))[0].ranks == [0, 1]
+        rankings.read_groups(str(f), "kway")
+    assert rankings.read_groups(str(f))[0].ranks == [0, 1]
     f.write_text(good + "{not json\n")
     with pytest.raises(DataError, match=r"r\.jsonl:2: invalid JSON"):
         reward.train(rm_cfg(tmp_path, f))

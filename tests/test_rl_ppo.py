@@ -3,9 +3,8 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
-from preflab.rl.ppo import explained_variance, lm_loss, policy_loss, sum_lm_loss, value_loss
+from preflab.rl.ppo import explained_variance, policy_loss, value_loss
 
 F64 = torch.float64
 
@@ -81,43 +80,3 @@ def test_explained_variance_hand_computed():
     assert abs(explained_variance(torch.full_like(returns, 2.5), returns, mask).item()) < 1e-12
     values = torch.tensor([[1.0, 3.0, 3.0, 4.0, -7.0]], dtype=F64)
     assert abs(explained_variance(values, returns, mask).item() - 0.85) < 1e-12
-
-
-def test_lm_loss_hand_computed_and_shifted():
-    """labels [-100, 1, 0]: position 0 (logits [0, ln 3]) predicts label 1, p = 3/4, NLL
-    ln(4/3) = 0.287682; position 1 (logits [0, 0]) predicts label 0, NLL ln 2 = 0.693147;
-    position 2's logits predict nothing. Sum 0.980829 over 2 tokens, mean 0.490415.
-    With labels [-100, -100, 0] only ln 2 counts."""
-    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, -5.0]]], dtype=F64)
-    labels = torch.tensor([[-100, 1, 0]])
-    total = sum_lm_loss(logits, labels)
-    assert total.n_tokens.item() == 2
-    torch.testing.assert_close(total.loss_sum, torch.tensor(math.log(4 / 3) + math.log(2), dtype=F64))
-    expected = torch.tensor((math.log(4 / 3) + math.log(2)) / 2, dtype=F64)
-    torch.testing.assert_close(lm_loss(logits, labels), expected)
-    torch.testing.assert_close(
-        lm_loss(logits, torch.tensor([[-100, -100, 0]])), torch.tensor(math.log(2), dtype=F64)
-    )
-    bf16 = sum_lm_loss(logits.to(torch.bfloat16), labels)
-    assert bf16.loss_sum.dtype == torch.float32
-
-
-def test_lm_loss_matches_cross_entropy_and_accumulation_is_exact():
-    """Token-count normalisation makes two micro-batches (3 and 6 counted tokens) give
-    the same loss and gradient as the whole batch: sum(loss_sum) / sum(n_tokens)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 7, 13, generator=g, dtype=F64)
-    labels = torch.randint(0, 13, (2, 7), generator=g)
-    labels[0, :4] = -100
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(lm_loss(logits, labels), expected)
-
-    whole = logits.clone().requires_grad_(True)
-    lm_loss(whole, labels).backward()
-    split = logits.clone().requires_grad_(True)
-    parts = [sum_lm_loss(split[i : i + 1], labels[i : i + 1]) for i in range(2)]
-    n_total = sum(p.n_tokens for p in parts)
-    assert [p.n_tokens.item() for p in parts] == [3, 6]
-    for p in parts:
-        (p.loss_sum / n_total).backward()
-    torch.testing.assert_close(split.grad, whole.grad)

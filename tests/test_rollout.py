@@ -2,27 +2,12 @@
 
 import json
 
-import pytest
 import torch
 
 from preflab import models
 from preflab.rl import selective_log_softmax
-from preflab.rollout import (
-    HFGenerator,
-    InverseCDFSampler,
-    Samples,
-    critic_values,
-    encode_prompts,
-    response_logits,
-    response_mask_after_stop,
-    reward_scores,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return models.load_policy("tiny:"), models.load_tokenizer("tiny:")
+from preflab.rollout import HFGenerator, InverseCDFSampler, Samples, encode_prompts, response_mask_after_stop
+from preflab.scoring import critic_values, response_logits, reward_scores
 
 
 def test_mask_stops_after_first_stop_token():

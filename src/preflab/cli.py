@@ -16,11 +16,9 @@ from preflab import __version__
 from preflab.errors import PreflabError
 
 # name -> (module:attribute, one-line help). The module is imported only when the command runs.
+# The training stages come from the stage registry (``preflab.registry.STAGES``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sft": ("preflab.stages.sft:cli", "Supervised fine-tuning on demonstrations (loss on response tokens)."),
-    "rm": ("preflab.stages.reward:cli", "Train a reward model on K-way rankings."),
     "rm-eval": ("preflab.evals.rm_eval:cli", "Evaluate a reward model: accuracy, ECE, reliability."),
-    "ppo": ("preflab.stages.ppo:cli", "PPO-ptx against a reward model with a KL penalty to the SFT model."),
     "data": ("preflab.data.cli:data", "Task suite, labeling, agreement, import/export, stats."),
     "judge": ("preflab.feedback.cli:judge", "Score responses to suite prompts with the gold judge."),
     "generate": ("preflab.rollout:generate_cli", "Sample responses from a model for a prompt file."),
@@ -35,14 +33,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class LazyGroup(click.Group):
     """A click group whose commands live in other modules, imported only when run."""
 
-    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, **kwargs):
+    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, stages: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.lazy = COMMANDS if commands is None else commands
+        self.stages = {}
+        if stages:
+            from preflab.registry import STAGES
+
+            self.stages = STAGES
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(self.lazy)
+        return sorted([*self.lazy, *self.stages])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.stages:
+            return stage_command(self.stages[name])
         if name not in self.lazy:
             return None
         target, _ = self.lazy[name]
@@ -58,10 +63,11 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so listing commands imports nothing heavy.
         with formatter.section("Commands"):
-            formatter.write_dl([(name, self.lazy[name][1]) for name in sorted(self.lazy)])
+            helps = {**{n: h for n, (_, h) in self.lazy.items()}, **{n: s.help for n, s in self.stages.items()}}
+            formatter.write_dl(sorted(helps.items()))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, stages=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="preflab")
 def app() -> None:
     """preflab: SFT, a K-way reward model and PPO-ptx, with a data engine and evaluation you can trust."""
@@ -84,24 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
-
-
-def stage_command(stage, config_cls=None, run: str | None = None, help_text: str | None = None) -> click.Command:
+def stage_command(stage) -> click.Command:
     """A stage command: ``preflab NAME --config FILE [key.sub=value ...] [--resume [--force]]``.
 
     ``stage`` is a ``preflab.registry.Stage`` (name, config class, "module:function" taking
-    (config, resume=bool), help, example), or its name with the other three given here. The
-    function is imported when called. It runs inside ``preflab.run.session``: a failure or Ctrl-C
-    is recorded in the run's manifest (``failed``/``interrupted`` and why), and Ctrl-C prints the
-    command that resumes.
+    (config, resume=bool), help, example). The function is imported when called. It runs inside
+    ``preflab.run.session``: a failure or Ctrl-C is recorded in the run's manifest
+    (``failed``/``interrupted`` and why), and Ctrl-C prints the command that resumes.
     """
-    if isinstance(stage, str):
-        name, example = stage, None
-    else:
-        name, config_cls, run, help_text = stage.name, stage.config, stage.run, stage.help
-        example = getattr(stage, "example", None)
+    name, config_cls, run, help_text, example = stage.name, stage.config, stage.run, stage.help, stage.example
     epilog = (
         "\b\nExamples:\n"
         + (f"  {example}\n" if example else "")
@@ -204,3 +201,6 @@ def stage_command(stage, config_cls=None, run: str | None = None, help_text: str
 
     return command
 
+
+if __name__ == "__main__":
+    main()

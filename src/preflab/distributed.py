@@ -39,6 +39,13 @@ def init(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def current() -> Dist:
+    """This process's place in the joined process group (one process: rank 0 of 1)."""
+    if not in_group():
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def in_group() -> bool:
     """Whether this process is one of several ranks of a joined process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

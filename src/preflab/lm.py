@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE = -100
+from preflab.data.chat import IGNORE
 
 
 def unwrap(model: nn.Module) -> nn.Module:

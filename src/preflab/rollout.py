@@ -186,62 +186,18 @@ class HFGenerator:
 # ---------------------------------------------------------------------------------------------
 
 
-def response_hidden(model: Any, samples: Samples) -> torch.Tensor:
-    """(B, Tr, H): the trunk's hidden state at the position *before* each response token.
-
-    Column t is the state from which response token t is predicted (and valued).
-    """
-    inp = samples.inputs()
-    base = unwrap(model)
-    out = base.get_decoder()(**inp, use_cache=False)
-    tq = samples.query.shape[1]
-    return out.last_hidden_state[:, tq - 1:-1]
 
 
-def response_logits(model: Any, samples: Samples, temperature: float) -> torch.Tensor:
-    """(B, Tr, V) logits for the response tokens, divided by the sampling temperature.
-
-    RLHF_REFERENCE §2: training-time logits are divided by T for policy and reference alike,
-    or the KL rises faster than expected.
-    """
-    h = response_hidden(model, samples)
-    logits = unwrap(model).get_output_embeddings()(h).float()
-    return logits / max(temperature, 1e-7)
 
 
-def score_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply a sequence-classification model's 1-output head: (..., H) -> (...)."""
-    base = unwrap(model)
-    head = getattr(base, "score", None) or getattr(base, "classifier", None)
-    return head(hidden).squeeze(-1).float()
 
 
-def reward_norm(model: Any) -> tuple[float, float]:
-    """(gain, bias) stored with a reward model by the RM stage; identity when absent."""
-    cfg = unwrap(model).config
-    return float(getattr(cfg, "preflab_reward_gain", 1.0)), float(getattr(cfg, "preflab_reward_bias", 0.0))
 
 
-def last_token_index(samples: Samples) -> torch.Tensor:
-    """(B,) index in query + response of the last real token (the last query token if empty)."""
-    return samples.query.shape[1] - 1 + samples.lengths
 
 
-def reward_scores(rm: Any, samples: Samples, normalise: bool = True) -> torch.Tensor:
-    """(B,) reward at the last real token, with the RM's stored gain and bias applied."""
-    inp = samples.inputs()
-    hidden = unwrap(rm).get_decoder()(**inp, use_cache=False).last_hidden_state
-    idx = last_token_index(samples).to(hidden.device)
-    raw = score_head(rm, hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
-    if not normalise:
-        return raw
-    gain, bias = reward_norm(rm)
-    return gain * raw + bias
 
 
-def critic_values(critic: Any, samples: Samples) -> torch.Tensor:
-    """(B, Tr) value estimates V(query + response[:t]) for every response position."""
-    return score_head(critic, response_hidden(critic, samples))
 
 
 # ---------------------------------------------------------------------------------------------

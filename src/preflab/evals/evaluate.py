@@ -14,7 +14,7 @@
    is greedy). The log-probs are those of the sampled token ids (kept in the generation
    cache); a reference with another vocabulary scores the re-tokenized text. The
    reference's own KL is 0;
-4. **RM scores** (optional): ``rollout.reward_scores`` on rendered prompt + response + EOS,
+4. **RM scores** (optional): ``scoring.reward_scores`` on rendered prompt + response + EOS,
    with the RM's stored gain and bias;
 5. **metrics** (``evals.metrics``): gold and RM win rates against the reference (ties count
    half, Wilson 95% interval; the two can disagree, which is the point), length, diversity,
@@ -144,15 +144,15 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[SuitePrompt], path: 
 
 def _rm_scores(spec: str, prompts: Sequence[str], texts: dict[str, list[str]], *, batch_size: int,
                bf16: bool, progress: bool, seed: int = 0) -> dict[str, list[float | None]]:
-    """``rollout.reward_scores`` of rendered prompt + response + EOS (last real token, gain and bias),
+    """``scoring.reward_scores`` of rendered prompt + response + EOS (last real token, gain and bias),
     per model. Each model's responses are batched on their own, so a model's scores do not depend
     on which other models are evaluated with it (padding changes float rounding)."""
     import torch
 
     from preflab import models
     from preflab.evals.truthfulness import batch_samples, response_samples
-    from preflab.rollout import reward_scores
     from preflab.run import Progress
+    from preflab.scoring import reward_scores
 
     tokenizer = models.load_tokenizer(spec)
     torch.manual_seed(seed)  # a causal-LM checkpoint gets a new random head: make it the same every run

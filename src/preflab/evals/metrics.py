@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from preflab.feedback.constraints import count_words
 from preflab.feedback.rubric import REFUSAL_PHRASES, is_refusal
 from preflab.rl.stats import win_rate
 
@@ -49,10 +50,6 @@ EXAMPLE_CHARS = 600  # responses in failure-bin examples are cut to this many ch
 def tokens_of(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits, inner apostrophes), as the gold judge reads them."""
     return _WORD.findall(text.lower().replace("’", "'"))
-
-
-def count_words(text: str) -> int:
-    return len(tokens_of(text))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from preflab.rl.ranking import batched_kway_ranking_loss
 from preflab.rl.stats import wilson_interval
 
 if TYPE_CHECKING:
-    from preflab.stages.reward import Group
+    from preflab.data.rankings import Group
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -214,7 +214,8 @@ def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst
     """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
     the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
     from preflab import models
-    from preflab.stages.reward import encode_groups, read_groups, score_groups
+    from preflab.data.rankings import encode_groups, read_groups
+    from preflab.scoring import score_groups
 
     models.set_threads(threads)
     groups = [g for g in read_groups(data, None, split) if g.pairs()]

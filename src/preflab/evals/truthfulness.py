@@ -22,7 +22,8 @@ import torch
 
 from preflab.data.suite.schema import SuitePrompt
 from preflab.rl.logprobs import masked_sum, selective_log_softmax
-from preflab.rollout import Samples, encode_prompts, left_pad, response_logits
+from preflab.rollout import Samples, encode_prompts, left_pad
+from preflab.scoring import response_logits
 
 __all__ = ["batch_samples", "mc1", "response_logprobs", "response_samples", "sequence_logprobs"]
 

@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import math
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,10 +38,10 @@ import numpy as np
 from preflab.data.schema import Order
 from preflab.data.suite.reference import reference_answer, templated_refusal
 from preflab.data.suite.schema import SuitePrompt, as_prompt
+from preflab.feedback.constraints import count_words
 from preflab.feedback.rubric import is_refusal, judge
 
 NoiseKind = Literal["gaussian", "gumbel"]
-_WORD = re.compile(r"\S+")
 _EULER_GAMMA = 0.5772156649015329
 
 
@@ -50,10 +49,6 @@ def stable_seed(*parts: Any) -> int:
     """A 64-bit seed from a hash of ``parts`` (independent of PYTHONHASHSEED and call order)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(h[:8], "little")
-
-
-def n_words(text: str) -> int:
-    return len(_WORD.findall(text))
 
 
 def tiers_from_scores(scores: Sequence[float], tie_threshold: float) -> Order:
@@ -136,7 +131,7 @@ class Labeler:
         for i, text in enumerate(candidates):
             u = float(gold[i])
             if self.length_bias:
-                u += self.length_bias * math.log1p(n_words(text))
+                u += self.length_bias * math.log1p(count_words(text))
             if self.position_bias and k > 1:
                 u += self.position_bias * (1.0 - i / (k - 1))
             if self.refusal_penalty and is_refusal(text):
@@ -157,7 +152,7 @@ class Labeler:
         u = self.perceive(p, candidates, gold, seed=seed)
         order = tiers_from_scores(u, self.tie_threshold)
         rng = random.Random(stable_seed("time", self.name, p.id, seed))
-        words = sum(n_words(c) for c in candidates) + n_words(p.prompt)
+        words = sum(count_words(c) for c in candidates) + count_words(p.prompt)
         t = (self.seconds_base + self.seconds_per_word * words) * math.exp(rng.gauss(0.0, self.time_sigma))
         return LabelResult(order=order, time_s=round(t, 2), perceived=tuple(u), gold=tuple(float(g) for g in gold))
 

@@ -33,13 +33,10 @@ from .logprobs import (
     token_logprobs,
 )
 from .ppo import (
-    LMLossSum,
     PolicyLoss,
     ValueLoss,
     explained_variance,
-    lm_loss,
     policy_loss,
-    sum_lm_loss,
     value_loss,
 )
 from .ranking import (
@@ -62,7 +59,6 @@ __all__ = [
     "Interval",
     "KLController",
     "KWayRankingLoss",
-    "LMLossSum",
     "MarginBin",
     "PPORewards",
     "PolicyLoss",
@@ -82,7 +78,6 @@ __all__ = [
     "kl_k3",
     "kway_ranking_loss",
     "last_token_index",
-    "lm_loss",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -93,7 +88,6 @@ __all__ = [
     "ranks_from_tiers",
     "reliability_by_margin",
     "selective_log_softmax",
-    "sum_lm_loss",
     "token_logprobs",
     "value_loss",
     "whiten_advantages",

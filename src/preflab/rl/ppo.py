@@ -11,18 +11,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .logprobs import masked_mean, masked_var
 
 __all__ = [
-    "LMLossSum",
     "PolicyLoss",
     "ValueLoss",
     "explained_variance",
-    "lm_loss",
     "policy_loss",
-    "sum_lm_loss",
     "value_loss",
 ]
 
@@ -56,19 +52,6 @@ class ValueLoss(NamedTuple):
 
     loss: torch.Tensor
     clipfrac: torch.Tensor
-
-
-class LMLossSum(NamedTuple):
-    """Summed next-token NLL, for normalising by a global token count.
-
-    Attributes:
-        loss_sum: scalar, sum of -log p(label) over counted tokens (differentiable); float32
-            for fp16/bf16/fp32 logits, float64 for float64 logits.
-        n_tokens: scalar int64, number of counted tokens.
-    """
-
-    loss_sum: torch.Tensor
-    n_tokens: torch.Tensor
 
 
 def policy_loss(
@@ -162,45 +145,3 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         scalar tensor.
     """
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
-
-
-def sum_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> LMLossSum:
-    """Summed next-token NLL and the number of counted tokens.
-
-    Logits at position t predict ``labels[t+1]``; labels equal to ``ignore_index`` (the
-    prompt in SFT, padding) do not count. With gradient accumulation or several ranks,
-    divide the sum by the token count of the *whole* optimiser step, not by each
-    micro-batch's: only then is 1 x 8 the same update as 8 x 1 (STYLE.md 5). The sum
-    is accumulated in float32 at least, so bf16 logits do not round it.
-
-    Args:
-        logits: (B, T, V).
-        labels: (B, T) int64 token ids, ``ignore_index`` where not counted.
-        ignore_index: label value to skip.
-
-    Returns:
-        LMLossSum(loss_sum, n_tokens).
-    """
-    shift_logits = logits[:, :-1, :].flatten(0, 1)
-    shift_labels = labels[:, 1:].flatten()
-    nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="none")
-    nll = nll.to(torch.promote_types(nll.dtype, torch.float32))
-    return LMLossSum(loss_sum=nll.sum(), n_tokens=(shift_labels != ignore_index).sum())
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token NLL over the counted tokens: the SFT loss and the PPO-ptx term.
-
-    The pretraining term of InstructGPT Eq. 2 is ``gamma * E[log pi(x)]``; its loss is
-    ``gamma * lm_loss`` (RLHF_REFERENCE.md §1). ``nan`` when no token counts.
-
-    Args:
-        logits: (B, T, V).
-        labels: (B, T) int64, ``ignore_index`` where not counted.
-        ignore_index: label value to skip.
-
-    Returns:
-        scalar tensor, float32 (float64 for float64 logits).
-    """
-    total = sum_lm_loss(logits, labels, ignore_index)
-    return total.loss_sum / total.n_tokens

@@ -20,11 +20,14 @@ import torch.nn.functional as F
 
 __all__ = [
     "KWayRankingLoss",
+    "LossParts",
     "batched_kway_ranking_loss",
     "batched_plackett_luce_loss",
     "bradley_terry_loss",
     "kway_ranking_loss",
+    "pad_rewards",
     "plackett_luce_loss",
+    "ranking_loss",
     "ranks_from_tiers",
 ]
 
@@ -201,3 +204,45 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
     return batched_plackett_luce_loss(
         rewards.unsqueeze(0), ranks.unsqueeze(0), torch.ones_like(ranks, dtype=torch.bool).unsqueeze(0)
     )
+
+
+# Flat rewards of a collated batch (rows of all prompts in group order) -> summed loss.
+
+
+class LossParts(NamedTuple):
+    """A micro-batch's ranking loss as a sum over prompts (the caller normalises by the step's
+    global prompt count) and its pair counts."""
+
+    total: torch.Tensor  # sum over prompts of the per-prompt loss (differentiable)
+    n_prompts: int  # prompts with at least one untied pair
+    n_pairs: int
+    n_correct: int
+
+
+def pad_rewards(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(sum K,) rewards in group order -> (P, Kmax), zeros where ``valid`` is False (differentiable)."""
+    return flat.new_zeros(valid.shape).masked_scatter(valid, flat)
+
+
+def _kway_sum(rewards, ranks, valid) -> torch.Tensor:
+    # InstructGPT Eq. 1: -1/C_eff sum log sigmoid(r_w - r_l) per prompt (0 for an all-tied prompt).
+    return batched_kway_ranking_loss(rewards, ranks, valid).per_prompt_loss.sum()
+
+
+def _plackett_luce_sum(rewards, ranks, valid) -> torch.Tensor:
+    # The batched PL loss is a mean over the P prompts (RLHF_REFERENCE.md §5).
+    return batched_plackett_luce_loss(rewards, ranks, valid) * rewards.shape[0]
+
+
+LOSSES = {"kway": _kway_sum, "plackett_luce": _plackett_luce_sum}
+
+
+def ranking_loss(flat_rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
+                 loss: str = "kway") -> LossParts:
+    """The micro-batch's summed loss and pair counts from (sum K,) rewards of a ``collate_groups`` batch."""
+    rewards = pad_rewards(flat_rewards.float(), valid)
+    with torch.no_grad():
+        counts = batched_kway_ranking_loss(rewards.detach(), ranks, valid)
+    return LossParts(LOSSES[loss](rewards, ranks, valid), int((counts.n_pairs > 0).sum()),
+                     int(counts.n_pairs.sum()), int(counts.n_correct.sum()))
+

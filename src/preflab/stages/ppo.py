@@ -5,7 +5,7 @@ Read top to bottom: 0. set-up, 1. data, 2. models, then per iteration 3. generat
 checkpoints; 8. save. The maths lives in ``preflab.rl`` (pure functions, tested against
 hand-computed values); this file wires it to models, ranks and the run directory.
 
-Defaults follow RLHF_REFERENCE.md and DESIGN.md "Defaults that must hold": score on the last
+Defaults follow docs/reference.md: score on the last
 real token, k1 KL on every response token, training logits divided by the sampling temperature,
 rewards whitened without shifting the mean (option), advantages fully whitened with biased
 variance after returns are computed, dropout off, a penalty score without EOS, and both
@@ -26,17 +26,14 @@ import torch
 from torch import nn
 
 from preflab import distributed, models
-from preflab.cli import stage_command
 from preflab.config import PPOConfig, dump_config
 from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError, TrainingError
-from preflab.lm import TokenNLL, unwrap
 from preflab.optim import adamw, clip_grad, schedule
 from preflab.rl import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_k1,
@@ -44,68 +41,13 @@ from preflab.rl import (
     masked_mean,
     policy_loss,
     ppo_rewards,
-    selective_log_softmax,
     value_loss,
 )
-from preflab.rollout import (
-    HFGenerator,
-    Samples,
-    critic_values,
-    encode_prompts,
-    response_logits,
-    response_mask_after_stop,
-    reward_scores,
-)
+from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
 from preflab.run import GeneratorState, Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
 
 RewardFn = Callable[[Samples], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainable pair: policy and critic in one module, so DDP sees one forward per micro-batch
-# ---------------------------------------------------------------------------------------------
-
-
-class ActorCritic(nn.Module):
-    """Policy plus a critic: a separate scorer model (InstructGPT: initialised from the RM) or a
-    zero-initialised value head on the policy trunk (lm-human-preferences; one trunk pass)."""
-
-    def __init__(self, policy: nn.Module, critic: nn.Module | None):
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
-        if critic is None:
-            hidden = unwrap(policy).config.hidden_size
-            self.value_head = nn.Linear(hidden, 1)
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-        else:
-            self.value_head = None
-        self.ptx = TokenNLL(policy)
-
-    def forward(self, input_ids, attention_mask, position_ids, response, tq: int, temperature: float,
-                ptx: dict[str, torch.Tensor] | None = None):
-        """Log-probs (B, Tr) of ``response``, values (B, Tr), token entropy (B, Tr, no grad) and
-        the pretraining NLL sum and token count (zeros without ``ptx``)."""
-        base = unwrap(self.policy)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False).last_hidden_state
-        h = hidden[:, tq - 1:-1]
-        logits = base.get_output_embeddings()(h).float() / max(temperature, 1e-7)
-        logprobs = selective_log_softmax(logits, response)
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)
-        if self.value_head is not None:
-            values = self.value_head(h).squeeze(-1).float()
-        else:
-            s = Samples(input_ids[:, :tq], attention_mask[:, :tq], response, attention_mask[:, tq:],
-                        torch.ones(len(response), dtype=torch.bool), [])
-            values = critic_values(self.critic, s)
-        if ptx is not None:
-            ptx_sum, ptx_n = self.ptx(**ptx)
-        else:
-            ptx_sum, ptx_n = logprobs.new_zeros(()), torch.zeros((), dtype=torch.long)
-        return logprobs, values, entropy, ptx_sum, ptx_n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +70,6 @@ class Scored:
     non_score_reward: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-
-
-def by_query_length(samples: Samples, rows: list[int] | None = None) -> list[int]:
-    """``rows`` (default: all) ordered by the number of real query tokens, shortest first."""
-    lengths = samples.query_mask.sum(1).tolist()
-    return sorted(range(len(lengths)) if rows is None else rows, key=lambda i: lengths[i])
 
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
@@ -160,26 +96,9 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
     """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages."""
     r = cfg.rollout
     mask = samples.response_mask.float()
-    logprobs, ref_logprobs, values = [], [], []
+    logprobs, ref_logprobs, values = policy_terms(samples, ac=ac, reference=reference, temperature=r.temperature,
+                                                  chunk=chunk, bf16=r.bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.bf16)
-    # Chunks of similar prompt length, each without its all-padding query columns; rows go back
-    # to rollout order below (scores do not depend on padding).
-    order = by_query_length(samples)
-    for s in range(0, len(order), chunk):
-        part = samples.select(order[s:s + chunk]).trim_query()
-        inp = part.inputs()
-        with autocast:
-            lp, v, _, _, _ = ac(**inp, response=part.response, tq=part.query.shape[1], temperature=r.temperature)
-            if reference is None:  # LoRA: the reference is the policy with its adapters disabled
-                with ac.policy.disable_adapter():
-                    ref_logits = response_logits(ac.policy, part, r.temperature)
-            else:
-                ref_logits = response_logits(reference, part, r.temperature)
-        logprobs.append(lp)
-        values.append(v)
-        ref_logprobs.append(selective_log_softmax(ref_logits, part.response))
-    back = torch.argsort(torch.tensor(order, device=device))  # row i of the rollout is row back[i] of the chunks
-    logprobs, ref_logprobs, values = (torch.cat(x)[back] for x in (logprobs, ref_logprobs, values))
 
     # The RM reads the response up to the truncation token when one is configured (the policy
     # terms above still use the whole response, as lm-human-preferences does).
@@ -196,7 +115,7 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         scores = torch.where(ended, scores, torch.full_like(scores, r.missing_eos_penalty))
 
     # 5. rewards: -beta * KL on every response token, the score on the last real one; GAE with
-    # returns before whitening; advantages whitened (RLHF_REFERENCE §2).
+    # returns before whitening; advantages whitened (docs/reference.md).
     kl = (kl_k1 if cfg.kl.estimator == "k1" else kl_k3)(logprobs, ref_logprobs) * mask
     rw = ppo_rewards(kl, scores, mask, kl_coef)
     rewards = global_whiten(rw.rewards, mask, shift_mean=False) if cfg.ppo.whiten_rewards else rw.rewards
@@ -457,6 +376,3 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     run.finish()
     return out
 
-
-cli = stage_command("ppo", PPOConfig, "preflab.stages.ppo:train",
-                    "PPO-ptx against a reward model with a per-token KL penalty to the SFT model.")

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from preflab import distributed, models
-from preflab.cli import stage_command
 from preflab.config import SFTConfig, dump_config
-from preflab.data.chat import Example, collate, pack, read_demos, tokenize_conversation
+from preflab.data.chat import IGNORE, Example, collate, pack, read_demos, tokenize_conversation
 from preflab.data.jsonl import atomic_dir
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import DataError, TrainingError
@@ -73,7 +72,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
 
     def encode(convs):
         out = [tokenize_conversation(tokenizer, c, cfg.data.max_length) for c in convs]
-        return [e for e in out if any(label != -100 for label in e.labels)]
+        return [e for e in out if any(label != IGNORE for label in e.labels)]
 
     train_ex, val_ex = encode(train_convs), encode(val_convs)
     if not cfg.data.val:
@@ -119,7 +118,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                        for j in range(0, len(mine), micro)]
             # Normalise by the global count of response tokens in this step: exact under
             # accumulation and ranks (DDP averages gradients, hence the world_size factor).
-            n_tokens = distributed.all_reduce_sum(sum((b["labels"][:, 1:] != -100).sum() for b in batches))
+            n_tokens = distributed.all_reduce_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches))
             scale = dist.world_size / max(1, int(n_tokens))
             loss_sum = torch.zeros((), dtype=torch.float64)
             for j, batch in enumerate(batches):
@@ -208,7 +207,3 @@ class BestWeights:
         with torch.no_grad():
             for k, v in weights.items():
                 params[k].copy_(v)
-
-
-cli = stage_command("sft", SFTConfig, "preflab.stages.sft:train",
-                    "Supervised fine-tuning on demonstrations (loss on response tokens only).")

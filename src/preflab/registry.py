@@ -1,0 +1,52 @@
+"""The stage registry: one table that the CLI, the pipeline, config validation and the report read.
+
+Each training stage is one file under ``stages/`` with a ``train(cfg, resume=False) -> Path``
+function, and one entry here: its command name, its config class, where its ``train`` lives
+(imported only when it runs, so ``preflab --help`` loads no torch), what it writes into its run
+directory, and a line of help. Adding a trainer is that file plus one entry (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preflab.config import PPOConfig, RMConfig, Section, SFTConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the CLI command and the run directory's manifest "stage"
+    config: type[Section]
+    run: str  # "module:function", function(cfg, resume=False) -> Path of the exported model
+    outputs: tuple[str, ...]  # paths inside run.out a finished run holds
+    help: str
+    example: str  # one command line, shown in --help
+
+    def load(self) -> Callable[..., Path]:
+        module, attr = self.run.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("sft", SFTConfig, "preflab.stages.sft:train", ("model", "metrics.jsonl"),
+          "Supervised fine-tuning on demonstrations (loss on response tokens).",
+          "preflab sft --config configs/sft_tiny.yaml run.out=runs/sft"),
+    Stage("rm", RMConfig, "preflab.stages.reward:train", ("model", "metrics.jsonl", "eval/rm_eval.json"),
+          "Train a reward model on K-way rankings.",
+          "preflab rm --config configs/rm_tiny.yaml run.out=runs/rm"),
+    Stage("ppo", PPOConfig, "preflab.stages.ppo:train", ("model", "metrics.jsonl", "samples.jsonl"),
+          "Online RL against a reward model with a per-token KL penalty: PPO(-ptx), RLOO, GRPO, REINFORCE++.",
+          "preflab ppo --config configs/ppo_tiny.yaml run.out=runs/ppo"),
+)}
+
+
+def run_stage(name: str, cfg: Any, resume: bool = False) -> Path:
+    """Run stage ``name`` with a validated config; returns its exported model directory."""
+    stage = STAGES[name]
+    if not isinstance(cfg, stage.config):
+        raise TypeError(f"stage {name!r} takes a {stage.config.__name__}, got {type(cfg).__name__}")
+    return stage.load()(cfg, resume=resume)
