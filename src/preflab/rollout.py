@@ -102,7 +102,9 @@ class Generator(Protocol):
     """A sampling back end: HF generate now; vLLM or another engine can stand here later."""
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0) -> Samples: ...
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
+        """``n`` samples per prompt, as contiguous rows: prompt p owns rows p*n .. p*n + n - 1."""
+        ...
 
 
 class InverseCDFSampler:
@@ -152,9 +154,10 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0) -> Samples:
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
         from transformers import LogitsProcessorList
 
+        prompts = [p for p in prompts for _ in range(n)]  # k contiguous rows per prompt
         tok = self.tokenizer
         model = unwrap(self.model) if not hasattr(self.model, "disable_adapter") else self.model
         device = next(model.parameters()).device
