@@ -87,7 +87,7 @@ async function submit() {
   let tiers;
   try { tiers = order(); } catch (e) { say(e.message, true); return; }
   const body = {order: tiers, scores: state.scores, flags: state.flags.map((s) => [...s]),
-                note: $("note").value, time_s: Math.round((performance.now() - state.t0) / 100) / 10};
+                note: $("note").value, time_s: Math.round(performance.now() - state.t0) / 1000};
   try {
     const r = await api(`/api/tasks/${task.task_id}/submit`, body);
     say(`Saved task ${task.task_id} (ranking ${r.ranking_id}).`);
