@@ -203,7 +203,7 @@ def test_kway_and_rankings_round_trip(store, tmp_path):
 
 def test_export_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(PreflabError, match="pip install datasets"):
+    with pytest.raises(PreflabError, match=r"pip install 'preflab\[hf\]'"):
         export_hf(tmp_path / "hf", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     assert not (tmp_path / "hf").exists()
 

@@ -6,8 +6,9 @@ same step. Both are optional extras, imported only when named:
 
 - ``tensorboard`` (``pip install 'preflab[tensorboard]'``): event files in ``RUN/tensorboard``;
   ``tensorboard --logdir RUN/tensorboard``.
-- ``mlflow`` (``pip install 'preflab[mlflow]'``): one MLflow run per stage run, in the server or
-  directory ``MLFLOW_TRACKING_URI`` names, else ``RUN/mlruns``; the experiment is
+- ``mlflow`` (``pip install 'preflab[mlflow]'``: mlflow-skinny, the client alone): one MLflow run
+  per stage run, in the server or store ``MLFLOW_TRACKING_URI`` names, else ``RUN/mlflow.db``
+  (with the full ``mlflow`` package) or ``RUN/mlruns`` (skinny); the experiment is
   ``MLFLOW_EXPERIMENT_NAME``, else ``preflab``. The resolved config goes in as flattened params.
 
 A non-finite value reaches no tracker (metrics.jsonl writes it as null); a value that is not a
@@ -64,7 +65,7 @@ class MLflowTracker:
         from preflab.run import flatten
 
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(run_dir)
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "preflab")
         exp = self.client.get_experiment_by_name(name)
@@ -84,6 +85,19 @@ class MLflowTracker:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def default_mlflow_uri(run_dir: Path) -> str:
+    """Where a run's MLflow data goes without ``MLFLOW_TRACKING_URI``: ``RUN/mlflow.db`` (SQLite)
+    when the full ``mlflow`` package's database backend (sqlalchemy, alembic) is installed, else
+    the plain directory ``RUN/mlruns`` that ``mlflow-skinny`` can write (MLflow 3 keeps that
+    backend in maintenance mode behind MLFLOW_ALLOW_FILE_STORE, which is set for this process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic"):
+        return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (run_dir / "mlruns").resolve().as_uri()
 
 
 def _mlflow_key(key: str) -> str:

@@ -20,7 +20,8 @@ EXAMPLES = Path(__file__).parent / "examples" / "demos.jsonl"
 
 
 def parse_demo(obj: Any) -> list[dict[str, str]]:
-    """``{"prompt", "response"}`` or ``{"messages": [...]}`` -> a message list ending with the assistant."""
+    """``{"prompt", "response"}``, ``{"messages": [...]}`` or TRL's ``{"prompt", "completion"}`` (strings
+    or message lists) -> a message list ending with the assistant."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
@@ -33,6 +34,17 @@ def parse_demo(obj: Any) -> list[dict[str, str]]:
         if msgs[-1]["role"] != "assistant":
             raise ValueError("the last message must be from the assistant (it is the demonstration)")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if "completion" in obj and "prompt" in obj:  # TRL's prompt-completion layout
+        prompt, completion = obj["prompt"], obj["completion"]
+        msgs = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _message_list(prompt, "prompt"))
+        if isinstance(completion, str):
+            if not completion.strip():
+                raise ValueError("'completion' is empty")
+            return msgs + [{"role": "assistant", "content": completion}]
+        done = _message_list(completion, "completion")
+        if done[-1]["role"] != "assistant":
+            raise ValueError("the completion's last message must be from the assistant")
+        return msgs + done
     if "prompt" in obj or "response" in obj:
         for key in ("prompt", "response"):
             if not isinstance(obj.get(key), str):
@@ -41,6 +53,15 @@ def parse_demo(obj: Any) -> list[dict[str, str]]:
             raise ValueError("'response' is empty")
         return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
     raise ValueError("expected keys 'prompt' and 'response', or 'messages'")
+
+
+def _message_list(v: Any, key: str) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"{key!r} must be a string or a non-empty list of messages")
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{key}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
 def read_demos(path: str) -> list[list[dict[str, str]]]:
@@ -122,13 +143,16 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 def parse_prompt_row(obj: Any) -> dict[str, Any]:
-    """A prompt row: ``{"prompt": str}`` or ``{"messages": [...]}`` plus any metadata (id, split, ...)."""
+    """A prompt row: ``{"prompt": str}``, ``{"prompt": [messages]}`` (TRL) or ``{"messages": [...]}`` plus
+    any metadata (id, split, ...)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if isinstance(obj.get("prompt"), str):
         if not obj["prompt"].strip():
             raise ValueError("'prompt' is empty")
         return obj
+    if isinstance(obj.get("prompt"), list):  # TRL's conversational prompt-only layout
+        return {**obj, "prompt": _message_list(obj["prompt"], "prompt")}
     if isinstance(obj.get("messages"), list) and obj["messages"]:
         msgs = obj["messages"]
         for i, m in enumerate(msgs):

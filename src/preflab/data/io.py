@@ -483,7 +483,7 @@ def export_hf(path: str | os.PathLike, rows: Sequence[dict]) -> int:
         import datasets  # optional dependency
     except ImportError:
         raise PreflabError(
-            "exporting a Hugging Face dataset needs the `datasets` package (pip install datasets); "
+            "exporting a Hugging Face dataset needs the `datasets` package (pip install 'preflab[hf]'); "
             "nothing was written. The JSONL formats (pairs, kway, rankings) need nothing extra."
         ) from None
     ds = datasets.Dataset.from_list(list(rows))

@@ -51,10 +51,13 @@ def _table(title: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...] = (
 @click.option("--no-scrub", is_flag=True, help="Keep PII (by default e-mails, phones, cards, IPs, URL secrets are replaced).")
 @click.option("--near-dup-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Report prompt pairs with character 5-gram Jaccard at or above this.")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 def import_cmd(fmt: str, store_path: str, split: str, labeler: str | None, score: str | None, no_scrub: bool,
                near_dup_threshold: float, file: str) -> None:
     """Import HH-RLHF, UltraFeedback, TRL or Label Studio preferences from FILE into the store.
+
+    FILE is JSONL, or (for the JSONL formats) a parquet file or a saved Hugging Face dataset
+    directory with the same columns (pip install 'preflab[hf]').
 
     PII is scrubbed, rankings already in the store are dropped as exact duplicates, and
     near-duplicate prompts are reported. The whole file is checked before anything is written.

@@ -56,12 +56,36 @@ def read_text_utf8(path: str | os.PathLike) -> str:
         raise not_utf8(path, e) from None
 
 
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+def builtin_path(path: str | os.PathLike) -> Path:
+    """``builtin:NAME`` -> the example file NAME.jsonl shipped with preflab (``builtin:examples``
+    is demos.jsonl); any other path unchanged."""
+    text = str(path)
+    if not text.startswith("builtin:"):
+        return Path(path)
+    name = text.removeprefix("builtin:")
+    found = EXAMPLES_DIR / f"{'demos' if name == 'examples' else name}.jsonl"
+    if not found.is_file():
+        known = sorted(["examples", *(p.stem for p in EXAMPLES_DIR.glob("*.jsonl") if p.stem != "demos")])
+        raise DataError(f"{text}: no such built-in data (known: {', '.join('builtin:' + k for k in known)})")
+    return found
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` for each non-blank line; line numbers start at 1.
 
-    Raises DataError naming ``path:line`` for invalid JSON, and for a missing file.
+    Raises DataError naming ``path:line`` for invalid JSON or a line that is not UTF-8, and for a
+    missing file. ``builtin:NAME`` reads an example file shipped with preflab; a parquet file, a
+    directory of them or a saved Hugging Face dataset yields its rows (``preflab.data.hf``).
     """
-    path = Path(path)
+    path = builtin_path(path)
+    from preflab.data.hf import hf_rows, is_hf_source
+
+    if is_hf_source(path):  # a saved Hugging Face dataset or parquet: rows numbered from 1
+        yield from enumerate(hf_rows(path), start=1)
+        return
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with path.open("rb") as f:
