@@ -492,13 +492,23 @@ def apply_reward_norm(model: Any) -> Any:
 
 @click.group("model")
 def cli() -> None:
-    """Prepare and inspect models."""
+    """Prepare and inspect models.
+
+    \b
+    Example:
+      preflab model prepare bundled:smollm2-135m-instruct
+    """
 
 
 @cli.command("prepare")
 @click.argument("spec", default="bundled:smollm2-135m-instruct")
 def prepare(spec: str) -> None:
-    """Resolve SPEC (converting a bundled GGUF once) and print its directory."""
+    """Resolve SPEC (converting a bundled GGUF once) and print its directory.
+
+    \b
+    Example:
+      preflab model prepare bundled:smollm2-135m-instruct
+    """
     t0 = time.time()
     where = resolve(spec)
     click.echo(f"{where}  ({time.time() - t0:.2f}s)")

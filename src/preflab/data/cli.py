@@ -19,4 +19,9 @@ DATA_COMMANDS: dict[str, tuple[str, str]] = {
 
 @click.group(cls=LazyGroup, commands=DATA_COMMANDS)
 def data() -> None:
-    """Task suite, labeling, agreement, import/export and stats."""
+    """Task suite, labeling, agreement, import/export and stats.
+
+    \b
+    Example:
+      preflab data import --format trl --store prefs.sqlite pairs.jsonl
+    """

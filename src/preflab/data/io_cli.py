@@ -61,6 +61,10 @@ def import_cmd(fmt: str, store_path: str, split: str, labeler: str | None, score
 
     PII is scrubbed, rankings already in the store are dropped as exact duplicates, and
     near-duplicate prompts are reported. The whole file is checked before anything is written.
+
+    \b
+    Example:
+      preflab data import --format hh-rlhf --store prefs.sqlite hh_rlhf_sample.jsonl
     """
     from preflab.feedback.store import PreferenceStore
 
@@ -97,7 +101,12 @@ def import_cmd(fmt: str, store_path: str, split: str, labeler: str | None, score
 @click.option("--split", default=None, help="Only prompts of this split.")
 @click.option("--labeler", default=None, help="Only this labeler's rankings.")
 def export_cmd(store_path: str, fmt: str, out: str, split: str | None, labeler: str | None) -> None:
-    """Export rankings, pairs or grouped K-way JSONL (or a HF dataset) from the store."""
+    """Export rankings, pairs or grouped K-way JSONL (or a HF dataset) from the store.
+
+    \b
+    Example:
+      preflab data export --store runs/demo/store.sqlite --format pairs --out pairs.jsonl
+    """
     from preflab.feedback.pairs import flatten_pairs, rankings_to_pairs
     from preflab.feedback.store import PreferenceStore
 
@@ -155,7 +164,12 @@ def _response_texts(kind: str, r: dict) -> list[str]:
               help="A JSONL file: prompts, rankings, pairs or grouped K-way.")
 @click.option("--near-dup-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
 def stats(store_path: str | None, file_path: str | None, near_dup_threshold: float) -> None:
-    """Counts per split, category and labeler, duplicate prompts and PII found, for a store or a file."""
+    """Counts per split, category and labeler, duplicate prompts and PII found, for a store or a file.
+
+    \b
+    Example:
+      preflab data stats --store runs/demo/store.sqlite
+    """
     if (store_path is None) == (file_path is None):
         raise PreflabError("give exactly one of --store or --file")
     con = _console()

@@ -69,6 +69,21 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(t)
 
 
+def print_ifeval(entry: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from preflab.run import table_console
+
+    t = Table(title=f"IFEval: {entry['settings']['n_prompts']} prompts (strict: the response as it is; loose: also "
+                    "without its first/last line or markdown *)")
+    for c in ("model", "prompt strict", "instruction strict", "prompt loose", "instruction loose", "splitter"):
+        t.add_column(c, justify="left" if c in ("model", "splitter") else "right")
+    for name, m in entry["models"].items():
+        t.add_row(name, _pct(m["prompt_level_strict"]), _pct(m["instruction_level_strict"]),
+                  _pct(m["prompt_level_loose"]), _pct(m["instruction_level_loose"]), m["sentence_splitter"])
+    table_console(140).print(t)
+
+
 @click.command("eval")
 @click.option("--models", "model_args", multiple=True, required=True,
               help="NAME=PATH (model directory, hub id, bundled: or tiny:); repeat for each model.")
@@ -87,17 +102,42 @@ def print_summary(results: dict[str, Any]) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--bf16/--no-bf16", default=False, show_default=True, help="bfloat16 autocast for every forward pass.")
 @click.option("--threads", default=None, type=click.IntRange(1))
+@click.option("--id-field", default=None,
+              help="The prompt rows' id key when it is not `id` (IFEval files: `key`, the default with --ifeval).")
+@click.option("--ifeval", is_flag=True,
+              help="PROMPTS is an IFEval-format file ({key, prompt, instruction_id_list, kwargs}): sample each model "
+                   "and score strict/loose prompt- and instruction-level accuracy with if-verifiable's checkers "
+                   "(pip install 'preflab[ifeval]'); written under \"ifeval\" in OUT/results.json.")
 def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, limit, max_new_tokens, temperature,
-             batch_size, seed, bf16, threads):
+             batch_size, seed, bf16, threads, id_field, ifeval):
     """Evaluate models on held-out prompts against the reference model: gold-judged win-rate with a 95%
     interval, RM win-rate, KL to the reference, length, refusals, toxicity proxy, MC1 truthfulness proxy,
-    failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table."""
+    failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table.
+
+    \b
+    Examples:
+      preflab eval --models sft=runs/demo/sft/model --models ppo=runs/demo/ppo/model \\
+                   --prompts runs/demo/data/prompts.jsonl --rm runs/demo/rm/model --out runs/demo/eval2
+      preflab eval --ifeval --models sft=runs/demo/sft/model --prompts ifeval_input_data.jsonl \\
+                   --max-new-tokens 1024 --temperature 0 --out runs/ifeval
+    """
     from preflab import models as loader
     from preflab.data.suite.schema import load_prompts
-    from preflab.evals.evaluate import evaluate
 
     named = _parse_models(model_args)
-    prompts = load_prompts(prompts_path)
+    if ifeval:
+        from preflab.evals.ifeval import evaluate_ifeval, read_ifeval
+
+        rows = read_ifeval(prompts_path, id_field=id_field or "key")[:limit]
+        loader.set_threads(threads)
+        entry = evaluate_ifeval(named, rows, out_dir, max_new_tokens=max_new_tokens, temperature=temperature,
+                                batch_size=batch_size, seed=seed)
+        print_ifeval(entry)
+        click.echo(f"wrote {Path(out_dir) / 'results.json'} (\"ifeval\") and {Path(out_dir) / 'ifeval'}/")
+        return
+    from preflab.evals.evaluate import evaluate
+
+    prompts = load_prompts(prompts_path, id_field=id_field or "id")
     if split != "all" and any(p.split is not None for p in prompts):
         prompts = [p for p in prompts if p.split == split]
     prompts = prompts[:limit]

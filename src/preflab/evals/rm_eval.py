@@ -212,7 +212,12 @@ def print_report(report: dict[str, Any], console=None) -> None:
 def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
         bf16, threads):
     """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
-    the most confidently wrong pairs and labeler agreement of a reward model; prints tables."""
+    the most confidently wrong pairs and labeler agreement of a reward model; prints tables.
+
+    \b
+    Example:
+      preflab rm-eval --model runs/demo/rm/model --data store:runs/demo/store.sqlite --split rm
+    """
     from preflab import models
     from preflab.data.rankings import encode_groups, read_groups
     from preflab.scoring import score_groups

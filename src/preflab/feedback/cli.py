@@ -17,7 +17,12 @@ import click
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL to write: one row per response with per-criterion scores and the total.")
 def judge(prompts_path: Path, responses_path: Path, out_path: Path) -> None:
-    """Score responses to suite prompts with the gold judge and print the throughput."""
+    """Score responses to suite prompts with the gold judge and print the throughput.
+
+    \b
+    Example:
+      preflab judge --prompts runs/demo/data/prompts.jsonl --responses responses.jsonl --out judged.jsonl
+    """
     from preflab.data.jsonl import read_jsonl, write_jsonl
     from preflab.data.suite.schema import load_prompts
     from preflab.feedback.rubric import judge_batch

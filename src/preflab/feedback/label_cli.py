@@ -80,6 +80,10 @@ def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: 
     Each prompt is ranked by one labeler (round robin); an --overlap fraction is ranked by
     three, so `preflab data agreement --store` can measure agreement. The gold judge never
     enters the store: only rankings do.
+
+    \b
+    Example:
+      preflab data label --model runs/demo/sft/model --prompts runs/demo/data/prompts.jsonl --store prefs.sqlite
     """
     from preflab import models
 
@@ -306,7 +310,12 @@ def _jsonable(v: Any) -> Any:
 def agreement(store_path: Path | None, split: str | None, panel_mode: bool, prompts_path: Path | None, limit: int,
               k: int, seed: int, json_out: Path | None) -> None:
     """Labeler-labeler agreement: pairwise (with and without ties), leave-one-out majority,
-    Fleiss' kappa, Krippendorff's alpha, Kendall's W, and agreement with the gold judge."""
+    Fleiss' kappa, Krippendorff's alpha, Kendall's W, and agreement with the gold judge.
+
+    \b
+    Example:
+      preflab data agreement --store runs/demo/store.sqlite --split rm
+    """
     from preflab.feedback.labelers import agreement_summary, synthetic_agreement
 
     if panel_mode == (store_path is not None):
@@ -361,7 +370,12 @@ def agreement(store_path: Path | None, split: str | None, panel_mode: bool, prom
 def demos(prompts_path: Path, out_path: Path, split: str, model_spec: str | None, n: int, mode: str,
           threshold: float, limit: int | None, max_new_tokens: int, temperature: float, batch_size: int, seed: int,
           threads: int | None) -> None:
-    """Write SFT demonstrations: the best of N samples under the gold judge, or the templated answer."""
+    """Write SFT demonstrations: the best of N samples under the gold judge, or the templated answer.
+
+    \b
+    Example:
+      preflab data demos --prompts runs/demo/data/prompts.jsonl --out demos.jsonl --mode reference
+    """
     from preflab.feedback.demos import source_counts, write_demonstrations
 
     prompts = _select(prompts_path, split, limit)

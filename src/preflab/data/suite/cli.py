@@ -21,6 +21,10 @@ def suite(out_dir: Path, seed: int, n: int) -> None:
     """Write the built-in task suite (OUT/prompts.jsonl) and print counts per category, slice and split.
 
     Splits never share a template or a topic, so the eval split measures generalisation.
+
+    \b
+    Example:
+      preflab data suite --out data/suite --n 3200
     """
     from rich.console import Console
     from rich.table import Table

@@ -129,11 +129,21 @@ def as_prompt(p: SuitePrompt | dict[str, Any]) -> SuitePrompt:
     return p if isinstance(p, SuitePrompt) else SuitePrompt.from_dict(p)
 
 
-def load_prompts(path: str | os.PathLike) -> list[SuitePrompt]:
-    """Read and validate a prompt file (the suite's or a user's); errors name ``file:line``."""
+def load_prompts(path: str | os.PathLike, id_field: str = "id") -> list[SuitePrompt]:
+    """Read and validate a prompt file (the suite's or a user's); errors name ``file:line``.
+    ``id_field`` names the rows' id key when it is not ``id`` (e.g. ``key``; integers become strings)."""
+
+    def parse(obj: Any) -> SuitePrompt:
+        if id_field != "id" and isinstance(obj, dict):
+            if id_field not in obj:
+                raise KeyError(id_field)
+            key = obj[id_field]
+            obj = {**{k: v for k, v in obj.items() if k != id_field}, "id": str(key) if isinstance(key, int) else key}
+        return SuitePrompt.from_dict(obj)
+
     seen: dict[str, int] = {}
     rows: list[SuitePrompt] = []
-    for i, p in enumerate(read_jsonl(path, SuitePrompt.from_dict)):
+    for i, p in enumerate(read_jsonl(path, parse)):
         if p.id in seen:
             # read_jsonl skips blank lines, so find the real line number for the message.
             raise DataError(f"{path}:{_line_of(path, i)}: duplicate id {p.id!r} (first at row {seen[p.id] + 1})")

@@ -1,0 +1,100 @@
+"""IFEval-format scoring with if-verifiable's checkers (small fixture built here; the repo ships
+no benchmark data) and `--id-field` for prompt files."""
+
+import json
+
+import pytest
+
+from preflab.errors import DataError
+
+pytest.importorskip("if_verifiable", reason="the ifeval extra (if-verifiable) is not installed")
+pytest.importorskip("nupunkt", reason="the ifeval extra (nupunkt) is not installed")
+
+from preflab.evals.ifeval import read_ifeval, score_ifeval  # noqa: E402
+
+ROWS = [
+    {"key": 1001, "prompt": "Write two sentences. Do not use commas.",
+     "instruction_id_list": ["length_constraints:number_sentences", "punctuation:no_comma"],
+     "kwargs": [{"relation": "less than", "num_sentences": 3}, {}]},
+    {"key": 1002, "prompt": "Answer in capitals.", "instruction_id_list": ["change_case:english_capital"],
+     "kwargs": [{}]},
+    {"key": 1003, "prompt": "At most one capitalised word.", "instruction_id_list": ["change_case:capital_word_frequency"],
+     "kwargs": [{"capital_relation": "less than", "capital_frequency": 2}]},
+    {"key": 1004, "prompt": "No commas at all.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+]
+RESPONSES = [
+    "Dr. Smith came home. He slept.",  # two sentences (a naive splitter sees three: "Dr." ends one)
+    "HELLO THERE MY FRIEND",
+    "I saw NASA and the UN.",  # I, NASA, UN: three capitalised words
+    "Sure, here it is:\nno commas in this line",  # strict fails on the first line's comma; loose drops that line
+]
+
+
+def write(tmp_path, rows, name="if.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_scores_hand_computed(tmp_path):
+    rows = read_ifeval(write(tmp_path, ROWS))
+    assert [r.key for r in rows] == ["1001", "1002", "1003", "1004"]
+    got = score_ifeval(rows, RESPONSES)
+    assert got["sentence_splitter"] in ("nupunkt", "nltk-punkt")
+    assert [r["strict"] for r in got["rows"]] == [[True, True], [True], [False], [False]]
+    assert [r["loose"] for r in got["rows"]] == [[True, True], [True], [False], [True]]
+    assert got["n_prompts"] == 4 and got["n_instructions"] == 5
+    assert got["prompt_level_strict"] == 2 / 4 and got["instruction_level_strict"] == 3 / 5
+    assert got["prompt_level_loose"] == 3 / 4 and got["instruction_level_loose"] == 4 / 5
+    assert got["by_instruction_strict"]["punctuation:no_comma"] == {"accuracy": 0.5, "n": 2}
+    # An empty response passes nothing.
+    assert score_ifeval(rows[:1], [""])["instruction_level_strict"] == 0.0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.pop("kwargs"), r"if\.jsonl:2: missing key 'kwargs'"),
+    (lambda r: r.update(kwargs=[]), r"if\.jsonl:2: 'kwargs' must be a list of objects, one per instruction \(1\)"),
+    (lambda r: r.update(instruction_id_list=["no:such_check"]), r"if\.jsonl:2: unknown instruction id\(s\) 'no:such_check'"),
+    (lambda r: r.update(key=1001), r"if\.jsonl:2: duplicate id 1001 \(first at line 1\)"),
+])
+def test_bad_rows_are_named_by_line(tmp_path, mutate, message):
+    rows = json.loads(json.dumps(ROWS[:2]))
+    mutate(rows[1])
+    with pytest.raises(DataError, match=message):
+        read_ifeval(write(tmp_path, rows))
+
+
+def test_id_field(tmp_path):
+    from preflab.data.suite.schema import load_prompts
+
+    renamed = [{"uid": r["key"], **{k: v for k, v in r.items() if k != "key"}} for r in ROWS]
+    path = write(tmp_path, renamed)
+    with pytest.raises(DataError, match=r"if\.jsonl:1: missing key 'key' \(--id-field names the id key\)"):
+        read_ifeval(path)
+    assert [r.key for r in read_ifeval(path, id_field="uid")] == ["1001", "1002", "1003", "1004"]
+    # Any prompt file may name its id field: `preflab eval --id-field key` on IFEval's own rows.
+    prompts = load_prompts(write(tmp_path, ROWS, "plain.jsonl"), id_field="key")
+    assert [p.id for p in prompts] == ["1001", "1002", "1003", "1004"]
+    assert prompts[0].extra["instruction_id_list"] == ROWS[0]["instruction_id_list"]
+
+
+def test_eval_command_writes_ifeval_results(tmp_path, capsys):
+    from preflab.cli import main
+
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "results.json").write_text(json.dumps({"models": {"kept": 1}}))  # an earlier `preflab eval` run
+    try:
+        main(["eval", "--ifeval", "--models", "tiny=tiny:", "--prompts", str(write(tmp_path, ROWS)), "--out", str(out),
+              "--max-new-tokens", "4", "--temperature", "0", "--limit", "3"])
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"] == {"kept": 1}
+    m = results["ifeval"]["models"]["tiny"]
+    assert results["ifeval"]["settings"]["n_prompts"] == 3 and m["n_instructions"] == 4
+    samples = [json.loads(x) for x in (out / "ifeval/tiny.jsonl").read_text().splitlines()]
+    assert [s["key"] for s in samples] == ["1001", "1002", "1003"]
+    strict = [all(s["strict"]) for s in samples]
+    assert m["prompt_level_strict"] == sum(strict) / 3
+    assert "IFEval: 3 prompts" in capsys.readouterr().out
