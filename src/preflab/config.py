@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from preflab.errors import ConfigError
 
@@ -244,6 +244,9 @@ class Rollout(Section):
     truncate_token: str | None = Field(None, description="Pad after this token (lm-human-preferences); None: off.")
     truncate_after: int = Field(0, ge=0)
     bf16: bool = Field(True, description="bf16 autocast for sampling and scoring.")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="k: samples of each prompt per rollout (rollout.batch_size prompts give batch_size * k "
+                             "episodes); the group estimators (rloo, grpo) need k >= 2.")
 
 
 class PPOHyper(Section):
@@ -260,6 +263,28 @@ class PPOHyper(Section):
     critic_warmup_steps: int = Field(
         0, ge=0, description="The first N rollouts train only the critic (the policy, its pretraining mix "
         "and its LR schedule wait), so policy updates start with a critic fitted to this policy's returns.")
+
+
+class AlgoSection(Section):
+    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+        "gae", description="gae: PPO with a critic (InstructGPT); rloo: leave-one-out baseline over the k samples of "
+                           "a prompt; grpo: group-normalised; reinforce_pp: REINFORCE++ (global whitening). Only gae "
+                           "builds and trains a critic.")
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -beta * KL in the per-token reward (k1, InstructGPT; kl.estimator applies); "
+                              "loss: beta * k3 KL added to the policy loss (GRPO).")
+    grpo_scale: bool = Field(True, description="grpo: divide by the group's std (False: Dr. GRPO, centred only).")
+
+
+class RewardFunc(Section):
+    fn: str = Field(..., description="`module:function` taking (prompt rows, responses) and returning one float "
+                                     "per response, e.g. `preflab.rewards:constraints`.")
+    weight: float = Field(1.0, description="Weight of this function's reward in the sum.")
+
+
+class RewardsSection(Section):
+    rm_weight: float = Field(1.0, ge=0, description="Weight of the reward model's score (0: reward functions only).")
+    funcs: list[RewardFunc] = Field(default_factory=list, description="Programmatic rewards added to the RM score.")
 
 
 class KLSection(Section):
@@ -300,12 +325,25 @@ class PPOConfig(Section):
     models: PPOModels
     data: PPOData
     rollout: Rollout = Field(default_factory=Rollout)
+    algo: AlgoSection = Field(default_factory=AlgoSection)
+    rewards: RewardsSection = Field(default_factory=RewardsSection)
     ppo: PPOHyper = Field(default_factory=PPOHyper)
     kl: KLSection = Field(default_factory=KLSection)
     ptx: PTXSection = Field(default_factory=PTXSection)
     optim: PPOOptim = Field(default_factory=PPOOptim)
     train: PPOTrain = Field(default_factory=PPOTrain)
     run: PPORun = Field(default_factory=PPORun)
+
+    @model_validator(mode="after")
+    def _episodes_fit(self) -> PPOConfig:
+        k, est = self.rollout.samples_per_prompt, self.algo.estimator
+        if est in ("rloo", "grpo") and k < 2:
+            raise ValueError(f"rollout.samples_per_prompt must be >= 2 for algo.estimator={est} (got {k})")
+        episodes = self.rollout.batch_size * k
+        if episodes % self.ppo.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide the episodes of a rollout "
+                             f"(rollout.batch_size x rollout.samples_per_prompt = {episodes})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +475,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if not e["loc"]:  # a check across keys (model validator): its message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
@@ -474,3 +515,135 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline preference optimisation (DPO, cDPO, IPO, SimPO) and rejection-sampling fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+
+class DPOModel(ModelSection):
+    reference: str | None = Field(None, description="Reference model (None: the initial policy; with LoRA, the "
+                                                    "policy with adapters disabled). Its log-probs of the training "
+                                                    "responses are computed once and cached in the run directory.")
+
+
+class DPOData(Section):
+    train: str = Field(..., description="Grouped K-way JSONL ({prompt, responses, order}), pairs JSONL, "
+                                        "or `store:PATH` (the preference store; split from `split`).")
+    format: Literal["kway", "pairs"] = Field("kway", description="kway: rankings (all C(K,2) pairs of a prompt "
+                                                                 "are one batch element); pairs: {prompt, chosen, "
+                                                                 "rejected} rows.")
+    split: str | None = Field("rm", description="Store split to train on (store: sources only).")
+    val: str | None = Field(None, description="Held-out file or store (None: hold out val_fraction).")
+    val_split: str | None = Field("eval", description="Store split for held-out evaluation.")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(384, ge=16, description="Token limit of prompt + response.")
+
+
+class DPOLoss(Section):
+    loss: Literal["dpo", "cdpo", "ipo", "simpo"] = Field(
+        "dpo", description="dpo: -log sigmoid(beta * margin of log-ratios); cdpo: DPO with label smoothing; "
+                           "ipo: squared distance of the per-token log-ratio margin to 1/(2 beta); simpo: "
+                           "reference-free, per-token average log-probs with a target margin (docs/preference.md).")
+    beta: float | None = Field(None, gt=0, description="None: 0.1 for dpo, cdpo and ipo; 2.0 for simpo.")
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="cdpo only: probability that a label is flipped.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: target margin gamma (the paper's, not TRL's "
+                                                      "gamma/beta ratio).")
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else (2.0 if self.loss == "simpo" else 0.1)
+
+
+class DPOOptim(OptimSection):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW); the DPO paper uses 5e-7 with batch 64.")
+    warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps from warmup_start * lr.")
+
+
+class DPOTrain(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rankings.")
+    max_steps: int | None = Field(None, ge=1)
+    batch_prompts: int = Field(8, ge=1, description="Prompts (not pairs) per micro-batch, per rank.")
+    grad_accum: int = Field(1, ge=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
+                                                 "values; ignored under gradient_checkpointing.")
+    eval_every: int = Field(0, ge=0, description="Held-out metrics every N steps (0: at the end only).")
+
+
+class DPOEval(Section):
+    kl_prompts: int = Field(16, ge=0, description="Held-out prompts sampled once each (T = 1) to estimate "
+                                                  "KL(policy || reference) in nats per response (0: off).")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call and held-out scoring batch.")
+
+
+class DPORun(RunSection):
+    out: str = Field("runs/dpo", description="Run directory.")
+
+
+class DPOConfig(Section):
+    """`preflab dpo`: the policy trained directly on K-way rankings (DPO, cDPO, IPO or SimPO)."""
+
+    model: DPOModel = Field(default_factory=DPOModel)
+    data: DPOData
+    dpo: DPOLoss = Field(default_factory=DPOLoss)
+    optim: DPOOptim = Field(default_factory=DPOOptim)
+    train: DPOTrain = Field(default_factory=DPOTrain)
+    eval: DPOEval = Field(default_factory=DPOEval)
+    run: DPORun = Field(default_factory=DPORun)
+
+
+class RSModels(Section):
+    policy: ModelSection = Field(default_factory=ModelSection)
+    reward_model: str = Field(..., description="Reward model directory (from `preflab rm`).")
+
+
+class RSData(Section):
+    prompts: str = Field(..., description="Prompt JSONL (suite format, {prompt} or {messages}).")
+    split: str | None = Field("ppo", description="Keep rows whose `split` equals this (None: all).")
+    limit: int | None = Field(None, ge=1, description="Only the first N prompts of the split.")
+    max_prompt_tokens: int = Field(256, ge=8)
+
+
+class RSSampling(Section):
+    n: int = Field(4, ge=1, description="Samples per prompt; the reward model keeps the best one.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_prompts: int = Field(8, ge=1, description="Prompts per generate() call (n samples each).")
+    threshold: float | None = Field(None, description="Keep a pick only if its (normalised) reward is at least this.")
+    require_eos: bool = Field(True, description="Only responses that ended (EOS) can be picked.")
+    bf16: bool = Field(True, description="bf16 autocast for sampling and scoring.")
+
+
+class RSTrain(Section):
+    rounds: int = Field(1, ge=1, description="Sample-pick-fine-tune rounds; round r samples from round r-1's model.")
+    epochs: float = Field(1.0, gt=0, description="SFT passes over each round's picks.")
+    max_steps: int | None = Field(None, ge=1, description="SFT steps per round (None: from epochs).")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    max_length: int = Field(384, ge=8, description="Token limit of a pick (prompt + response).")
+
+
+class RSOptim(OptimSection):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of each round's SFT.")
+    warmup_steps: int = Field(2, ge=0)
+
+
+class RSRun(RunSection):
+    out: str = Field("runs/rs", description="Run directory.")
+
+
+class RSConfig(Section):
+    """`preflab rs`: rejection-sampling fine-tuning: n samples per prompt, the RM picks the best, SFT on the picks."""
+
+    models: RSModels
+    data: RSData
+    sampling: RSSampling = Field(default_factory=RSSampling)
+    train: RSTrain = Field(default_factory=RSTrain)
+    optim: RSOptim = Field(default_factory=RSOptim)
+    run: RSRun = Field(default_factory=RSRun)

@@ -99,20 +99,20 @@ def by_query_length(samples: Samples, rows: list[int] | None = None) -> list[int
 
 
 class ActorCritic(nn.Module):
-    """Policy plus a critic: a separate scorer model (InstructGPT: initialised from the RM) or a
-    zero-initialised value head on the policy trunk (lm-human-preferences; one trunk pass)."""
+    """Policy plus a critic: a separate scorer model (InstructGPT: initialised from the RM), a
+    zero-initialised value head on the policy trunk (lm-human-preferences; one trunk pass), or
+    none (``values=False``: the critic-free estimators; values are 0)."""
 
-    def __init__(self, policy: nn.Module, critic: nn.Module | None):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None, values: bool = True):
         super().__init__()
         self.policy = policy
-        self.critic = critic
-        if critic is None:
+        self.critic = critic if values else None
+        self.value_head = None
+        if values and critic is None:
             hidden = unwrap(policy).config.hidden_size
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        else:
-            self.value_head = None
         self.ptx = TokenNLL(policy)
 
     def forward(self, input_ids, attention_mask, position_ids, response, tq: int, temperature: float,
@@ -129,6 +129,8 @@ class ActorCritic(nn.Module):
             entropy = entropy_from_logits(logits)
         if self.value_head is not None:
             values = self.value_head(h).squeeze(-1).float()
+        elif self.critic is None:
+            values = torch.zeros_like(logprobs)
         else:
             s = Samples(input_ids[:, :tq], attention_mask[:, :tq], response, attention_mask[:, tq:],
                         torch.ones(len(response), dtype=torch.bool), [])

@@ -1,9 +1,11 @@
-"""Stage C: PPO-ptx against a reward model, with a per-token KL penalty to the SFT model.
+"""Stage C: online RL against a reward model with a KL leash to the SFT model: PPO(-ptx) with a
+critic (GAE), or the critic-free estimators RLOO, GRPO (Dr. GRPO) and REINFORCE++ (``algo.estimator``).
 
-Read top to bottom: 0. set-up, 1. data, 2. models, then per iteration 3. generate, 4. score,
-5. rewards and advantages, 6. update (PPO + pretraining mix), 7. KL control, logs and
-checkpoints; 8. save. The maths lives in ``preflab.rl`` (pure functions, tested against
-hand-computed values); this file wires it to models, ranks and the run directory.
+Read top to bottom: 0. set-up, 1. data, 2. models, then per iteration 3. generate (k samples per
+prompt), 4. score, 5. rewards and advantages, 6. update (clipped surrogate + value loss for GAE,
++ k3 KL loss when ``algo.kl_in=loss``, + pretraining mix), 7. KL control, logs and checkpoints;
+8. save. The maths lives in ``preflab.rl`` (pure functions, tested against hand-computed values),
+the forward passes in ``preflab.scoring``; this file wires them to models, ranks and the run.
 
 Defaults follow docs/reference.md: score on the last
 real token, k1 KL on every response token, training logits divided by the sampling temperature,
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from preflab import distributed, models
+from preflab import distributed, models, rewards
 from preflab.config import PPOConfig, dump_config
 from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
@@ -34,6 +36,7 @@ from preflab.optim import adamw, clip_grad, schedule
 from preflab.rl import (
     AdaptiveKLController,
     FixedKLController,
+    ValueLoss,
     explained_variance,
     gae,
     kl_k1,
@@ -43,11 +46,19 @@ from preflab.rl import (
     ppo_rewards,
     value_loss,
 )
+from preflab.rl.estimators import (
+    ESTIMATORS,
+    grpo_advantages,
+    reinforce_pp_returns,
+    rloo_advantages,
+    sequence_rewards,
+)
 from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
 from preflab.run import GeneratorState, Progress, RunDir, peak_rss_mb, seed_everything
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
 
 RewardFn = Callable[[Samples], torch.Tensor]
+PromptRewards = Callable[[list[dict], list[str]], list[float]]  # rewards.weighted_sum over the configured funcs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +102,14 @@ def global_mean(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | None, reward_fn: RewardFn,
-                  cfg: PPOConfig, kl_coef: float, tokenizer, device: torch.device, chunk: int) -> Scored:
-    """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages."""
+def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | None, reward_fn: RewardFn | None,
+                  cfg: PPOConfig, kl_coef: float, tokenizer, device: torch.device, chunk: int,
+                  prompt_rewards: PromptRewards | None = None, rows: list[dict] | None = None) -> Scored:
+    """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages.
+
+    The score is ``rewards.rm_weight`` x the RM (``reward_fn``) plus the configured reward
+    functions (``prompt_rewards`` of each episode's prompt row in ``rows``); then the EOS penalty.
+    """
     r = cfg.rollout
     mask = samples.response_mask.float()
     logprobs, ref_logprobs, values = policy_terms(samples, ac=ac, reference=reference, temperature=r.temperature,
@@ -109,21 +125,52 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         scored = Samples(samples.query, samples.query_mask, samples.response,
                          samples.response_mask * tmask, samples.ended | hit, samples.texts)
         ended = scored.ended
-    with autocast:
-        scores = reward_fn(scored).float()
+    scores = torch.zeros(len(samples.texts), device=device)
+    if reward_fn is not None and cfg.rewards.rm_weight:
+        with autocast:
+            scores = cfg.rewards.rm_weight * reward_fn(scored).float()
+    if prompt_rewards is not None:
+        scores = scores + torch.tensor(prompt_rewards(rows, scored.texts), dtype=torch.float32, device=device)
     if r.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, r.missing_eos_penalty))
 
-    # 5. rewards: -beta * KL on every response token, the score on the last real one; GAE with
-    # returns before whitening; advantages whitened (docs/reference.md).
+    # 5. rewards: -beta * KL on every response token (unless the KL is a loss term), the score on
+    # the last real one; then the configured estimator (docs/reference.md §2, §6).
     kl = (kl_k1 if cfg.kl.estimator == "k1" else kl_k3)(logprobs, ref_logprobs) * mask
-    rw = ppo_rewards(kl, scores, mask, kl_coef)
+    beta = kl_coef if cfg.algo.kl_in == "reward" else 0.0
+    rw = ppo_rewards(kl, scores, mask, beta)
     rewards = global_whiten(rw.rewards, mask, shift_mean=False) if cfg.ppo.whiten_rewards else rw.rewards
     values = values * mask
-    adv = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-    advantages = global_whiten(adv.advantages, mask, shift_mean=True)
+    advantages, returns = estimate_advantages(cfg, rewards, values, mask, scores=scores, kl=kl, beta=beta)
     return Scored(samples, mask, logprobs * mask, ref_logprobs * mask, values, scores, kl, rewards,
-                  rw.non_score_reward, advantages, adv.returns)
+                  rw.non_score_reward, advantages, returns)
+
+
+def estimate_advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+                        scores: torch.Tensor, kl: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, Tr), 0 at padding, for ``algo.estimator``.
+
+    gae: returns before whitening, advantages whitened (the critic's targets are the returns).
+    reinforce_pp: reward-to-go of the per-token rewards, whitened over the global batch.
+    rloo / grpo: one advantage per sequence from R = score - beta * sum(kl) within each prompt's k
+    contiguous samples (k rows per prompt); rloo's are then whitened over the global batch (so
+    one learning rate serves every estimator), grpo's keep their own per-group scale. The
+    critic-free estimators have no value target: ``returns`` holds the raw advantages (logged only).
+    """
+    name = cfg.algo.estimator
+    if name == "gae":
+        adv = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+        return global_whiten(adv.advantages, mask, shift_mean=True), adv.returns
+    if name == "reinforce_pp":
+        g = reinforce_pp_returns(rewards, mask, gamma=cfg.ppo.gamma)
+        return global_whiten(g, mask, shift_mean=True), g
+    k = cfg.rollout.samples_per_prompt
+    seq = sequence_rewards(scores, kl, mask, beta)
+    if name == "rloo":
+        raw = rloo_advantages(seq, mask, k).advantages
+        return global_whiten(raw, mask, shift_mean=True), raw
+    raw = grpo_advantages(seq, mask, k, scale=cfg.algo.grpo_scale).advantages
+    return raw, raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +194,7 @@ class PtxBatches:
 
 def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
                ptx_batches: Callable[[int], list[dict[str, torch.Tensor] | None]] | None, generator: torch.Generator,
-               dist: distributed.Dist, train_policy: bool = True) -> dict[str, float]:
+               dist: distributed.Dist, train_policy: bool = True, kl_coef: float = 0.0) -> dict[str, float]:
     """PPO epochs over minibatches of one rollout; returns minibatch-averaged statistics.
 
     Every term is normalised by its global count over the minibatch (tokens for PPO, tokens of
@@ -156,6 +203,8 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
     PPO gradient of each minibatch (InstructGPT App. C.4). ``train_policy=False`` (critic
     warm-up) steps only the critic: the policy loss enters with weight 0 (so DDP still sees
     every parameter) and the policy's gradients are dropped before the optimizer step.
+    The value loss enters only for ``gae``; with ``algo.kl_in=loss`` the policy loss gains
+    ``kl_coef`` x the k3 KL to the reference (GRPO; its gradient flows through the policy).
     """
     p = cfg.ppo
     module = getattr(ac, "module", ac)
@@ -164,8 +213,10 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
     policy_weight = 1.0 if train_policy else 0.0
     b = len(batch.samples.texts)
     micro = max(1, p.minibatch_size // p.grad_accum)
-    keys = ("loss/policy", "loss/value", "loss/ptx", "policy/approxkl", "policy/clipfrac", "value/clipfrac",
+    keys = ("loss/policy", "loss/value", "loss/ptx", "loss/kl", "policy/approxkl", "policy/clipfrac", "value/clipfrac",
             "policy/entropy", "policy/ratio")
+    vf_coef = p.vf_coef if ESTIMATORS[cfg.algo.estimator].needs_critic else 0.0
+    kl_loss_coef = kl_coef if cfg.algo.kl_in == "loss" else 0.0
     totals = dict.fromkeys(keys, 0.0)
     n_updates = 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
@@ -193,8 +244,10 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                     lp, v, ent, ptx_sum, _ = ac(**s.inputs(), response=s.response, tq=s.query.shape[1],
                                                 temperature=cfg.rollout.temperature, ptx=ptx_in)
                     pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
-                    vf = value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range)
-                    loss = (policy_weight * pg.loss + p.vf_coef * vf.loss) * weight
+                    vf = (value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range) if vf_coef
+                          else ValueLoss(lp.new_zeros(()), lp.new_zeros(())))  # no critic: nothing to fit
+                    kl_term = masked_mean(kl_k3(lp, batch.ref_logprobs[idx]), m) if kl_loss_coef else lp.new_zeros(())
+                    loss = (policy_weight * (pg.loss + kl_loss_coef * kl_term) + vf_coef * vf.loss) * weight
                     if ptx_in is not None and n_ptx > 0:
                         loss = loss + cfg.ptx.coef * ptx_sum * dist.world_size / float(n_ptx)
                     if not torch.isfinite(loss):
@@ -203,6 +256,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 w = float(m.sum()) / float(n_tok)
                 stats["loss/policy"] += float(pg.loss.detach()) * w
                 stats["loss/value"] += float(vf.loss.detach()) * w
+                stats["loss/kl"] += float(kl_term.detach()) * w
                 stats["policy/approxkl"] += float(pg.approxkl) * w
                 stats["policy/clipfrac"] += float(pg.clipfrac) * w
                 stats["value/clipfrac"] += float(vf.clipfrac) * w
@@ -242,9 +296,9 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     run = RunDir(cfg.run.out, stage="ppo", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
                  writer=dist.is_main)
     r, p = cfg.rollout, cfg.ppo
-    if r.batch_size % p.minibatch_size:
-        raise DataError(f"rollout.batch_size ({r.batch_size}) must be a multiple of ppo.minibatch_size "
-                        f"({p.minibatch_size})")
+    k, estimator = r.samples_per_prompt, ESTIMATORS[cfg.algo.estimator]
+    if p.critic_warmup_steps and not estimator.needs_critic:
+        raise ConfigError(f"ppo.critic_warmup_steps needs a critic; algo.estimator={cfg.algo.estimator} has none")
     if p.critic_warmup_steps >= cfg.train.steps:
         raise ConfigError(f"ppo.critic_warmup_steps ({p.critic_warmup_steps}) must be below train.steps "
                           f"({cfg.train.steps})")
@@ -266,15 +320,15 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     lora = models.LoraOptions(**pol.lora.model_dump(exclude={"enabled"})) if pol.lora.enabled else None
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
     critic = (models.load_scorer(cfg.models.reward_model, device=pol.device)
-              if cfg.models.critic == "reward_model" else None)
-    ac = ActorCritic(policy, critic).to(device)
+              if cfg.models.critic == "reward_model" and estimator.needs_critic else None)
+    ac = ActorCritic(policy, critic, values=estimator.needs_critic).to(device)
     ac.train()
     reference = None
     if lora is None or cfg.models.reference is not None:
         reference = models.load_policy(cfg.models.reference or pol.path, dtype=cfg.models.frozen_dtype,
                                        device=pol.device, dropout_off=True)
         reference.eval().requires_grad_(False)
-    if reward_fn is None:
+    if reward_fn is None and cfg.rewards.rm_weight:
         rm = models.load_scorer(cfg.models.reward_model, dtype=cfg.models.frozen_dtype,
                                 device=pol.device).eval().requires_grad_(False)
 
@@ -284,10 +338,18 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     steps_per_update = p.epochs * (r.batch_size // p.minibatch_size)
     total_updates = cfg.train.steps * steps_per_update
     policy_params = [q for q in policy.parameters() if q.requires_grad]
-    value_params = [q for q in (critic.parameters() if critic is not None else ac.value_head.parameters())]
-    optimizer = adamw([{"params": policy_params, "lr": cfg.optim.lr},
-                       {"params": value_params, "lr": p.critic_lr or cfg.optim.lr}], cfg.optim)
-    scheduler = schedule(optimizer, cfg.optim, total_updates, delays=[p.critic_warmup_steps * steps_per_update, 0])
+    groups = [{"params": policy_params, "lr": cfg.optim.lr}]
+    if estimator.needs_critic:
+        value_params = list(critic.parameters() if critic is not None else ac.value_head.parameters())
+        groups.append({"params": value_params, "lr": p.critic_lr or cfg.optim.lr})
+    optimizer = adamw(groups, cfg.optim)
+    scheduler = schedule(optimizer, cfg.optim, total_updates,
+                         delays=[p.critic_warmup_steps * steps_per_update, 0][:len(groups)])
+    funcs = [(rewards.load(f.fn), f.weight) for f in cfg.rewards.funcs]
+
+    def prompt_rewards(batch_rows: list[dict], texts: list[str]) -> list[float]:
+        return rewards.weighted_sum(funcs, batch_rows, texts)
+
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     gen = HFGenerator(policy, tokenizer, bf16=r.bf16)
@@ -312,18 +374,20 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
             idx = rank_slice(step_indices(step, len(rows), global_batch, cfg.run.seed), dist.rank, dist.world_size)
             samples = gen.generate([prompt_ids[i] for i in idx], max_new_tokens=r.max_new_tokens,
                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                   min_new_tokens=r.min_new_tokens).to(device)
+                                   min_new_tokens=r.min_new_tokens, n=k).to(device)
+            episodes = [i for i in idx for _ in range(k)]  # k contiguous samples per prompt
             t_gen = time.perf_counter()
             ac.eval()  # dropout is off anyway; eval() makes that explicit for scoring
             batch = score_rollout(samples, ac=ac, reference=reference, reward_fn=reward_fn, cfg=cfg,
                                   kl_coef=kl_ctl.value, tokenizer=tokenizer, device=device,
-                                  chunk=p.minibatch_size)
+                                  chunk=p.minibatch_size, prompt_rewards=prompt_rewards if funcs else None,
+                                  rows=[rows[i] for i in episodes])
             ac.train()
             t_score = time.perf_counter()
             train_policy = step >= p.critic_warmup_steps
             stats = ppo_update(train_module, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                device=device, ptx_batches=ptx_batches if ptx_rows and train_policy else None,
-                               generator=update_rng, dist=dist, train_policy=train_policy)
+                               generator=update_rng, dist=dist, train_policy=train_policy, kl_coef=kl_ctl.value)
             t_train = time.perf_counter()
 
             # 7. KL control on this rollout's KL; metrics over every rank's rollouts.
@@ -337,7 +401,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                 "objective/rlhf_reward": global_mean(batch.scores + batch.non_score_reward.sum(1)),
                 "objective/entropy": global_mean(-batch.logprobs.sum(1)),
                 **stats,
-                "value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask)),
+                **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
+                   if estimator.needs_critic else {}),
                 "response/length_mean": global_mean(batch.mask.sum(1)),
                 "response/no_eos_fraction": global_mean((~samples.ended).float()),
                 "perf/step_s": t_train - t0,
@@ -351,13 +416,13 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
             if not all(math.isfinite(v) for k, v in metrics.items() if k != "value/explained_variance"):
                 raise TrainingError(f"non-finite metrics at step {step + 1}; last good checkpoint: "
                                     f"{run.latest_checkpoint() or 'none'}")
-            kl_ctl.update(kl_mean, n_steps=global_batch)
+            kl_ctl.update(kl_mean, n_steps=global_batch * k)
             done = step + 1
             if done % cfg.run.log_every == 0 or done == cfg.train.steps:
                 run.log_metrics(done, metrics)
             if dist.is_main:
                 with open(samples_path, "a", encoding="utf-8") as f:
-                    for i, text, score in zip(idx, samples.texts, batch.scores.tolist()):
+                    for i, text, score in zip(episodes, samples.texts, batch.scores.tolist()):
                         f.write(json.dumps({"step": done, "prompt_index": i, "id": rows[i].get("id"),
                                             "response": text, "score": score}) + "\n")
             bar.update(metrics)

@@ -1,0 +1,192 @@
+"""The online RL stage's estimators wired end to end on tiny models: RLOO, GRPO, REINFORCE++ and
+the KL as a loss term; k samples per prompt; no critic unless GAE; reward functions beside the RM."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from preflab import models, rewards, scoring
+from preflab.config import PPOConfig, load_config
+from preflab.errors import ConfigError
+from preflab.rl import masked_whiten
+from preflab.rl.estimators import grpo_advantages, rloo_advantages
+from preflab.stages import ppo
+
+TINY = "configs/ppo_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def good_tokens():
+    tok = models.load_tokenizer("tiny:")
+    return torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+
+def letter_reward(good):
+    def reward(s):
+        hit = torch.isin(s.response, good).float() * s.response_mask
+        return hit.sum(1) / s.response_mask.sum(1).clamp(min=1)
+
+    return reward
+
+
+def cfg_for(tmp_path, *overrides):
+    return load_config(PPOConfig, TINY, [f"run.out={tmp_path}", *overrides])
+
+
+def metrics(cfg):
+    return [json.loads(line) for line in open(os.path.join(cfg.run.out, "metrics.jsonl"))]
+
+
+def rollout(cfg, good, k):
+    """One scored rollout of 4 prompts x k samples of the tiny policy (no critic)."""
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("tiny:")
+    policy = models.load_policy("tiny:", dropout_off=True)
+    ac = scoring.ActorCritic(policy, None, values=False)
+    rows = read_prompts(cfg.data.prompts)[:4]
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
+                                                max_new_tokens=6, temperature=1.0, n=k)
+    # a different random model as the reference, so the KL terms are not 0
+    batch = ppo.score_rollout(samples, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward(good),
+                              cfg=cfg, kl_coef=0.5, tokenizer=tok, device=torch.device("cpu"), chunk=4)
+    return samples, batch
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_group_estimators_need_k_of_two_and_the_error_names_the_key(tmp_path, estimator):
+    with pytest.raises(ConfigError, match="rollout.samples_per_prompt must be >= 2"):
+        cfg_for(tmp_path, f"algo.estimator={estimator}")
+    with pytest.raises(ConfigError, match="ppo.minibatch_size"):
+        cfg_for(tmp_path, f"algo.estimator={estimator}", "rollout.samples_per_prompt=3", "ppo.minibatch_size=5")
+    with pytest.raises(ConfigError, match="critic_warmup_steps needs a critic"):
+        ppo.train(cfg_for(tmp_path, f"algo.estimator={estimator}", "rollout.samples_per_prompt=2",
+                          "ppo.critic_warmup_steps=1"))
+
+
+def test_rloo_stage_advantages_equal_the_leave_one_out_of_score_minus_beta_kl(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=4")
+    samples, b = rollout(cfg, good_tokens, k=4)
+    assert len(samples.texts) == 16
+    # rows 4p..4p+3 share prompt p (n contiguous samples per prompt)
+    for p in range(4):
+        assert len({tuple(samples.query[i][samples.query_mask[i].bool()].tolist()) for i in range(4 * p, 4 * p + 4)}) == 1
+    seq = b.scores - 0.5 * b.kl.sum(1)  # beta = 0.5, KL in the reward (k1)
+    by_hand = torch.stack([seq[i] - (seq[4 * (i // 4):4 * (i // 4) + 4].sum() - seq[i]) / 3 for i in range(16)])
+    raw = by_hand[:, None] * b.mask
+    torch.testing.assert_close(b.advantages, masked_whiten(raw, b.mask, shift_mean=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.returns, rloo_advantages(seq, b.mask, 4).advantages, atol=1e-6, rtol=1e-5)
+    assert float(b.values.abs().sum()) == 0.0  # no critic
+
+
+def test_grpo_stage_uses_the_group_scale_and_kl_loss_keeps_the_kl_out_of_the_reward(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "algo.estimator=grpo", "rollout.samples_per_prompt=4", "algo.kl_in=loss")
+    _, b = rollout(cfg, good_tokens, k=4)
+    assert float(b.non_score_reward.abs().sum()) == 0.0  # the KL is a loss term, not a reward
+    assert float(b.kl.abs().sum()) > 0
+    torch.testing.assert_close(b.advantages, grpo_advantages(b.scores, b.mask, 4).advantages)
+    dr = cfg_for(tmp_path, "algo.estimator=grpo", "rollout.samples_per_prompt=4", "algo.grpo_scale=false")
+    _, b2 = rollout(dr, good_tokens, k=4)
+    seq = b2.scores - 0.5 * b2.kl.sum(1)
+    torch.testing.assert_close(b2.advantages, grpo_advantages(seq, b2.mask, 4, scale=False).advantages,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_reinforce_pp_stage_whitens_the_reward_to_go_over_the_batch(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "algo.estimator=reinforce_pp")
+    _, b = rollout(cfg, good_tokens, k=1)
+    # reward-to-go of (-beta kl on every token + score on the last): at the first real token it is
+    # score - beta * sum(kl)
+    first = b.mask.argmax(1)
+    g0 = b.returns[torch.arange(len(first)), first]
+    torch.testing.assert_close(g0, b.scores - 0.5 * b.kl.sum(1), atol=1e-5, rtol=1e-4)
+    w = b.advantages[b.mask.bool()]
+    assert abs(float(w.mean())) < 1e-4 and abs(float(w.std(unbiased=False)) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("estimator,k", [("rloo", 2), ("grpo", 4), ("reinforce_pp", 1)])
+def test_critic_free_estimators_raise_the_reward_without_a_critic(tmp_path, good_tokens, estimator, k):
+    cfg = cfg_for(tmp_path, f"algo.estimator={estimator}", f"rollout.samples_per_prompt={k}",
+                  f"rollout.batch_size={8 // k}", "train.steps=20", "kl.coef=0", "ppo.minibatch_size=4")
+    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rows = metrics(cfg)
+    first = sum(r["objective/score"] for r in rows[:3]) / 3
+    last = sum(r["objective/score"] for r in rows[-3:]) / 3
+    assert last > first + 0.2, (estimator, first, last)
+    assert "value/explained_variance" not in rows[-1]
+    assert rows[-1]["loss/value"] == 0.0
+    assert not (tmp_path / "critic").exists()
+
+
+def test_kl_loss_term_pulls_towards_the_reference(tmp_path, good_tokens):
+    """Same seed and data; beta in the loss: the KL stays far below the run without a leash."""
+    free = cfg_for(tmp_path / "free", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
+                   "train.steps=15", "kl.coef=0")
+    ppo.train(free, reward_fn=letter_reward(good_tokens))
+    held = cfg_for(tmp_path / "held", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
+                   "train.steps=15", "kl.coef=3.0", "algo.kl_in=loss")
+    ppo.train(held, reward_fn=letter_reward(good_tokens))
+    kl_free, kl_held = metrics(free)[-1]["objective/kl"], metrics(held)[-1]["objective/kl"]
+    assert metrics(held)[-1]["loss/kl"] > 0
+    assert kl_held < 0.5 * kl_free, (kl_held, kl_free)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_constraint_reward_is_the_fraction_of_constraints_met():
+    rows = [{"constraints": [{"type": "max_words", "n": 3}, {"type": "lowercase"}]}, {"constraints": []}, {}]
+    assert rewards.constraints(rows, ["two words", "Anything", "x"]) == [1.0, 0.0, 0.0]
+    assert rewards.constraints(rows[:1], ["Far Too Many Words"]) == [0.0]
+    assert rewards.constraints(rows[:1], ["Three Words Here"]) == [0.5]
+
+
+def test_weighted_sum_and_loading_errors():
+    def one(p, r):
+        return [1.0] * len(r)
+
+    def idx(p, r):
+        return [float(i) for i in range(len(r))]
+
+    assert rewards.weighted_sum([(one, 2.0), (idx, -1.0)], [{}] * 3, ["a", "b", "c"]) == [2.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="returned 1 values for 2"):
+        rewards.weighted_sum([(lambda p, r: [1.0], 1.0)], [{}] * 2, ["a", "b"])
+    with pytest.raises(ConfigError, match="module:function"):
+        rewards.load("nocolon")
+    with pytest.raises(ConfigError, match="cannot load"):
+        rewards.load("preflab.rewards:nope")
+    assert rewards.load("preflab.rewards:constraints") is rewards.constraints
+
+
+def test_reward_functions_add_to_the_rm_score_with_their_weights(tmp_path, good_tokens):
+    """rm_weight scales the RM; each function enters with its weight (here a constant 1 per response)."""
+    base = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2")
+    _, b0 = rollout(base, good_tokens, k=2)
+    mixed = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rewards.rm_weight=0.5")
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("tiny:")
+    policy = models.load_policy("tiny:", dropout_off=True)
+    rows = read_prompts(mixed.data.prompts)[:4]
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
+                                                max_new_tokens=6, temperature=1.0, n=2)
+    seen = []
+
+    def fn(prompts, texts):
+        seen.append(prompts)
+        return rewards.weighted_sum([(lambda p, r: [1.0] * len(r), 3.0)], prompts, texts)
+
+    b = ppo.score_rollout(samples, ac=scoring.ActorCritic(policy, None, values=False),
+                          reference=models.load_policy("tiny:1"), reward_fn=letter_reward(good_tokens), cfg=mixed,
+                          kl_coef=0.5, tokenizer=tok, device=torch.device("cpu"), chunk=4, prompt_rewards=fn,
+                          rows=[r for r in rows for _ in range(2)])
+    torch.testing.assert_close(b.scores, 0.5 * b0.scores + 3.0)
+    assert [p["id"] for p in seen[0]] == [r["id"] for r in rows for _ in range(2)]
