@@ -272,6 +272,8 @@ def generate_cli(model_spec, prompts_path, out_path, max_new_tokens, temperature
             return key, obj["prompt"]
         if isinstance(obj.get("messages"), list):
             return key, obj["messages"]
+        if isinstance(obj.get("prompt"), list):  # TRL's conversational prompt
+            return key, obj["prompt"]
         raise ValueError("each row needs 'prompt' (a string) or 'messages' (a list)")
 
     rows, first_line = [], {}
