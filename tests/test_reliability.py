@@ -295,11 +295,11 @@ def test_a_data_file_that_is_not_utf8_is_one_clear_error(tmp_path):
 
 def test_metrics_never_hold_bare_nan(tmp_path):
     run = RunDir(tmp_path, stage="t", config={}, seed=0)
-    run.log_metrics(3, {"a": float("nan"), "b": torch.tensor(float("inf")), "c": 1.5})
+    run.log_metrics(3, {"a": float("nan"), "b": torch.tensor(float("inf")), "c": 1.5, "d": [1.0, float("-inf")]})
     line = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in line and "Infinity" not in line
-    assert json.loads(line) == {"step": 3, "a": None, "b": None, "c": 1.5}
-    assert "non-finite metrics written as null: a=nan, b=inf" in (tmp_path / "log.txt").read_text()
+    assert json.loads(line) == {"step": 3, "a": None, "b": None, "c": 1.5, "d": [1.0, None]}
+    assert "non-finite metrics written as null: a=nan, b=inf, d=[1.0, -inf]" in (tmp_path / "log.txt").read_text()
 
 
 def test_a_killed_checkpoint_write_leaves_no_tmp_dir_on_the_next_start(tmp_path):

@@ -58,3 +58,37 @@ def test_mlflow_reads_back_the_same_scalars(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 2.5), (2, 1.5)]
     assert "train/grad_norm" not in run.data.metrics and "note" not in run.data.metrics
+
+
+def test_a_resumed_run_continues_its_trackers(tmp_path, monkeypatch):
+    """Resumed from the step-1 checkpoint, the run logs step 2 again: TensorBoard shows the second
+    try only, and MLflow continues the same run (one run, its history has both tries of step 2)."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from preflab.trackers import default_mlflow_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "preflab-resume")
+    cfg = {"run": {"trackers": ["tensorboard", "mlflow"]}}
+    first = RunDir(tmp_path, stage="sft", config=cfg, seed=0)
+    first.log_metrics(1, {"train/loss": 3.0})
+    first.log_metrics(2, {"train/loss": 2.0})
+    first.interrupt()
+    client = MlflowClient(tracking_uri=default_mlflow_uri(tmp_path))
+    exp_id = client.get_experiment_by_name("preflab-resume").experiment_id
+    assert client.search_runs([exp_id])[0].info.status == "KILLED"
+    again = RunDir(tmp_path, stage="sft", config=cfg, seed=0, resume=True)
+    again.truncate_metrics(1)  # what resume_training does after loading the step-1 checkpoint
+    again.log_metrics(2, {"train/loss": 1.0})
+    again.finish()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 3.0), (2, 1.0)]
+    (run,) = client.search_runs([exp_id])
+    assert run.info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")) == \
+        [(1, 3.0), (2, 1.0), (2, 2.0)]
+    assert [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3.0, 1.0]

@@ -105,8 +105,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # itself, not what it computes. Matched on the last part of the dotted key (``run.progress``,
 # ``model.threads``, ``models.policy.threads``).
 RESUME_ALLOWED_CHANGES = frozenset({
-    "progress", "threads", "log_every", "trackers", "save_every", "keep_checkpoints",
-    "eval_every", "worst_k", "device",
+    "progress", "threads", "log_every", "trackers", "save_every", "keep_checkpoints", "worst_k", "device",
 })
 
 _FORCE_RESUME: list[bool] = [False]  # set by session(force=...); RunDir(force=None) reads it
@@ -200,8 +199,13 @@ def check_run_dir(path: str | os.PathLike) -> Path:
 
 
 def _finite_or_none(v: Any) -> Any:
+    """``v`` with every NaN/inf float (also inside lists and dicts) replaced by None."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, list | tuple):
+        return [_finite_or_none(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
     return v
 
 
@@ -266,6 +270,7 @@ class RunDir:
         self.ckpt_dir = self.path / "checkpoints"
         self.metrics_path = self.path / "metrics.jsonl"
         self._trackers: Any = None
+        self._resumed_at: int | None = None
         self._created = False
         force = _FORCE_RESUME[-1] if force is None else force
         if writer:
@@ -312,7 +317,7 @@ class RunDir:
                     step = self.checkpoints()[-1][0] if self.checkpoints() else 0
                     self.manifest["config_changes"].append(
                         {"from_step": step, "at": _now(), "forced": bool(refused), "changes": changes})
-                for key in ("owner_died", "failures"):
+                for key in ("owner_died", "failures", "trackers"):
                     if key in prev:
                         self.manifest[key] = prev[key]
             if died:
@@ -330,11 +335,11 @@ class RunDir:
     def _write_manifest(self) -> None:
         atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=2, default=str))
 
-    def _close(self) -> None:
+    def _close(self, status: str = "finished") -> None:
         if self in _OPEN_RUNS:
             _OPEN_RUNS.remove(self)
         if self._trackers is not None:
-            self._trackers.close()
+            self._trackers.close(status)
             self._trackers = None
 
     def finish(self, status: str = "finished", **extra: Any) -> None:
@@ -343,7 +348,7 @@ class RunDir:
         self.manifest.update(status=status, finished_at=_now(), **extra)
         self.manifest.pop("reason", None)
         self._write_manifest()
-        self._close()
+        self._close(status)
 
     def fail(self, reason: str, status: str = "failed") -> None:
         """Record that the run stopped without finishing (``failed`` or ``interrupted``) and why."""
@@ -354,7 +359,7 @@ class RunDir:
                                                         "last_checkpoint": str(self.latest_checkpoint())})
         self._write_manifest()
         self.log(f"{status}: {reason}")
-        self._close()
+        self._close(status)
 
     def interrupt(self, reason: str = "interrupted (Ctrl-C)") -> None:
         self.fail(reason, status="interrupted")
@@ -393,11 +398,12 @@ class RunDir:
         if not self.writer:
             return
         row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
-        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        clean = {k: _finite_or_none(v) for k, v in row.items()}
+        bad = [k for k in row if clean[k] != row[k]]  # NaN != NaN: every non-finite value differs
         if bad:
             self.log(f"step {step}: non-finite metrics written as null: "
                      + ", ".join(f"{k}={row[k]}" for k in bad))
-            row = {k: _finite_or_none(v) for k, v in row.items()}
+            row = clean
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         self.trackers().log(step, {k: v for k, v in row.items() if k != "step"})
@@ -409,7 +415,10 @@ class RunDir:
 
             names = ((self.manifest.get("config") or {}).get("run") or {}).get("trackers") or []
             self._trackers = open_trackers(names, self.path, run_name=f"{self.stage}:{self.path.name}",
-                                           params=self.manifest.get("config") or {})
+                                           params=self.manifest.get("config") or {}, resume_step=self._resumed_at,
+                                           state=self.manifest.setdefault("trackers", {}) if names else None)
+            if self._trackers.trackers:
+                self._write_manifest()  # e.g. the MLflow run id, which a resumed run continues
         return self._trackers
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -423,6 +432,7 @@ class RunDir:
             return
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._resumed_at = step  # trackers opened from now on drop what they hold after it
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -38,26 +38,28 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ConfigError("run.trackers: tensorboard needs the tensorboard package: "
                               "pip install 'preflab[tensorboard]'") from e
         self.log_dir = run_dir / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # A resumed run logs the steps after its checkpoint again: purge_step hides the first try's.
+        self.writer = SummaryWriter(log_dir=str(self.log_dir),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, global_step=step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         self.writer.close()
 
 
 class MLflowTracker:
-    def __init__(self, run_dir: Path, run_name: str, params: dict[str, Any]):
+    def __init__(self, run_dir: Path, run_name: str, params: dict[str, Any], state: dict[str, Any]):
         try:
             import mlflow
         except ImportError as e:
@@ -67,10 +69,16 @@ class MLflowTracker:
         self.mlflow = mlflow
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(run_dir)
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+        previous = state.get("mlflow_run_id") if state.get("mlflow_uri") == uri else None
+        if previous:  # a resumed run continues its MLflow run (params stay as first logged)
+            self.run_id = previous
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "preflab")
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        state.update(mlflow_run_id=self.run_id, mlflow_uri=uri)
         flat = [mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=flat[i:i + 100])
@@ -83,8 +91,9 @@ class MLflowTracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        mlflow_status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
+        self.client.set_terminated(self.run_id, status=mlflow_status)
 
 
 def default_mlflow_uri(run_dir: Path) -> str:
@@ -118,22 +127,28 @@ class Trackers:
         for t in self.trackers:
             t.log(step, scalars)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """End each tracker; ``status`` is the run's (finished, failed, interrupted)."""
         for t in self.trackers:
-            t.close()
+            t.close(status)
         self.trackers = []
 
 
 def open_trackers(names: list[str], run_dir: str | os.PathLike, *, run_name: str = "preflab",
-                  params: dict[str, Any] | None = None) -> Trackers:
-    """The trackers named (``[]``: none; metrics.jsonl is written by RunDir regardless)."""
+                  params: dict[str, Any] | None = None, resume_step: int | None = None,
+                  state: dict[str, Any] | None = None) -> Trackers:
+    """The trackers named (``[]``: none; metrics.jsonl is written by RunDir regardless).
+
+    ``resume_step``: the run resumed from this step's checkpoint (TensorBoard hides its later
+    points from before); ``state``: a dict kept in the manifest (MLflow keeps its run id there,
+    so a resumed run continues the same MLflow run)."""
     run_dir = Path(run_dir)
     out: list[Any] = []
     for name in dict.fromkeys(names):
         if name == "tensorboard":
-            out.append(TensorBoardTracker(run_dir))
+            out.append(TensorBoardTracker(run_dir, resume_step))
         elif name == "mlflow":
-            out.append(MLflowTracker(run_dir, run_name, params or {}))
+            out.append(MLflowTracker(run_dir, run_name, params or {}, state if state is not None else {}))
         else:
             raise ConfigError(f"run.trackers: unknown tracker {name!r} (known: {', '.join(KNOWN)})")
     return Trackers(out)
