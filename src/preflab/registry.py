@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preflab.config import PPOConfig, RMConfig, Section, SFTConfig
+from preflab.config import DPOConfig, PPOConfig, RMConfig, Section, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ppo", PPOConfig, "preflab.stages.ppo:train", ("model", "metrics.jsonl", "samples.jsonl"),
           "Online RL against a reward model with a per-token KL penalty: PPO(-ptx), RLOO, GRPO, REINFORCE++.",
           "preflab ppo --config configs/ppo_tiny.yaml run.out=runs/ppo"),
+    Stage("dpo", DPOConfig, "preflab.stages.dpo:train", ("model", "metrics.jsonl", "reference_logps.json"),
+          "Train the policy directly on K-way rankings: DPO, conservative DPO, IPO or SimPO (no reward model).",
+          "preflab dpo --config configs/dpo_tiny.yaml run.out=runs/dpo"),
 )}
 
 

@@ -1,0 +1,492 @@
+"""Offline preference optimisation: the policy trained directly on K-way rankings (DPO, cDPO,
+IPO, SimPO; the maths in ``rl/preference.py``, the formulas in docs/preference.md).
+
+Read ``train`` top to bottom: 0. set-up, 1. data, 2. model, 3. reference log-probs (computed once,
+cached in the run directory), 4. optimizer and resume, 5. the loop, 6. held-out metrics, 7. save.
+
+A ranking's C(K,2) untied pairs are ONE batch element (as the RM's Eq. 1), so a prompt's pairs
+never straddle micro-batches or ranks. Each response's log-prob is the sum over its tokens
+(EOS included) of log pi(token | prompt, earlier tokens): the exact sequence ``encode_pair`` gives
+the RM. By default (``train.share_prompt``) a prompt runs once and its K responses read its
+cached keys and values, and the vocabulary projection runs only at response positions.
+Works on one process or under ``torchrun`` (DDP) like ``stages/reward.py``: the loss is
+normalised by the step's global count of prompts, so accumulation and ranks are exact; rank 0
+alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preflab import distributed, models
+from preflab.config import DPOConfig, dump_config
+from preflab.data.chat import render_prompt
+from preflab.data.jsonl import atomic_write_text
+from preflab.data.order import rank_slice, step_indices
+from preflab.data.rankings import Group, encode_pair, read_groups, split_val
+from preflab.errors import DataError, TrainingError
+from preflab.lm import unwrap
+from preflab.optim import clip_grad, make_optimizer
+from preflab.rl import selective_log_softmax
+from preflab.rl.preference import REFERENCE_FREE, preference_loss
+from preflab.rl.ranking import pad_rewards
+from preflab.rollout import HFGenerator, left_pad, position_ids
+from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.scoring import _cache_argument, response_logits, shared_prefix
+
+REFERENCE_CACHE = "reference_logps.json"
+
+# ---------------------------------------------------------------------------------------------
+# Data: a prompt's K responses with where each response starts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranked:
+    """One prompt's K encoded responses: ``ids[i]`` = prompt + response + EOS (``encode_pair``),
+    ``prompt_len[i]`` its prompt tokens, ``ranks[i]`` its tier (0 best). ``ref[i]``: the
+    reference's summed log-prob of response i, once computed."""
+
+    ids: list[list[int]]
+    prompt_len: list[int]
+    ranks: list[int]
+    ref: list[float] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) - p for s, p in zip(self.ids, self.prompt_len)]
+
+
+def encode_ranked(tokenizer, groups: list[Group], max_length: int) -> list[Ranked]:
+    """``encode_pair`` for every response, plus the prompt length each sequence kept (a prompt
+    longer than its share of ``max_length`` keeps its tail, as in ``encode_pair``)."""
+    out = []
+    for g in groups:
+        p = len(tokenizer(render_prompt(tokenizer, g.prompt), add_special_tokens=False)["input_ids"])
+        ids, plen = [], []
+        for r in g.responses:
+            seq = encode_pair(tokenizer, g.prompt, r, max_length)
+            n_resp = len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1
+            if p + n_resp > max_length:
+                n_resp = min(n_resp, max_length - min(p, max_length // 2))
+            ids.append(seq)
+            plen.append(len(seq) - n_resp)
+        out.append(Ranked(ids, plen, list(g.ranks)))
+    return out
+
+
+def collate_ranked(batch: list[Ranked], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Prompts of any K -> rows (sum K, T) right-padded, ``response_mask`` (sum K, T) on response
+    tokens, ``lengths`` (sum K,), ``ref`` (sum K,) when cached, and (P, Kmax) ranks and validity.
+
+    ``share_prefix``: each prompt's common prefix, cut one token short of its shortest prompt (so
+    every response token is predicted from inside its row), becomes one left-padded row of
+    ``prefix_ids`` (P, Tp); ``group`` (sum K,) maps a row to its prefix (as ``scoring.collate_groups``).
+    """
+    cut = [min(shared_prefix(g.ids), min(g.prompt_len) - 1) if share_prefix else 0 for g in batch]
+    cut = [max(0, c) for c in cut]
+    rows = [(ids[c:], p - c) for g, c in zip(batch, cut) for ids, p in zip(g.ids, g.prompt_len)]
+    width = max(len(r) for r, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, start) in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        resp[i, start:len(r)] = True
+    kmax = max(len(g.ids) for g in batch)
+    ranks = torch.zeros((len(batch), kmax), dtype=torch.long)
+    valid = torch.zeros((len(batch), kmax), dtype=torch.bool)
+    for p, g in enumerate(batch):
+        ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
+        valid[p, :len(g.ranks)] = True
+    out = {"input_ids": input_ids, "attention_mask": mask, "response_mask": resp, "ranks": ranks, "valid": valid,
+           "lengths": torch.tensor([n for g in batch for n in g.lengths], dtype=torch.long)}
+    if all(g.ref for g in batch):
+        out["ref"] = torch.tensor([x for g in batch for x in g.ref], dtype=torch.float64)
+    if share_prefix:
+        out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
+        out["group"] = torch.tensor([p for p, g in enumerate(batch) for _ in g.ids], dtype=torch.long)
+    return out
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "response_mask", "prefix_ids", "prefix_mask", "group")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum()) + (int(batch["prefix_mask"].sum()) if "prefix_mask" in batch else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summed response log-probs, a shared prompt run once
+# ---------------------------------------------------------------------------------------------
+
+
+def row_hidden(model: nn.Module, input_ids, attention_mask, prefix_ids=None, prefix_mask=None, group=None):
+    """(N, T, H) decoder states of the rows; with a prefix, the prefix runs once and each row
+    attends to its cached keys and values (``scoring.shared_prefix_rewards``'s layout)."""
+    decoder = unwrap(model).get_decoder()
+    if prefix_ids is None:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                       use_cache=False).last_hidden_state
+    from transformers import DynamicCache
+
+    kw = _cache_argument(type(decoder))
+    try:
+        cache = DynamicCache(config=unwrap(model).config)
+    except TypeError:  # transformers 4.x
+        cache = DynamicCache()
+    if prefix_ids.shape[1]:
+        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                use_cache=True, **{kw: cache})
+        cache.batch_select_indices(group)
+    mask = torch.cat([prefix_mask[group], attention_mask], dim=1)
+    return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -input_ids.shape[1]:],
+                   use_cache=True, **{kw: cache}).last_hidden_state
+
+
+class SequenceLogps(nn.Module):
+    """``forward(input_ids, attention_mask, response_mask[, prefix_ids, prefix_mask, group]) -> (N,)``
+    summed log-probs (fp32) of each row's response tokens. The output layer runs only at the
+    positions that predict a response token. DDP wraps this module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_mask, prefix_ids=None, prefix_mask=None, group=None):
+        hidden = row_hidden(self.model, input_ids, attention_mask, prefix_ids, prefix_mask, group)
+        keep = response_mask[:, 1:]
+        logits = unwrap(self.model).get_output_embeddings()(hidden[:, :-1][keep]).float()
+        logp = -F.cross_entropy(logits, input_ids[:, 1:][keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        return logp.new_zeros(input_ids.shape[0]).index_add(0, rows, logp)
+
+
+@torch.no_grad()
+def sequence_logps(model: nn.Module, examples: list[Ranked], pad_id: int, *, batch_prompts: int, bf16: bool,
+                   share: bool, shard: bool = True) -> list[list[float]]:
+    """Summed response log-probs of every response of ``examples`` (``shard``: each rank does its
+    slice, every rank gets all)."""
+    device = next(model.parameters()).device
+    d = distributed.current() if shard else distributed.Dist()
+    mine = list(range(d.rank, len(examples), d.world_size))
+    was_training = model.training
+    model.eval()
+    fn = SequenceLogps(model)
+    out: dict[int, list[float]] = {}
+    for s in range(0, len(mine), batch_prompts):
+        chunk = mine[s:s + batch_prompts]
+        batch = collate_ranked([examples[i] for i in chunk], pad_id, share_prefix=share)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            flat = fn(**model_inputs(batch, device)).double().cpu().tolist()
+        at = 0
+        for i in chunk:
+            k = len(examples[i].ids)
+            out[i] = flat[at:at + k]
+            at += k
+    model.train(was_training)
+    merged: dict[int, list[float]] = {}
+    for part in distributed.all_gather_object(out) if shard else [out]:
+        merged.update(part)
+    return [merged[i] for i in range(len(examples))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: log-probs computed once, cached in the run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_fingerprint(cfg: DPOConfig, sets: dict[str, list[Ranked]]) -> str:
+    """What the cached reference log-probs depend on: the reference, precision and every token."""
+    h = hashlib.sha256(json.dumps({"policy": cfg.model.path, "reference": cfg.model.reference,
+                                   "lora": cfg.model.lora.enabled, "dtype": cfg.model.dtype,
+                                   "bf16": cfg.train.bf16}).encode())
+    for name, exs in sets.items():
+        h.update(name.encode())
+        for e in exs:
+            h.update(json.dumps([e.ids, e.prompt_len]).encode())
+    return h.hexdigest()
+
+
+def compute_reference_logps(policy: nn.Module, cfg: DPOConfig, sets: dict[str, list[Ranked]], pad_id: int,
+                            share: bool) -> dict[str, list[list[float]]]:
+    """The reference's summed log-probs of every response: ``model.reference`` when set, else the
+    policy as loaded (the initial policy; with LoRA, its adapters disabled)."""
+    kw = dict(batch_prompts=cfg.train.batch_prompts, bf16=cfg.train.bf16, share=share)
+    if cfg.model.reference:
+        ref = models.load_policy(cfg.model.reference, dtype=cfg.model.dtype, device=cfg.model.device)
+        return {name: sequence_logps(ref, exs, pad_id, **kw) for name, exs in sets.items()}
+    ctx = policy.disable_adapter() if cfg.model.lora.enabled else contextlib.nullcontext()
+    with ctx:
+        return {name: sequence_logps(policy, exs, pad_id, **kw) for name, exs in sets.items()}
+
+
+def reference_logps(run: RunDir, policy: nn.Module, cfg: DPOConfig, sets: dict[str, list[Ranked]], pad_id: int,
+                    share: bool) -> bool:
+    """Fill each example's ``ref`` from ``RUN/reference_logps.json``, computing and writing it first
+    when it is missing or was made for other data or another reference. Returns whether it computed."""
+    path = Path(cfg.run.out) / REFERENCE_CACHE
+    fp = reference_fingerprint(cfg, sets)
+    cached = None
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("fingerprint") != fp:
+            run.log(f"dpo: {path.name} was computed for other data or another reference; recomputing")
+            cached = None
+    computed = cached is None
+    if computed:
+        cached = {"fingerprint": fp, "logps": compute_reference_logps(policy, cfg, sets, pad_id, share)}
+        if distributed.current().is_main:
+            atomic_write_text(path, json.dumps(cached))
+        distributed.barrier()
+    for name, exs in sets.items():
+        for e, ref in zip(exs, cached["logps"][name]):
+            e.ref = list(ref)
+    return computed
+
+
+class Reference:
+    """The reference model for KL on fresh samples: the policy with adapters disabled (LoRA), a
+    frozen copy loaded on first use (initial policy or ``model.reference``)."""
+
+    def __init__(self, policy: nn.Module, cfg: DPOConfig):
+        self.policy, self.cfg = policy, cfg
+        self.model: nn.Module | None = None
+
+    def logits(self, samples, temperature: float) -> torch.Tensor:
+        if self.cfg.model.lora.enabled and not self.cfg.model.reference:
+            with self.policy.disable_adapter():
+                return response_logits(self.policy, samples, temperature)
+        if self.model is None:
+            spec = self.cfg.model.reference or self.cfg.model.path
+            dtype = "bf16" if self.cfg.train.bf16 else self.cfg.model.dtype
+            self.model = models.load_policy(spec, dtype=dtype, device=self.cfg.model.device).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        return response_logits(self.model, samples, temperature)
+
+
+@torch.no_grad()
+def sampled_kl(policy: nn.Module, reference: Reference, tokenizer, prompts: list, *, max_new_tokens: int,
+               batch_size: int, bf16: bool, seed: int) -> tuple[float, int]:
+    """KL(policy || reference) in nats per response, estimated on one T = 1 sample per prompt
+    (k1: the mean over samples of sum_t log pi - log pi_ref, unbiased). Each rank samples its
+    slice; returns (mean over all ranks' samples, count)."""
+    from preflab.rollout import encode_prompts
+
+    d = distributed.current()
+    mine = prompts[d.rank::d.world_size]
+    device = next(policy.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)
+    was_training = policy.training
+    policy.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 100003 * d.rank)
+        gen = HFGenerator(policy, tokenizer, bf16=bf16)
+        for s in range(0, len(mine), batch_size):
+            ids = encode_prompts(tokenizer, mine[s:s + batch_size])
+            samples = gen.generate(ids, max_new_tokens=max_new_tokens, temperature=1.0).trim_query()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                lp = selective_log_softmax(response_logits(policy, samples, 1.0), samples.response)
+                ref = selective_log_softmax(reference.logits(samples, 1.0), samples.response)
+            m = samples.response_mask.bool()
+            per = torch.where(m, lp - ref, torch.zeros_like(lp)).sum(1)
+            total += torch.tensor([float(per.sum()), len(per)], dtype=torch.float64)
+    policy.train(was_training)
+    total = distributed.all_reduce_sum(total)
+    return (float(total[0] / total[1]) if total[1] else float("nan")), int(total[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+class Sums:
+    """Running sums of a step's (or a held-out pass's) preference statistics."""
+
+    KEYS = ("loss", "prompts", "pairs", "correct", "chosen", "rejected", "logps_chosen", "logps_rejected")
+
+    def __init__(self):
+        self.t = torch.zeros(len(self.KEYS), dtype=torch.float64)
+
+    def add(self, parts) -> None:
+        self.t += torch.tensor([float(parts.total.detach()), parts.n_prompts, parts.n_pairs, parts.n_correct,
+                                parts.chosen_reward, parts.rejected_reward, parts.chosen_logps,
+                                parts.rejected_logps], dtype=torch.float64)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        s = dict(zip(self.KEYS, distributed.all_reduce_sum(self.t).tolist()))
+        pairs = max(1.0, s["pairs"])
+        out = {f"{prefix}/loss": s["loss"] / max(1.0, s["prompts"]),
+               f"{prefix}/rewards/chosen": s["chosen"] / pairs, f"{prefix}/rewards/rejected": s["rejected"] / pairs,
+               f"{prefix}/rewards/margin": (s["chosen"] - s["rejected"]) / pairs,
+               f"{prefix}/rewards/accuracy": s["correct"] / pairs,
+               f"{prefix}/logps/chosen": s["logps_chosen"] / pairs,
+               f"{prefix}/logps/rejected": s["logps_rejected"] / pairs}
+        return out
+
+
+def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig):
+    """``rl.preference.preference_loss`` of a ``collate_ranked`` batch from its (sum K,) policy log-probs."""
+    valid = batch["valid"].to(flat.device)
+    ref = pad_rewards(batch["ref"].to(flat.device, torch.float32), valid) if cfg.dpo.loss not in REFERENCE_FREE else None
+    return preference_loss(pad_rewards(flat.float(), valid), ref,
+                           pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
+                           batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
+                           label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma)
+
+
+def train(cfg: DPOConfig, resume: bool = False) -> Path:
+    """Train the policy on rankings with the configured preference loss; returns the saved model directory."""
+    # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
+    models.set_threads(cfg.model.threads)
+    device = models.pick_device(cfg.model.device)
+    dist = distributed.init(device)
+    seed_everything(cfg.run.seed + 100003 * dist.rank)
+    run = RunDir(cfg.run.out, stage="dpo", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
+                 writer=dist.is_main)
+    bf16, d = cfg.train.bf16, cfg.data
+
+    # 1. data: every source parsed before training, all-tied rankings dropped, tokenized once ---
+    tokenizer = models.load_tokenizer(cfg.model.path)
+    pad_id = tokenizer.pad_token_id
+    train_g = read_groups(d.train, d.format, d.split)
+    val_g = read_groups(d.val, d.format, d.val_split) if d.val else []
+    if not d.val:
+        train_g, val_g = split_val(train_g, d.val_fraction, cfg.run.seed)
+    n_read = len(train_g)
+    train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
+    train_ex, val_ex = encode_ranked(tokenizer, train_g, d.max_length), encode_ranked(tokenizer, val_g, d.max_length)
+    global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size
+    if len(train_ex) < global_batch:
+        raise DataError(f"{d.train}: {len(train_ex)} rankings with an untied pair, fewer than one global batch "
+                        f"({global_batch} = batch_prompts x grad_accum x ranks)")
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * (len(train_ex) // global_batch)))
+    kl_prompts = list({json.dumps(g.prompt): g.prompt for g in val_g}.values())[:cfg.eval.kl_prompts]
+    run.log(f"dpo: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / {len(val_ex)} "
+            f"held out, {total_steps} steps, loss {cfg.dpo.loss} beta {cfg.dpo.resolved_beta()}")
+
+    # 2. the policy --------------------------------------------------------------------------
+    lora = models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    model = models.load_policy(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, lora=lora,
+                               dropout_off=True)
+    if cfg.train.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable()
+    share = cfg.train.share_prompt and not cfg.train.gradient_checkpointing  # checkpointing drops the cache
+
+    # 3. reference log-probs: from the run directory, or computed now from the weights as loaded
+    #    (before a resumed checkpoint replaces them) and cached there --------------------------
+    if cfg.dpo.loss not in REFERENCE_FREE:
+        if reference_logps(run, model, cfg, {"train": train_ex, "val": val_ex}, pad_id, share):
+            run.log(f"dpo: reference log-probs of {sum(len(e.ids) for e in train_ex + val_ex)} responses "
+                    f"cached in {REFERENCE_CACHE}")
+    reference = Reference(model, cfg)
+
+    # 4. optimizer, schedule; resume --------------------------------------------------------------
+    model.train()
+    fn: nn.Module = SequenceLogps(model)
+    if dist.enabled:
+        fn = torch.nn.parallel.DistributedDataParallel(fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
+    start = run.resume_training(model, optimizer, scheduler) if resume else 0
+
+    def checkpoint(step: int) -> None:
+        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
+
+    @torch.no_grad()
+    def held_out(step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if val_ex:
+            sums, mine = Sums(), val_ex[dist.rank::dist.world_size]
+            model.eval()
+            for s in range(0, len(mine), cfg.train.batch_prompts):
+                batch = collate_ranked(mine[s:s + cfg.train.batch_prompts], pad_id, share_prefix=share)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    sums.add(batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg))
+            model.train()
+            out.update(sums.metrics("val"))
+        if kl_prompts:
+            kl, n = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                               batch_size=cfg.eval.batch_size, bf16=bf16, seed=cfg.run.seed + step)
+            out.update({"val/kl": kl, "val/kl_samples": n})
+        return out
+
+    # 5. the loop: one global batch of prompts per optimizer step -------------------------------
+    micro = cfg.train.batch_prompts
+    final: dict[str, Any] = {}
+    with Progress(total_steps, "dpo", enabled=cfg.run.progress and dist.is_main, start=start,
+                  keys=("train/loss", "train/rewards/accuracy", "val/kl")) as bar:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
+            mine = rank_slice(idx, dist.rank, dist.world_size)
+            batches = [collate_ranked([train_ex[i] for i in mine[j:j + micro]], pad_id, share_prefix=share)
+                       for j in range(0, len(mine), micro)]
+            # Each prompt is one element of the loss's mean: normalise by the step's global prompt
+            # count (exact under accumulation and ranks; DDP averages, hence world_size).
+            n_prompts = int(distributed.all_reduce_sum(torch.tensor(len(mine), dtype=torch.long)))
+            scale = dist.world_size / max(1, n_prompts)
+            sums = Sums()
+            for j, batch in enumerate(batches):
+                sync = not dist.enabled or j == len(batches) - 1
+                ctx = fn.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    parts = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
+                    (parts.total * scale).backward()
+                sums.add(parts)
+            metrics = sums.metrics("train")
+            if not math.isfinite(metrics["train/loss"]):
+                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                    f"{run.latest_checkpoint() or 'none'}")
+            grad_norm = clip_grad(params, cfg.optim.max_grad_norm, step=step + 1,
+                                  last_good=run.latest_checkpoint())
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            dt = time.perf_counter() - t0
+            metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/prompts": n_prompts,
+                            "perf/step_s": dt,
+                            "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt})
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+                metrics.update(held_out(done))
+            if done % cfg.run.log_every == 0 or done == total_steps:
+                metrics["perf/peak_rss_mb"] = peak_rss_mb()
+                run.log_metrics(done, metrics)
+            bar.update(metrics)
+            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+                checkpoint(done)
+    checkpoint(total_steps)
+
+    # 6. held-out preference metrics and KL to the reference --------------------------------------
+    final = held_out(total_steps)
+    if final:
+        run.log_metrics(total_steps, final)
+
+    # 7. a plain Hugging Face causal LM (LoRA merged) ----------------------------------------------
+    out = Path(cfg.run.out) / "model"
+    if dist.is_main:
+        models.save_model(model, tokenizer, out, reward_model=False)
+    distributed.barrier()
+    run.finish(final_metrics=final)
+    return out

@@ -1,0 +1,398 @@
+"""DPO stage on a tiny random model: log-probs with a shared prompt, the cached reference (initial
+policy; LoRA: adapters disabled; never recomputed on resume), first-step losses that pin beta and
+the reference, learning a marker preference, KL to the reference, invariances (1x8 == 8x1, two
+gloo ranks == one, resume), the CLI and config."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
+from preflab import models
+from preflab.config import DPOConfig, load_config
+from preflab.data import rankings
+from preflab.stages import dpo
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "sugar"]
+
+
+def write_rankings(path, n, seed=0, k=3, marker="zebra"):
+    """K-way rankings a tiny network can learn: the response with ``marker`` is ranked first, the
+    others tied below it (so each prompt has K - 1 untied pairs)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        resps = [[rng.choice(WORDS) for _ in range(3)] for _ in range(k)]
+        win = rng.randrange(k)
+        resps[win].insert(rng.randrange(4), marker)
+        rows.append({"prompt": f"Describe item {i}.", "responses": [" ".join(r) for r in resps],
+                     "order": [[win], [j for j in range(k) if j != win]]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_mixed(path, n=16, seed=1):
+    """Rankings of K = 2..4 with ties and prompts of different lengths (per-prompt weights differ
+    from per-pair ones, and prefixes differ in length)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = 2 + i % 3
+        resps = [" ".join(rng.choice(WORDS) for _ in range(2 + rng.randrange(3))) for _ in range(k)]
+        perm = rng.sample(range(k), k)
+        order = [perm[:2], perm[2:]] if k == 4 and i % 2 else [[p] for p in perm]
+        rows.append({"prompt": "Rank " + "these " * (i % 4) + str(i), "responses": resps, "order": order})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+EXACT = ["optim.lr=1e-3", "optim.eps=1e-5"]
+
+
+def dpo_cfg(tmp_path, data, *overrides):
+    base = ["model.path=tiny:", f"data.train={data}", "data.val_fraction=0", "data.max_length=96",
+            "optim.lr=3e-3", "optim.schedule=constant", "optim.warmup_steps=0", "train.bf16=false",
+            "eval.kl_prompts=0", "run.progress=false", f"run.out={tmp_path / 'run'}"]
+    return load_config(DPOConfig, None, base + list(overrides))
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def naive_logps(model, seq, prompt_len):
+    """Sum of log_softmax(model(seq).logits)[t - 1, seq[t]] over response positions t >= prompt_len."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].float()
+    lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+    return float(lp[prompt_len - 1:].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_encode_ranked_marks_the_response_including_a_truncated_prompt(tiny):
+    _, tok = tiny
+    g = rankings.Group("word " * 60, ["a short answer", "x " * 40], [0, 1])
+    for max_length in (384, 48):
+        ex = dpo.encode_ranked(tok, [g], max_length)[0]
+        for seq, p, r in zip(ex.ids, ex.prompt_len, g.responses):
+            assert seq == rankings.encode_pair(tok, g.prompt, r, max_length)
+            resp = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert seq[p:] == resp[:len(seq) - p] and len(seq) - p >= 1
+    assert ex.prompt_len[0] < ex.prompt_len[1] or ex.ids[1][ex.prompt_len[1]:] != ex.ids[0][ex.prompt_len[0]:]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
+    """A prompt run once with its K responses on its cached keys and values gives the same summed
+    response log-probs and gradients as K full sequences, and both equal the naive sum of
+    log_softmax over each response token (EOS included, prompt tokens excluded)."""
+    _, tok = tiny
+    groups = [rankings.Group("Hi", ["Hello there.", "Hello", "Go away"], [0, 1, 2]),
+              rankings.Group("A much longer prompt, with several clauses, to force left padding",
+                             ["No.", "Yes, surely."], [1, 0]),
+              rankings.Group("x", ["The cat sat.", "The cat ran off.", "The dog.", "A bird flew"], [3, 2, 1, 0])]
+    ex = dpo.encode_ranked(tok, groups, 256)
+
+    def run(share):
+        torch.manual_seed(0)
+        model = models.load_policy("tiny:")
+        if lora:
+            model = models.wrap_lora(model, models.LoraOptions(r=4))
+            with torch.no_grad():  # non-zero adapters, so they matter
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+        batch = dpo.collate_ranked(ex, tok.pad_token_id, share_prefix=share)
+        flat = dpo.SequenceLogps(model)(**dpo.model_inputs(batch, torch.device("cpu")))
+        flat.sum().backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        return flat.detach(), grads, batch, model
+
+    full, g_full, b_full, model = run(False)
+    shared, g_shared, b_shared, _ = run(True)
+    naive = torch.tensor([naive_logps(model, s, p) for e in ex for s, p in zip(e.ids, e.prompt_len)])
+    torch.testing.assert_close(full, naive, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-5)
+    assert g_full.keys() == g_shared.keys() and len(g_full) > 2
+    for name in g_full:
+        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert dpo.batch_tokens(b_shared) < 0.7 * dpo.batch_tokens(b_full)
+    assert b_full["lengths"].tolist() == [e_len for e in ex for e_len in e.lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference and the first step
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss,first", [
+    ("dpo", math.log(2)),  # policy == reference: h = 0, -log sigmoid(0) = log 2
+    ("cdpo", math.log(2)),  # (1 - eps) log 2 + eps log 2
+    ("ipo", 25.0),  # (0 - 1 / (2 * 0.1))^2 = 5^2: beta = 0.1 and the reference both pinned
+])
+def test_first_step_loss_pins_the_reference_and_beta(tmp_path, loss, first):
+    data = write_mixed(tmp_path / "m.jsonl")
+    cfg = dpo_cfg(tmp_path, data, f"dpo.loss={loss}", "train.batch_prompts=8", "train.max_steps=2")
+    dpo.train(cfg)
+    rows = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    assert rows[0]["train/loss"] == pytest.approx(first, abs=1e-5)
+    assert rows[0]["train/rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[1]["train/loss"] != pytest.approx(first, abs=1e-4)  # it trained
+
+
+def test_simpo_needs_no_reference_and_its_first_loss_matches_the_formula(tmp_path, tiny):
+    """SimPO at step 1: per prompt, the mean over untied pairs of
+    -log sigmoid(beta * (avg logp_w - avg logp_l) - gamma), averaged over prompts, from the
+    initial model's own log-probs; no reference cache is written."""
+    from preflab.rl.preference import simpo_loss
+
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    cfg = dpo_cfg(tmp_path, data, "dpo.loss=simpo", "train.batch_prompts=8", "train.max_steps=1")
+    dpo.train(cfg)
+    assert not (tmp_path / "run" / dpo.REFERENCE_CACHE).exists()
+    tok = models.load_tokenizer("tiny:")
+    model = models.load_policy("tiny:")
+    want = []
+    for g, e in zip(rankings.read_groups(str(data)), dpo.encode_ranked(tok, rankings.read_groups(str(data)), 96)):
+        avg = [naive_logps(model, s, p) / n for s, p, n in zip(e.ids, e.prompt_len, e.lengths)]
+        pairs = [simpo_loss(torch.tensor(avg[w]), torch.tensor(avg[v]), 2.0, 0.5).item() for w, v in g.pairs()]
+        want.append(sum(pairs) / len(pairs))
+    assert metrics(tmp_path / "run")[0]["train/loss"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+
+
+def test_reference_cache_holds_the_initial_policys_logps(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    cfg = dpo_cfg(tmp_path, data, "train.batch_prompts=4", "train.max_steps=2", "data.val_fraction=0.25")
+    dpo.train(cfg)
+    cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())
+    tok = models.load_tokenizer("tiny:")
+    model = models.load_policy("tiny:")
+    train_g, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    for name, groups in (("train", train_g), ("val", val_g)):
+        ex = dpo.encode_ranked(tok, groups, 96)
+        want = [[naive_logps(model, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
+        got = cache["logps"][name]
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-4)
+    # a different reference model would give different numbers
+    other = models.load_policy(str(tmp_path / "run/model"))  # the trained policy
+    e = dpo.encode_ranked(tok, train_g[:1], 96)[0]
+    assert naive_logps(other, e.ids[0], e.prompt_len[0]) != pytest.approx(cache["logps"]["train"][0][0], abs=1e-3)
+
+
+def test_learns_a_marker_preference_and_kl_grows_from_zero(tmp_path):
+    data = write_rankings(tmp_path / "r.jsonl", 48)
+    cfg = dpo_cfg(tmp_path, data, "data.val_fraction=0.25", "train.batch_prompts=6", "train.max_steps=12",
+                  "dpo.beta=0.5", "eval.kl_prompts=4", "eval.max_new_tokens=8", "train.eval_every=100")
+    dpo.train(cfg)
+    rows = metrics(tmp_path / "run")
+    train_rows = [r for r in rows if "train/loss" in r]
+    final = rows[-1]
+    assert train_rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert train_rows[-1]["train/loss"] < 0.4
+    # held-out prompts: the marker response wins by the implicit reward
+    assert final["val/rewards/accuracy"] >= 0.9 and final["val/rewards/margin"] > 0
+    assert final["val/rewards/chosen"] > final["val/rewards/rejected"]
+    assert final["val/kl"] > 0.01 and final["val/kl_samples"] == 4
+    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margin", "train/rewards/accuracy",
+                "train/logps/chosen", "train/logps/rejected", "train/grad_norm", "perf/tokens_per_s"):
+        assert key in train_rows[-1], key
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["stage"] == "dpo"
+    # Read from outside the stage: the saved model raised the log-ratio to the reference of the
+    # response the data ranks first (the marker) above the others' on held-out prompts.
+    tok, trained = models.load_tokenizer("tiny:"), models.load_policy(str(tmp_path / "run/model"))
+    ref = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["val"]
+    _, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    wins = 0
+    for g, e, r in zip(val_g, dpo.encode_ranked(tok, val_g, 96), ref):
+        ratio = [naive_logps(trained, s, p) - x for s, p, x in zip(e.ids, e.prompt_len, r)]
+        wins += max(range(len(ratio)), key=ratio.__getitem__) == g.ranks.index(0)
+        assert "zebra" in g.responses[g.ranks.index(0)]
+    assert wins >= 0.9 * len(val_g)
+
+
+def test_kl_is_zero_before_training_and_uses_the_reference(tmp_path, tiny):
+    """The sampled KL of the initial policy to itself is 0; with LoRA adapters switched on and non-zero
+    it is positive only because the reference is the policy with its adapters disabled."""
+    _, tok = tiny
+    cfg = dpo_cfg(tmp_path, "unused", "model.lora.enabled=true", "model.lora.r=4")
+    model = models.load_policy("tiny:", lora=models.LoraOptions(r=4))
+    ref = dpo.Reference(model, cfg)
+    kl0, n = dpo.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
+    assert n == 2 and kl0 == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    kl1, _ = dpo.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
+    assert kl1 > 1e-3
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
+    """With LoRA, the cache holds the base model's log-probs (adapters disabled), KL after training
+    is positive, and the saved model is merged."""
+    data = write_rankings(tmp_path / "r.jsonl", 16)
+    cfg = dpo_cfg(tmp_path, data, "model.lora.enabled=true", "model.lora.r=4", "train.batch_prompts=4",
+                  "train.max_steps=3", "optim.lr=1e-2", "data.val_fraction=0.25", "eval.kl_prompts=2",
+                  "eval.max_new_tokens=6")
+    calls = []
+    real = dpo.compute_reference_logps
+
+    def spy(policy, cfg_, sets, pad_id, share):
+        calls.append(sum(1 for n, _ in policy.named_modules() if "lora_A" in n))
+        # adapters made non-zero first: a reference that forgot to disable them would differ
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        out = real(policy, cfg_, sets, pad_id, share)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.zero_()
+        return out
+
+    dpo.compute_reference_logps, saved = spy, dpo.compute_reference_logps
+    try:
+        out = dpo.train(cfg)
+    finally:
+        dpo.compute_reference_logps = saved
+    assert calls and calls[0] > 0  # it was handed the LoRA-wrapped policy
+    cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())
+    tok, base = models.load_tokenizer("tiny:"), models.load_policy("tiny:")
+    train_g, _ = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    e = dpo.encode_ranked(tok, train_g[:1], 96)[0]
+    assert cache["logps"]["train"][0] == pytest.approx([naive_logps(base, s, p) for s, p in zip(e.ids, e.prompt_len)],
+                                                       abs=1e-4)
+    assert metrics(tmp_path / "run")[-1]["val/kl"] > 0
+    assert not any("lora" in k for k in model_weights(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    wa = model_weights(dpo.train(dpo_cfg(tmp_path / "a", data, *EXACT, "train.batch_prompts=8", "train.max_steps=2")))
+    wb = model_weights(dpo.train(dpo_cfg(tmp_path / "b", data, *EXACT, "train.batch_prompts=1",
+                                         "train.grad_accum=8", "train.max_steps=2")))
+    init = models.load_policy("tiny:").state_dict()
+    assert max(float((wa[k] - init[k]).abs().max()) for k in wa) > 1e-4  # it trained
+    assert max_param_diff(wa, wb) < 2e-6
+
+
+def test_shared_prompt_training_equals_full_sequences(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl")
+    weights = {}
+    for name, extra in [("shared", []), ("full", ["train.share_prompt=false"]),
+                        ("ckpt", ["train.gradient_checkpointing=true"])]:
+        (tmp_path / name).mkdir()
+        weights[name] = model_weights(dpo.train(dpo_cfg(tmp_path / name, data, *EXACT, "train.batch_prompts=8",
+                                                        "train.max_steps=2", *extra)))
+    assert max_param_diff(weights["shared"], weights["full"]) < 2e-6
+    assert max_param_diff(weights["full"], weights["ckpt"]) < 2e-6
+
+
+def test_resume_reuses_the_cached_reference_and_reaches_the_same_parameters(tmp_path, monkeypatch):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "cut").mkdir()
+    args = ["train.batch_prompts=4", "train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"]
+    w_full = model_weights(dpo.train(dpo_cfg(tmp_path / "full", data, *args)))
+    cut = dpo_cfg(tmp_path / "cut", data, *args, "run.save_every=2")
+    calls = {"n": 0}
+    real = dpo.clip_grad
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(dpo, "clip_grad", boom)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train(cut)
+    monkeypatch.undo()
+    cache = tmp_path / "cut/run" / dpo.REFERENCE_CACHE
+    before = cache.read_text()
+
+    def no_recompute(*a, **k):
+        raise AssertionError("resume recomputed the reference log-probs")
+
+    monkeypatch.setattr(dpo, "compute_reference_logps", no_recompute)
+    w_cut = model_weights(dpo.train(cut, resume=True))
+    assert cache.read_text() == before
+    assert max_param_diff(w_full, w_cut) < 1e-6
+
+    def losses(d):
+        return [(r["step"], r["train/loss"]) for r in metrics(d / "run") if "train/loss" in r]
+
+    assert [s for s, _ in losses(tmp_path / "full")] == [s for s, _ in losses(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert [v for _, v in losses(tmp_path / "full")] == pytest.approx([v for _, v in losses(tmp_path / "cut")],
+                                                                      abs=1e-6)
+
+
+def test_a_cache_for_other_data_is_recomputed(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    cfg = dpo_cfg(tmp_path, data, "train.batch_prompts=4", "train.max_steps=1")
+    path = tmp_path / "run" / dpo.REFERENCE_CACHE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"fingerprint": "stale", "logps": {"train": [[0.0] * 4] * 8, "val": []}}))
+    dpo.train(cfg)
+    assert json.loads(path.read_text())["fingerprint"] != "stale"
+    assert metrics(tmp_path / "run")[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def _ddp_worker(rank, world, port, cfg_json):
+    join_gloo_env(rank, world, port)
+    dpo.train(DPOConfig.model_validate_json(cfg_json))
+    end_rank()
+
+
+def test_two_gloo_ranks_equal_one_rank(tmp_path):
+    data = write_mixed(tmp_path / "m.jsonl")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    w_one = model_weights(dpo.train(dpo_cfg(tmp_path / "one", data, *EXACT, "train.batch_prompts=8",
+                                            "train.max_steps=2")))
+    two = dpo_cfg(tmp_path / "two", data, *EXACT, "train.batch_prompts=4", "train.max_steps=2")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
+    assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
+
+    def losses(d):
+        return [r["train/loss"] for r in metrics(d / "run") if "train/loss" in r]
+
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI and config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_runs_dpo_from_the_shipped_config(tmp_path):
+    from preflab.cli import main
+
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    with pytest.raises(SystemExit) as e:
+        main(["dpo", "--config", "configs/dpo_tiny.yaml", f"data.train={data}", f"run.out={tmp_path / 'o'}",
+              "data.format=kway", "train.max_steps=1", "run.progress=false", "nonsense.key=1"])
+    assert e.value.code == 2
+    main(["dpo", "--config", "configs/dpo_tiny.yaml", f"data.train={data}", f"run.out={tmp_path / 'o'}",
+          "data.format=kway", "train.max_steps=1", "run.progress=false"])
+    assert (tmp_path / "o/model/config.json").is_file()
+    assert load_config(DPOConfig, "configs/dpo_tiny.yaml", [f"data.train={data}"]).dpo.resolved_beta() == 0.1
+    assert load_config(DPOConfig, None, ["data.train=x", "dpo.loss=simpo"]).dpo.resolved_beta() == 2.0
