@@ -37,7 +37,8 @@ def main() -> None:
 
     from preflab import models
     from preflab.data.suite.schema import load_prompts
-    from preflab.evals.evaluate import _generate, _rm_scores
+    from preflab.evals.best_of_n import pick_best
+    from preflab.evals.evaluate import _generate
     from preflab.evals.metrics import gold_win_rate
     from preflab.feedback.rubric import judge_batch
     from preflab.run import table_console
@@ -76,9 +77,13 @@ def main() -> None:
         (f"gold's best of {a.n} (ceiling)", gold_win_rate(g.max(0), ref_gold)),
     ]
     for rm in a.rm or [str(a.run / "rm/model")]:
-        scores = _rm_scores(rm, [p.prompt for p in prompts], {str(s): samples[s] for s in range(a.n)},
-                            batch_size=cfg["batch_size"], bf16=bf16, progress=True)
-        r = np.stack([np.array(scores[str(s)], dtype=float) for s in range(a.n)])
+        # preflab.evals.best_of_n.pick_best: the RM's reward of (prompt, response, EOS) for every candidate
+        rm_model = models.load_reward_model(rm, dtype="bf16" if bf16 else "fp32").eval()
+        _, _, scores = pick_best(rm_model, models.load_tokenizer(rm), [p.prompt for p in prompts],
+                                 [[samples[s][i] for s in range(a.n)] for i in range(len(prompts))],
+                                 batch_size=cfg["batch_size"], bf16=bf16)
+        del rm_model
+        r = np.array(scores, dtype=float).T  # (N, prompts)
         rows.append((f"{rm}: best of {a.n}", gold_win_rate(g[r.argmax(0), cols], ref_gold)))
         rows.append((f"{rm}: best of 2", gold_win_rate(g[r[:2].argmax(0), cols], ref_gold)))
     results = json.loads((a.run / "eval/results.json").read_text())["models"]
