@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preflab.config import DPOConfig, PPOConfig, RMConfig, Section, SFTConfig
+from preflab.config import DPOConfig, PPOConfig, RMConfig, RSConfig, Section, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", DPOConfig, "preflab.stages.dpo:train", ("model", "metrics.jsonl", "reference_logps.json"),
           "Train the policy directly on K-way rankings: DPO, conservative DPO, IPO or SimPO (no reward model).",
           "preflab dpo --config configs/dpo_tiny.yaml run.out=runs/dpo"),
+    Stage("rs", RSConfig, "preflab.stages.rs:train", ("model", "round1/picks.jsonl", "round1/samples.jsonl"),
+          "Rejection-sampling fine-tuning: n samples per prompt, the reward model keeps the best, SFT on the picks.",
+          "preflab rs --config configs/rs_tiny.yaml run.out=runs/rs"),
 )}
 
 
