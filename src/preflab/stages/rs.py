@@ -3,7 +3,7 @@ from the current policy, the reward model keeps the best (optionally only above 
 only ones that ended), and the policy is fine-tuned on those picks with the SFT stage.
 
 Read ``train`` top to bottom: 0. set-up, 1. prompts and the reward model, 2. the rounds
-(sample and pick with ``evals.best_of_n``, then ``stages.sft.train`` on the picks), 3. the last
+(sample and pick with ``evals.best_of_n``, then the SFT stage on the picks, through the registry), 3. the last
 round's model becomes ``RUN/model``. A round's files: ``RUN/roundR/samples.jsonl`` (every
 candidate with its reward), ``picks.jsonl`` (the SFT data) and ``sft/`` (an SFT run directory).
 ``--resume`` keeps finished rounds and written picks (never resamples them) and resumes the SFT
@@ -24,8 +24,8 @@ from preflab.data.chat import read_prompts
 from preflab.data.jsonl import atomic_dir, atomic_write_text, read_jsonl, write_jsonl
 from preflab.errors import DataError
 from preflab.evals.best_of_n import best_of_n
+from preflab.registry import run_stage
 from preflab.run import RunDir, read_manifest, seed_everything
-from preflab.stages import sft
 
 
 def round_sft_config(cfg: RSConfig, policy: str, picks: Path, out: Path) -> SFTConfig:
@@ -131,7 +131,7 @@ def train(cfg: RSConfig, resume: bool = False) -> Path:
             raise DataError(f"rs round {r}: {len(picks)} picks, fewer than one SFT batch ({need}); lower "
                             "sampling.threshold, raise sampling.max_new_tokens or set sampling.require_eos=false")
         sft_cfg = round_sft_config(cfg, policy, picks_path, sft_dir)
-        policy = str(sft.train(sft_cfg, resume=resume and (sft_dir / "metrics.jsonl").is_file()))
+        policy = str(run_stage("sft", sft_cfg, resume=resume and (sft_dir / "metrics.jsonl").is_file()))
         run.log(f"rs: round {r} fine-tuned on {len(picks)} picks -> {policy}")
 
     # 3. the last round's model is the stage's output ---------------------------------------------
