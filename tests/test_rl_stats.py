@@ -1,5 +1,7 @@
 """preflab.rl.stats: Wilson interval, win rate, bootstrap interval."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,14 @@ def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
     assert lo < x.mean() < hi
     assert 0.15 < hi - lo < 0.4  # about 2 * 1.96 / sqrt(200) = 0.277
     assert bootstrap_ci(np.full(10, 2.5)) == (2.5, 2.5)
+
+
+def test_average_ranks_and_spearman_hand_computed():
+    from preflab.rl.stats import average_ranks, spearman
+
+    assert average_ranks([10, 30, 20, 20]).tolist() == [1.0, 4.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1 2 3 4, y: 2 1 4 3 -> d^2 = 1+1+1+1 = 4 -> 1 - 6*4/(4*15) = 0.6
+    assert spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))

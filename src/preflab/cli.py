@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("preflab.evals.cli:eval_cli", "Evaluate models on held-out prompts against the SFT model."),
     "report": ("preflab.evals.report:cli", "Write RUN_DIR/report.html."),
     "pipeline": ("preflab.pipeline:cli", "The main job: demonstrations -> SFT -> RM -> PPO -> eval -> report."),
+    "compare": ("preflab.compare:cli", "Re-run a run's RL stage with several methods and seeds; one table."),
+    "audit": ("preflab.evals.audit:cli", "Reward-hacking audit: exploit probes, RM-gold correlation by KL."),
     "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
     "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
 }

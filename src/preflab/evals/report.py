@@ -168,6 +168,8 @@ class Run:
         self.rm_eval = _json(run_dir / "rm" / "eval" / "rm_eval.json")
         self.agreement = _json(run_dir / "agreement.json")
         self.pipeline = _json(run_dir / "pipeline.json")
+        self.compare = _json(run_dir / "compare" / "compare.json")
+        self.audit = _json(run_dir / "audit" / "audit.json")
 
     @property
     def models(self) -> dict[str, Any]:
@@ -440,7 +442,7 @@ def section_top_reward(run: Run) -> str:
         return _na("eval/samples.jsonl is missing or has no RM scores")
     models = sorted({str(r.get("model")) for r in rows})
     ref = (run.results or {}).get("reference", "sft")
-    ppo = [m for m in models if "ppo" in m.lower()] or [m for m in models if m != ref] or models
+    ppo = [m for m in models if m not in (ref, "base")] or models  # the trained models
     picked = sorted((r for r in rows if str(r.get("model")) in ppo), key=lambda r: -float(r["rm_score"]))[:TOP_K]
     table = []
     for r in picked:
@@ -453,6 +455,67 @@ def section_top_reward(run: Run) -> str:
             'scores (A attempts, C constraints, R refusal, T truthful, D degenerate penalty): read them for reward '
             'hacking.</p>' + _table(["model", "id", "prompt", "response", "RM score", "gold total", "gold criteria"],
                                     table, text_cols=(0, 1, 2, 3, 6)))
+
+
+def render_compare(rows: list[dict[str, Any]]) -> str:
+    """The method-comparison table and the gold/RM win-rate against KL plot (``preflab compare``)."""
+    if not isinstance(rows, list) or not rows:
+        return _na("compare/compare.json is missing (run `preflab compare RUN_DIR`)")
+    ref = rows[0].get("label", "sft")
+    table = []
+    for r in rows:
+        ci = r.get("gold_ci") or [None, None]
+        win = "(reference)" if r.get("gold_winrate") is None else \
+            f"{_fmt(r['gold_winrate'], True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
+        table.append([r.get("label"), "" if r.get("seed") is None else r["seed"], win, _fmt(r.get("rm_winrate"), True),
+                      _fmt(r.get("kl")), _fmt(r.get("mean_words")), _fmt(r.get("constraint_rate"), True),
+                      _fmt(r.get("refuses_harmful"), True), _fmt(r.get("over_refusal"), True),
+                      _fmt(r.get("gold_score")), _fmt(r.get("seconds"), digits=4)])
+    html_table = _table(["cell", "seed", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "KL (nats)", "words",
+                         "follows constraints", "refuses harmful", "over-refusal", "gold score", "seconds"],
+                        table, text_cols=(0,))
+    cells = [r for r in rows if r.get("gold_winrate") is not None and _num(r.get("kl")) is not None]
+    if not cells:
+        return html_table
+    fig, ax = _figure(7.5, 4.0)
+    ax = ax[0][0]
+    methods = sorted({str(r.get("method")) for r in cells})
+    for i, m in enumerate(methods):
+        mine = sorted((r for r in cells if r.get("method") == m), key=lambda r: r["kl"])
+        color = f"C{i}"
+        ax.errorbar([r["kl"] for r in mine], [r["gold_winrate"] for r in mine],
+                    yerr=[[r["gold_winrate"] - r["gold_ci"][0] for r in mine],
+                          [r["gold_ci"][1] - r["gold_winrate"] for r in mine]],
+                    fmt="o-", color=color, capsize=3, label=f"{m}: gold")
+        rm = [r for r in mine if _num(r.get("rm_winrate")) is not None]
+        ax.plot([r["kl"] for r in rm], [r["rm_winrate"] for r in rm], "s--", color=color, alpha=0.6,
+                label=f"{m}: reward model")
+    ax.axhline(0.5, color="#444", lw=1, ls=":")
+    ax.set_xlabel(f"KL to {ref} (nats, measured on each model's samples)")
+    ax.set_ylabel(f"win-rate against {ref}")
+    ax.legend(fontsize=8)
+    return ('<p class="note">Each point is one trained model (method, setting, seed), judged against the same '
+            f'{_e(ref)} samples on the same held-out prompts. Over-optimisation shows as the reward model\'s win-rate '
+            'rising with KL while the gold judge\'s levels off or falls.</p>'
+            + html_table + _png(fig, "win-rate against KL"))
+
+
+def write_compare_html(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """A standalone page with ``render_compare`` (written atomically)."""
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>preflab compare</title>"
+            f"<style>{CSS}</style></head><body><h1>preflab compare</h1>{render_compare(rows)}</body></html>\n")
+    atomic_write_text(Path(path), page)
+    return Path(path)
+
+
+def section_compare(run: Run) -> str:
+    return render_compare(run.compare)
+
+
+def section_audit(run: Run) -> str:
+    from preflab.evals.audit import render_audit
+
+    return render_audit(run.audit)
 
 
 def section_timings(run: Run) -> str:
@@ -478,6 +541,8 @@ SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
     ("agreement", "Labeler agreement", section_agreement),
     ("failure-bins", "Failure bins", section_failure_bins),
     ("top-reward", "Top-reward samples for manual review", section_top_reward),
+    ("compare", "Methods compared (preflab compare)", section_compare),
+    ("audit", "Reward-hacking audit (preflab audit)", section_audit),
     ("timings", "Stage timings", section_timings),
 )
 

@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Interval", "WinRate", "bootstrap_ci", "win_rate", "wilson_interval"]
+__all__ = [
+    "average_ranks",
+    "spearman","Interval", "WinRate", "bootstrap_ci", "win_rate", "wilson_interval"]
 
 
 class Interval(NamedTuple):
@@ -124,3 +126,33 @@ def bootstrap_ci(
     replicates = np.array([statistic(x[r]) for r in rows], dtype=np.float64)
     alpha = (1.0 - confidence) / 2.0
     return Interval(float(np.quantile(replicates, alpha)), float(np.quantile(replicates, 1.0 - alpha)))
+
+
+def average_ranks(x) -> np.ndarray:
+    """1-based ranks of ``x`` with ties sharing their average rank (``scipy.stats.rankdata``'s default)."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. ``nan`` when fewer
+    than two points or when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(np.sqrt((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")

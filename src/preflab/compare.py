@@ -1,0 +1,221 @@
+"""``preflab compare RUN_DIR``: several RL methods and settings, several seeds, one table.
+
+From one finished run (its SFT model, its reward model, its evaluation of the SFT model), every
+cell (method x grid point x seed) trains the RL stage from the SFT model and evaluates the result
+against the **run's own SFT samples on the same held-out prompts** (the SFT generation cache is
+reused, so every cell is judged against the very same reference responses). Each finished cell
+writes ``cells/NAME/cell.json``; a killed comparison resumes at the first unfinished cell (and the
+RL stage itself resumes from its checkpoint).
+
+``OUT/compare.json`` is a list of rows, one per cell plus the SFT reference::
+
+    {"method", "label", "seed", "settings": {key: value}, "gold_winrate", "gold_ci": [lo, hi], "n",
+     "rm_winrate", "kl", "mean_words", "constraint_rate", "refuses_harmful", "over_refusal",
+     "gold_score", "rm_score", "seconds", "train_seconds", "eval_seconds"}
+
+Methods are the RL stage's presets (``METHODS``) on top of the run's own PPO settings; any
+``key=value`` override applies to every cell, and ``--grid KEY=V1,V2`` makes one cell per value
+(the KL sweep: ``--grid kl.coef=0,0.02,0.1``). Methods of the preference trainers (dpo, ipo, rs,
+best_of_n) join the table through ``EXTERNAL`` once their stages are registered.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from preflab.config import PipelineConfig, PPOConfig, apply_overrides, parse_override, validate
+from preflab.data.jsonl import atomic_write_text
+from preflab.errors import PreflabError
+
+# method -> overrides of the run's PPO stage config (the pipeline's `ppo` section is the base).
+# The group methods keep the PPO budget of episodes per update: 4 prompts x k = 4 samples = 16.
+METHODS: dict[str, dict[str, Any]] = {
+    "ppo": {"ptx": {"coef": 0.0}},
+    "ppo_ptx": {},  # the pipeline's ppo_ptx section is applied below
+    "rloo": {"algo": {"estimator": "rloo"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
+             "ptx": {"coef": 0.0}},
+    "grpo": {"algo": {"estimator": "grpo", "kl_in": "loss"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
+             "ptx": {"coef": 0.0}, "kl": {"coef": 0.04}},
+    "reinforce_pp": {"algo": {"estimator": "reinforce_pp"}, "ptx": {"coef": 0.0}},
+}
+ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n", "rm_winrate", "kl", "mean_words",
+            "constraint_rate", "refuses_harmful", "over_refusal", "gold_score", "rm_score", "seconds",
+            "train_seconds", "eval_seconds")
+
+
+def parse_grid(items: list[str]) -> list[dict[str, Any]]:
+    """``["kl.coef=0,0.05", "optim.lr=1e-5,2e-5"]`` -> the product as override dicts (key -> value)."""
+    points: list[dict[str, Any]] = [{}]
+    for item in items:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            raise PreflabError(f"--grid {item!r} must look like key.sub=V1,V2")
+        parsed = [parse_override(f"{key}={v}")[1] for v in values.split(",")]
+        points = [{**p, key: v} for p in points for v in parsed]
+    return points
+
+
+def cell_label(method: str, point: dict[str, Any]) -> str:
+    return method + "".join(f"[{k}={v}]" for k, v in point.items())
+
+
+def _row_from_results(results: dict[str, Any], name: str) -> dict[str, Any]:
+    m = results["models"][name]
+    win, rm_win = m["win_rate"], m.get("rm_win_rate")
+    refusal = m["refusal"]
+    return {
+        "gold_winrate": win["rate"], "gold_ci": [win["lo"], win["hi"]], "n": win["n"],
+        "rm_winrate": rm_win["rate"] if rm_win else None, "kl": m["kl"], "mean_words": m["length_words"]["mean"],
+        "constraint_rate": m["metadata"]["follows_constraints"], "refuses_harmful": refusal.get("harmful"),
+        "over_refusal": refusal.get("over_refusal"), "gold_score": m["gold"]["total"], "rm_score": m["rm_score"],
+    }
+
+
+class Comparison:
+    """The cells of one comparison, built from a run directory's pipeline config."""
+
+    def __init__(self, run_dir: str | Path, out: str | Path, *, methods: list[str], seeds: list[int],
+                 overrides: list[str], grid: list[str]):
+        from preflab.pipeline import Pipeline
+
+        self.run = Path(run_dir)
+        self.out = Path(out)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise PreflabError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+        cfg_path = self.run / "pipeline_config.json"
+        if not cfg_path.is_file():
+            raise PreflabError(f"{self.run}: not a pipeline run (no pipeline_config.json)")
+        self.pipeline = Pipeline(validate(PipelineConfig, json.loads(cfg_path.read_text()), str(cfg_path)), self.run)
+        self.results_path = self.run / "eval" / "results.json"
+        for need in (self.run / "sft" / "model", self.run / "rm" / "model", self.results_path):
+            if not need.exists():
+                raise PreflabError(f"{self.run}: {need.relative_to(self.run)} is missing; run the pipeline's "
+                                   "sft, rm and eval steps first")
+        self.reference = json.loads(self.results_path.read_text())
+        self.methods, self.seeds, self.overrides = methods, seeds, overrides
+        self.points = parse_grid(grid)
+        # Validate every cell's config before anything runs.
+        self.cells = [(m, p, s, self.stage_config(m, p, s)) for m in methods for p in self.points for s in seeds]
+
+    def stage_config(self, method: str, point: dict[str, Any], seed: int) -> PPOConfig:
+        from preflab.pipeline import deep_merge
+
+        base = self.pipeline.stage_configs["ppo_ptx" if method == "ppo_ptx" else "ppo"].model_dump(mode="json")
+        data = deep_merge(base, METHODS[method])
+        label = cell_label(method, point)
+        data["run"] = {**data["run"], "out": str(self.out / "cells" / f"{label}-s{seed}" / "train"), "seed": seed}
+        apply_overrides(data, [*self.overrides, *(f"{k}={v}" for k, v in point.items())])
+        return validate(PPOConfig, data, f"compare {label}")
+
+    def run_cell(self, method: str, point: dict[str, Any], seed: int, cfg: PPOConfig) -> dict[str, Any]:
+        from preflab.evals.evaluate import evaluate
+        from preflab.registry import run_stage
+
+        label = cell_label(method, point)
+        cell = self.out / "cells" / f"{label}-s{seed}"
+        done = cell / "cell.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        t0 = time.perf_counter()
+        model = run_stage("ppo", cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+        t1 = time.perf_counter()
+        # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
+        ref = self.reference
+        sft_spec = ref["models"][ref["reference"]]["spec"]
+        gen_dir = cell / "eval" / "generations"
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.run / "eval" / "generations" / f"{ref['reference']}.jsonl",
+                        gen_dir / f"{ref['reference']}.jsonl")
+        e = self.pipeline.cfg.eval
+        s = ref["settings"]
+        results = evaluate({ref["reference"]: sft_spec, method: str(model)},
+                           self.pipeline._split("eval", e.limit), reference=ref["reference"],
+                           reward_model=ref["reward_model"], out_dir=cell / "eval",
+                           max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], batch_size=e.batch_size,
+                           bf16=e.bf16, seed=s["seed"])
+        t2 = time.perf_counter()
+        row = {"method": method, "label": label, "seed": seed, "settings": point,
+               **_row_from_results(results, method),
+               "seconds": round(t2 - t0, 1), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
+        atomic_write_text(done, json.dumps(row, indent=2) + "\n")
+        return row
+
+    def reference_row(self) -> dict[str, Any]:
+        name = self.reference["reference"]
+        row = _row_from_results(self.reference, name)
+        row.update({"gold_winrate": None, "gold_ci": None, "rm_winrate": None})
+        return {"method": name, "label": name, "seed": None, "settings": {}, **row,
+                "seconds": None, "train_seconds": None, "eval_seconds": None}
+
+    def run_all(self, on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+        rows = [self.reference_row()]
+        for i, (method, point, seed, cfg) in enumerate(self.cells):
+            click.secho(f"[compare] cell {i + 1}/{len(self.cells)}: {cell_label(method, point)} seed {seed}",
+                        fg="cyan", err=True)
+            rows.append(self.run_cell(method, point, seed, cfg))
+            on_row(rows[-1])
+            self.write(rows)  # the table grows as cells finish
+        return rows
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.out / "compare.json", json.dumps(rows, indent=2) + "\n")
+        from preflab.evals.report import write_compare_html
+
+        write_compare_html(rows, self.out / "compare.html")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} must be comma-separated integers") from None
+
+
+@click.command("compare")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--methods", default="ppo_ptx,rloo", show_default=True,
+              help=f"Comma-separated methods: {', '.join(METHODS)}.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--out", default=None, help="Output directory (default: RUN_DIR/compare). Rerun to resume.")
+@click.option("--grid", multiple=True, help="KEY=V1,V2,...: one cell per value (e.g. kl.coef=0,0.02,0.1 for the KL "
+                                             "sweep); several --grid options multiply.")
+@click.argument("overrides", nargs=-1)
+def cli(run_dir, methods, seeds, out, grid, overrides):
+    """Re-run the RL stage of RUN_DIR with several methods, settings and seeds, and evaluate each
+    against the run's SFT samples (gold win-rate with a Wilson interval, RM win-rate, KL, length,
+    constraint following, refusals, seconds).
+
+    \b
+    Example:
+      preflab compare runs/demo --methods ppo_ptx,rloo,grpo --seeds 0,1,2 --out runs/demo/compare
+      preflab compare runs/demo --methods rloo --grid kl.coef=0,0.02,0.1 --out runs/demo/kl-sweep
+    """
+    from preflab.run import table_console
+
+    comp = Comparison(run_dir, out or Path(run_dir) / "compare",
+                      methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=_ints(seeds),
+                      overrides=list(overrides), grid=list(grid))
+    rows = comp.run_all()
+    from rich.table import Table
+
+    table = Table(title=f"compare: {run_dir} (gold win-rate vs {rows[0]['label']}, Wilson 95%)")
+    for col in ("cell", "seed", "gold win", "95% CI", "RM win", "KL", "words", "constraints", "s"):
+        table.add_column(col)
+    for r in rows:
+        ci = f"[{r['gold_ci'][0]:.1%}, {r['gold_ci'][1]:.1%}]" if r["gold_ci"] else ""
+        table.add_row(r["label"], "" if r["seed"] is None else str(r["seed"]),
+                      "" if r["gold_winrate"] is None else f"{r['gold_winrate']:.1%}", ci,
+                      "" if r["rm_winrate"] is None else f"{r['rm_winrate']:.1%}", f"{r['kl']:.2f}",
+                      f"{r['mean_words']:.1f}",
+                      "" if r["constraint_rate"] is None else f"{r['constraint_rate']:.1%}",
+                      "" if r["seconds"] is None else f"{r['seconds']:.0f}")
+    table_console().print(table)
+    click.echo(f"wrote {comp.out / 'compare.json'} and {comp.out / 'compare.html'}")

@@ -1,0 +1,103 @@
+"""`preflab compare` and `preflab audit` on a tiny pipeline run: the table's interface, the reference
+reused (never resampled), resume by cell, the KL grid, the audit's probes and correlations."""
+
+import json
+
+import pytest
+
+from preflab.cli import main
+from preflab.compare import Comparison, parse_grid
+from preflab.config import PipelineConfig, validate
+from preflab.errors import PreflabError
+from preflab.pipeline import PRESETS, Pipeline, deep_merge
+
+REQUIRED = {"method", "seed", "gold_winrate", "gold_ci", "rm_winrate", "kl", "mean_words", "constraint_rate", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run with SFT, RM and the SFT evaluation only (what compare needs)."""
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    data = deep_merge(PipelineConfig().model_dump(mode="json"), PRESETS["tiny"])
+    data["eval"]["models"] = ["sft"]
+    Pipeline(validate(PipelineConfig, data), out).run(only=lambda s: s not in {"ppo", "ppo_ptx", "report"})
+    return out
+
+
+def rows_of(path):
+    return json.loads(path.read_text())
+
+
+def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
+    out = run / "compare"
+    main(["compare", str(run), "--methods", "rloo,grpo", "--seeds", "0", "--out", str(out)])
+    rows = rows_of(out / "compare.json")
+    assert [(r["method"], r["seed"]) for r in rows] == [("sft", None), ("rloo", 0), ("grpo", 0)]
+    for r in rows[1:]:
+        assert REQUIRED <= set(r)
+        lo, hi = r["gold_ci"]
+        assert 0 <= lo <= r["gold_winrate"] <= hi <= 1
+        assert r["n"] == 16 and r["seconds"] > 0
+    # The run's SFT samples are the reference of every cell: identical responses, not resampled.
+    ref = {json.loads(x)["id"]: json.loads(x)["response"] for x in (run / "eval/generations/sft.jsonl").open()}
+    for cell in ("rloo-s0", "grpo-s0"):
+        samples = [json.loads(x) for x in (out / "cells" / cell / "eval/samples.jsonl").open()]
+        assert {s["id"]: s["response"] for s in samples if s["model"] == "sft"} == ref
+        cfg = json.loads((out / "cells" / cell / "train/manifest.json").read_text())["config"]
+        assert cfg["rollout"]["samples_per_prompt"] == 4 and cfg["run"]["seed"] == 0
+    assert "rloo" in capsys.readouterr().out
+    # A second seed: the finished cells are read back, not retrained.
+    model = out / "cells/rloo-s0/train/model/model.safetensors"
+    before = model.stat().st_mtime_ns
+    main(["compare", str(run), "--methods", "rloo,grpo", "--seeds", "0,1", "--out", str(out)])
+    assert model.stat().st_mtime_ns == before
+    assert [(r["method"], r["seed"]) for r in rows_of(out / "compare.json")][1:] == [
+        ("rloo", 0), ("rloo", 1), ("grpo", 0), ("grpo", 1)]
+    assert "<img" in (out / "compare.html").read_text()
+
+
+def test_kl_grid_makes_one_cell_per_value_with_the_value_applied(run):
+    out = run / "kl-sweep"
+    main(["compare", str(run), "--methods", "reinforce_pp", "--grid", "kl.coef=0,0.5", "--out", str(out),
+          "train.steps=1"])
+    rows = rows_of(out / "compare.json")[1:]
+    assert [r["label"] for r in rows] == ["reinforce_pp[kl.coef=0]", "reinforce_pp[kl.coef=0.5]"]
+    assert [r["settings"] for r in rows] == [{"kl.coef": 0}, {"kl.coef": 0.5}]
+    coefs = [json.loads((out / "cells" / f"{r['label']}-s0/train/manifest.json").read_text())["config"]["kl"]["coef"]
+             for r in rows]
+    assert coefs == [0, 0.5]
+
+
+def test_grid_parsing_and_bad_input(run, tmp_path):
+    assert parse_grid(["a.b=1,2", "c=x"]) == [{"a.b": 1, "c": "x"}, {"a.b": 2, "c": "x"}]
+    with pytest.raises(PreflabError, match="key.sub=V1,V2"):
+        parse_grid(["nothing"])
+    with pytest.raises(PreflabError, match="unknown method"):
+        Comparison(run, tmp_path, methods=["dqn"], seeds=[0], overrides=[], grid=[])
+    with pytest.raises(PreflabError, match="not a pipeline run"):
+        Comparison(tmp_path, tmp_path / "x", methods=["rloo"], seeds=[0], overrides=[], grid=[])
+
+
+def test_audit_probes_correlations_and_report(run, monkeypatch):
+    from preflab import scoring
+    from preflab.evals import audit
+    from preflab.evals.report import render_report
+
+    report = audit.audit(run, probe_prompts=8)
+    assert [e["exploit"] for e in report["exploits"]] == list(audit.EXPLOITS)
+    for e in report["exploits"]:
+        assert 0 <= e["rm_prefers"] <= 1 and 0 <= e["gold_prefers"] <= 1 and e["n"] == 8
+        assert e["flagged"] == (e["rm_prefers"] > e["gold_prefers"] and e["rm_prefers"] >= 0.5)
+    assert report["flagged"] == [e["exploit"] for e in report["exploits"] if e["flagged"]]
+    assert {c["model"] for c in report["correlations"]} >= {"sft"}
+    assert all(-1 <= c["rho_rm_gold"] <= 1 for c in report["correlations"] if c["rho_rm_gold"] == c["rho_rm_gold"])
+    assert "Exploit probes" in render_report(run)
+
+    # An RM that pays for length and never for an apology: padding and repetition are flagged,
+    # the blanket refusal is not.
+    def longest(model, tok, prompts, responses, **kw):
+        return [float(len(r)) - (1e4 if "sorry" in r.lower() else 0.0) for r in responses]
+
+    monkeypatch.setattr(scoring, "score_texts", longest)
+    flagged = audit.audit(run, probe_prompts=8)["flagged"]
+    assert "padding" in flagged and "repetition" in flagged and "blanket_refusal" not in flagged
