@@ -17,7 +17,7 @@ from preflab.cli import main
 from preflab.config import PipelineConfig, PPOConfig, SFTConfig, load_config
 from preflab.errors import ConfigError, DataError, ModelError, PreflabError, TrainingError
 from preflab.optim import clip_and_step, clip_grad
-from preflab.run import RunDir, dead_owner, read_manifest, session
+from preflab.run import RunDir, check_config_change, dead_owner, read_manifest, session
 
 
 def run_cli(args, capsys=None):
@@ -397,3 +397,13 @@ def test_apply_reward_norm_makes_plain_transformers_score_like_preflab(tmp_path)
     torch.testing.assert_close(folded, 2.5 * raw - 0.75)
     assert plain.config.preflab_reward_gain == 1.0 and plain.config.preflab_reward_bias == 0.0
     assert not math.isnan(float(folded.sum()))
+
+
+def test_check_config_change_for_the_pipeline():
+    old = {"seed": 0, "threads": 1, "sft": {"optim": {"lr": 3e-5}}}
+    new = {"seed": 0, "threads": 2, "sft": {"optim": {"lr": 1e-4}}}
+    with pytest.raises(ConfigError, match=r"pipeline_config\.json: --resume with a different config \(sft\.optim\.lr: "
+                                          r"3e-05 -> 0\.0001\)"):
+        check_config_change(old, new, force=False, where="runs/x/pipeline_config.json")
+    changes, refused = check_config_change(old, new, force=True, where="x")
+    assert set(changes) == {"threads", "sft.optim.lr"} and set(refused) == {"sft.optim.lr"}

@@ -133,6 +133,26 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[s
     return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
+def check_config_change(old: dict[str, Any], new: dict[str, Any], *, force: bool, where: Any,
+                        allowed: frozenset[str] = RESUME_ALLOWED_CHANGES) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compare the config a run was started with (``old``) with the one it is resumed with.
+
+    Returns ``(changes, refused)``: every changed dotted key as ``{"old", "new"}``, and those not in
+    ``allowed`` (matched on the key's last part). Refused changes raise ConfigError naming each key
+    with both values, unless ``force``. ``where`` names the file the old config came from. The
+    pipeline checks ``pipeline_config.json`` with it; RunDir checks ``manifest.json``.
+    """
+    changes = config_changes(old, new)
+    refused = {k: v for k, v in changes.items() if k.rsplit(".", 1)[-1] not in allowed}
+    if refused and not force:
+        shown = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in refused.items())
+        raise ConfigError(
+            f"{where}: --resume with a different config ({shown}). Resume with the run's own config, or pass "
+            "--force to apply the change from the last checkpoint on (recorded in the manifest)"
+        )
+    return changes, refused
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists on this host."""
     try:
@@ -301,15 +321,8 @@ class RunDir:
                 "status": "running",
             }
             if resume and prev:
-                changes = config_changes(prev.get("config") or {}, config)
-                refused = {k: v for k, v in changes.items() if k.rsplit(".", 1)[-1] not in RESUME_ALLOWED_CHANGES}
-                if refused and not force:
-                    shown = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in refused.items())
-                    raise ConfigError(
-                        f"{self.path / 'manifest.json'}: --resume with a different config ({shown}). "
-                        "Resume with the run's own config, or pass --force to apply the change from the last "
-                        "checkpoint on (recorded in the manifest)"
-                    )
+                changes, refused = check_config_change(prev.get("config") or {}, config, force=force,
+                                                       where=self.path / "manifest.json")
                 self.manifest["started_at"] = prev.get("started_at", self.manifest["started_at"])
                 self.manifest["resumed_at"] = prev.get("resumed_at", []) + [_now()]
                 self.manifest["config_changes"] = list(prev.get("config_changes", []))
@@ -368,7 +381,7 @@ class RunDir:
         """``fail`` with the reason an exception gives. A run created by this process that fails
         on its input (data, config, model) before logging or saving anything is removed instead,
         so a bad data file leaves no half-created run directory."""
-        if not self.writer or self.manifest.get("status") != "running":
+        if not self.writer or self.manifest.get("status") != "running" or (isinstance(exc, SystemExit) and not exc.code):
             return
         if isinstance(exc, KeyboardInterrupt):
             self.interrupt(f"interrupted (Ctrl-C){f': {exc}' if str(exc) else ''}")

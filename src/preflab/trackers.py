@@ -64,8 +64,6 @@ class MLflowTracker:
             import mlflow
         except ImportError as e:
             raise ConfigError("run.trackers: mlflow needs the mlflow package: pip install 'preflab[mlflow]'") from e
-        from preflab.run import flatten
-
         self.mlflow = mlflow
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(run_dir)
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
@@ -79,7 +77,7 @@ class MLflowTracker:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         state.update(mlflow_run_id=self.run_id, mlflow_uri=uri)
-        flat = [mlflow.entities.Param(k, str(v)[:500]) for k, v in flatten(params).items()]
+        flat = [mlflow.entities.Param(k, str(v)[:500]) for k, v in _flatten(params).items()]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=flat[i:i + 100])
 
@@ -107,6 +105,15 @@ def default_mlflow_uri(run_dir: Path) -> str:
         return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return (run_dir / "mlruns").resolve().as_uri()
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
 
 
 def _mlflow_key(key: str) -> str:
