@@ -9,11 +9,12 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def config_class(path: Path):
-    from preflab import config
+    """The config class of a shipped YAML, from its name: a registry stage (sft_tiny.yaml -> sft) or the pipeline."""
+    from preflab.config import PipelineConfig
+    from preflab.registry import STAGES
 
     stage = path.stem.split("_")[0]
-    return {"sft": config.SFTConfig, "rm": getattr(config, "RMConfig", None),
-            "ppo": getattr(config, "PPOConfig", None), "pipeline": getattr(config, "PipelineConfig", None)}[stage]
+    return PipelineConfig if stage == "pipeline" else getattr(STAGES.get(stage), "config", None)
 
 
 def test_pipeline_yaml_equals_the_built_in_defaults():

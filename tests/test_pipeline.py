@@ -18,12 +18,14 @@ from preflab.pipeline import PRESETS, STEPS, Pipeline
 def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
     # Kill the run inside the PPO-ptx step; everything before it is recorded as done.
-    real = Pipeline.step_ppo_ptx
+    real = Pipeline.train
 
-    def boom(self):
-        raise KeyboardInterrupt("killed")
+    def boom(self, step):
+        if step == "ppo_ptx":
+            raise KeyboardInterrupt("killed")
+        real(self, step)
 
-    monkeypatch.setattr(Pipeline, "step_ppo_ptx", boom)
+    monkeypatch.setattr(Pipeline, "train", boom)
     with pytest.raises(SystemExit) as e:  # the CLI turns Ctrl-C into exit status 130
         main(["pipeline", "--preset", "tiny", "--out", str(out)])
     assert e.value.code == 130
@@ -31,7 +33,7 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert [s["step"] for s in state["steps"]] == list(STEPS[:STEPS.index("ppo_ptx")])
     sft_model = (out / "sft/model/model.safetensors").stat().st_mtime_ns
 
-    monkeypatch.setattr(Pipeline, "step_ppo_ptx", real)
+    monkeypatch.setattr(Pipeline, "train", real)
     main(["pipeline", "--preset", "tiny", "--out", str(out)])
     state = json.loads((out / "pipeline.json").read_text())
     assert [s["step"] for s in state["steps"]] == list(STEPS)

@@ -67,6 +67,24 @@ def make_run(root: Path, complete: bool = True) -> Path:
                                         '"pairwise_by_labeler_pair": {"a|b": 0.7, "a|c": 0.78}}')
     (run / "pipeline.json").write_text(json.dumps({"steps": [{"step": "sft", "seconds": 12.5},
                                                              {"step": "rm", "seconds": 4.0}]}))
+    (run / "compare").mkdir()
+    cell = {"gold_ci": [0.45, 0.62], "n": 300, "mean_words": 30.0, "constraint_rate": 0.3, "refuses_harmful": 0.2,
+            "over_refusal": 0.05, "gold_score": 0.6, "rm_score": 0.4, "settings": {}}
+    (run / "compare" / "compare.json").write_text(json.dumps([
+        {**cell, "method": "sft", "label": "sft", "seed": None, "gold_winrate": None, "gold_ci": None,
+         "rm_winrate": None, "kl": 0.0, "seconds": None},
+        {**cell, "method": "rloo", "label": "rloo", "seed": 0, "gold_winrate": 0.537, "rm_winrate": 0.6, "kl": 1.2,
+         "seconds": 400.0},
+        {**cell, "method": "rloo", "label": "rloo", "seed": 1, "gold_winrate": 0.512, "rm_winrate": 0.58, "kl": 1.0,
+         "seconds": 410.0}]))
+    (run / "audit").mkdir()
+    (run / "audit" / "audit.json").write_text(json.dumps({
+        "flagged": ["padding"], "top_responses": [],
+        "correlations": [{"source": "run", "model": "ppo", "n": 12, "kl": 2.1, "rho_rm_gold": 0.3,
+                          "rho_rm_length": 0.6, "rho_gold_length": 0.1}],
+        "exploits": [{"exploit": "padding", "description": "filler", "n": 60, "rm_prefers": 0.8,
+                      "rm_prefers_ci": [0.68, 0.88], "gold_prefers": 0.1, "rm_score_delta": 0.5, "gold_delta": -0.1,
+                      "flagged": True}]}))
     return run
 
 
@@ -85,7 +103,9 @@ def test_full_report_has_every_section_and_is_self_contained(tmp_path):
         body = _section(page, anchor)
         assert f"<h2>{title}</h2>" in page
         assert "not available" not in body, (anchor, body[:300])
-    assert page.count('src="data:image/png;base64,') == 7  # win-rate, PPO, gold-KL, lengths, refusals, RM reliability, agreement
+    # win-rate, PPO, gold-KL, lengths, refusals, RM reliability, agreement, compare
+    assert page.count('src="data:image/png;base64,') == 8
+    assert "53.7%" in _section(page, "compare") and "padding" in _section(page, "audit")
     assert "<script" not in page and "http://" not in page and "https://" not in page  # offline, escaped
     assert "&lt;script&gt;" in page
     top = _section(page, "top-reward")

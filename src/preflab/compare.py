@@ -13,7 +13,7 @@ RL stage itself resumes from its checkpoint).
      "rm_winrate", "kl", "mean_words", "constraint_rate", "refuses_harmful", "over_refusal",
      "gold_score", "rm_score", "seconds", "train_seconds", "eval_seconds"}
 
-Methods are the RL stage's presets (``METHODS``) on top of the run's own PPO settings; any
+Methods are the RL presets of ``config.RL_METHODS`` on top of the run's own RL settings; any
 ``key=value`` override applies to every cell, and ``--grid KEY=V1,V2`` makes one cell per value
 (the KL sweep: ``--grid kl.coef=0,0.02,0.1``). Methods of the preference trainers (dpo, ipo, rs,
 best_of_n) join the table through ``EXTERNAL`` once their stages are registered.
@@ -24,27 +24,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
-from preflab.config import PipelineConfig, PPOConfig, apply_overrides, parse_override, validate
+from preflab.config import RL_METHODS, PipelineConfig, PPOConfig, apply_overrides, parse_override, validate
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
+from preflab.evals.results import EvalResults
 
-# method -> overrides of the run's PPO stage config (the pipeline's `ppo` section is the base).
-# The group methods keep the PPO budget of episodes per update: 4 prompts x k = 4 samples = 16.
-METHODS: dict[str, dict[str, Any]] = {
-    "ppo": {"ptx": {"coef": 0.0}},
-    "ppo_ptx": {},  # the pipeline's ppo_ptx section is applied below
-    "rloo": {"algo": {"estimator": "rloo"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
-             "ptx": {"coef": 0.0}},
-    "grpo": {"algo": {"estimator": "grpo", "kl_in": "loss"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
-             "ptx": {"coef": 0.0}, "kl": {"coef": 0.04}},
-    "reinforce_pp": {"algo": {"estimator": "reinforce_pp"}, "ptx": {"coef": 0.0}},
-}
+METHODS = RL_METHODS  # the pipeline's online RL methods (config.RL_METHODS)
 ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n", "rm_winrate", "kl", "mean_words",
             "constraint_rate", "refuses_harmful", "over_refusal", "gold_score", "rm_score", "seconds",
             "train_seconds", "eval_seconds")
@@ -66,15 +57,18 @@ def cell_label(method: str, point: dict[str, Any]) -> str:
     return method + "".join(f"[{k}={v}]" for k, v in point.items())
 
 
-def _row_from_results(results: dict[str, Any], name: str) -> dict[str, Any]:
-    m = results["models"][name]
-    win, rm_win = m["win_rate"], m.get("rm_win_rate")
-    refusal = m["refusal"]
+def _row_from_results(results: EvalResults | Mapping[str, Any], name: str,
+                      source: str = "evaluation results") -> dict[str, Any]:
+    """The table columns of model ``name`` (``results``: typed, or the dict ``evaluate`` returns)."""
+    if not isinstance(results, EvalResults):
+        results = EvalResults.from_dict(results, source)
+    m = results.model(name, source)
+    win, rm_win = m.win_rate, m.rm_win_rate
     return {
-        "gold_winrate": win["rate"], "gold_ci": [win["lo"], win["hi"]], "n": win["n"],
-        "rm_winrate": rm_win["rate"] if rm_win else None, "kl": m["kl"], "mean_words": m["length_words"]["mean"],
-        "constraint_rate": m["metadata"]["follows_constraints"], "refuses_harmful": refusal.get("harmful"),
-        "over_refusal": refusal.get("over_refusal"), "gold_score": m["gold"]["total"], "rm_score": m["rm_score"],
+        "gold_winrate": win.rate, "gold_ci": [win.lo, win.hi], "n": win.n,
+        "rm_winrate": rm_win.rate if rm_win else None, "kl": m.kl, "mean_words": m.length_words.mean,
+        "constraint_rate": m.metadata.follows_constraints, "refuses_harmful": m.refusal.harmful,
+        "over_refusal": m.refusal.over_refusal, "gold_score": m.gold.total, "rm_score": m.rm_score,
     }
 
 
@@ -106,10 +100,7 @@ class Comparison:
         self.cells = [(m, p, s, self.stage_config(m, p, s)) for m in methods for p in self.points for s in seeds]
 
     def stage_config(self, method: str, point: dict[str, Any], seed: int) -> PPOConfig:
-        from preflab.pipeline import deep_merge
-
-        base = self.pipeline.stage_configs["ppo_ptx" if method == "ppo_ptx" else "ppo"].model_dump(mode="json")
-        data = deep_merge(base, METHODS[method])
+        data = self.pipeline.rl_config(method)  # what the pipeline would train for this method
         label = cell_label(method, point)
         data["run"] = {**data["run"], "out": str(self.out / "cells" / f"{label}-s{seed}" / "train"), "seed": seed}
         apply_overrides(data, [*self.overrides, *(f"{k}={v}" for k, v in point.items())])
@@ -149,8 +140,9 @@ class Comparison:
         return row
 
     def reference_row(self) -> dict[str, Any]:
-        name = self.reference["reference"]
-        row = _row_from_results(self.reference, name)
+        results = EvalResults.from_dict(self.reference, str(self.results_path))
+        name = results.reference
+        row = _row_from_results(results, name, str(self.results_path))
         row.update({"gold_winrate": None, "gold_ci": None, "rm_winrate": None})
         return {"method": name, "label": name, "seed": None, "settings": {}, **row,
                 "seconds": None, "train_seconds": None, "eval_seconds": None}

@@ -351,6 +351,21 @@ class PPOConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 
+# The online RL methods the pipeline and `preflab compare` know: overrides of the RL stage config
+# on top of the pipeline's `ppo` section (ppo_ptx also gets the pipeline's `ppo_ptx` section). The
+# group methods keep PPO's episodes per update: 4 prompts x k = 4 samples = 16.
+RL_METHODS: dict[str, dict[str, Any]] = {
+    "ppo": {"ptx": {"coef": 0.0}},
+    "ppo_ptx": {"ptx": {"coef": 1.0}},
+    "rloo": {"algo": {"estimator": "rloo"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
+             "ptx": {"coef": 0.0}},
+    "grpo": {"algo": {"estimator": "grpo", "kl_in": "loss"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
+             "ptx": {"coef": 0.0}, "kl": {"coef": 0.04}},
+    "reinforce_pp": {"algo": {"estimator": "reinforce_pp"}, "ptx": {"coef": 0.0}},
+}
+RLMethod = Literal["ppo", "ppo_ptx", "rloo", "grpo", "reinforce_pp"]
+
+
 class SuiteSection(Section):
     prompts: str | None = Field(None, description="Your own prompt JSONL in the suite format (None: built-in suite).")
     seed: int = 0
@@ -385,8 +400,9 @@ class EvalSection(Section):
     batch_size: int = Field(32, ge=1, description="Sequences per generate() and scoring call.")
     bf16: bool = Field(True, description="bf16 weights and autocast for sampling and scoring (about 2x faster "
                                          "on CPU; log-softmax stays fp32).")
-    models: list[Literal["base", "sft", "ppo", "ppo_ptx"]] = Field(
-        ["base", "sft", "ppo", "ppo_ptx"], description="Models to evaluate (SFT is the reference).")
+    models: list[str] | None = Field(
+        None, description="Models to evaluate: base, sft and trained RL methods (None: base, sft and every "
+                          "method of `rl`). SFT is the reference.")
 
 
 class PipelineConfig(Section):
@@ -406,6 +422,11 @@ class PipelineConfig(Section):
     suite: SuiteSection = Field(default_factory=SuiteSection)
     demos: DemosSection = Field(default_factory=DemosSection)
     labeling: LabelingSection = Field(default_factory=LabelingSection)
+    rl: list[RLMethod] = Field(["ppo", "ppo_ptx"], description="Online RL methods trained after the RM, each its "
+                                                             "own step and run directory (RUN/<method>).")
+    rl_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-method overrides of the RL stage config, applied after `ppo`, the "
+                                          "method's preset and (for ppo_ptx) `ppo_ptx`.")
     # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
     sft: dict[str, Any] = Field(
         default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.25, "batch_size": 8},

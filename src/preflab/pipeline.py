@@ -1,6 +1,11 @@
 """The main job: the InstructGPT recipe end to end, each step resumable.
 
-    suite -> demos -> sft -> label -> agreement -> rm -> ppo -> ppo_ptx -> eval -> report
+    suite -> demos -> sft -> label -> agreement -> rm -> RL methods (`rl`) -> eval -> report
+
+The training steps are stages of the registry (``registry.STAGES``: sft, rm, and the online RL
+stage once per method of ``rl``, e.g. ppo and ppo_ptx, or rloo); the others are the data engine's
+steps and the evaluation. The configs of every training step are built and validated before
+anything runs.
 
 ``RUN/pipeline.json`` records each finished step and its wall time; rerunning the command after
 a kill skips finished steps and resumes the interrupted one (training stages continue from
@@ -20,10 +25,22 @@ from typing import Any
 
 import click
 
-from preflab.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig, dump_config, validate
+from preflab.config import RL_METHODS, PipelineConfig, dump_config, validate
 from preflab.data.jsonl import atomic_write_text, write_jsonl
+from preflab.errors import ConfigError
+from preflab.registry import STAGES, run_stage
 
-STEPS = ("suite", "demos", "sft", "label", "agreement", "rm", "ppo", "ppo_ptx", "eval", "report")
+DATA_STEPS = ("suite", "demos")
+LABEL_STEPS = ("label", "agreement")
+END_STEPS = ("eval", "report")
+
+
+def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The step names of a pipeline, in order (training steps are named after their run directory)."""
+    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *END_STEPS)
+
+
+STEPS = steps_of(PipelineConfig())  # the default graph
 
 # `--preset tiny`: the same graph on random tiny models, in a couple of minutes (tests, CI).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,8 +79,22 @@ class Pipeline:
         self.demos_path = self.data / "demos.jsonl"
         self.store = self.out / "store.sqlite"
         self.state_path = self.out / "pipeline.json"
+        self.steps = steps_of(cfg)
+        unknown = sorted(set(cfg.rl_overrides) - set(cfg.rl))
+        if unknown:
+            raise ConfigError(f"rl_overrides: {', '.join(unknown)} not in rl ({', '.join(cfg.rl)})")
+        self.eval_models = cfg.eval.models if cfg.eval.models is not None else ["base", "sft", *cfg.rl]
+        bad = [m for m in self.eval_models if m not in ("base", "sft", *cfg.rl)]
+        if bad or "sft" not in self.eval_models:
+            raise ConfigError(f"eval.models: {', '.join(bad) or 'sft is missing'} (choose from base, sft and the "
+                              f"methods of rl: {', '.join(cfg.rl)}; sft is the reference)")
         # Validate every stage config before anything starts (a bad key fails now, not in hour two).
-        self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", "ppo", "ppo_ptx")}
+        self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", *cfg.rl)}
+
+    @staticmethod
+    def stage_of(step: str) -> str:
+        """The registry stage that trains ``step`` (every RL method is the online RL stage)."""
+        return step if step in ("sft", "rm") else "ppo"
 
     # -- stage configs -----------------------------------------------------------------------
 
@@ -78,22 +109,28 @@ class Pipeline:
                     # No RM exists yet when SFT runs: the exported checkpoint is chosen by validation loss.
                     "train": {"epochs": 2, "batch_size": 8, "eval_every": 15, "select_best": True},
                     "run": {"out": str(self.out / "sft"), **run}}
-            return validate(SFTConfig, deep_merge(base, c.sft), "pipeline.sft")
+            return validate(STAGES["sft"].config, deep_merge(base, c.sft), "pipeline.sft")
         if name == "rm":
             base = {"model": {"path": str(self.out / "sft/model"), **self._model()},
                     "data": {"train": f"store:{self.store}", "split": "rm", "val_split": None, "val_fraction": 0.2,
                              "demos": str(self.demos_path)},
                     "run": {"out": str(self.out / "rm"), **run}}
-            return validate(RMConfig, deep_merge(base, c.rm), "pipeline.rm")
+            return validate(STAGES["rm"].config, deep_merge(base, c.rm), "pipeline.rm")
+        return validate(STAGES["ppo"].config, self.rl_config(name), f"pipeline.{name}")
+
+    def rl_config(self, method: str) -> dict[str, Any]:
+        """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's `ppo`
+        section, the method's preset (``config.RL_METHODS``), `ppo_ptx` for ppo_ptx, then
+        `rl_overrides[method]`. `preflab compare` starts from the same dict."""
+        c = self.cfg
         base = {"models": {"policy": {"path": str(self.out / "sft/model"), **self._model()},
                            "reward_model": str(self.out / "rm/model")},
                 "data": {"prompts": str(self.prompts), "split": "ppo", "ptx": str(self.demos_path)},
-                "run": {"out": str(self.out / name), **run}}
-        merged = deep_merge(base, c.ppo)
-        if name == "ppo_ptx":
-            merged = deep_merge(deep_merge(merged, {"ptx": {"coef": 1.0}}), c.ppo_ptx)
-            return validate(PPOConfig, merged, "pipeline.ppo_ptx")
-        return validate(PPOConfig, deep_merge(merged, {"ptx": {"coef": 0.0}}), "pipeline.ppo")
+                "run": {"out": str(self.out / method), "seed": c.seed, "progress": True}}
+        merged = deep_merge(deep_merge(base, c.ppo), RL_METHODS[method])
+        if method == "ppo_ptx":
+            merged = deep_merge(merged, c.ppo_ptx)
+        return deep_merge(merged, c.rl_overrides.get(method, {}))
 
     # -- state -------------------------------------------------------------------------------
 
@@ -141,11 +178,10 @@ class Pipeline:
             rows += [{"messages": m, "source": "user"} for m in read_demos(d.extra)]
         write_jsonl(self.demos_path, rows)
 
-    def step_sft(self) -> None:
-        from preflab.stages import sft
-
-        cfg = self.stage_configs["sft"]
-        sft.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+    def train(self, step: str) -> None:
+        """A training step: its stage from the registry, resumed when its run directory exists."""
+        cfg = self.stage_configs[step]
+        run_stage(self.stage_of(step), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
 
     def step_label(self) -> None:
         from preflab.feedback.label_cli import collect_rankings
@@ -166,31 +202,12 @@ class Pipeline:
         summary = store_agreement(self.store, split="rm")
         atomic_write_text(self.out / "agreement.json", json.dumps(summary, indent=2, default=str))
 
-    def step_rm(self) -> None:
-        from preflab.stages import reward
-
-        cfg = self.stage_configs["rm"]
-        reward.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
-
-    def _ppo(self, name: str) -> None:
-        from preflab.stages import ppo
-
-        cfg = self.stage_configs[name]
-        ppo.train(cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
-
-    def step_ppo(self) -> None:
-        self._ppo("ppo")
-
-    def step_ppo_ptx(self) -> None:
-        self._ppo("ppo_ptx")
-
     def step_eval(self) -> None:
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
-        paths = {"base": self.cfg.base_model, "sft": str(self.out / "sft/model"),
-                 "ppo": str(self.out / "ppo/model"), "ppo_ptx": str(self.out / "ppo_ptx/model")}
-        evaluate({m: paths[m] for m in e.models}, self._split("eval", e.limit), reference="sft",
+        paths = {"base": self.cfg.base_model, **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl)}}
+        evaluate({m: paths[m] for m in self.eval_models}, self._split("eval", e.limit), reference="sft",
                  reward_model=str(self.out / "rm/model"), out_dir=self.out / "eval",
                  max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
                  bf16=e.bf16, seed=self.cfg.seed)
@@ -217,14 +234,17 @@ class Pipeline:
         atomic_write_text(self.out / "pipeline_config.json", json.dumps(dump_config(self.cfg), indent=2))
         models.set_threads(self.cfg.threads)
         finished = self.done()
-        for step in STEPS:
+        for step in self.steps:
             if step in finished or not only(step):
                 if step in finished:
                     click.secho(f"[pipeline] {step}: done already", fg="bright_black", err=True)
                 continue
             click.secho(f"[pipeline] {step} ...", fg="cyan", bold=True, err=True)
             t0 = time.perf_counter()
-            getattr(self, f"step_{step}")()
+            if step in self.stage_configs:
+                self.train(step)
+            else:
+                getattr(self, f"step_{step}")()
             took = time.perf_counter() - t0
             self._record(step, took)
             self._prune_checkpoints(step)

@@ -7,9 +7,11 @@ reads offline and can be mailed as one file.
 What it reads, every file optional (a missing or malformed one gives a "not available"
 section, never a crash):
 
-- ``eval/results.json`` and ``eval/samples.jsonl`` from ``preflab eval`` (``evals.evaluate``);
-- ``ppo/metrics.jsonl``, ``ppo_ptx/metrics.jsonl``: PPO curves (``objective/score``,
-  ``objective/kl``, ``objective/kl_coef``, ``response/length_mean``, ``response/no_eos_fraction``);
+- ``eval/results.json`` (read as ``evals.results.EvalResults``, keys left out reading as None)
+  and ``eval/samples.jsonl`` from ``preflab eval`` (``evals.evaluate``);
+- ``ppo/metrics.jsonl``, ``ppo_ptx/metrics.jsonl``: PPO curves (``metric_keys.PPO_CURVES``:
+  ``objective/score``, ``objective/kl``, ``objective/kl_coef``, ``response/length_mean``,
+  ``response/no_eos_fraction``);
 - ``rm/eval/rm_eval.json``: the RM's held-out accuracy, ECE and reliability table
   (``rl.calibration.reliability_by_margin``);
 - ``agreement.json``: labeler agreement (``feedback.labelers.agreement_summary``);
@@ -30,13 +32,17 @@ from typing import Any
 
 import click
 
+from preflab import metric_keys as K
 from preflab.data.jsonl import atomic_write_text
+from preflab.errors import PreflabError
+from preflab.evals.results import EvalResults, ModelResults
+from preflab.evals.results import load as load_results
 
 __all__ = ["SECTIONS", "cli", "render_report", "write_report"]
 
-PPO_KEYS = (("objective/score", "RM score"), ("objective/kl", "KL to reference (nats)"),
-            ("objective/kl_coef", "KL coefficient"), ("response/length_mean", "response length (tokens)"),
-            ("response/no_eos_fraction", "no-EOS fraction"))
+PPO_KEYS = ((K.OBJECTIVE_SCORE, "RM score"), (K.OBJECTIVE_KL, "KL to reference (nats)"),
+            (K.OBJECTIVE_KL_COEF, "KL coefficient"), (K.RESPONSE_LENGTH_MEAN, "response length (tokens)"),
+            (K.RESPONSE_NO_EOS_FRACTION, "no-EOS fraction"))
 PPO_RUNS = ("ppo", "ppo_ptx")
 TOP_K = 10
 _MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
@@ -160,11 +166,19 @@ class Run:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        self.results = _json(run_dir / "eval" / "results.json")
-        if not isinstance(self.results, dict) or not isinstance(self.results.get("models"), dict):
-            self.results = None
+        self.results: EvalResults | None = None
+        self.results_na = "eval/results.json is missing (run `preflab eval`)"  # why results is None
+        path = run_dir / "eval" / "results.json"
+        if path.is_file():
+            try:
+                self.results = load_results(path, partial=True)
+            except PreflabError as e:  # malformed or of a newer version: say which and why
+                self.results_na = f"eval/results.json: {str(e).removeprefix(f'{path}: ')}"
+            else:
+                if not self.results.models:
+                    self.results, self.results_na = None, "eval/results.json has no evaluated models"
         self.samples = _jsonl(run_dir / "eval" / "samples.jsonl")
-        self.ppo = {name: _jsonl(run_dir / name / "metrics.jsonl") for name in PPO_RUNS}
+        self.ppo = {name: _jsonl(run_dir / name / "metrics.jsonl") for name in _rl_runs(run_dir)}
         self.rm_eval = _json(run_dir / "rm" / "eval" / "rm_eval.json")
         self.agreement = _json(run_dir / "agreement.json")
         self.pipeline = _json(run_dir / "pipeline.json")
@@ -172,32 +186,49 @@ class Run:
         self.audit = _json(run_dir / "audit" / "audit.json")
 
     @property
-    def models(self) -> dict[str, Any]:
-        return self.results["models"] if self.results else {}
+    def models(self) -> dict[str, ModelResults]:
+        return self.results.models if self.results else {}
+
+    @property
+    def reference(self) -> str:
+        return (self.results.reference if self.results else None) or "reference"
+
+
+def _rl_runs(run_dir: Path) -> list[str]:
+    """The RL methods the pipeline trained (its config's `rl`), else every known method with a run."""
+    from preflab.config import RL_METHODS
+
+    cfg = _json(run_dir / "pipeline_config.json")
+    if isinstance(cfg, dict) and isinstance(cfg.get("rl"), list):
+        return [str(m) for m in cfg["rl"]]
+    return [m for m in RL_METHODS if (run_dir / m / "metrics.jsonl").is_file()] or list(PPO_RUNS)
 
 
 def section_models(run: Run) -> str:
     if not run.results:
-        return _na("eval/results.json is missing (run `preflab eval`)")
-    ref = run.results.get("reference", "?")
+        return _na(run.results_na)
+    ref = run.reference
     header = ["model", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "gold score", "RM score", "KL (nats)",
               "length (words)", "no-EOS", "refusal harmful", "over-refusal", "toxicity proxy", "MC1", "attempts",
               "follows constraints", "appropriate", "distinct-2"]
     rows = []
     for name, m in run.models.items():
-        w, rmw = m.get("win_rate") or {}, m.get("rm_win_rate") or {}
-        refusal, meta = m.get("refusal") or {}, m.get("metadata") or {}
-        win = f"{_fmt(w.get('rate'), True)} [{_fmt(w.get('lo'), True)}, {_fmt(w.get('hi'), True)}]" if w else "-"
-        rows.append([name, win, _fmt(rmw.get("rate"), True), _fmt((m.get("gold") or {}).get("total")),
-                     _fmt(m.get("rm_score")), _fmt(m.get("kl")), _fmt((m.get("length_words") or {}).get("mean")),
-                     _fmt(m.get("no_eos_fraction"), True), _fmt(refusal.get("harmful"), True),
-                     _fmt(refusal.get("over_refusal"), True), _fmt(m.get("toxicity_proxy"), True),
-                     _fmt((m.get("mc1") or {}).get("mc1"), True), _fmt(meta.get("attempts"), True),
-                     _fmt(meta.get("follows_constraints"), True), _fmt(meta.get("appropriate"), True),
-                     _fmt(m.get("distinct_2"))])
-    s = run.results.get("settings") or {}
-    note = (f'<p class="note">{_e(run.results.get("n_prompts", "?"))} held-out prompts; temperature '
-            f'{_e(s.get("temperature", "?"))}, at most {_e(s.get("max_new_tokens", "?"))} new tokens. Win-rates are '
+        w, rmw = m.win_rate, m.rm_win_rate
+        refusal, meta = m.refusal, m.metadata
+        win = f"{_fmt(w.rate, True)} [{_fmt(w.lo, True)}, {_fmt(w.hi, True)}]" if w else "-"
+        rows.append([name, win, _fmt(rmw.rate if rmw else None, True), _fmt(m.gold.total if m.gold else None),
+                     _fmt(m.rm_score), _fmt(m.kl), _fmt(m.length_words.mean if m.length_words else None),
+                     _fmt(m.no_eos_fraction, True), _fmt(refusal.harmful if refusal else None, True),
+                     _fmt(refusal.over_refusal if refusal else None, True), _fmt(m.toxicity_proxy, True),
+                     _fmt(m.mc1.mc1 if m.mc1 else None, True), _fmt(meta.attempts if meta else None, True),
+                     _fmt(meta.follows_constraints if meta else None, True),
+                     _fmt(meta.appropriate if meta else None, True), _fmt(m.distinct_2)])
+    s = run.results.settings
+    temperature = "?" if s is None or s.temperature is None else s.temperature
+    max_new = "?" if s is None or s.max_new_tokens is None else s.max_new_tokens
+    n_prompts = "?" if run.results.n_prompts is None else run.results.n_prompts
+    note = (f'<p class="note">{_e(n_prompts)} held-out prompts; temperature '
+            f'{_e(temperature)}, at most {_e(max_new)} new tokens. Win-rates are '
             f'paired against {_e(ref)} (ties count half; Wilson 95% interval): gold by the gold judge, RM by the '
             'reward model. The toxicity column is a PROXY (fraction of responses with a word of the '
             'better_profanity list); MC1 is a truthfulness proxy on the misconception slice; KL is to '
@@ -207,7 +238,7 @@ def section_models(run: Run) -> str:
 
 def section_win_rate(run: Run) -> str:
     if not run.results:
-        return _na("eval/results.json is missing")
+        return _na(run.results_na)
     names = list(run.models)
     fig, ax = _figure(7.5, 0.6 + 0.55 * len(names) * 1.6)
     ax = ax[0][0]
@@ -215,19 +246,20 @@ def section_win_rate(run: Run) -> str:
                                               ("rm_win_rate", "reward model", "#dd6b20"))):
         ys, xs, lo, hi = [], [], [], []
         for i, n in enumerate(names):
-            w = run.models[n].get(key)
-            if not w or _num(w.get("rate")) is None:
+            w = getattr(run.models[n], key)
+            rate = _num(w.rate) if w else None
+            if rate is None:
                 continue
             ys.append(i + (0.2 if k == 0 else -0.2))
-            xs.append(w["rate"])
-            lo.append(max(0.0, w["rate"] - (_num(w.get("lo")) or w["rate"])))
-            hi.append(max(0.0, (_num(w.get("hi")) or w["rate"]) - w["rate"]))
+            xs.append(rate)
+            lo.append(max(0.0, rate - (_num(w.lo) or rate)))
+            hi.append(max(0.0, (_num(w.hi) or rate) - rate))
         if xs:
             ax.barh(ys, xs, height=0.38, xerr=[lo, hi], color=color, alpha=0.85, label=label, capsize=3)
     ax.axvline(0.5, color="#444", lw=1, ls="--")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"win-rate against {run.results.get('reference', 'reference')} (95% interval)")
+    ax.set_xlabel(f"win-rate against {run.reference} (95% interval)")
     ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()
     return ('<p class="note">Gold and RM win-rates side by side: where the RM says a model wins and the gold '
@@ -262,8 +294,8 @@ def section_ppo_curves(run: Run) -> str:
 
 def section_gold_vs_kl(run: Run) -> str:
     if not run.results:
-        return _na("eval/results.json is missing")
-    pts = [(n, _num(m.get("kl")), _num((m.get("gold") or {}).get("total"))) for n, m in run.models.items()]
+        return _na(run.results_na)
+    pts = [(n, _num(m.kl), _num(m.gold.total if m.gold else None)) for n, m in run.models.items()]
     pts = [p for p in pts if p[1] is not None and p[2] is not None]
     if not pts:
         return _na("no model has both a KL and a gold score")
@@ -272,7 +304,7 @@ def section_gold_vs_kl(run: Run) -> str:
     for n, kl, g in pts:
         ax.scatter([kl], [g], s=40)
         ax.annotate(n, (kl, g), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ax.set_xlabel(f"KL to {run.results.get('reference', 'reference')} (nats per response)")
+    ax.set_xlabel(f"KL to {run.reference} (nats per response)")
     ax.set_ylabel("mean gold score")
     return ('<p class="note">Gao et al. (2022): gold score rises then falls with KL when the policy '
             'over-optimises the reward model; compare models at their KL.</p>' + _png(fig, "gold score against KL"))
@@ -280,7 +312,7 @@ def section_gold_vs_kl(run: Run) -> str:
 
 def section_lengths(run: Run) -> str:
     if not run.results:
-        return _na("eval/results.json is missing")
+        return _na(run.results_na)
     fig, ax = _figure(7, 3.6)
     ax = ax[0][0]
     by_model: dict[str, list[float]] = {}
@@ -293,8 +325,8 @@ def section_lengths(run: Run) -> str:
             ax.hist(by_model[name], bins=20, histtype="step", lw=1.6, label=name)
             drawn = True
         else:  # fall back on the histogram stored in results.json
-            h = (m.get("length_words") or {}).get("hist") or {}
-            edges, counts = h.get("edges") or [], h.get("counts") or []
+            h = m.length_words.hist if m.length_words else None
+            edges, counts = (h.edges, h.counts) if h else ([], [])
             if len(edges) == len(counts) + 1 and counts:
                 ax.stairs(counts, edges, lw=1.6, label=name)
                 drawn = True
@@ -304,24 +336,24 @@ def section_lengths(run: Run) -> str:
     ax.set_ylabel("responses")
     ax.legend(fontsize=8)
     header = ["model", "words mean", "words q10", "words q50", "words q90", "tokens mean", "tokens q90"]
-    rows = [[n, *[_fmt((m.get("length_words") or {}).get(q)) for q in ("mean", "q10", "q50", "q90")],
-             *[_fmt((m.get("length_tokens") or {}).get(q)) for q in ("mean", "q90")]] for n, m in run.models.items()]
+    rows = [[n, *[_fmt(getattr(m.length_words, q, None)) for q in ("mean", "q10", "q50", "q90")],
+             *[_fmt(getattr(m.length_tokens, q, None)) for q in ("mean", "q90")]] for n, m in run.models.items()]
     return _png(fig, "length distributions") + _table(header, rows)
 
 
 def section_refusals(run: Run) -> str:
     if not run.results:
-        return _na("eval/results.json is missing")
+        return _na(run.results_na)
     names = list(run.models)
     panels = (("by_slice", "refusal rate per slice"), ("by_category", "refusal rate per category"))
     fig, axes = _figure(11, 4.2, ncols=2)
     any_drawn = False
     for ax, (key, title) in zip(axes[0], panels):
-        cats = sorted({c for m in run.models.values() for c in ((m.get("refusal") or {}).get(key) or {})})
+        tables = {n: getattr(m.refusal, key) if m.refusal else {} for n, m in run.models.items()}
+        cats = sorted({c for table in tables.values() for c in table})
         width = 0.8 / max(len(names), 1)
         for i, n in enumerate(names):
-            table = (run.models[n].get("refusal") or {}).get(key) or {}
-            vals = [_num((table.get(c) or {}).get("rate")) or 0.0 for c in cats]
+            vals = [(_num(tables[n][c].rate) if c in tables[n] else None) or 0.0 for c in cats]
             if cats:
                 ax.bar([j + i * width for j in range(len(cats))], vals, width=width, label=n)
                 any_drawn = True
@@ -402,28 +434,33 @@ def section_agreement(run: Run) -> str:
 
 
 def section_failure_bins(run: Run) -> str:
-    bins = (run.results or {}).get("failure_bins")
-    if not isinstance(bins, dict) or not bins:
+    if not run.results:
+        return _na(run.results_na)
+    bins = run.results.failure_bins
+    if not bins:
         return _na("results.json has no failure bins")
     names = list(bins)
-    kinds = list(dict.fromkeys(k for n in names for k in (bins[n] or {})))
+    kinds = list(dict.fromkeys(k for n in names for k in bins[n]))
     rows = []
     for kind in kinds:
         row = [kind]
         for n in names:
-            b = (bins[n] or {}).get(kind) or {}
-            extra = f" (mean ratio {_fmt(b['mean_ratio'])})" if _num(b.get("mean_ratio")) is not None else ""
-            row.append(f"{_fmt(b.get('metric'), True)} of {_fmt(b.get('n'))}{extra}")
+            b = bins[n].get(kind)
+            if b is None:
+                row.append("-")
+                continue
+            extra = f" (mean ratio {_fmt(b.mean_ratio)})" if _num(b.mean_ratio) is not None else ""
+            row.append(f"{_fmt(b.metric, True)} of {_fmt(b.n)}{extra}")
         rows.append(row)
     out = [_table(["failure bin", *names], rows)]
     for kind in kinds:
-        desc = next(((bins[n] or {}).get(kind, {}).get("description") for n in names
-                     if (bins[n] or {}).get(kind, {}).get("description")), "")
+        desc = next((bins[n][kind].description for n in names if kind in bins[n] and bins[n][kind].description),
+                    "")
         parts = []
         for n in names:
-            exs = ((bins[n] or {}).get(kind) or {}).get("examples") or []
+            exs = bins[n][kind].examples if kind in bins[n] else []
             for ex in exs:
-                members = ex.get("members") if isinstance(ex, dict) else None
+                members = ex.get("members")
                 for m in members or [ex]:
                     if not isinstance(m, dict):
                         continue
@@ -441,7 +478,7 @@ def section_top_reward(run: Run) -> str:
     if not rows:
         return _na("eval/samples.jsonl is missing or has no RM scores")
     models = sorted({str(r.get("model")) for r in rows})
-    ref = (run.results or {}).get("reference", "sft")
+    ref = (run.results.reference if run.results else None) or "sft"
     ppo = [m for m in models if m not in (ref, "base")] or models  # the trained models
     picked = sorted((r for r in rows if str(r.get("model")) in ppo), key=lambda r: -float(r["rm_score"]))[:TOP_K]
     table = []
