@@ -12,7 +12,7 @@ import pytest
 from preflab.cli import main
 from preflab.config import PipelineConfig, load_config
 from preflab.errors import ConfigError
-from preflab.pipeline import PRESETS, STEPS, Pipeline
+from preflab.pipeline import PRESETS, STEPS, Pipeline, deep_merge
 
 
 def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -101,3 +101,19 @@ def test_presets_validate():
 
     for name, data in PRESETS.items():
         Pipeline(validate(PipelineConfig, data, name), "/nonexistent/never-created")
+
+
+def test_long_preset_sizes_what_rl_needs():
+    """>= 1,000 RM prompts x K = 4, >= 3,000 RL episodes, >= 500 eval prompts, and splits big enough."""
+    from preflab.config import validate
+    from preflab.data.suite.generate import SPLIT_FRACTIONS
+
+    cfg = validate(PipelineConfig, deep_merge(PipelineConfig().model_dump(mode="json"), PRESETS["long"]), "long")
+    p = Pipeline(cfg, "/nonexistent/never-created")
+    assert cfg.labeling.limit >= 1000 and cfg.labeling.k == 4
+    assert cfg.labeling.limit <= cfg.suite.n * SPLIT_FRACTIONS["rm"]
+    assert cfg.eval.limit >= 500 and cfg.eval.limit <= cfg.suite.n * SPLIT_FRACTIONS["eval"]
+    for method in cfg.rl:
+        rl = p.stage_configs[method]
+        episodes = rl.train.steps * rl.rollout.batch_size * rl.rollout.samples_per_prompt
+        assert episodes >= 3000, (method, episodes)

@@ -58,6 +58,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ppo_ptx": {"ptx": {"coef": 1.0, "batch_size": 2}},
         "eval": {"limit": 16, "max_new_tokens": 8, "bf16": False},
     },
+    # `--preset long`: the same recipe at a scale where RL has a chance, sized for about 2 hours on
+    # 2 CPU cores from the demo's measured stage rates (docs/long-preset.md has the arithmetic): a
+    # 4,000-prompt suite (splits 1,000 / 1,200 / 1,000 / 800), 800 demonstrations, 1,000 RM prompts
+    # x K = 4 (6,000+ comparisons), a 2-epoch RM (the demo's RM peaked at 3 epochs on 390 rankings
+    # and overfit at 4; with 2.5x the data 2 epochs see more examples than those 3),
+    # RLOO with 8 prompts x 4 samples per update for 100 updates (3,200 episodes), 500 eval prompts.
+    "long": {
+        "suite": {"n": 4000},
+        "demos": {"limit": 800},
+        "labeling": {"limit": 1000},
+        "sft": {"train": {"epochs": 2.0}},
+        "rm": {"train": {"epochs": 2.0}},
+        "rl": ["rloo"],
+        "ppo": {"train": {"steps": 100}, "rollout": {"max_new_tokens": 64}},
+        "rl_overrides": {"rloo": {"rollout": {"batch_size": 8, "samples_per_prompt": 4}}},
+        "eval": {"limit": 500},
+    },
 }
 
 
@@ -257,7 +274,8 @@ class Pipeline:
 @click.command("pipeline")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Pipeline YAML.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="tiny: the same graph on random tiny models, in a few minutes.")
+              help="tiny: the same graph on random tiny models, in a few minutes; long: the recipe at the "
+                   "scale where RL can work (about 2 hours on 2 CPU cores).")
 @click.option("--out", default="runs/demo", show_default=True, help="Run directory (rerun to resume).")
 @click.option("--restart", is_flag=True, help="Delete the run directory first.")
 @click.argument("overrides", nargs=-1)
