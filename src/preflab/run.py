@@ -337,8 +337,9 @@ class RunDir:
                 self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
             self._write_manifest()
             if died:
-                self.log(f"note: {died}; resuming")
-                _say(f"{self.path}: {died}; resuming from its last checkpoint")
+                then = "resuming from its last checkpoint" if resume else "starting it again"
+                self.log(f"note: {died}; {then}")
+                _say(f"{self.path}: {died}; {then}")
             if self.cleaned:
                 self.log("removed unfinished checkpoint writes: " + ", ".join(p.name for p in self.cleaned))
             _OPEN_RUNS[:] = [r for r in _OPEN_RUNS if r.path.resolve() != self.path.resolve()] + [self]
