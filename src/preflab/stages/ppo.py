@@ -282,6 +282,12 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
 # ---------------------------------------------------------------------------------------------
 
 
+def load_critic(cfg: PPOConfig) -> nn.Module:
+    """The critic initialised from the reward model (InstructGPT), its normalisation folded into the
+    head: on a whole sequence it starts out giving the RM's normalised score, the units of the returns."""
+    return models.apply_reward_norm(models.load_reward_model(cfg.models.reward_model, device=cfg.models.policy.device))
+
+
 def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
     """Run PPO(-ptx) as configured; returns the saved policy directory.
 
@@ -319,8 +325,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     pol = cfg.models.policy
     lora = models.LoraOptions(**pol.lora.model_dump(exclude={"enabled"})) if pol.lora.enabled else None
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
-    critic = (models.load_scorer(cfg.models.reward_model, device=pol.device)
-              if cfg.models.critic == "reward_model" and estimator.needs_critic else None)
+    critic = load_critic(cfg) if cfg.models.critic == "reward_model" and estimator.needs_critic else None
     ac = ActorCritic(policy, critic, values=estimator.needs_critic).to(device)
     ac.train()
     reference = None
@@ -329,7 +334,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                                        device=pol.device, dropout_off=True)
         reference.eval().requires_grad_(False)
     if reward_fn is None and cfg.rewards.rm_weight:
-        rm = models.load_scorer(cfg.models.reward_model, dtype=cfg.models.frozen_dtype,
+        rm = models.load_reward_model(cfg.models.reward_model, dtype=cfg.models.frozen_dtype,
                                 device=pol.device).eval().requires_grad_(False)
 
         def reward_fn(s: Samples) -> torch.Tensor:
