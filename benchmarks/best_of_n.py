@@ -40,6 +40,8 @@ def main() -> None:
     from preflab.evals.best_of_n import pick_best
     from preflab.evals.evaluate import _generate
     from preflab.evals.metrics import gold_win_rate
+    from preflab.evals.results import WinRate
+    from preflab.evals.results import load as load_results
     from preflab.feedback.rubric import judge_batch
     from preflab.run import table_console
 
@@ -72,9 +74,12 @@ def main() -> None:
     ref_gold = gold([ref[p.id] for p in prompts])
     g = np.stack([gold(s) for s in samples])  # (N, prompts)
     cols = np.arange(len(prompts))
-    rows: list[tuple[str, dict]] = [
-        ("one random sample (seed 1)", gold_win_rate(g[0], ref_gold)),
-        (f"gold's best of {a.n} (ceiling)", gold_win_rate(g.max(0), ref_gold)),
+    def win(scores: np.ndarray) -> WinRate:
+        return WinRate(**gold_win_rate(scores, ref_gold))
+
+    rows: list[tuple[str, WinRate]] = [
+        ("one random sample (seed 1)", win(g[0])),
+        (f"gold's best of {a.n} (ceiling)", win(g.max(0))),
     ]
     for rm in a.rm or [str(a.run / "rm/model")]:
         # preflab.evals.best_of_n.pick_best: the RM's reward of (prompt, response, EOS) for every candidate
@@ -84,17 +89,17 @@ def main() -> None:
                                  batch_size=cfg["batch_size"], bf16=bf16)
         del rm_model
         r = np.array(scores, dtype=float).T  # (N, prompts)
-        rows.append((f"{rm}: best of {a.n}", gold_win_rate(g[r.argmax(0), cols], ref_gold)))
-        rows.append((f"{rm}: best of 2", gold_win_rate(g[r[:2].argmax(0), cols], ref_gold)))
-    results = json.loads((a.run / "eval/results.json").read_text())["models"]
+        rows.append((f"{rm}: best of {a.n}", win(g[r.argmax(0), cols])))
+        rows.append((f"{rm}: best of 2", win(g[r[:2].argmax(0), cols])))
+    results = load_results(a.run / "eval/results.json").models
     t = Table(title=f"Gold win-rate vs the evaluation's SFT sample, {len(prompts)} eval prompts, "
                     f"T = {cfg['temperature']}, <= {cfg['max_new_tokens']} tokens")
     for c in ("policy", "win-rate [95% CI]", "wins / ties / losses"):
         t.add_column(c, justify="left" if c == "policy" else "right")
-    for name, w in rows + [(f"{m} (RUN/eval/results.json)", results[m]["win_rate"])
+    for name, w in rows + [(f"{m} (RUN/eval/results.json)", results[m].win_rate)
                            for m in ("ppo", "ppo_ptx") if m in results]:
-        t.add_row(name, f"{100 * w['rate']:.1f}% [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}]",
-                  f"{w['wins']} / {w['ties']} / {w['losses']}")
+        t.add_row(name, f"{100 * w.rate:.1f}% [{100 * w.lo:.1f}, {100 * w.hi:.1f}]",
+                  f"{w.wins} / {w.ties} / {w.losses}")
     table_console().print(t)
 
 

@@ -45,6 +45,7 @@ def main() -> None:
         ap.error(f"--only: unknown setting(s) {', '.join(unknown)}; known: {', '.join([*SETTINGS, *extra])}")
     settings = {k: v for k, v in SETTINGS.items() if not a.only or k in a.only} | extra
 
+    from preflab.evals.results import load as load_results
     from preflab.run import table_console
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,8 @@ def main() -> None:
                         "--batch-size", str(ev["batch_size"]), "--bf16" if ev["bf16"] else "--no-bf16",
                         "--rm", str(a.run / "rm/model"), "--out", str(out / "eval")], check=True,
                        stdout=subprocess.DEVNULL)
-        m = json.loads((out / "eval/results.json").read_text())["models"]["ptx"]
+        results_path = out / "eval/results.json"
+        m = load_results(results_path).model("ptx", str(results_path))
         rows.append((name, " ".join(overrides) or "(the run's own)", m))
 
     from rich.table import Table
@@ -79,9 +81,9 @@ def main() -> None:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     for name, overrides, m in rows:
-        w = m["win_rate"]
-        t.add_row(name, overrides, f"{pct(w['rate'])} [{pct(w['lo'])}, {pct(w['hi'])}]", pct(m["rm_win_rate"]["rate"]),
-                  f"{m['kl']:.2f}", pct(m["refusal"]["harmful"]), pct(m["metadata"]["follows_constraints"]))
+        w, rmw = m.win_rate, m.rm_win_rate
+        t.add_row(name, overrides, f"{pct(w.rate)} [{pct(w.lo)}, {pct(w.hi)}]", pct(rmw.rate if rmw else None),
+                  f"{m.kl:.2f}", pct(m.refusal.harmful), pct(m.metadata.follows_constraints))
     table_console().print(t)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from preflab.data.jsonl import atomic_write_text, read_jsonl
 from preflab.errors import PreflabError
+from preflab.evals.results import load as load_results
 from preflab.rl.stats import spearman, wilson_interval
 
 TOP_N = 10
@@ -156,9 +157,9 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
     results_path = run / "eval" / "results.json"
     if not results_path.is_file():
         raise PreflabError(f"{run}: eval/results.json is missing; run the pipeline's eval step first")
-    results = json.loads(results_path.read_text())
-    reference = results["reference"]
-    if not results.get("reward_model"):
+    results = load_results(results_path)
+    reference = results.reference
+    if not results.reward_model:
         raise PreflabError(f"{results_path}: evaluated without a reward model; the audit needs RM scores")
     rows = read_jsonl(run / "eval" / "samples.jsonl", lambda o: o)
     for _, path in _sample_sets(run)[1:]:
@@ -168,8 +169,8 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
     prompts_by_id = {p.id: p for p in load_prompts(run / "data" / "prompts.jsonl")}
     ref_rows = [r for r in rows if r["model"] == reference and r["id"] in prompts_by_id][:probe_prompts]
     probes = probe_exploits([prompts_by_id[r["id"]] for r in ref_rows], [r["response"] for r in ref_rows],
-                            results["reward_model"], batch_size=batch_size, bf16=bf16)
-    report = {"reference": reference, "reward_model": results["reward_model"],
+                            results.reward_model, batch_size=batch_size, bf16=bf16)
+    report = {"reference": reference, "reward_model": results.reward_model,
               "top_responses": top_responses(rows, reference), "correlations": correlations(run, reference),
               "exploits": probes, "flagged": [p["exploit"] for p in probes if p["flagged"]]}
     atomic_write_text(run / "audit" / "audit.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

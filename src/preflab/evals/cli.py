@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
 from preflab.errors import PreflabError
+from preflab.evals.results import EvalResults, IFEvalResults
 
 
 def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
@@ -30,22 +30,21 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+def summary_rows(results: EvalResults) -> list[list[str]]:
     """One row of strings per model, in the column order of ``SUMMARY_COLUMNS``."""
     rows = []
-    for name, m in results["models"].items():
-        w = m["win_rate"]
-        rmw = m.get("rm_win_rate")
+    for name, m in results.models.items():
+        w, rmw = m.win_rate, m.rm_win_rate
         rows.append([
             name,
-            f"{_pct(w['rate'])} [{_pct(w['lo'])}, {_pct(w['hi'])}]",
-            _pct(rmw["rate"]) if rmw else "-",
-            _num(m["kl"]),
-            _num(m["length_words"]["mean"], ".1f"),
-            _pct(m["refusal"]["harmful"]),
-            _pct(m["refusal"]["over_refusal"]),
-            _pct(m["toxicity_proxy"]),
-            _pct(m["mc1"]["mc1"]),
+            f"{_pct(w.rate)} [{_pct(w.lo)}, {_pct(w.hi)}]" if w else "-",
+            _pct(rmw.rate) if rmw else "-",
+            _num(m.kl),
+            _num(m.length_words.mean if m.length_words else None, ".1f"),
+            _pct(m.refusal.harmful if m.refusal else None),
+            _pct(m.refusal.over_refusal if m.refusal else None),
+            _pct(m.toxicity_proxy),
+            _pct(m.mc1.mc1 if m.mc1 else None),
         ])
     return rows
 
@@ -54,13 +53,13 @@ SUMMARY_COLUMNS = ("model", "gold win [95% CI]", "RM win", "KL", "words", "refus
                    "toxic (proxy)", "MC1")
 
 
-def print_summary(results: dict[str, Any]) -> None:
+def print_summary(results: EvalResults) -> None:
     from rich.table import Table
 
     from preflab.run import table_console
 
     console = table_console(140)
-    t = Table(title=f"{results['n_prompts']} prompts, win-rates against {results['reference']!r} (gold judge and RM; "
+    t = Table(title=f"{results.n_prompts} prompts, win-rates against {results.reference!r} (gold judge and RM; "
                     "KL in nats per response)")
     for c in SUMMARY_COLUMNS:
         t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
@@ -69,18 +68,19 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(t)
 
 
-def print_ifeval(entry: dict[str, Any]) -> None:
+def print_ifeval(entry: IFEvalResults) -> None:
     from rich.table import Table
 
     from preflab.run import table_console
 
-    t = Table(title=f"IFEval: {entry['settings']['n_prompts']} prompts (strict: the response as it is; loose: also "
+    n = entry.settings.n_prompts if entry.settings else None
+    t = Table(title=f"IFEval: {n} prompts (strict: the response as it is; loose: also "
                     "without its first/last line or markdown *)")
     for c in ("model", "prompt strict", "instruction strict", "prompt loose", "instruction loose", "splitter"):
         t.add_column(c, justify="left" if c in ("model", "splitter") else "right")
-    for name, m in entry["models"].items():
-        t.add_row(name, _pct(m["prompt_level_strict"]), _pct(m["instruction_level_strict"]),
-                  _pct(m["prompt_level_loose"]), _pct(m["instruction_level_loose"]), m["sentence_splitter"])
+    for name, m in entry.models.items():
+        t.add_row(name, _pct(m.prompt_level_strict), _pct(m.instruction_level_strict),
+                  _pct(m.prompt_level_loose), _pct(m.instruction_level_loose), m.sentence_splitter or "-")
     table_console(140).print(t)
 
 
@@ -132,7 +132,7 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
         loader.set_threads(threads)
         entry = evaluate_ifeval(named, rows, out_dir, max_new_tokens=max_new_tokens, temperature=temperature,
                                 batch_size=batch_size, seed=seed)
-        print_ifeval(entry)
+        print_ifeval(IFEvalResults.model_validate(entry))
         click.echo(f"wrote {Path(out_dir) / 'results.json'} (\"ifeval\") and {Path(out_dir) / 'ifeval'}/")
         return
     from preflab.evals.evaluate import evaluate
@@ -147,5 +147,5 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
     results = evaluate(named, prompts, reference=reference, reward_model=reward_model, out_dir=out_dir,
                        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
                        progress=True, bf16=bf16)
-    print_summary(results)
+    print_summary(EvalResults.from_dict(results, str(Path(out_dir) / "results.json")))
     click.echo(f"wrote {Path(out_dir) / 'results.json'} and {Path(out_dir) / 'samples.jsonl'}")

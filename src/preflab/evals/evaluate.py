@@ -23,9 +23,11 @@
 Only one model is in memory at a time; the reference is handled last so it scores the
 other models' samples while it is loaded.
 
-``out_dir/results.json`` (written atomically)::
+``out_dir/results.json`` (written atomically from ``evals.results.EvalResults``, which types
+every block below; ``evals.results.load`` reads it back)::
 
     {
+      "version": 1,
       "reference": "sft", "n_prompts": N, "reward_model": PATH | null,
       "settings": {"max_new_tokens", "temperature", "seed", "kl_temperature"},
       "thresholds": {"rm_high": RM-score 75% quantile | null, "gold_low": gold 25% quantile | null},
@@ -44,7 +46,8 @@ other models' samples while it is loaded.
           "metadata": {"attempts", "follows_constraints", "appropriate"},
           "mc1": {"mc1": fraction | null, "n"}}},
       "failure_bins": {NAME: {BIN: {"metric", "count", "n", "description", "examples": [...]}}},
-      "examples": [{"id", "prompt", "slice", "responses": {NAME: {"response", "gold_total", "rm_score"}}}]
+      "examples": [{"id", "prompt", "slice", "responses": {NAME: {"response", "gold_total", "rm_score"}}}],
+      "ifeval": {...}  # only when `preflab eval --ifeval` wrote to the same file (kept by a rerun)
     }
 
 ``out_dir/samples.jsonl``: one row per model and prompt: ``model, id, prompt, slice, category,
@@ -66,10 +69,11 @@ from typing import Any
 
 import numpy as np
 
-from preflab.data.jsonl import atomic_write_text, write_jsonl
+from preflab.data.jsonl import write_jsonl
 from preflab.data.suite.schema import SLICES, SuitePrompt
 from preflab.errors import PreflabError
 from preflab.evals import metrics as M
+from preflab.evals import results as R
 
 __all__ = ["evaluate"]
 
@@ -185,37 +189,38 @@ def _rm_scores(spec: str, prompts: Sequence[str], texts: dict[str, list[str]], *
 
 
 def _model_metrics(spec: str, rows: list[dict[str, Any]], ref_rows: list[dict[str, Any]],
-                   mc1: dict[str, Any]) -> dict[str, Any]:
+                   mc1: dict[str, Any]) -> R.ModelResults:
     texts = [r["response"] for r in rows]
     gold = [r["gold"]["total"] for r in rows]
     has_rm = all(r["rm_score"] is not None for r in rows + ref_rows)
     kl = float(np.mean([r["kl"] for r in rows]))
     tokens = [r["tokens"] for r in rows]
-    return {
-        "spec": spec,
-        "n": len(rows),
-        "gold": {k: float(np.mean([r["gold"][k] for r in rows])) for k in GOLD_KEYS},
-        "win_rate": M.gold_win_rate(gold, [r["gold"]["total"] for r in ref_rows]),
-        "rm_win_rate": M.gold_win_rate([r["rm_score"] for r in rows], [r["rm_score"] for r in ref_rows])
+    return R.ModelResults(
+        spec=spec,
+        n=len(rows),
+        gold=R.GoldMeans(**{k: float(np.mean([r["gold"][k] for r in rows])) for k in GOLD_KEYS}),
+        win_rate=R.WinRate(**M.gold_win_rate(gold, [r["gold"]["total"] for r in ref_rows])),
+        rm_win_rate=R.WinRate(**M.gold_win_rate([r["rm_score"] for r in rows], [r["rm_score"] for r in ref_rows]))
         if has_rm else None,
-        "rm_score": float(np.mean([r["rm_score"] for r in rows])) if has_rm else None,
-        "kl": kl,
-        "kl_per_token": kl / max(float(np.mean(tokens)), 1.0),
-        "length_words": M.length_stats([r["words"] for r in rows]),
-        "length_tokens": M.length_stats(tokens),
-        "no_eos_fraction": float(np.mean([not r["ended"] for r in rows])),
-        "distinct_1": M.distinct_n(texts, 1),
-        "distinct_2": M.distinct_n(texts, 2),
-        "repeated_trigram_rate": M.repeated_ngram_rate(texts, 3),
-        "toxicity_proxy": float(np.mean([r["toxic"] for r in rows])),
-        "refusal": {**M.refusal_rates([r["slice"] for r in rows], texts),
-                    "by_category": M.rate_by([r["category"] for r in rows], [M.is_refusal(t) for t in texts])},
-        "metadata": M.metadata_rates(rows),
-        "mc1": {"mc1": mc1["mc1"], "n": mc1["n"]},
-    }
+        rm_score=float(np.mean([r["rm_score"] for r in rows])) if has_rm else None,
+        kl=kl,
+        kl_per_token=kl / max(float(np.mean(tokens)), 1.0),
+        length_words=R.LengthStats.model_validate(M.length_stats([r["words"] for r in rows])),
+        length_tokens=R.LengthStats.model_validate(M.length_stats(tokens)),
+        no_eos_fraction=float(np.mean([not r["ended"] for r in rows])),
+        distinct_1=M.distinct_n(texts, 1),
+        distinct_2=M.distinct_n(texts, 2),
+        repeated_trigram_rate=M.repeated_ngram_rate(texts, 3),
+        toxicity_proxy=float(np.mean([r["toxic"] for r in rows])),
+        refusal=R.Refusal.model_validate(
+            {**M.refusal_rates([r["slice"] for r in rows], texts),
+             "by_category": M.rate_by([r["category"] for r in rows], [M.is_refusal(t) for t in texts])}),
+        metadata=R.Metadata(**M.metadata_rates(rows)),
+        mc1=R.MC1(mc1=mc1["mc1"], n=mc1["n"]),
+    )
 
 
-def _examples(prompts: Sequence[SuitePrompt], by_model: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _examples(prompts: Sequence[SuitePrompt], by_model: dict[str, list[dict[str, Any]]]) -> list[R.Example]:
     """Up to N_EXAMPLES prompts, taken round-robin over the slices, with every model's response."""
     per_slice = {s: [i for i, p in enumerate(prompts) if p.slice == s] for s in SLICES}
     picked: list[int] = []
@@ -226,9 +231,11 @@ def _examples(prompts: Sequence[SuitePrompt], by_model: dict[str, list[dict[str,
                 picked.append(per_slice[s].pop(0))
         if len(picked) == before:
             break
-    return [{"id": prompts[i].id, "prompt": prompts[i].prompt, "slice": prompts[i].slice,
-             "responses": {name: {"response": rows[i]["response"], "gold_total": rows[i]["gold"]["total"],
-                                  "rm_score": rows[i]["rm_score"]} for name, rows in by_model.items()}}
+    return [R.Example(id=prompts[i].id, prompt=prompts[i].prompt, slice=prompts[i].slice,
+                      responses={name: R.ExampleResponse(response=rows[i]["response"],
+                                                         gold_total=rows[i]["gold"]["total"],
+                                                         rm_score=rows[i]["rm_score"])
+                                 for name, rows in by_model.items()})
             for i in sorted(picked)]
 
 
@@ -244,7 +251,9 @@ def evaluate(models: dict[str, str], prompts: list[SuitePrompt], *, reference: s
     """Generate, judge and measure every model in ``models`` (name -> model spec) on ``prompts``.
 
     Writes ``out_dir/results.json``, ``out_dir/samples.jsonl`` and the generation caches
-    (schema in the module docstring) and returns the results dict.
+    (schema in the module docstring) and returns the results as that JSON dict
+    (``evals.results.EvalResults.to_dict()``; ``EvalResults.from_dict`` types it). An ``"ifeval"``
+    block already in ``out_dir/results.json`` is kept.
     """
     from preflab import models as loader
     from preflab.evals.truthfulness import mc1 as mc1_score
@@ -321,19 +330,32 @@ def evaluate(models: dict[str, str], prompts: list[SuitePrompt], *, reference: s
     rm_high = float(np.quantile([r["rm_score"] for r in pooled], 0.75)) if reward_model else None
     gold_low = float(np.quantile([r["gold"]["total"] for r in pooled], 0.25)) if reward_model else None
     ref_words = {r["id"]: r["words"] for r in by_model[reference]}
-    results: dict[str, Any] = {
-        "reference": reference,
-        "n_prompts": len(prompts),
-        "reward_model": reward_model,
-        "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                     "kl_temperature": kl_t},
-        "thresholds": {"rm_high": rm_high, "gold_low": gold_low},
-        "models": {n: _model_metrics(models[n], by_model[n], by_model[reference], mc1s[n]) for n in models},
-        "failure_bins": {n: M.failure_bins(by_model[n], reference_words=ref_words, rm_high=rm_high,
-                                           gold_low=gold_low) for n in models},
-        "examples": _examples(prompts, by_model),
-    }
+    results = R.EvalResults(
+        version=R.VERSION,
+        reference=reference,
+        n_prompts=len(prompts),
+        reward_model=reward_model,
+        settings=R.EvalSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                kl_temperature=kl_t),
+        thresholds=R.Thresholds(rm_high=rm_high, gold_low=gold_low),
+        models={n: _model_metrics(models[n], by_model[n], by_model[reference], mc1s[n]) for n in models},
+        failure_bins={n: {k: R.FailureBin.model_validate(b) for k, b in
+                          M.failure_bins(by_model[n], reference_words=ref_words, rm_high=rm_high,
+                                         gold_low=gold_low).items()} for n in models},
+        examples=_examples(prompts, by_model),
+    )
+    ifeval = _previous_ifeval(out / "results.json")
+    if ifeval is not None:
+        results.ifeval = ifeval
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "samples.jsonl", pooled)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    return results
+    results.save(out / "results.json")
+    return results.to_dict()
+
+
+def _previous_ifeval(path: Path) -> R.IFEvalResults | None:
+    """The ``"ifeval"`` block of an earlier results.json in the same directory, if it has a readable one."""
+    try:
+        return R.load(path, partial=True).ifeval
+    except PreflabError:
+        return None
