@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 
+from preflab.config import EvalSection
 from preflab.errors import PreflabError
 from preflab.evals.results import EvalResults, IFEvalResults
+
+DEFAULTS = EvalSection()  # the pipeline's eval section: the command samples as `preflab pipeline` does
 
 
 def _parse_models(values: tuple[str, ...]) -> dict[str, str]:
@@ -96,11 +99,13 @@ def print_ifeval(entry: IFEvalResults) -> None:
 @click.option("--out", "out_dir", default="runs/eval", show_default=True, type=click.Path(file_okay=False),
               help="Writes results.json, samples.jsonl and generations/ here (cached generations are reused).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N prompts.")
-@click.option("--max-new-tokens", default=96, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0), help="0: greedy.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=DEFAULTS.max_new_tokens, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True, type=click.FloatRange(0),
+              help="0: greedy.")
+@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--bf16/--no-bf16", default=False, show_default=True, help="bfloat16 autocast for every forward pass.")
+@click.option("--bf16/--no-bf16", default=DEFAULTS.bf16, show_default=True,
+              help="bfloat16 weights and autocast for every forward pass.")
 @click.option("--threads", default=None, type=click.IntRange(1))
 @click.option("--id-field", default=None,
               help="The prompt rows' id key when it is not `id` (IFEval files: `key`, the default with --ifeval).")
@@ -112,7 +117,8 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
              batch_size, seed, bf16, threads, id_field, ifeval):
     """Evaluate models on held-out prompts against the reference model: gold-judged win-rate with a 95%
     interval, RM win-rate, KL to the reference, length, refusals, toxicity proxy, MC1 truthfulness proxy,
-    failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table.
+    failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table. The sampling
+    defaults are the pipeline's (its `eval` section), so both sample the same responses.
 
     \b
     Examples:

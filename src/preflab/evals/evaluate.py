@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from preflab.config import EvalSection
 from preflab.data.jsonl import write_jsonl
 from preflab.data.suite.schema import SLICES, SuitePrompt
 from preflab.errors import PreflabError
@@ -244,16 +245,19 @@ def _examples(prompts: Sequence[SuitePrompt], by_model: dict[str, list[dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
+_DEFAULTS = EvalSection()  # the pipeline's eval section: `preflab eval` and evaluate() share its defaults
+
+
 def evaluate(models: dict[str, str], prompts: list[SuitePrompt], *, reference: str = "sft",
-             reward_model: str | None = None, out_dir: str | Path, max_new_tokens: int = 96,
-             temperature: float = 0.7, batch_size: int = 16, seed: int = 0, progress: bool = True,
-             bf16: bool = False) -> dict[str, Any]:
+             reward_model: str | None = None, out_dir: str | Path, max_new_tokens: int = _DEFAULTS.max_new_tokens,
+             temperature: float = _DEFAULTS.temperature, batch_size: int = _DEFAULTS.batch_size, seed: int = 0,
+             progress: bool = True, bf16: bool = _DEFAULTS.bf16) -> dict[str, Any]:
     """Generate, judge and measure every model in ``models`` (name -> model spec) on ``prompts``.
 
     Writes ``out_dir/results.json``, ``out_dir/samples.jsonl`` and the generation caches
     (schema in the module docstring) and returns the results as that JSON dict
     (``evals.results.EvalResults.to_dict()``; ``EvalResults.from_dict`` types it). An ``"ifeval"``
-    block already in ``out_dir/results.json`` is kept.
+    block already in ``out_dir/results.json`` is kept. The defaults are ``config.EvalSection``'s.
     """
     from preflab import models as loader
     from preflab.evals.truthfulness import mc1 as mc1_score

@@ -15,7 +15,10 @@ from typing import Any
 
 import click
 
+from preflab.config import LabelingSection
 from preflab.errors import DataError, PreflabError
+
+LABELING = LabelingSection()  # the pipeline's labeling section: `data label` samples as `preflab pipeline` does
 
 
 def _console():
@@ -60,16 +63,18 @@ def _overlap_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
 @click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Preference store (SQLite; created if missing).")
 @click.option("--split", default="rm", show_default=True, help="Only prompts of this split ('any': all).")
-@click.option("--k", "k", default=4, show_default=True, type=click.IntRange(2, 9), help="Candidates per prompt (InstructGPT: 4..9).")
+@click.option("--k", "k", default=LABELING.k, show_default=True, type=click.IntRange(2, 9),
+              help="Candidates per prompt (InstructGPT: 4..9).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Only the first N prompts.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--overlap", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--max-new-tokens", default=LABELING.max_new_tokens, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=LABELING.temperature, show_default=True,
+              type=click.FloatRange(0, min_open=True))
+@click.option("--overlap", default=LABELING.overlap, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of prompts ranked by three labelers (the agreement slice).")
 @click.option("--labelers", "labelers_kind", type=click.Choice(["panel", "ai"]), default="panel", show_default=True,
               help="panel: the simulated labelers (gold judge + noise); ai: an LM compares pairs (RLAIF).")
 @click.option("--ai-model", default=None, help="Judge model for --labelers ai (default: --model).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=LABELING.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds sampling and the labelers' noise.")
 @click.option("--threads", default=None, type=click.IntRange(1))
 def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: int, limit: int | None,
@@ -79,7 +84,7 @@ def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: 
 
     Each prompt is ranked by one labeler (round robin); an --overlap fraction is ranked by
     three, so `preflab data agreement --store` can measure agreement. The gold judge never
-    enters the store: only rankings do.
+    enters the store: only rankings do. The defaults are the pipeline's (its `labeling` section).
 
     \b
     Example:
@@ -93,10 +98,11 @@ def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: 
                      labelers_kind=labelers_kind, ai_model=ai_model, batch_size=batch_size, seed=seed)
 
 
-def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split: str = "rm", k: int = 4,
-                     max_new_tokens: int = 64, temperature: float = 0.7, overlap: float = 0.1,
-                     labelers_kind: str = "panel", ai_model: str | None = None, batch_size: int = 16,
-                     seed: int = 0, bf16: bool = True) -> dict[str, Any]:
+def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split: str = "rm", k: int = LABELING.k,
+                     max_new_tokens: int = LABELING.max_new_tokens, temperature: float = LABELING.temperature,
+                     overlap: float = LABELING.overlap, labelers_kind: str = "panel", ai_model: str | None = None,
+                     batch_size: int = LABELING.batch_size, seed: int = 0,
+                     bf16: bool = LABELING.bf16) -> dict[str, Any]:
     """The labeling flow of `preflab data label` as a function (the pipeline calls it); returns store counts."""
     import torch
 
