@@ -111,7 +111,7 @@ def test_synthetic_candidates_are_fixed_and_spread(rm_prompts):
 
 def test_default_panel_agreement_matches_instructgpt():
     """InstructGPT's training labelers agree on 72.6 +/- 1.5% of pairs of model samples
-    (RLHF_REFERENCE.md sec. 1); the default panel is calibrated to ~73% on a fixed set of real
+    (docs/reference.md §1.5); the default panel is calibrated to ~73% on a fixed set of real
     SmolLM2-135M-Instruct samples (60 rm prompts x K=4, tests/fixtures/smollm2_rm_samples.jsonl)."""
     import json
     from pathlib import Path

@@ -379,7 +379,7 @@ def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto", *,
     """A sequence-classification model with one output (reward model or critic).
 
     From a causal LM checkpoint the head is new (randomly initialised); from a saved reward
-    model it is the trained head. Dropout is off (RLHF_REFERENCE §2: no dropout in RL).
+    model it is the trained head. Dropout is off (docs/reference.md §2.3: no dropout in RL).
     ``reward_model=True`` (scoring with a trained RM: PPO's reward and critic init, evaluation,
     rm-eval) refuses a model without the reward-model mark, e.g. an SFT directory, whose head
     would be random: ModelError naming it.

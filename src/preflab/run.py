@@ -1,4 +1,4 @@
-"""A run is a directory that explains itself (DESIGN.md principle 5).
+"""A run is a directory that explains itself (docs/architecture.md, "The run directory").
 
     runs/NAME/
       manifest.json      resolved config, versions, git commit, seed, host, start/end times

@@ -50,7 +50,7 @@ def response_hidden(model: Any, samples: Samples) -> torch.Tensor:
 def response_logits(model: Any, samples: Samples, temperature: float) -> torch.Tensor:
     """(B, Tr, V) logits for the response tokens, divided by the sampling temperature.
 
-    RLHF_REFERENCE §2: training-time logits are divided by T for policy and reference alike,
+    docs/reference.md §2.3: training-time logits are divided by T for policy and reference alike,
     or the KL rises faster than expected.
     """
     h = response_hidden(model, samples)

@@ -9,7 +9,7 @@
 3. **KL to the reference** on the model's own samples: mean over prompts of
    ``log p_model(y|x) - log p_ref(y|x)`` (token log-ratios summed over the response, EOS
    included when the response ended). Both models' logits are divided by the sampling
-   temperature, as during PPO (RLHF_REFERENCE.md §2), so this is a Monte Carlo estimate of
+   temperature, as during PPO (docs/reference.md §2.3, §8.4), so this is a Monte Carlo estimate of
    KL(p_model,T || p_ref,T) for the distribution the samples came from (T = 1 when sampling
    is greedy). The log-probs are those of the sampled token ids (kept in the generation
    cache); a reference with another vocabulary scores the re-tokenized text. The

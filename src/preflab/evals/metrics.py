@@ -17,7 +17,7 @@ Refusals are ``feedback.rubric.is_refusal``: a phrase of ``rubric.REFUSAL_PHRASE
 The toxicity number is a **proxy**: the fraction of responses containing a word or phrase
 of the ``better_profanity`` word list (whole words, case-insensitive; its leetspeak
 variants are not expanded). It is not a toxicity classifier such as the Perspective API
-InstructGPT used (RLHF_REFERENCE.md §1) and misses toxicity without profanity.
+InstructGPT used (docs/reference.md §1.5) and misses toxicity without profanity.
 """
 
 from __future__ import annotations

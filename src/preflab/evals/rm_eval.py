@@ -50,7 +50,7 @@ def _pair_signs(ranks: list[int]) -> np.ndarray:
 
 def labeler_agreement(groups: list[Group]) -> dict[str, Any] | None:
     """Pairwise agreement between labelers who ranked the same prompt and responses (ties excluded),
-    the ceiling against which RM accuracy reads (InstructGPT: 72.6%, RLHF_REFERENCE.md §1, §7)."""
+    the ceiling against which RM accuracy reads (InstructGPT: 72.6%, docs/reference.md §1.5, §3.5)."""
     by_key: dict[str, list[tuple[int, Group]]] = defaultdict(list)
     for i, g in enumerate(groups):
         if g.labeler is not None and len(set(g.responses)) == len(g.responses):
@@ -98,7 +98,7 @@ def evaluate(groups: list[Group], scores: list[list[float]], *, n_bins: int = 10
         if any(n is not None for n in names):
             arr = np.array([str(n) for n in names])
             report[f"by_{attr}"] = {n: _accuracy(correct[arr == n]) for n in sorted(set(arr))}
-    # Calibration of p(chosen > rejected) = sigmoid(margin) (§7): ECE on max(p, 1-p), and the
+    # Calibration of p(chosen > rejected) = sigmoid(margin) (docs/reference.md §3): ECE on max(p, 1-p), and the
     # N+ reliability table of accuracy per 0.5-wide bin of |margin|.
     cal = expected_calibration_error(_sigmoid(margin), np.ones_like(margin), n_bins)
     report["ece"] = {"ece": cal.ece, "mce": cal.mce, "table": [b._asdict() for b in cal.table]}

@@ -102,7 +102,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str | list[d
         batch_size: rows per forward pass.
         eos: append the EOS token to every response (True), none (False), or per row.
         temperature: logits are divided by it before the softmax, as the sampler did
-            (RLHF_REFERENCE.md §2); 1.0 scores the model's own distribution.
+            (docs/reference.md §2.3); 1.0 scores the model's own distribution.
         bf16: autocast the forward pass to bfloat16 (log-softmax stays in fp32).
 
     Returns:

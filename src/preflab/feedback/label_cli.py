@@ -3,7 +3,7 @@
 ``label`` samples K responses per prompt, stores them and has them ranked through the
 store's queue (``enqueue`` / ``next_task`` / ``complete``), the same flow a human labeler
 uses in the annotation app; ``agreement`` measures how well labelers agree (InstructGPT:
-72.6 +/- 1.5% of pairs, RLHF_REFERENCE.md sec. 1); ``demos`` writes SFT demonstrations.
+72.6 +/- 1.5% of pairs, docs/reference.md §1.5); ``demos`` writes SFT demonstrations.
 """
 
 from __future__ import annotations

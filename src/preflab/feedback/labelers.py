@@ -9,7 +9,7 @@ model behind Bradley-Terry / Plackett-Luce)::
 with eps ~ N(0, 1) (``noise_kind="gaussian"``) or a standard Gumbel, centred (``"gumbel"``;
 then the ranking is a Plackett-Luce sample). Candidates are sorted by u, best first, and a
 candidate whose u lies within ``tie_threshold`` of the top of the current tier joins that
-tier (a declared tie). See DESIGN.md, "The gold judge and the simulated labelers".
+tier (a declared tie). See docs/reference.md §9.1 (the gold judge) and §9.2 (the labelers).
 
 Determinism: the noise of a candidate comes from an RNG seeded by a hash of (labeler name,
 prompt id, seed, candidate text), so a ranking never depends on call order, and a labeler
@@ -17,7 +17,7 @@ perceives the same text the same way wherever it is listed (only ``position_bias
 positions). Two copies of the same text therefore tie.
 
 Calibration: InstructGPT's training labelers agreed on 72.6 +/- 1.5% of pairs (Ouyang et al.
-2022, sec. 5.1; RLHF_REFERENCE.md sec. 1 and 7). ``default_panel`` is tuned so two of its
+2022, sec. 5.1; docs/reference.md §1.5 and §7.5). ``default_panel`` is tuned so two of its
 labelers agree on about 73% of the pairs both order strictly on ``synthetic_candidates``,
 a fixed, model-free candidate set whose gold scores spread like SFT samples
 (``tests/test_labelers.py`` holds it to 73 +/- 5%).

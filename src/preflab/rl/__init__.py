@@ -2,7 +2,7 @@
 
 Tensors (or numpy arrays) in, tensors out; shapes in each docstring; no config objects,
 no I/O, no distributed code. Nothing here imports the rest of preflab. Docstrings cite
-the section of RLHF_REFERENCE.md (and through it the paper or code) they follow.
+the section of docs/reference.md (and through it the paper or code) they follow.
 
 - ``logprobs``: token log-probs with the sampling temperature, entropy, masked statistics.
 - ``kl``: per-token KL estimators k1/k2/k3, fixed and adaptive KL controllers.

@@ -71,14 +71,14 @@ def ppo_rewards(
 ) -> PPORewards:
     """Per-token KL penalty on every response token plus the RM score on the last one.
 
-    lm-human-preferences train_policy.py ``compute_rewards`` (RLHF_REFERENCE.md §2)::
+    lm-human-preferences train_policy.py ``compute_rewards`` (docs/reference.md §2.1)::
 
         non_score_reward = -kl_ctl.value * kl
         rewards = non_score_reward.copy(); rewards[:, -1] += scores
 
     Responses there have a fixed length, so ``-1`` is the last token. Here rows may be
     padded on either side, so the score goes on each row's *last real* token
-    (DESIGN.md "Defaults that must hold"); padding gets 0 whatever ``kl`` holds there.
+    (docs/reference.md §2.1); padding gets 0 whatever ``kl`` holds there.
 
     The estimator is the caller's choice: pass ``kl_k1(logp, ref)`` (the reference's
     default) or ``kl_k3(logp, ref)`` from ``preflab.rl.kl``.
@@ -111,7 +111,7 @@ def gae(
 ) -> GAE:
     """Generalised advantage estimation over the real tokens of each row.
 
-    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (RLHF_REFERENCE.md §2)::
+    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (docs/reference.md §2.4)::
 
         for t in reversed(range(T)):
             nv = values[:, t+1] if t < T-1 else 0.0
@@ -124,7 +124,7 @@ def gae(
     With trailing padding this is exactly the loop above with padded rewards and values
     set to 0 (TRL zeroes values beyond the end); leading padding does not change the
     real positions either. Returns are computed from the raw advantages, before any
-    whitening (DESIGN.md "Defaults that must hold").
+    whitening (docs/reference.md §2.4).
 
     Args:
         rewards: (B, T) per-token rewards (``PPORewards.rewards``).
@@ -158,7 +158,7 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
     lm-human-preferences ``whiten(advantages)`` after ``returns`` are computed;
     TRL ``masked_whiten(advantages, ~padding_mask)`` then ``advantages[padding] = 0``
-    (RLHF_REFERENCE.md §2, §3) but with the biased variance of the original.
+    (docs/reference.md §2.5) but with the biased variance of the original.
 
     Args:
         advantages: (B, T) from ``gae``.
@@ -174,7 +174,7 @@ def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unit-variance rewards that keep their mean, applied before GAE.
 
     lm-human-preferences ``whiten(rewards, shift_mean=False)`` when ``whiten_rewards``
-    is on (RLHF_REFERENCE.md §2): the variance is rescaled, the mean is kept. Off by
+    is on (docs/reference.md §2.5): the variance is rescaled, the mean is kept. Off by
     default in the N+ TL;DR and TRL settings.
 
     Args:

@@ -1,7 +1,7 @@
 """Calibration of pairwise preference probabilities (reward-model evaluation).
 
 An RM gives p(a > b) = sigmoid(r_a - r_b): the reward difference is the log-odds of
-preference (InstructGPT §3.5; RLHF_REFERENCE.md §7). These functions take numpy
+preference (InstructGPT §3.5; docs/reference.md §3). These functions take numpy
 arrays (or anything ``np.asarray`` accepts: lists, CPU tensors) and return floats.
 """
 
@@ -80,7 +80,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def expected_calibration_error(probs, labels, n_bins: int = 10) -> Calibration:
     """Binned expected and maximum calibration error of binary predictions (Guo et al. 2017).
 
-    Convention (one of the two in RLHF_REFERENCE.md §7): the predicted label is 1 when
+    Convention (one of the two in docs/reference.md §3.2): the predicted label is 1 when
     p > 0.5, the confidence is max(p, 1 - p) in [0.5, 1], and a prediction is correct
     when it matches the label. p = 0.5 exactly predicts neither and counts as half
     correct. Since confidence never falls below 0.5, the ``n_bins`` equal-width bins
@@ -128,7 +128,7 @@ def reliability_by_margin(margins, bin_width: float = 0.5, max_quantile: float =
     """Accuracy per bin of |reward margin|, against sigmoid(bin midpoint).
 
     summarize_from_feedback_details eval/rm_eval_calibration.py ``score_calibration``
-    (RLHF_REFERENCE.md §7): bins of width 0.5 on |r_c - r_r| from 0 up to the 99.5%
+    (docs/reference.md §3.3): bins of width 0.5 on |r_c - r_r| from 0 up to the 99.5%
     quantile of the (signed) margin rounded to the nearest bin edge; a pair is correct
     when r_c > r_r; perfect calibration is sigmoid(midpoint). Two deliberate
     differences: a margin of exactly 0 goes into the first bin and counts half correct
@@ -173,7 +173,7 @@ def fit_temperature(margins, labels, t_min: float = 1e-2, t_max: float = 1e2, it
 
     Temperature scaling (Guo et al. 2017), as Gao et al. §2.2 recalibrate their RMs:
     "rescale the logits to minimize cross-entropy loss using a validation set"
-    (RLHF_REFERENCE.md §7). In s = 1/T the loss is a logistic regression without
+    (docs/reference.md §3.4). In s = 1/T the loss is a logistic regression without
     intercept, hence convex, so it is unimodal in log T too and a golden-section search
     on log T in [t_min, t_max] finds the minimum deterministically. When the minimum
     lies outside the interval (perfectly separated hard labels want T -> 0; margins

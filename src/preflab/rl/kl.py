@@ -1,7 +1,7 @@
 """Per-token KL estimators and KL-coefficient controllers.
 
 The estimators follow Schulman's note "Approximating KL divergence" (2020) as
-summarised in RLHF_REFERENCE.md §6: tokens are sampled from q = the policy, p = the
+summarised in docs/reference.md §6.1: tokens are sampled from q = the policy, p = the
 reference, and r = p/q = exp(ref_logp - logp) per token. Each returns a per-token
 estimate of KL(q || p) whose expectation over q-samples is (k1, k3) or approximates
 (k2) the true KL.
@@ -58,7 +58,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = (r - 1) - log r with r = exp(ref_logp - logp): unbiased, >= 0, low variance.
 
     TRL's ``kl_estimator="k3"`` (``(logr.exp() - 1) - logr``) and the GRPO penalty
-    ``pi_ref/pi - log(pi_ref/pi) - 1`` (RLHF_REFERENCE.md §6). ``expm1`` keeps the
+    ``pi_ref/pi - log(pi_ref/pi) - 1`` (docs/reference.md §6.1, §6.6). ``expm1`` keeps the
     small-difference case accurate.
 
     Args:
@@ -86,7 +86,7 @@ class KLController(Protocol):
 
 @dataclass
 class FixedKLController:
-    """A constant KL coefficient (summarisation settings, TRL's ``kl_coef``; RLHF_REFERENCE.md §2)."""
+    """A constant KL coefficient (summarisation settings, TRL's ``kl_coef``; docs/reference.md §2.8)."""
 
     value: float
 
@@ -105,7 +105,7 @@ class AdaptiveKLController:
     """Proportional controller steering the measured KL towards ``target``.
 
     lm-human-preferences train_policy.py ``AdaptiveKLController.update``
-    (RLHF_REFERENCE.md §2)::
+    (docs/reference.md §2.8)::
 
         proportional_error = clip(current / target - 1, -0.2, 0.2)
         value *= 1 + proportional_error * n_steps / horizon

@@ -67,7 +67,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     The logits at position t predict token t+1, so the output has one column fewer
     than the input. Logits are divided by the *sampling* temperature before the
     softmax, for the policy and the reference alike (lm-human-preferences policy.py
-    ``analyze_responses_op``: ``logits /= temperature``; RLHF_REFERENCE.md §2): the
+    ``analyze_responses_op``: ``logits /= temperature``; docs/reference.md §2.3): the
     log-probs must be those of the distribution the responses were drawn from, or the
     KL "would rise faster than expected".
 
@@ -137,7 +137,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
     """Variance of the counted elements of ``x`` (all dimensions reduced).
 
     Biased (divide by n) by default, as ``tf.nn.moments`` in lm-human-preferences
-    ``whiten``; PyTorch ports must match it (RLHF_REFERENCE.md §2). ``unbiased=True``
+    ``whiten``; PyTorch ports must match it (docs/reference.md §2.5). ``unbiased=True``
     divides by n - 1 (TRL's ``masked_var``) and needs n >= 2.
 
     Args:
@@ -162,7 +162,7 @@ def masked_whiten(
 ) -> torch.Tensor:
     """Normalise the counted elements of ``x`` to unit variance, with statistics over all axes.
 
-    lm-human-preferences utils/core.py ``whiten`` (RLHF_REFERENCE.md §2)::
+    lm-human-preferences utils/core.py ``whiten`` (docs/reference.md §2.5)::
 
         mean, var = moments(x)                    # biased variance
         w = (x - mean) * rsqrt(var + 1e-8)

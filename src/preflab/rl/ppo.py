@@ -63,7 +63,7 @@ def policy_loss(
 ) -> PolicyLoss:
     """PPO's clipped surrogate objective, as a loss to minimise.
 
-    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (RLHF_REFERENCE.md §2)::
+    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (docs/reference.md §2.6)::
 
         ratio = exp(logp - old_logp)
         pg_loss = mean(max(-A*ratio, -A*clip(ratio, 1-eps, 1+eps)))
@@ -101,7 +101,7 @@ def value_loss(
 ) -> ValueLoss:
     """Clipped squared error of the value head.
 
-    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (RLHF_REFERENCE.md §2)::
+    lm-human-preferences train_policy.py ``PPOTrainer.loss`` (docs/reference.md §2.7)::
 
         vpredclipped = clip(vpred, values - 0.2, values + 0.2)
         vf_loss = 0.5*mean(max((vpred - R)^2, (vpredclipped - R)^2))
@@ -131,7 +131,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
     The usual definition (cleanrl's ``explained_var``), with biased variances. It differs
     from lm-human-preferences ``ppo/val/var_explained = 1 - error/returns_var``
-    (RLHF_REFERENCE.md §2), whose ``error`` is the mean squared error: that one also
+    (docs/reference.md §2.9), whose ``error`` is the mean squared error: that one also
     counts a constant offset of the values against them, this one does not. 1 is
     perfect, 0 is no better than predicting the mean return, negative is worse; ``nan``
     when the returns are constant.

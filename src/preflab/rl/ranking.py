@@ -4,7 +4,7 @@ Plackett-Luce.
 A ranking of K responses is given as a (K,) tensor of **ranks**: 0 is the best, larger
 is worse, equal ranks are ties (tiers as lists of indices convert with
 ``ranks_from_tiers``). All three losses are invariant to adding a constant to every
-reward, hence the reward normalisation after training (RLHF_REFERENCE.md §5).
+reward, hence the reward normalisation after training (docs/reference.md §1.3, §5).
 
 Batched versions take prompts padded to Kmax responses: rewards (P, Kmax), ranks
 (P, Kmax) and a (P, Kmax) validity mask, nonzero on real responses.
@@ -76,7 +76,7 @@ def ranks_from_tiers(tiers: Sequence[Sequence[int]], k: int | None = None) -> to
 def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of -log sigmoid(r_chosen - r_rejected) over N pairs.
 
-    The TL;DR reward loss of the N+ work (RLHF_REFERENCE.md §2) and TRL's reward trainer.
+    The TL;DR reward loss of the N+ work (docs/reference.md §5.1) and TRL's reward trainer.
 
     Args:
         rewards_chosen: (N,) rewards of the preferred responses.
@@ -91,7 +91,7 @@ def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Ten
 def batched_kway_ranking_loss(
     rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor
 ) -> KWayRankingLoss:
-    """InstructGPT Eq. 1, one batch element per prompt (RLHF_REFERENCE.md §1)::
+    """InstructGPT Eq. 1, one batch element per prompt (docs/reference.md §1.2)::
 
         loss(prompt) = -1/C_eff * sum over pairs (w, l) with rank_w < rank_l of log sigmoid(r_w - r_l)
 
@@ -155,7 +155,7 @@ def batched_plackett_luce_loss(
 ) -> torch.Tensor:
     """Plackett-Luce negative log-likelihood of each ranking, averaged over prompts.
 
-    DPO App. A.3, Eq. 18 (RLHF_REFERENCE.md §5), for a strict order tau::
+    DPO App. A.3, Eq. 18 (docs/reference.md §5.2), for a strict order tau::
 
         NLL = -sum_{k=1}^{K-1} [ r_tau(k) - logsumexp_{j >= k} r_tau(j) ]
 
@@ -230,7 +230,7 @@ def _kway_sum(rewards, ranks, valid) -> torch.Tensor:
 
 
 def _plackett_luce_sum(rewards, ranks, valid) -> torch.Tensor:
-    # The batched PL loss is a mean over the P prompts (RLHF_REFERENCE.md §5).
+    # The batched PL loss is a mean over the P prompts (docs/reference.md §5.3).
     return batched_plackett_luce_loss(rewards, ranks, valid) * rewards.shape[0]
 
 

@@ -1,7 +1,7 @@
 """Confidence intervals for win rates and other means (evaluation maths).
 
 InstructGPT reports win rates against the SFT baseline with an interval (e.g.
-85 +/- 3%; RLHF_REFERENCE.md §1). Ties count half a win throughout.
+85 +/- 3%; docs/reference.md §1.5, §7). Ties count half a win throughout.
 """
 
 from __future__ import annotations
