@@ -431,7 +431,6 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
 
     # 5. the loop: one global batch of prompts per optimizer step -------------------------------
     micro = cfg.train.batch_prompts
-    final: dict[str, Any] = {}
     with Progress(total_steps, "dpo", enabled=cfg.run.progress and dist.is_main, start=start,
                   keys=("train/loss", "train/rewards/accuracy", "val/kl")) as bar:
         for step in range(start, total_steps):
