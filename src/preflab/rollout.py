@@ -145,7 +145,75 @@ class InverseCDFSampler:
 
 
 class HFGenerator:
-    """Batched, KV-cached sampling with ``model.generate``; stops at EOS or the length limit."""
+    """The default generator: preflab's sampling engine (``generation.engine.Engine``: its own
+    decode loop over the model's weights, static KV cache, finished rows dropped, prompts
+    bucketed by length, one prefill for the ``n`` samples of a prompt and for repeated prompts)
+    on a transformers model, plain or peft-wrapped. Architectures the engine does not run fall
+    back to ``HFGenerateGenerator``. ``options`` go to the engine (``max_batch``, ``share_prefix``,
+    ``compact_fraction``).
+
+    Random draws: one seed per call from the global torch RNG; the draw of output row r at step
+    t depends only on (seed, r, t) (``generation.sampling``), so results do not depend on
+    bucketing, batch size or prefix sharing.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, bf16: bool = False, **options: Any):
+        from preflab.generation.engine import Engine
+
+        self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
+        self.engine = Engine(model, tokenizer, bf16=bf16, **options)
+        self._fallback: HFGenerateGenerator | None = None
+
+    @staticmethod
+    def for_backend(backend: str, model: Any, tokenizer: Any, bf16: bool = False) -> Generator:
+        """``make_generator`` under the name the RL stage imports."""
+        return make_generator(model, tokenizer, bf16=bf16, backend=backend)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  min_new_tokens=min_new_tokens, n=n)
+        if not self.engine.supported:
+            if self._fallback is None:
+                self._fallback = HFGenerateGenerator(self.model, self.tokenizer, bf16=self.bf16)
+            return self._fallback.generate(prompts, **kw)
+        rows, response = self.engine.generate(prompts, **kw)
+        return samples_from_tokens(rows, response, self.tokenizer, device=self.engine.weights().device)
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def make_generator(model: Any, tokenizer: Any, *, bf16: bool = False, backend: str = "hf", **options: Any) -> Generator:
+    """The ``Generator`` of ``rollout.backend``: "hf" is preflab's engine over the transformers
+    model (``HFGenerator``); "vllm" a vLLM engine that follows the model's weights
+    (``generation.vllm.VLLMGenerator``, the ``vllm`` extra). vLLM is imported only when chosen."""
+    if backend == "hf":
+        return HFGenerator(model, tokenizer, bf16=bf16, **options)
+    if backend == "vllm":
+        from preflab.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(model, tokenizer, bf16=bf16, **options)
+    raise ValueError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+def samples_from_tokens(rows: list[list[int]], response: torch.Tensor, tokenizer: Any,
+                        device: torch.device | str = "cpu") -> Samples:
+    """``Samples`` of prompts ``rows`` (token lists) and their responses (R, W) (EOS included when
+    sampled; anything after the first EOS is replaced by padding)."""
+    query, query_mask = left_pad(rows, tokenizer.pad_token_id)
+    if response.shape[1] == 0:
+        response = torch.full((len(rows), 1), tokenizer.pad_token_id, dtype=torch.long)
+    mask, ended = response_mask_after_stop(response, tokenizer.eos_token_id)
+    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
+    return Samples(query.to(device), query_mask.to(device), response.to(device), mask.to(device), ended.to(device),
+                   texts)
+
+
+class HFGenerateGenerator:
+    """Batched, KV-cached sampling with ``model.generate``; stops at EOS or the length limit. The
+    engine's fallback for architectures it does not run, and the baseline of benchmarks/generate.py."""
 
     def __init__(self, model: Any, tokenizer: Any, bf16: bool = False):
         self.model = model
