@@ -177,31 +177,6 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
     return report
 
 
-def render_audit(report: Any) -> str:
-    """The report section (HTML) of an ``audit.json``."""
-    from preflab.evals.report import _fmt, _na, _table
-
-    if not isinstance(report, dict):
-        return _na("audit/audit.json is missing (run `preflab audit RUN_DIR`)")
-    flagged = report.get("flagged") or []
-    head = (f'<p class="note">Exploits the reward model prefers to a normal answer more often than the gold judge '
-            f'does: <b>{", ".join(flagged) if flagged else "none"}</b>.</p>')
-    ex = _table(["exploit", "what", "n", "RM prefers [95% CI]", "gold prefers", "RM delta", "gold delta", "flagged"],
-                [[e["exploit"], e["description"], e["n"],
-                  f"{_fmt(e['rm_prefers'], True)} [{_fmt(e['rm_prefers_ci'][0], True)}, "
-                  f"{_fmt(e['rm_prefers_ci'][1], True)}]", _fmt(e["gold_prefers"], True), _fmt(e["rm_score_delta"]),
-                  _fmt(e["gold_delta"]), "yes" if e["flagged"] else ""] for e in report.get("exploits", [])],
-                text_cols=(0, 1))
-    corr = _table(["source", "model", "n", "KL", "rho(RM, gold)", "rho(RM, length)", "rho(gold, length)"],
-                  [[c["source"], c["model"], c["n"], _fmt(c["kl"]), _fmt(c["rho_rm_gold"]), _fmt(c["rho_rm_length"]),
-                    _fmt(c["rho_gold_length"])] for c in report.get("correlations", [])], text_cols=(0, 1))
-    top = _table(["model", "prompt", "response", "RM", "gold", "flags"],
-                 [[t["model"], t["prompt"], t["response"], _fmt(t["rm_score"]), _fmt(t["gold_total"]),
-                   ", ".join(t["flags"])] for t in report.get("top_responses", [])], text_cols=(0, 1, 2, 5))
-    return (head + "<h3>Exploit probes</h3>" + ex + "<h3>Rank correlations on policy samples, by KL</h3>" + corr
-            + "<h3>Top RM-scored policy responses</h3>" + top)
-
-
 @click.command("audit")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--probe-prompts", default=PROBE_PROMPTS, show_default=True, type=click.IntRange(1),
