@@ -125,7 +125,7 @@ def probe_exploits(prompts: list[Any], answers: list[str], rm_spec: str, *, batc
     from preflab.scoring import score_texts
 
     tokenizer = models.load_tokenizer(rm_spec)
-    rm = models.load_scorer(rm_spec, dtype="bf16" if bf16 else "fp32").eval()
+    rm = models.load_reward_model(rm_spec, dtype="bf16" if bf16 else "fp32").eval()
     by_id = {p.id: p for p in prompts}
     texts = [p.prompt for p in prompts]
 

@@ -161,7 +161,7 @@ def _rm_scores(spec: str, prompts: Sequence[str], texts: dict[str, list[str]], *
 
     tokenizer = models.load_tokenizer(spec)
     torch.manual_seed(seed)  # a causal-LM checkpoint gets a new random head: make it the same every run
-    rm = models.load_scorer(spec, dtype="bf16" if bf16 else "fp32")  # bf16: no per-call weight casts
+    rm = models.load_reward_model(spec, dtype="bf16" if bf16 else "fp32")  # bf16: no per-call weight casts
     rm.eval()
     device = next(rm.parameters()).device
     result: dict[str, list[float | None]] = {}

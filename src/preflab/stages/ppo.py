@@ -32,7 +32,7 @@ from preflab.config import PPOConfig, dump_config
 from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError, TrainingError
-from preflab.optim import adamw, clip_grad, schedule
+from preflab.optim import adamw, clip_grad, non_finite_error, schedule
 from preflab.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -194,7 +194,8 @@ class PtxBatches:
 
 def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
                ptx_batches: Callable[[int], list[dict[str, torch.Tensor] | None]] | None, generator: torch.Generator,
-               dist: distributed.Dist, train_policy: bool = True, kl_coef: float = 0.0) -> dict[str, float]:
+               dist: distributed.Dist, train_policy: bool = True, kl_coef: float = 0.0, step: int | None = None,
+               last_good: str | None = None) -> dict[str, float]:
     """PPO epochs over minibatches of one rollout; returns minibatch-averaged statistics.
 
     Every term is normalised by its global count over the minibatch (tokens for PPO, tokens of
@@ -251,7 +252,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                     if ptx_in is not None and n_ptx > 0:
                         loss = loss + cfg.ptx.coef * ptx_sum * dist.world_size / float(n_ptx)
                     if not torch.isfinite(loss):
-                        raise TrainingError("non-finite PPO loss")
+                        raise non_finite_error("PPO loss", step=step, last_good=last_good)
                     loss.backward()
                 w = float(m.sum()) / float(n_tok)
                 stats["loss/policy"] += float(pg.loss.detach()) * w
@@ -267,7 +268,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
             if not train_policy:
                 for q in policy_params:
                     q.grad = None  # AdamW skips them: no step, no weight decay, no moment update
-            clip_grad(params, cfg.optim.max_grad_norm)
+            clip_grad(params, cfg.optim.max_grad_norm, step=step, last_good=last_good)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -392,7 +393,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
             train_policy = step >= p.critic_warmup_steps
             stats = ppo_update(train_module, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                device=device, ptx_batches=ptx_batches if ptx_rows and train_policy else None,
-                               generator=update_rng, dist=dist, train_policy=train_policy, kl_coef=kl_ctl.value)
+                               generator=update_rng, dist=dist, train_policy=train_policy, kl_coef=kl_ctl.value,
+                               step=step + 1, last_good=str(run.latest_checkpoint() or 'none'))
             t_train = time.perf_counter()
 
             # 7. KL control on this rollout's KL; metrics over every rank's rollouts.

@@ -133,7 +133,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                     f"{run.latest_checkpoint() or 'none'}")
-            grad_norm = clip_grad(params, cfg.optim.max_grad_norm)
+            grad_norm = clip_grad(params, cfg.optim.max_grad_norm, step=step + 1,
+                                  last_good=str(run.latest_checkpoint() or 'none'))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
