@@ -117,3 +117,27 @@ def test_long_preset_sizes_what_rl_needs():
         rl = p.stage_configs[method]
         episodes = rl.train.steps * rl.rollout.batch_size * rl.rollout.samples_per_prompt
         assert episodes >= 3000, (method, episodes)
+
+
+def test_rerun_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    pipe = Pipeline(load_config(PipelineConfig, None, []), out)
+    pipe.out.mkdir(parents=True)
+    (out / "pipeline_config.json").write_text(json.dumps(pipe.cfg.model_dump(mode="json")))
+    (out / "pipeline.json").write_text(json.dumps({"steps": [{"step": "suite", "seconds": 1.0}]}))
+    changed = Pipeline(load_config(PipelineConfig, None, ["seed=7"]), out)
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 7"):
+        changed.run(only=lambda s: False)
+    assert json.loads((out / "pipeline_config.json").read_text())["seed"] == 0  # not overwritten
+    changed.run(only=lambda s: False, force=True)
+    assert json.loads((out / "pipeline_config.json").read_text())["seed"] == 7
+    record = json.loads((out / "pipeline.json").read_text())["config_changes"][0]
+    assert record["after"] == ["suite"] and record["changes"]["seed"] == {"old": 0, "new": 7}
+    # threads may change freely
+    Pipeline(load_config(PipelineConfig, None, ["seed=7", "threads=1"]), out).run(only=lambda s: False)
+
+
+def test_pipeline_print_config_needs_no_config_file(capsys):
+    main(["pipeline", "--preset", "tiny", "--print-config", "rl=[rloo]"])
+    text = capsys.readouterr().out
+    assert "base_model: 'tiny:'" in text and "- rloo" in text

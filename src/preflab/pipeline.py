@@ -244,11 +244,24 @@ class Pipeline:
 
     # -- driver ------------------------------------------------------------------------------
 
-    def run(self, only: Callable[[str], bool] = lambda s: True) -> None:
+    def run(self, only: Callable[[str], bool] = lambda s: True, force: bool = False) -> None:
+        """Run the steps not yet finished. A rerun with a config that differs from the run's
+        ``pipeline_config.json`` (beyond logging and threads) is refused, naming the keys, unless
+        ``force``; the change is then recorded in ``pipeline.json``."""
         from preflab import models
+        from preflab.run import check_config_change
 
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "pipeline_config.json", json.dumps(dump_config(self.cfg), indent=2))
+        cfg_path = self.out / "pipeline_config.json"
+        new = dump_config(self.cfg)
+        if cfg_path.is_file() and self.done():
+            changes, _ = check_config_change(json.loads(cfg_path.read_text()), new, force=force, where=cfg_path)
+            if changes:
+                st = self.state()
+                st.setdefault("config_changes", []).append(
+                    {"after": [s["step"] for s in st["steps"]], "changes": changes})
+                atomic_write_text(self.state_path, json.dumps(st, indent=2, default=str))
+        atomic_write_text(cfg_path, json.dumps(new, indent=2))
         models.set_threads(self.cfg.threads)
         finished = self.done()
         for step in self.steps:
@@ -278,10 +291,22 @@ class Pipeline:
                    "scale where RL can work (about 2 hours on 2 CPU cores).")
 @click.option("--out", default="runs/demo", show_default=True, help="Run directory (rerun to resume).")
 @click.option("--restart", is_flag=True, help="Delete the run directory first.")
+@click.option("--force", is_flag=True, help="Rerun a run with a changed config (recorded in pipeline.json).")
+@click.option("--print-config", is_flag=True, help="Print the resolved pipeline config and exit.")
 @click.argument("overrides", nargs=-1)
-def cli(config_path, preset, out, restart, overrides):
-    """The main job: demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> evaluation -> report."""
+def cli(config_path, preset, out, restart, force, print_config, overrides):
+    """The main job: demonstrations -> SFT -> rankings -> RM -> online RL (rl: ppo, ppo_ptx by default)
+    -> evaluation -> report. Rerun the same command to resume a stopped run.
+
+    \b
+    Examples:
+      preflab pipeline --out runs/demo                     # the demo (configs/pipeline.yaml's settings)
+      preflab pipeline --preset tiny --out runs/tiny       # tiny random models, about a minute
+      preflab pipeline --out runs/rloo 'rl=[rloo]'         # RLOO instead of PPO and PPO-ptx
+      preflab pipeline --print-config > pipeline.yaml      # every key with its default
+    """
     from preflab.config import apply_overrides, load_yaml
+    from preflab.run import session
 
     # Defaults, then the preset, the YAML file and the overrides, merged key by key (a YAML that
     # sets sft.optim.lr keeps the default sft.train section).
@@ -290,7 +315,17 @@ def cli(config_path, preset, out, restart, overrides):
         data = deep_merge(data, load_yaml(config_path))
     apply_overrides(data, list(overrides))
     cfg = validate(PipelineConfig, data, config_path or "pipeline")
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+        return
     if restart and Path(out).exists():
         shutil.rmtree(out)
-    Pipeline(cfg, out).run()
+    try:
+        with session(force=force):
+            Pipeline(cfg, out).run(force=force)
+    except KeyboardInterrupt:
+        click.secho(f"\ninterrupted: rerun the same command to resume {out} where it stopped.", fg="yellow", err=True)
+        raise
 
