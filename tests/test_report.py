@@ -151,3 +151,14 @@ def test_report_command(tmp_path):
     r = CliRunner().invoke(app, ["report", str(run)])
     assert r.exit_code == 0, r.output
     assert (run / "report.html").is_file() and "report.html" in r.output
+
+
+def test_ifeval_block_is_rendered_under_the_models_table(tmp_path):
+    run = make_run(tmp_path)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    results["ifeval"] = {"settings": {"n_prompts": 3}, "models": {"sft": {
+        "n_prompts": 3, "n_instructions": 5, "prompt_level_strict": 1 / 3, "instruction_level_strict": 0.6,
+        "prompt_level_loose": 2 / 3, "instruction_level_loose": 0.8, "sentence_splitter": "nupunkt"}}}
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    body = _section(render_report(run), "models")
+    assert "IFEval" in body and "33.3%" in body and "60.0%" in body and "nupunkt" in body

@@ -42,7 +42,7 @@ def test_report_renders_without_console_errors(tmp_path, driver):
     headings = [h.text for h in driver.find_elements(By.TAG_NAME, "h2")]
     assert headings == [title for _, title, _ in SECTIONS]
     images = driver.find_elements(By.TAG_NAME, "img")
-    assert len(images) == 7
+    assert len(images) == 8  # the compare plot too
     # every embedded PNG decoded: a broken data URI has naturalWidth 0
     assert all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
                for i in images)

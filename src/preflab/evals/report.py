@@ -204,6 +204,19 @@ def _rl_runs(run_dir: Path) -> list[str]:
     return [m for m in RL_METHODS if (run_dir / m / "metrics.jsonl").is_file()] or list(PPO_RUNS)
 
 
+def render_ifeval(results: Any) -> str:
+    """IFEval-format accuracy per model (``preflab eval --ifeval``), under the models table."""
+    block = getattr(results, "ifeval", None) if results is not None else None
+    if block is None or not block.models:
+        return ""
+    rows = [[name, m.n_prompts, _fmt(m.prompt_level_strict, True), _fmt(m.instruction_level_strict, True),
+             _fmt(m.prompt_level_loose, True), _fmt(m.instruction_level_loose, True), m.sentence_splitter or ""]
+            for name, m in block.models.items()]
+    return ("<h3>Instruction following on an IFEval-format file</h3>"
+            + _table(["model", "prompts", "prompt-level strict", "instruction-level strict", "prompt-level loose",
+                      "instruction-level loose", "sentence splitter"], rows, text_cols=(0, 6)))
+
+
 def section_models(run: Run) -> str:
     if not run.results:
         return _na(run.results_na)
@@ -233,7 +246,7 @@ def section_models(run: Run) -> str:
             'reward model. The toxicity column is a PROXY (fraction of responses with a word of the '
             'better_profanity list); MC1 is a truthfulness proxy on the misconception slice; KL is to '
             f'{_e(ref)} on each model\'s own samples.</p>')
-    return note + _table(header, rows)
+    return note + _table(header, rows) + render_ifeval(run.results)
 
 
 def section_win_rate(run: Run) -> str:
