@@ -235,6 +235,27 @@ def test_lora_model_and_weight_updates(varied):
     assert torch.equal(s3.response, plain.response)
 
 
+def test_a_fused_optimizer_step_refreshes_the_snapshot(varied):
+    """Fused AdamW (the RL stage's optimizer) updates parameters without bumping their version
+    counters: the engine must still sample from the updated weights."""
+    import copy
+
+    model, tok = varied
+    policy = copy.deepcopy(model)
+    prompts = encode_prompts(tok, PROMPTS)
+    gen = HFGenerator(policy, tok)
+    before = gen.generate(prompts, max_new_tokens=12, temperature=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=0.05, fused=True)
+    for p in policy.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in policy.parameters()]
+    opt.step()
+    assert [p._version for p in policy.parameters()] == versions  # why a version check alone is not enough
+    after = gen.generate(prompts, max_new_tokens=12, temperature=0.0)
+    assert not torch.equal(after.response, before.response)
+    same_as_generate(after, hf_generate(policy, prompts, tok, max_new_tokens=12), tok.pad_token_id)
+
+
 def test_other_architectures_fall_back_to_generate():
     from transformers import AutoModelForCausalLM, GPT2Config
 

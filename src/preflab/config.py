@@ -247,6 +247,9 @@ class Rollout(Section):
     samples_per_prompt: int = Field(
         1, ge=1, description="k: samples of each prompt per rollout (rollout.batch_size prompts give batch_size * k "
                              "episodes); the group estimators (rloo, grpo) need k >= 2.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Sampling back end: hf (preflab's engine over the transformers model) or vllm (GPU; the "
+                          "vllm extra; the policy's weights are synced into it after each update).")
 
 
 class PPOHyper(Section):

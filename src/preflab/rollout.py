@@ -191,10 +191,24 @@ def make_generator(model: Any, tokenizer: Any, *, bf16: bool = False, backend: s
     if backend == "hf":
         return HFGenerator(model, tokenizer, bf16=bf16, **options)
     if backend == "vllm":
-        from preflab.generation.vllm import VLLMGenerator
+        from preflab.generation.vllm import VLLMEngine
 
-        return VLLMGenerator(model, tokenizer, bf16=bf16, **options)
+        return TokenEngineGenerator(VLLMEngine(model, tokenizer, bf16=bf16, **options), tokenizer,
+                                    device=next(model.parameters()).device)
     raise ValueError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+class TokenEngineGenerator:
+    """A ``Generator`` over a token-level engine (``engine.generate(...) -> (rows, tokens)``)."""
+
+    def __init__(self, engine: Any, tokenizer: Any, device: torch.device | str = "cpu"):
+        self.engine, self.tokenizer, self.device = engine, tokenizer, device
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
+        rows, response = self.engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, n=n)
+        return samples_from_tokens(rows, response, self.tokenizer, device=self.device)
 
 
 def samples_from_tokens(rows: list[list[int]], response: torch.Tensor, tokenizer: Any,

@@ -77,9 +77,31 @@ def effective_linear(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (w if delta is None else w + delta.to(w.dtype)), b
 
 
+_optimizer_steps = 0
+_hook: Any = None
+
+
+def _count_step(*_: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def watch_optimizers() -> None:
+    """Count every ``optimizer.step()`` in this process (a global post-step hook, registered once)."""
+    global _hook
+    if _hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _hook = register_optimizer_step_post_hook(_count_step)
+
+
 def param_version(model: Any) -> tuple[int, ...]:
-    """Changes whenever a parameter of ``model`` is modified in place (optimizer steps) or replaced."""
-    return tuple(x for p in model.parameters() for x in (id(p), p._version))
+    """Changes whenever a parameter of ``model`` is replaced, modified in place by an op that bumps
+    its version counter (``load_state_dict``, ``copy_``, foreach optimizers) or any optimizer steps:
+    fused AdamW (the RL stage's) updates parameters without bumping their version counters, so
+    steps are counted by a global hook. Writes through ``.data`` are not seen."""
+    watch_optimizers()
+    return (_optimizer_steps, *(x for p in model.parameters() for x in (id(p), p._version)))
 
 
 def _can_pack(w: torch.Tensor) -> bool:

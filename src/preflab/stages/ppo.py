@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from preflab import distributed, models, rewards
-from preflab.config import PPOConfig, dump_config
+from preflab import distributed, loop, models, rewards
+from preflab.config import PPOConfig
 from preflab.data.chat import IGNORE, Example, collate, read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError, TrainingError
@@ -54,7 +54,7 @@ from preflab.rl.estimators import (
     sequence_rewards,
 )
 from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
-from preflab.run import GeneratorState, Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
 
 RewardFn = Callable[[Samples], torch.Tensor]
@@ -296,12 +296,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     the critic is still initialised from ``models.reward_model``.
     """
     # 0. set-up ----------------------------------------------------------------------------------
-    models.set_threads(cfg.models.policy.threads)
-    device = models.pick_device(cfg.models.policy.device)
-    dist = distributed.init(device)
-    seed_everything(cfg.run.seed + 100003 * dist.rank)
-    run = RunDir(cfg.run.out, stage="ppo", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
-                 writer=dist.is_main)
+    ctx = loop.start(cfg, "ppo", cfg.models.policy, resume)
+    device, dist, run = ctx.device, ctx.dist, ctx.run
     r, p = cfg.rollout, cfg.ppo
     k, estimator = r.samples_per_prompt, ESTIMATORS[cfg.algo.estimator]
     if p.critic_warmup_steps and not estimator.needs_critic:
@@ -358,7 +354,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
 
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
-    gen = HFGenerator(policy, tokenizer, bf16=r.bf16)
+    gen = HFGenerator.for_backend(r.backend, policy, tokenizer, bf16=r.bf16)
     update_rng = torch.Generator().manual_seed(cfg.run.seed + 7)
     ptx_rng = torch.Generator().manual_seed(cfg.run.seed + 11)
     train_module = torch.nn.parallel.DistributedDataParallel(ac) if dist.enabled else ac
@@ -439,12 +435,9 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
 
     # 8. save the policy (and critic) as Hugging Face directories ---------------------------------
     checkpoint(cfg.train.steps)
-    out = Path(cfg.run.out) / "model"
-    if dist.is_main:
-        if critic is not None:
-            models.save_model(critic, tokenizer, Path(cfg.run.out) / "critic")
-        models.save_model(policy, tokenizer, out)
-    distributed.barrier()
+    if critic is not None:
+        loop.export(critic, tokenizer, Path(cfg.run.out) / "critic", ctx)
+    out = loop.export(policy, tokenizer, Path(cfg.run.out) / "model", ctx)
     run.finish()
     return out
 
