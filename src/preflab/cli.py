@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("preflab.evals.audit:cli", "Reward-hacking audit: exploit probes, RM-gold correlation by KL."),
     "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
     "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
+    "serve": ("preflab.release.serve:cli", "Serve one model behind an OpenAI-compatible API (chat, streaming)."),
 }
 
 

@@ -1,0 +1,8 @@
+"""The release loop: gate a candidate on prompt replay, serve a model behind an OpenAI-compatible
+API, route a canary share of traffic to it with feedback and rollback, and pack a run for
+reproduction.
+
+``serve.py`` (``preflab serve``), ``gate.py`` (``preflab gate``), ``route.py`` (``preflab route``),
+``repro.py`` (``preflab repro``); ``common.py`` holds what they share (OpenAI-style errors, the
+loopback rule, model hashes). See docs/release.md.
+"""

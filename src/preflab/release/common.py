@@ -1,0 +1,109 @@
+"""What the release commands share: OpenAI-style errors, the loopback rule, hashes of models."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from preflab.errors import PreflabError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, allow_public: bool) -> None:
+    """Servers bind 127.0.0.1 unless told otherwise: a non-loopback address needs ``--allow-public``."""
+    if not is_loopback(host) and not allow_public:
+        raise PreflabError(f"--host {host} is not a loopback address; pass --allow-public to expose the server "
+                           "(and set a token)")
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, **kw: Any):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, **kw), status_code=status)
+
+
+def bearer_ok(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (constant-time); no token set: always."""
+    import hmac
+
+    if token is None:
+        return True
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_hash(spec: str) -> str:
+    """sha256 over a model directory's files (names and contents), resolving ``tiny:``/``bundled:``
+    specs to their directory; a hub id without a local copy hashes its name."""
+    from preflab import models
+
+    path = Path(models.resolve(spec))
+    if not path.is_dir():
+        return hashlib.sha256(f"name:{spec}".encode()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, fsync and rename: readers see the old
+    file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+RUN_MODEL_ORDER = ("ppo_ptx", "ppo", "dpo", "rs", "sft")  # a pipeline run's last stage first
+
+
+def resolve_model(path: str) -> str:
+    """A model spec from a model directory, a stage's run directory (``RUN/model``), a pipeline run
+    (its last trained stage: ppo_ptx, ppo, dpo, rs, then sft) or a spec (``tiny:7``, ``bundled:...``)."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file():
+        return path
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    for stage in RUN_MODEL_ORDER:
+        if (p / stage / "model" / "config.json").is_file():
+            return str(p / stage / "model")
+    raise PreflabError(f"{path}: neither a model directory (config.json) nor a run directory with a model "
+                       f"(model/ or one of {', '.join(f'{s}/model' for s in RUN_MODEL_ORDER)})")
