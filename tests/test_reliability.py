@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import write_demos
+from preflab import loop
 from preflab.cli import main
 from preflab.config import PipelineConfig, PPOConfig, SFTConfig, load_config
 from preflab.errors import ConfigError, DataError, ModelError, PreflabError, TrainingError
@@ -151,10 +152,9 @@ def test_run_dir_records_failed_and_interrupted_with_the_reason(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_interrupted_and_prints_the_resume_command(tmp_path, monkeypatch, capsys):
-    from preflab.stages import sft
 
     calls = {"n": 0}
-    real = sft.clip_grad
+    real = loop.clip_grad
 
     def ctrl_c(*a, **k):
         calls["n"] += 1
@@ -162,7 +162,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_prints_the_resume_command(tmp_path
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sft, "clip_grad", ctrl_c)
+    monkeypatch.setattr(loop, "clip_grad", ctrl_c)
     args = sft_args(tmp_path, "train.max_steps=4", "run.save_every=2")
     assert run_cli(args) == 130
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import models, scoring
+from preflab import loop, models, scoring
 from preflab.config import RMConfig, load_config
 from preflab.data import rankings
 from preflab.data.chat import render_prompt
@@ -364,7 +364,7 @@ def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
     w_full = model_weights(reward.train(rm_cfg(tmp_path / "full", data, *args)))
     cut = rm_cfg(tmp_path / "cut", data, *args, "run.save_every=2")
     calls = {"n": 0}
-    real = reward.clip_grad
+    real = loop.clip_grad
 
     def boom(*a, **k):
         calls["n"] += 1
@@ -372,7 +372,7 @@ def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(reward, "clip_grad", boom)
+    monkeypatch.setattr(loop, "clip_grad", boom)
     with pytest.raises(KeyboardInterrupt):
         reward.train(cut)
     monkeypatch.undo()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights, write_demos
-from preflab import models
+from preflab import loop, models
 from preflab.config import SFTConfig, load_config
 from preflab.data.chat import IGNORE, collate, parse_demo, read_demos, tokenize_conversation
 from preflab.errors import DataError, ModelError
@@ -77,7 +77,7 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
 
 def _kill_at_step(monkeypatch, step):
     calls = {"n": 0}
-    real = sft.clip_grad
+    real = loop.clip_grad
 
     def boom(*args, **kwargs):
         calls["n"] += 1
@@ -85,7 +85,7 @@ def _kill_at_step(monkeypatch, step):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "clip_grad", boom)
+    monkeypatch.setattr(loop, "clip_grad", boom)
 
 
 def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):

@@ -17,7 +17,6 @@ rank 0 alone writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -28,18 +27,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from preflab import distributed, models
-from preflab.config import RMConfig, dump_config
+from preflab import distributed, loop, models
+from preflab.config import RMConfig
 from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
 from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair, read_groups, split_val
-from preflab.errors import DataError, TrainingError
+from preflab.errors import TrainingError
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.lm import unwrap
-from preflab.optim import clip_grad, make_optimizer
+from preflab.optim import make_optimizer
 from preflab.rl.ranking import ranking_loss
-from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.run import Progress, peak_rss_mb
 from preflab.scoring import Scorer, batch_tokens, collate_groups, score_groups, score_ids, scorer_inputs
 
 # ---------------------------------------------------------------------------------------------
@@ -72,12 +71,8 @@ def normalisation(demo_scores: list[float], policy_scores: list[float], *, demos
 def train(cfg: RMConfig, resume: bool = False) -> Path:
     """Train, normalise, evaluate and save a reward model; returns the saved Hugging Face directory."""
     # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
-    models.set_threads(cfg.model.threads)
-    device = models.pick_device(cfg.model.device)
-    dist = distributed.init(device)
-    seed_everything(cfg.run.seed + 100003 * dist.rank)
-    run = RunDir(cfg.run.out, stage="rm", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
-                 writer=dist.is_main)
+    ctx = loop.start(cfg, "rm", cfg.model, resume)
+    device, dist, run = ctx.device, ctx.dist, ctx.run
     bf16, d = cfg.train.bf16, cfg.data
 
     # 1. data: parse every source before any training, drop all-tied rankings, tokenize once ----
@@ -90,11 +85,9 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     n_read = len(train_g)
     train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
     train_ex, val_ex = encode_groups(tokenizer, train_g, d.max_length), encode_groups(tokenizer, val_g, d.max_length)
-    global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size
-    if len(train_ex) < global_batch:
-        raise DataError(f"{d.train}: {len(train_ex)} rankings with an untied pair, fewer than one global batch "
-                        f"({global_batch} = batch_prompts x grad_accum x ranks)")
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * (len(train_ex) // global_batch)))
+    global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size  # prompts x accum x ranks
+    total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
+                                   "rankings with an untied pair")
     run.log(f"rm: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / "
             f"{len(val_ex)} held out, {total_steps} steps, loss {cfg.train.loss}")
 
@@ -141,9 +134,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             sums = torch.zeros(3, dtype=torch.float64)  # loss sum, pairs, correct pairs
             for j, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                sync = not dist.enabled or j == len(batches) - 1
-                ctx = scorer.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with loop.micro_step(scorer, ctx, j, len(batches), bf16):
                     flat = scorer(**scorer_inputs(batch))
                     parts = ranking_loss(flat, batch["ranks"], batch["valid"], cfg.train.loss)
                     (parts.total * scale).backward()
@@ -153,12 +144,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                     f"{run.latest_checkpoint() or 'none'}")
-            grad_norm = clip_grad(params, cfg.optim.max_grad_norm, step=step + 1,
-                                  last_good=str(run.latest_checkpoint() or 'none'))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
             dt = time.perf_counter() - t0
@@ -211,9 +197,6 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     run.log_metrics(total_steps, final)
 
     # 6. a plain Hugging Face sequence-classification checkpoint (LoRA merged) -------------------
-    out = Path(cfg.run.out) / "model"
-    if dist.is_main:
-        models.save_model(model, tokenizer, out)
-    distributed.barrier()
+    out = loop.export(model, tokenizer, Path(cfg.run.out) / "model", ctx)
     run.finish(final_metrics=final)
     return out

@@ -7,7 +7,6 @@ batch, the loss is normalised by the step's global token count, rank 0 alone wri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -16,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from preflab import distributed, models
-from preflab.config import SFTConfig, dump_config
+from preflab import distributed, loop, models
+from preflab.config import SFTConfig
 from preflab.data.chat import IGNORE, Example, collate, pack, read_demos, tokenize_conversation
 from preflab.data.jsonl import atomic_dir
 from preflab.data.order import rank_slice, step_indices
-from preflab.errors import DataError, TrainingError
+from preflab.errors import TrainingError
 from preflab.lm import TokenNLL
-from preflab.optim import clip_grad, make_optimizer
-from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.optim import make_optimizer
+from preflab.run import Progress, peak_rss_mb
 
 
 def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -57,12 +56,8 @@ def validation_loss(loss_fn: TokenNLL, examples: list[Example], batch_size: int,
 def train(cfg: SFTConfig, resume: bool = False) -> Path:
     """Run SFT as configured; returns the directory of the saved Hugging Face model."""
     # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
-    models.set_threads(cfg.model.threads)
-    device = models.pick_device(cfg.model.device)
-    dist = distributed.init(device)
-    seed_everything(cfg.run.seed + 100003 * dist.rank)
-    run = RunDir(cfg.run.out, stage="sft", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
-                 writer=dist.is_main)
+    ctx = loop.start(cfg, "sft", cfg.model, resume)
+    device, dist, run = ctx.device, ctx.dist, ctx.run
     bf16 = cfg.train.bf16
 
     # 1. data: parse every file before any training, tokenize once, hold out validation -------
@@ -79,12 +74,9 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
         train_ex, val_ex = split_val(train_ex, cfg.data.val_fraction, cfg.run.seed)
     if cfg.data.packing:
         train_ex = pack(train_ex, cfg.data.max_length)
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
-    if len(train_ex) < global_batch:
-        raise DataError(f"{cfg.data.train}: {len(train_ex)} training examples, fewer than one global batch "
-                        f"({global_batch} = batch_size x grad_accum x ranks)")
-    steps_per_epoch = len(train_ex) // global_batch
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size  # batch_size x grad_accum x ranks
+    total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps,
+                                   cfg.data.train, "training examples")
     run.log(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {total_steps} steps")
 
     # 2. model, optimizer, schedule; resume from the newest checkpoint --------------------------
@@ -123,9 +115,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             loss_sum = torch.zeros((), dtype=torch.float64)
             for j, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                sync = not dist.enabled or j == len(batches) - 1
-                ctx = loss_fn.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with loop.micro_step(loss_fn, ctx, j, len(batches), bf16):
                     nll, _ = loss_fn(**batch)
                     (nll * scale).backward()
                 loss_sum += nll.detach().double().cpu()
@@ -133,12 +123,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                     f"{run.latest_checkpoint() or 'none'}")
-            grad_norm = clip_grad(params, cfg.optim.max_grad_norm, step=step + 1,
-                                  last_good=str(run.latest_checkpoint() or 'none'))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
             dt = time.perf_counter() - t0
@@ -171,10 +156,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
             best.load_into(model)
             run.log(f"sft: exporting step {best.step} (val loss {best.val_loss:.4f}), not the last step")
         final.update({"best/step": best.step, "best/val_loss": best.val_loss})
-    out = Path(cfg.run.out) / "model"
-    if dist.is_main:
-        models.save_model(model, tokenizer, out)
-    distributed.barrier()
+    out = loop.export(model, tokenizer, Path(cfg.run.out) / "model", ctx)
     run.finish(final_metrics=final)
     return out
 

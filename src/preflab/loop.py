@@ -1,0 +1,87 @@
+"""The pieces every training loop shares, as plain functions (no base class): set-up, the number of
+steps, accumulation over micro-batches, the guarded optimizer step and the export.
+
+A stage reads top to bottom and calls these where its numbered steps say so::
+
+    ctx = loop.start(cfg, "sft", cfg.model, resume)          # threads, device, ranks, seed, run dir
+    total = loop.total_steps(len(train), global_batch, cfg.train.epochs, cfg.train.max_steps, source)
+    for j, batch in enumerate(batches):
+        with loop.micro_step(module, ctx, j, len(batches), bf16):   # no_sync except the last, autocast
+            ...loss.backward()
+    grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, ctx.run, step)
+    loop.export(model, tokenizer, out, ctx)                     # rank 0 saves, every rank waits
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preflab import distributed, models
+from preflab.config import dump_config
+from preflab.errors import DataError
+from preflab.optim import clip_grad
+from preflab.run import RunDir, seed_everything
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dist: distributed.Dist
+    run: RunDir
+
+
+def start(cfg: Any, stage: str, model: Any, resume: bool) -> Context:
+    """Threads and device from ``model`` (a ModelSection), join the ranks, seed each rank
+    (seed + 100003 x rank), open the run directory (rank 0 writes)."""
+    models.set_threads(model.threads)
+    device = models.pick_device(model.device)
+    dist = distributed.init(device)
+    seed_everything(cfg.run.seed + 100003 * dist.rank)
+    run = RunDir(cfg.run.out, stage=stage, config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
+                 writer=dist.is_main)
+    return Context(device, dist, run)
+
+
+def total_steps(n_examples: int, global_batch: int, epochs: float, max_steps: int | None, source: str,
+                what: str = "examples") -> int:
+    """Optimizer steps for ``epochs`` over ``n_examples`` in global batches (no partial batch), or
+    ``max_steps``; a DataError naming ``source`` when there is not one batch."""
+    if n_examples < global_batch:
+        raise DataError(f"{source}: {n_examples} {what}, fewer than one global batch ({global_batch})")
+    return max_steps or max(1, math.ceil(epochs * (n_examples // global_batch)))
+
+
+@contextlib.contextmanager
+def micro_step(module: torch.nn.Module, ctx: Context, j: int, n: int, bf16: bool) -> Iterator[None]:
+    """One micro-batch of an accumulated step: DDP syncs gradients only on the last, bf16 autocast."""
+    sync = not ctx.dist.enabled or j == n - 1
+    with (contextlib.nullcontext() if sync else module.no_sync()), \
+            torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+        yield
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                   max_grad_norm: float | None, run: RunDir, step: int) -> tuple[float, float]:
+    """Clip (a non-finite norm stops here, naming step ``step + 1`` and the last good checkpoint:
+    nothing is applied), step, advance the schedule, clear the gradients. Returns (grad norm, lr used)."""
+    grad_norm = clip_grad(params, max_grad_norm, step=step + 1, last_good=str(run.latest_checkpoint() or "none"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def export(model: torch.nn.Module, tokenizer: Any, out: Path, ctx: Context) -> Path:
+    """A plain Hugging Face directory (LoRA merged), written by rank 0; every rank waits for it."""
+    if ctx.dist.is_main:
+        models.save_model(model, tokenizer, out)
+    distributed.barrier()
+    return out
