@@ -225,9 +225,14 @@ def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * x.to(h.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotary_tables(w: Snapshot, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, D) cos and sign-folded sin from the model's own rotary module (rope scaling
+    included): sin's first half negated, so ``x * cos + roll(x, D/2) * sin`` is transformers'
+    ``x * cos + rotate_half(x) * sin`` with one op fewer."""
+    cos, sin = w.rotary(torch.empty(0, dtype=w.resid, device=device), torch.arange(positions, device=device)[None])
+    cos, sin = cos[0], sin[0]
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 @dataclass
@@ -256,7 +261,8 @@ def forward(w: Snapshot, ids: torch.Tensor, pos: torch.Tensor, cache: Cache, cos
     start, end = cache.length, cache.length + T
     H, KV, D = w.n_heads, w.n_kv, w.head_dim
     h = F.embedding(ids, w.embed)
-    cos, sin = cos_table[pos].unsqueeze(1), sin_table[pos].unsqueeze(1)  # (B, 1, T, D)
+    # (B, T, 1, D). rotate_half(x) * sin == roll(x, D/2) * sin_signed exactly (only signs move).
+    cos, sin = cos_table[pos].unsqueeze(2), sin_table[pos].unsqueeze(2)
     valid = cache.key_valid[:, :end]
     if T == 1:
         mask = valid[:, None, None, :]
@@ -269,13 +275,11 @@ def forward(w: Snapshot, ids: torch.Tensor, pos: torch.Tensor, cache: Cache, cos
     for i, lw in enumerate(w.layers):
         x = _rms(h, lw.ln1, w.eps).to(w.mm)
         qkv = lw.qkv(x)
-        q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, KV, D).transpose(1, 2)
-        q = (q * cos + _rotate_half(q) * sin).to(w.mm)
-        k = (k * cos + _rotate_half(k) * sin).to(w.mm)
+        qk = qkv[..., :(H + KV) * D].view(B, T, H + KV, D)  # rotary on q and k heads at once
+        qk = (qk * cos + qk.roll(D // 2, -1) * sin).to(w.mm)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         cache.k[i, :, :, start:end] = k
-        cache.v[i, :, :, start:end] = v.view(B, T, KV, D).transpose(1, 2)
+        cache.v[i, :, :, start:end] = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
         if T == 1:  # one query per row: the heads of a KV group are its queries (transformers' pack_gqa)
             a = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), cache.k[i, :, :, :end],
                                                cache.v[i, :, :, :end], attn_mask=mask, scale=D ** -0.5)
@@ -374,9 +378,7 @@ class Engine:
         mask = torch.tensor([[0] * (Tp - len(h)) + [1] * len(h) for h in heads], dtype=torch.long)
         S = Tp + max_new
         pos_max = int(mask.sum(1).max()) + max_new
-        pos_all = torch.arange(pos_max, device=dev)[None]
-        cos_t, sin_t = w.rotary(torch.empty(0, dtype=w.resid, device=dev), pos_all)
-        cos_t, sin_t = cos_t[0], sin_t[0]
+        cos_t, sin_t = rotary_tables(w, pos_max, dev)
         ids, mask = ids.to(dev), mask.to(dev)
         key_valid = torch.ones((len(heads), S), dtype=torch.bool, device=dev)
         key_valid[:, :Tp] = mask.bool()
