@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
     "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
     "serve": ("preflab.release.serve:cli", "Serve one model behind an OpenAI-compatible API (chat, streaming)."),
+    "gate": ("preflab.release.gate:cli", "Release gate: candidate vs incumbent on a frozen prompt replay; exit 0/1."),
 }
 
 
