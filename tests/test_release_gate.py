@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from preflab.cli import main
-from preflab.release.gate import Judge, Policy, gate, parse_choice, pairwise_votes
+from preflab.release.gate import Judge, Policy, gate, pairwise_votes, parse_choice
 
 POLICY = """
 prompts_per_slice: 3
@@ -175,8 +175,8 @@ def test_own_prompts_with_a_local_serve_judge(tmp_path):
 
     import uvicorn
 
-    from preflab.release.serve import LocalModel, build_app
     from helpers import free_port
+    from preflab.release.serve import LocalModel, build_app
 
     local = LocalModel("tiny:7", name="judge", max_new_tokens=3, max_prompt_tokens=4096)
     app = build_app(local)

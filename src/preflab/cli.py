@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
     "serve": ("preflab.release.serve:cli", "Serve one model behind an OpenAI-compatible API (chat, streaming)."),
     "gate": ("preflab.release.gate:cli", "Release gate: candidate vs incumbent on a frozen prompt replay; exit 0/1."),
+    "route": ("preflab.release.route:cli", "Canary router over OpenAI-compatible back ends: feedback, rollback."),
 }
 
 
