@@ -62,7 +62,7 @@ def test_kl_grid_makes_one_cell_per_value_with_the_value_applied(run):
           "train.steps=1"])
     rows = rows_of(out / "compare.json")[1:]
     assert [r["label"] for r in rows] == ["reinforce_pp[kl.coef=0]", "reinforce_pp[kl.coef=0.5]"]
-    assert [r["settings"] for r in rows] == [{"kl.coef": 0}, {"kl.coef": 0.5}]
+    assert [r["settings"] for r in rows] == [{"train.steps": 1, "kl.coef": 0}, {"train.steps": 1, "kl.coef": 0.5}]
     coefs = [json.loads((out / "cells" / f"{r['label']}-s0/train/manifest.json").read_text())["config"]["kl"]["coef"]
              for r in rows]
     assert coefs == [0, 0.5]

@@ -133,7 +133,8 @@ class Comparison:
                            max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], batch_size=e.batch_size,
                            bf16=e.bf16, seed=s["seed"])
         t2 = time.perf_counter()
-        row = {"method": method, "label": label, "seed": seed, "settings": point,
+        settings = {**dict((".".join(k), v) for k, v in map(parse_override, self.overrides)), **point}
+        row = {"method": method, "label": label, "seed": seed, "settings": settings,
                **_row_from_results(results, method),
                "seconds": round(t2 - t0, 1), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
         atomic_write_text(done, json.dumps(row, indent=2) + "\n")
