@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("preflab.release.serve:cli", "Serve one model behind an OpenAI-compatible API (chat, streaming)."),
     "gate": ("preflab.release.gate:cli", "Release gate: candidate vs incumbent on a frozen prompt replay; exit 0/1."),
     "route": ("preflab.release.route:cli", "Canary router over OpenAI-compatible back ends: feedback, rollback."),
+    "repro": ("preflab.release.repro:cli", "Reproducibility package of a run: pack, and verify by re-evaluating."),
 }
 
 
