@@ -197,6 +197,22 @@ def test_negative_feedback_rolls_back(tmp_path, two):
         assert "negative feedback" in json.loads(ev["detail"])["reason"]
 
 
+@pytest.mark.parametrize("reply,delay,thresholds,reason", [
+    ("I can't help with that.", 0.0, {"min_requests": 6, "refusal_rate": 0.5}, "refusal rate"),
+    ("fine", 0.15, {"min_requests": 6, "latency_p95_ms": 100}, "latency p95"),
+])
+def test_canary_thresholds_roll_back(tmp_path, reply, delay, thresholds, reason):
+    with ThreadServer(fake_backend("prod")) as inc, ThreadServer(fake_backend("cand", reply=reply,
+                                                                                delay_s=delay)) as cand:
+        cfg = _cfg(tmp_path, inc.url, cand.url, share=1.0, **thresholds)
+        with ThreadServer(build_app(cfg)) as router, httpx.Client(base_url=router.url, timeout=30) as c:
+            served = [_ask(c, f"u{i}").headers["x-preflab-backend"] for i in range(8)]
+            assert served == ["cand"] * 6 + ["prod"] * 2  # rolled back after the 6th
+        ev = _db(cfg).execute("SELECT backend, detail FROM route_events WHERE kind = 'auto_rollback'").fetchall()
+        assert len(ev) == 1 and ev[0]["backend"] == "cand" and reason in json.loads(ev[0]["detail"])["reason"]
+        assert json.loads(cfg.state_path.read_text())["shares"] == {"cand": 0.0}
+
+
 def test_admin_needs_token_and_changes_state_atomically(tmp_path, two):
     inc, cand = two
     cfg = _cfg(tmp_path, inc.url, cand.url, share=0.05)
@@ -317,11 +333,17 @@ def test_real_serve_behind_the_router(tmp_path):
                 big = c.post("/v1/chat/completions", json={"model": "preflab",
                                                            "messages": [{"role": "user", "content": "x" * 300}]})
                 assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+                big = c.post("/v1/chat/completions", json={"model": "preflab", "stream": True,
+                                                           "messages": [{"role": "user", "content": "x" * 300}]})
+                assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
                 f = c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "down", "note": "gibberish"})
                 assert f.status_code == 200
                 db = _db(cfg)
                 assert _wait(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None, 60)
-                versions = {row[0] for row in db.execute("SELECT model_version FROM route_exchanges")}
+                assert [tuple(r) for r in db.execute("SELECT status, http_status FROM route_exchanges WHERE "
+                                                     "status != 'ok'")] == [("rejected", 400)] * 2
+                versions = {row[0] for row in db.execute("SELECT model_version FROM route_exchanges "
+                                                         "WHERE status = 'ok'")}
                 assert len(versions) == 1 and len(versions.pop()) == 16  # serve's model hash
     finally:
         serve.kill()

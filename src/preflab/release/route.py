@@ -30,6 +30,7 @@ Breaching a threshold sets the candidate's share to 0 (rollback), recorded in
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import random
@@ -377,20 +378,21 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     from preflab.feedback.rubric import is_refusal
 
     router = Router(cfg)
-    app = FastAPI(title="preflab route", docs_url=None, redoc_url=None)
-    app.state.router = router
     client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0)),
                                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     worker = FeedbackWorker(cfg, router)
 
-    @app.on_event("startup")
-    async def _start():
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
         worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+            await client.aclose()
 
-    @app.on_event("shutdown")
-    async def _stop():
-        worker.stop()
-        await client.aclose()
+    app = FastAPI(title="preflab route", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.router = router
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -477,6 +479,15 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
                 router.watch(name)
                 continue
             retried_from = first if name != first else None
+            if body.get("stream") and resp.status_code != 200:  # a 4xx before any event: pass it on as JSON
+                raw = await resp.aread()
+                await resp.aclose()
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    data = None
+                return await rejected(base, name, resp.status_code, data, raw.decode(errors="replace"),
+                                      (time.perf_counter() - t0) * 1000)
             if body.get("stream"):
                 return StreamingResponse(relay(resp, b, base, t0, retried_from), media_type="text/event-stream",
                                          headers={"x-preflab-exchange-id": xid, "x-preflab-backend": name})
@@ -486,8 +497,7 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
             except ValueError:
                 data = None
             if resp.status_code != 200 or not isinstance(data, dict):  # the back end's own 4xx: pass it on
-                return JSONResponse(data if isinstance(data, dict) else {"error": {"message": resp.text}},
-                                    status_code=resp.status_code)
+                return await rejected(base, name, resp.status_code, data, resp.text, latency)
             text = _content(data)
             version = resp.headers.get("x-preflab-model-version") or data.get("system_fingerprint") or b.model
             await run_in_threadpool(router.log.exchange, {
@@ -504,6 +514,15 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
         return error_response(status, "no back end could serve the request: " + "; ".join(errors),
                               type_="server_error", code="backend_unavailable" if unreachable else "backend_error")
 
+    async def rejected(base: dict, name: str, status: int, data: Any, text: str, latency: float):
+        """A back end's 4xx (e.g. a prompt too long for it): logged as ``rejected`` and passed on."""
+        body = data if isinstance(data, dict) else {"error": {"message": text[:500], "type": "invalid_request_error",
+                                                             "param": None, "code": None}}
+        await run_in_threadpool(router.log.exchange, {
+            **base, "created_at": time.time(), "backend": name, "status": "rejected", "http_status": status,
+            "latency_ms": latency, "error": json.dumps(body)[:1000]})
+        return JSONResponse(body, status_code=status, headers={"x-preflab-exchange-id": base["id"]})
+
     async def open_stream(client, b: Backend, body: dict, headers: dict):
         req = client.build_request("POST", b.url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers)
         resp = await client.send(req, stream=True)
@@ -518,25 +537,20 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
         status, error = "ok", None
         version = resp.headers.get("x-preflab-model-version") or b.model
         try:
-            if resp.status_code != 200:
-                raw = await resp.aread()
-                status, error = "error", f"HTTP {resp.status_code}: {raw[:200]!r}"
-                yield f"data: {raw.decode(errors='replace')}\n\n"
-            else:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[len("data: "):]
-                    if payload.strip() == "[DONE]":
-                        break
-                    try:
-                        chunk = json.loads(payload)
-                    except json.JSONDecodeError:
-                        continue
-                    for ch in chunk.get("choices") or []:
-                        parts.append((ch.get("delta") or {}).get("content") or "")
-                    chunk.update(id=base["id"], model=cfg.model)
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: "):]
+                if payload.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(payload)
+                except json.JSONDecodeError:
+                    continue
+                for ch in chunk.get("choices") or []:
+                    parts.append((ch.get("delta") or {}).get("content") or "")
+                chunk.update(id=base["id"], model=cfg.model)
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except httpx.HTTPError as e:  # the back end died mid-stream: too late to retry
             status, error = "error", f"{b.name} broke off the stream: {type(e).__name__}"
             router.mark_down(b.name)
