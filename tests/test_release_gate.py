@@ -209,3 +209,27 @@ def test_ai_labeler_judge_is_symmetric_in_the_two_sides():
     wc, wi = pairwise_votes(judge, prompts, b, a)
     assert (vc, vi) == (wi, wc)  # both orders asked: swapping the sides swaps the votes
     assert all(0 <= x + y <= 2 for x, y in zip(vc, vi))
+
+
+def test_paths_resolve_to_models(tmp_path):
+    from preflab.errors import PreflabError
+    from preflab.release.common import resolve_model
+
+    for d in ("run/sft/model", "run/ppo/model", "stage/model", "plain"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "run")) == str(tmp_path / "run/ppo/model")  # the last trained stage
+    assert resolve_model(str(tmp_path / "stage")) == str(tmp_path / "stage/model")
+    assert resolve_model(str(tmp_path / "plain")) == str(tmp_path / "plain")
+    assert resolve_model("tiny:7") == "tiny:7"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreflabError, match="neither a model directory"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_bad_policy_is_one_clear_error(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("criteria: {win_rate_lower_bound: 2}\nsurprise: 1\n")
+    assert _run(["gate", "--candidate", "tiny:7", "--incumbent", "tiny:7", "--policy", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "win_rate_lower_bound" in err and "surprise" in err
