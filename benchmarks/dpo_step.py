@@ -105,10 +105,10 @@ def run_preflab(warmup: int, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optim_cfg = DPOOptim()
     optimizer, scheduler = make_optimizer(params, optim_cfg, warmup + steps)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(warmup + steps):
         # --- step 5 (one rank, grad_accum 1) ---
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = collate_ranked(examples, tokenizer.pad_token_id, share_prefix=True)
         scale = 1 / PAIRS
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -119,8 +119,9 @@ def run_preflab(warmup: int, steps: int) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(parts.total.item() / PAIRS)
-    return {"times": times, "losses": losses, "tokens_per_step": batch_tokens(batch),
+    return {"times": times, "cpu_times": cpu, "losses": losses, "tokens_per_step": batch_tokens(batch),
             "reference_once_s": reference_once}
 
 
@@ -158,10 +159,10 @@ def run_trl(warmup: int, steps: int, precompute: bool) -> dict:
 
         def on_step_begin(self, args, state, control, **kw):
             if not self.marks:
-                self.marks.append(time.perf_counter())
+                self.marks.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
 
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
@@ -179,8 +180,9 @@ def run_trl(warmup: int, steps: int, precompute: bool) -> dict:
         t0 = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t0
-    times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-    return {"times": times, "losses": [], "tokens_per_step": PAIRS * 2 * (PROMPT_TOKENS + RESPONSE_TOKENS),
+    times = [b[0] - a[0] for a, b in zip(timer.marks, timer.marks[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(timer.marks, timer.marks[1:])]
+    return {"times": times, "cpu_times": cpu, "losses": [], "tokens_per_step": PAIRS * 2 * (PROMPT_TOKENS + RESPONSE_TOKENS),
             "train_call_s": total}
 
 
@@ -189,14 +191,14 @@ def one(tool: str, warmup: int, steps: int) -> dict:
     import torch
 
     timed = res.pop("times")
-    return {"tool": tool, "step_times_s": timed, "warmup_steps": warmup, "peak_rss_gib": peak_rss_gib(),
+    return {"tool": tool, "step_times_s": timed, "step_cpu_s": res.pop("cpu_times"), "warmup_steps": warmup, "peak_rss_gib": peak_rss_gib(),
             "threads": torch.get_num_threads(), **res}
 
 
-def spawn(tool: str, warmup: int, steps: int) -> dict:
+def spawn(tool: str, warmup: int, steps: int, env: dict | None = None) -> dict:
     load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, __file__, "--one", tool, "--warmup", str(warmup), "--steps", str(steps),
-                           "--threads", str(THREADS)], capture_output=True, text=True)
+                           "--threads", str(THREADS)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"tool": tool, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -209,9 +211,12 @@ def summarise(tool: str, runs: list[dict], warmup: int) -> dict:
     if not ok:
         return {"tool": tool, "error": runs[-1]["error"] if runs else "not run"}
     timed = [t for r in ok for t in r["step_times_s"][warmup:]]
+    cpu = [t for r in ok for t in r["step_cpu_s"][warmup:]]
     med = statistics.median(timed)
     out = {"tool": tool, "s_per_step": med, "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
+           "min_s_per_step": min(timed), "cpu_s_per_step": statistics.median(cpu),
            "timed_steps": len(timed), "processes": len(ok), "step_times_s": [r["step_times_s"] for r in ok],
+           "step_cpu_s": [r["step_cpu_s"] for r in ok],
            "tokens_per_step": ok[0]["tokens_per_step"], "pairs_per_s": PAIRS / med,
            "load_1min": [[r["load_1min_before"], r["load_1min_after"]] for r in ok]}
     if tool == "preflab":
@@ -234,9 +239,8 @@ def machine() -> dict:
         try:
             import machine as machine_helper
 
-            describe = getattr(machine_helper, "describe", None) or getattr(machine_helper, "machine", None)
-            if callable(describe):
-                info["machine"] = describe()
+            info["machine"] = machine_helper.describe()
+            machine_helper.print_machine(info["machine"])
         except Exception as e:  # a helper that fails must not lose the measurements
             info["machine_error"] = repr(e)
     return info
@@ -260,12 +264,13 @@ def print_table(results: list[dict], notes: list[str]) -> None:
                     f"tokens, bf16 autocast, {THREADS} threads (median of timed steps)")
     for col in ("tool", "s/step", "pairs/s", "peak RSS GiB", "timed steps"):
         t.add_column(col, justify="left" if col == "tool" else "right")
+    t.add_column("CPU s/step", justify="right")
     for r in results:
         if "error" in r:
             t.add_row(r["tool"], "error", "", "", " ".join(map(str, r["error"]))[:80])
             continue
         t.add_row(r["tool"], f"{r['s_per_step']:.2f}", f"{r['pairs_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}",
-                  str(r["timed_steps"]))
+                  str(r["timed_steps"]), f"{r['cpu_s_per_step']:.1f}")
     for ref in REFERENCES:
         t.add_row(f"[dim]{ref['tool']}[/dim]", f"[dim]{ref['s_per_step']:.1f}[/dim]", "",
                   f"[dim]{ref['peak_rss_gib']:.1f}[/dim]", "")
@@ -286,6 +291,9 @@ def main() -> None:
                     help="also run TRL with precompute_ref_log_probs=True (reference cached, like preflab)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of both tools (the issue's: 2)")
+    ap.add_argument("--passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for both tools: idle OpenMP threads sleep instead of spinning, "
+                         "which keeps a loaded, shared machine from inflating both tools' times")
     a = ap.parse_args()
     THREADS = a.threads
     if a.one:
@@ -296,10 +304,11 @@ def main() -> None:
     if version is None:
         tools = ["preflab"]
     runs: dict[str, list[dict]] = {t: [] for t in tools}
+    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"} if a.passive else None
     load_start = os.getloadavg()
     for _ in range(a.rounds):
         for tool in tools:
-            runs[tool].append(spawn(tool, a.warmup, a.steps))
+            runs[tool].append(spawn(tool, a.warmup, a.steps, env))
     load_end = os.getloadavg()
     results = [summarise(t, runs[t], a.warmup) for t in tools]
     notes = []
@@ -308,6 +317,12 @@ def main() -> None:
     if ratio is not None:
         notes.append(f"preflab / TRL time per step: {ratio:.2f}x (target <= {TARGET_RATIO}x: "
                      f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    if "preflab" in by and "trl" in by:
+        notes.append(f"CPU seconds per step (process time, all threads), preflab / TRL: "
+                     f"{by['preflab']['cpu_s_per_step']:.1f} / {by['trl']['cpu_s_per_step']:.1f} = "
+                     f"{by['preflab']['cpu_s_per_step'] / by['trl']['cpu_s_per_step']:.2f}x; fastest steps: "
+                     f"{by['preflab']['min_s_per_step']:.1f} / {by['trl']['min_s_per_step']:.1f} s = "
+                     f"{by['preflab']['min_s_per_step'] / by['trl']['min_s_per_step']:.2f}x")
     if "preflab" in by and "trl-precompute" in by:
         notes.append(f"preflab / TRL with precompute_ref_log_probs: "
                      f"{by['preflab']['s_per_step'] / by['trl-precompute']['s_per_step']:.2f}x")
@@ -315,14 +330,16 @@ def main() -> None:
         notes.append("trl is not importable here (pip install 'preflab[bench]'); TRL not run")
     notes.append(f"1-minute load average at start/end: {load_start[0]:.2f} / {load_end[0]:.2f} "
                  f"({os.cpu_count()} CPUs, shared with other work)")
-    info = machine()
-    notes.append(f"machine: {json.dumps(info)}")
     print_table(results, notes)
+    info = machine()  # printed by benchmarks/machine.py when that helper is there
+    if "machine" not in info:
+        print(f"machine: {json.dumps(info)}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({
             "results": results, "trl_version": version, "ratio_preflab_over_trl": ratio,
             "target_ratio": TARGET_RATIO, "load_1min": {"start": load_start[0], "end": load_end[0]},
+            "omp_wait_policy": "PASSIVE" if a.passive else os.environ.get("OMP_WAIT_POLICY"),
             "workload": {"model": MODEL, "pairs": PAIRS, "prompt_tokens": PROMPT_TOKENS,
                          "response_tokens": RESPONSE_TOKENS, "beta": BETA, "loss": "sigmoid", "bf16_autocast": True,
                          "gradient_checkpointing": False, "threads": THREADS, "rounds": a.rounds,

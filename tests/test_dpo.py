@@ -132,14 +132,16 @@ def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss,first", [
-    ("dpo", math.log(2)),  # policy == reference: h = 0, -log sigmoid(0) = log 2
-    ("cdpo", math.log(2)),  # (1 - eps) log 2 + eps log 2
-    ("ipo", 25.0),  # (0 - 1 / (2 * 0.1))^2 = 5^2: beta = 0.1 and the reference both pinned
+@pytest.mark.parametrize("loss,beta,first", [
+    ("dpo", None, math.log(2)),  # policy == reference: h = 0, -log sigmoid(0) = log 2
+    ("cdpo", None, math.log(2)),  # (1 - eps) log 2 + eps log 2
+    ("ipo", None, 25.0),  # (0 - 1 / (2 * 0.1))^2 = 5^2: the default beta 0.1 and the reference both pinned
+    ("ipo", 0.25, 4.0),  # (0 - 1 / (2 * 0.25))^2 = 2^2: the configured beta reaches the loss
 ])
-def test_first_step_loss_pins_the_reference_and_beta(tmp_path, loss, first):
+def test_first_step_loss_pins_the_reference_and_beta(tmp_path, loss, beta, first):
     data = write_mixed(tmp_path / "m.jsonl")
-    cfg = dpo_cfg(tmp_path, data, f"dpo.loss={loss}", "train.batch_prompts=8", "train.max_steps=2")
+    cfg = dpo_cfg(tmp_path, data, f"dpo.loss={loss}", "train.batch_prompts=8", "train.max_steps=2",
+                  *([f"dpo.beta={beta}"] if beta else []))
     dpo.train(cfg)
     rows = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
     assert rows[0]["train/loss"] == pytest.approx(first, abs=1e-5)

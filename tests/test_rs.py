@@ -7,10 +7,10 @@ import json
 import pytest
 
 from helpers import max_param_diff, model_weights
-from preflab import models
+from preflab import loop, models
 from preflab.config import RSConfig, load_config
 from preflab.errors import DataError
-from preflab.stages import rs, sft
+from preflab.stages import rs
 
 
 def write_prompts(path, n=8):
@@ -84,7 +84,7 @@ def test_resume_keeps_the_picks_and_resumes_the_rounds_sft(tmp_path, monkeypatch
     full = rs_cfg(tmp_path / "full", "train.max_steps=3")
     w_full = model_weights(rs.train(full))
     calls = {"n": 0}
-    real = sft.clip_grad
+    real = loop.clip_grad
 
     def boom(*a, **k):
         calls["n"] += 1
@@ -92,7 +92,7 @@ def test_resume_keeps_the_picks_and_resumes_the_rounds_sft(tmp_path, monkeypatch
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(sft, "clip_grad", boom)
+    monkeypatch.setattr(loop, "clip_grad", boom)
     with pytest.raises(KeyboardInterrupt):
         rs.train(cfg)
     monkeypatch.undo()
