@@ -203,6 +203,9 @@ def main() -> None:
                         "wilson_95": [round(lo, 4), round(hi, 4)], "share_within_interval": lo <= a.share <= hi},
         "sticky_violations_before_kill": sum(len(b) > 1 for b in per_user.values()),
         "logged_rows": len(logged), "acknowledged_not_logged": len(set(acked_ids) - set(logged)),
+        "logged_not_acknowledged": len(set(logged) - set(acked_ids)),  # answered as the router died; resent
+        "backend_error_events": dict(db.execute("SELECT backend, COUNT(*) FROM route_events "
+                                                "WHERE kind = 'backend_error' GROUP BY backend").fetchall()),
         "acknowledged_twice": len(acked_ids) - len(set(acked_ids)),
         "logged_backend_mismatch": sum(logged.get(x["id"]) != x["backend"] for x in acked),
         "feedback_acknowledged": len(fb_acked), "feedback_rows": len(fbs),

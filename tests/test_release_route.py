@@ -350,19 +350,29 @@ def test_real_serve_behind_the_router(tmp_path):
         serve.wait()
 
 
-def test_router_kill9_loses_nothing_acknowledged(tmp_path):
+def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
+    """Candidate (a process) killed with SIGKILL under load: clients see no error, the router rolls
+    it back. Then the router killed with SIGKILL and restarted: every acknowledged request and
+    feedback is in the store."""
     import os
     import signal
+    import subprocess
+    import sys
 
     from helpers import free_port
 
-    with ThreadServer(fake_backend("prod")) as inc, ThreadServer(fake_backend("cand")) as cand:
-        cfg = _cfg(tmp_path, inc.url, cand.url, share=0.05)
+    cport = free_port()
+    code = ("import uvicorn; from preflab.release.fake import fake_backend; "
+            f"uvicorn.run(fake_backend('cand'), host='127.0.0.1', port={cport}, log_level='error')")
+    cand = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    assert _wait(lambda: _healthy(cport), 60)
+    with ThreadServer(fake_backend("prod")) as inc:
+        cfg = _cfg(tmp_path, inc.url, f"http://127.0.0.1:{cport}", share=0.3)
         path = _write_cfg(cfg, tmp_path / "route.yaml")
         port = free_port()
         args = ["route", "start", "--config", str(path), "--port", str(port)]
         router = _start(args, port)
-        acked, fb_acked = [], []
+        acked, fb_acked, http_errors = [], [], []
         stop = threading.Event()
         lock = threading.Lock()
 
@@ -373,26 +383,37 @@ def test_router_kill9_loses_nothing_acknowledged(tmp_path):
                     i += 1
                     try:
                         r = _ask(c, f"k{k}-{i % 20}")
-                        if r.status_code == 200:
+                        if r.status_code != 200:
                             with lock:
-                                acked.append(r.json()["id"])
-                            f = c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "up",
-                                                             "feedback_id": f"fb-{k}-{i}"})
-                            if f.status_code == 200:
-                                with lock:
-                                    fb_acked.append(f"fb-{k}-{i}")
-                    except httpx.HTTPError:
+                                http_errors.append(r.status_code)
+                            continue
+                        with lock:
+                            acked.append(r.json()["id"])
+                        f = c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "up",
+                                                         "feedback_id": f"fb-{k}-{i}"})
+                        if f.status_code == 200:
+                            with lock:
+                                fb_acked.append(f"fb-{k}-{i}")
+                    except httpx.HTTPError:  # the router is down: try again
                         time.sleep(0.02)
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
         for t in threads:
             t.start()
-        assert _wait(lambda: len(fb_acked) >= 40, 60)
-        os.kill(router.pid, signal.SIGKILL)
-        router.wait()
-        stop.set()
-        for t in threads:
-            t.join(20)
+        try:
+            assert _wait(lambda: len(fb_acked) >= 30, 60)
+            os.kill(cand.pid, signal.SIGKILL)
+            cand.wait()
+            assert _wait(lambda: json.loads(cfg.state_path.read_text())["shares"]["cand"] == 0.0, 30)
+            n = len(fb_acked)
+            assert _wait(lambda: len(fb_acked) >= n + 30, 60)
+            os.kill(router.pid, signal.SIGKILL)
+            router.wait()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(20)
+        assert http_errors == []  # the candidate's death never reached a client
         router = _start(args, port)
         try:
             db = _db(cfg)
@@ -400,7 +421,10 @@ def test_router_kill9_loses_nothing_acknowledged(tmp_path):
             fbs = {r[0] for r in db.execute("SELECT id FROM route_feedback")}
             assert set(acked) <= logged and set(fb_acked) <= fbs
             assert len(acked) == len(set(acked))
+            assert db.execute("SELECT COUNT(*) FROM route_events WHERE kind = 'auto_rollback'").fetchone()[0] == 1
+            assert db.execute("SELECT COUNT(*) FROM route_exchanges WHERE retried_from = 'cand'").fetchone()[0] >= 1
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                assert c.get("/health").json()["shares"] == {"cand": 0.0}  # the rollback survived the restart
                 r = _ask(c, "after")
                 assert r.status_code == 200
                 # a retried feedback (same feedback_id) is stored once
@@ -411,3 +435,4 @@ def test_router_kill9_loses_nothing_acknowledged(tmp_path):
         finally:
             router.kill()
             router.wait()
+            cand.kill()
