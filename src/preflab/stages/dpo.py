@@ -382,6 +382,9 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     kl_prompts = list({json.dumps(g.prompt): g.prompt for g in val_g}.values())[:cfg.eval.kl_prompts]
     run.log(f"dpo: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / {len(val_ex)} "
             f"held out, {total_steps} steps, loss {cfg.dpo.loss} beta {cfg.dpo.resolved_beta()}")
+    if not val_ex:
+        run.log("dpo: no held-out rankings (data.val gave none, or data.val_fraction is 0): no val/ metrics and "
+                "no KL to the reference")
 
     # 2. the policy --------------------------------------------------------------------------
     lora = models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
