@@ -275,7 +275,7 @@ def test_snapshot_reads_every_layer(varied):
     w = engine.snapshot(model, bf16=False)
     assert len(w.layers) == model.config.num_hidden_layers
     h, kv, d = w.n_heads, w.n_kv, w.head_dim
-    assert w.layers[0].qkv.weight.shape == ((h + 2 * kv) * d, model.config.hidden_size)
+    assert w.layers[0].qkv.shape == ((h + 2 * kv) * d, model.config.hidden_size)
     assert math.isclose(w.eps, model.config.rms_norm_eps)
 
 

@@ -116,10 +116,12 @@ class Linear:
     kernel, same rounding: outputs are bitwise equal to ``F.linear``'s."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True):
-        self.weight, self.bias = weight, bias
-        self.packed = None
+        self.shape = tuple(weight.shape)
+        self.weight: torch.Tensor | None = weight
+        self.bias, self.packed = bias, None
         if pack and bias is None and _can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+            self.weight = None  # the packed copy is all a call reads: do not hold both
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
