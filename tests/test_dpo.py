@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import models
+from preflab import loop, models
 from preflab.config import DPOConfig, load_config
 from preflab.data import rankings
 from preflab.stages import dpo
@@ -316,7 +316,7 @@ def test_resume_reuses_the_cached_reference_and_reaches_the_same_parameters(tmp_
     w_full = model_weights(dpo.train(dpo_cfg(tmp_path / "full", data, *args)))
     cut = dpo_cfg(tmp_path / "cut", data, *args, "run.save_every=2")
     calls = {"n": 0}
-    real = dpo.clip_grad
+    real = loop.clip_grad
 
     def boom(*a, **k):
         calls["n"] += 1
@@ -324,7 +324,7 @@ def test_resume_reuses_the_cached_reference_and_reaches_the_same_parameters(tmp_
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(dpo, "clip_grad", boom)
+    monkeypatch.setattr(loop, "clip_grad", boom)
     with pytest.raises(KeyboardInterrupt):
         dpo.train(cut)
     monkeypatch.undo()

@@ -29,20 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preflab import distributed, models
-from preflab.config import DPOConfig, dump_config
+from preflab import distributed, loop, models
+from preflab.config import DPOConfig
 from preflab.data.chat import render_prompt
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
 from preflab.data.rankings import Group, encode_pair, read_groups, split_val
-from preflab.errors import DataError, TrainingError
+from preflab.errors import TrainingError
 from preflab.lm import unwrap
-from preflab.optim import clip_grad, make_optimizer
+from preflab.optim import make_optimizer
 from preflab.rl import selective_log_softmax
 from preflab.rl.preference import REFERENCE_FREE, preference_loss
 from preflab.rl.ranking import pad_rewards
 from preflab.rollout import HFGenerator, left_pad, position_ids
-from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.run import Progress, RunDir, peak_rss_mb
 from preflab.scoring import _cache_argument, response_logits, shared_prefix
 
 REFERENCE_CACHE = "reference_logps.json"
@@ -355,13 +355,9 @@ def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfi
 
 def train(cfg: DPOConfig, resume: bool = False) -> Path:
     """Train the policy on rankings with the configured preference loss; returns the saved model directory."""
-    # 0. set-up: device, ranks, seed, run directory ---------------------------------------------
-    models.set_threads(cfg.model.threads)
-    device = models.pick_device(cfg.model.device)
-    dist = distributed.init(device)
-    seed_everything(cfg.run.seed + 100003 * dist.rank)
-    run = RunDir(cfg.run.out, stage="dpo", config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
-                 writer=dist.is_main)
+    # 0. set-up: threads, device, ranks, seed, run directory --------------------------------------
+    ctx = loop.start(cfg, "dpo", cfg.model, resume)
+    device, dist, run = ctx.device, ctx.dist, ctx.run
     bf16, d = cfg.train.bf16, cfg.data
 
     # 1. data: every source parsed before training, all-tied rankings dropped, tokenized once ---
@@ -375,10 +371,8 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
     train_ex, val_ex = encode_ranked(tokenizer, train_g, d.max_length), encode_ranked(tokenizer, val_g, d.max_length)
     global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size
-    if len(train_ex) < global_batch:
-        raise DataError(f"{d.train}: {len(train_ex)} rankings with an untied pair, fewer than one global batch "
-                        f"({global_batch} = batch_prompts x grad_accum x ranks)")
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * (len(train_ex) // global_batch)))
+    total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
+                                   "rankings with an untied pair (batch_prompts x grad_accum x ranks)")
     kl_prompts = list({json.dumps(g.prompt): g.prompt for g in val_g}.values())[:cfg.eval.kl_prompts]
     run.log(f"dpo: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / {len(val_ex)} "
             f"held out, {total_steps} steps, loss {cfg.dpo.loss} beta {cfg.dpo.resolved_beta()}")
@@ -448,9 +442,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
             scale = dist.world_size / max(1, n_prompts)
             sums = Sums()
             for j, batch in enumerate(batches):
-                sync = not dist.enabled or j == len(batches) - 1
-                ctx = fn.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with loop.micro_step(fn, ctx, j, len(batches), bf16):
                     parts = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
                     (parts.total * scale).backward()
                 sums.add(parts)
@@ -458,12 +450,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
             if not math.isfinite(metrics["train/loss"]):
                 raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                     f"{run.latest_checkpoint() or 'none'}")
-            grad_norm = clip_grad(params, cfg.optim.max_grad_norm, step=step + 1,
-                                  last_good=run.latest_checkpoint())
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
             dt = time.perf_counter() - t0
@@ -486,9 +473,6 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
         run.log_metrics(total_steps, final)
 
     # 7. a plain Hugging Face causal LM (LoRA merged) ----------------------------------------------
-    out = Path(cfg.run.out) / "model"
-    if dist.is_main:
-        models.save_model(model, tokenizer, out, reward_model=False)
-    distributed.barrier()
+    out = loop.export(model, tokenizer, Path(cfg.run.out) / "model", ctx)
     run.finish(final_metrics=final)
     return out
