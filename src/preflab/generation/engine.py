@@ -283,13 +283,14 @@ def forward(w: Snapshot, ids: torch.Tensor, pos: torch.Tensor, cache: Cache, cos
         cache.k[i, :, :, start:end] = k
         cache.v[i, :, :, start:end] = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
         if T == 1:  # one query per row: the heads of a KV group are its queries (transformers' pack_gqa)
-            a = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), cache.k[i, :, :, :end],
+            a = F.scaled_dot_product_attention(qk[:, 0, :H].view(B, KV, H // KV, D), cache.k[i, :, :, :end],
                                                cache.v[i, :, :, :end], attn_mask=mask, scale=D ** -0.5)
-            a = a.reshape(B, H, 1, D)
+            a = a.reshape(B, T, H * D)
         else:
             a = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end], attn_mask=mask,
                                                scale=D ** -0.5, enable_gqa=KV != H)
-        h = h + lw.o(a.transpose(1, 2).reshape(B, T, H * D))
+            a = a.transpose(1, 2).reshape(B, T, H * D)
+        h = h + lw.o(a)
         x = _rms(h, lw.ln2, w.eps).to(w.mm)
         g, u = lw.gate_up(x).chunk(2, dim=-1)
         h = h + lw.down(F.silu(g) * u)
