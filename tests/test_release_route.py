@@ -436,3 +436,37 @@ def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
             router.kill()
             router.wait()
             cand.kill()
+
+
+def test_thumbs_down_reaches_the_labeling_app_and_the_rm_data(tmp_path, two):
+    """The loop closes: a thumbs-down becomes a task the labeling app serves; the labeler's ranking
+    lands in the store's rm split, which `preflab rm data.train=store:PATH` reads."""
+    from fastapi.testclient import TestClient
+
+    from preflab.annotate.accounts import create_account
+    from preflab.annotate.app import create_app
+    from preflab.feedback.store import PreferenceStore
+
+    inc, cand = two
+    cfg = _cfg(tmp_path, inc.url, cand.url, share=1.0)
+    with ThreadServer(build_app(cfg)) as router, httpx.Client(base_url=router.url, timeout=30) as c:
+        r = _ask(c, "u1")
+        assert c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "down", "flags": ["hallucination"],
+                                            "note": "made up"}).status_code == 200
+        db = _db(cfg)
+        assert _wait(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None)
+    with PreferenceStore(cfg.store) as store:
+        token = create_account(store, "alice")
+    app = TestClient(create_app(cfg.store, "feedback"))
+    auth = {"Authorization": f"Bearer {token}"}
+    task = app.get("/api/task", headers=auth).json()["task"]
+    assert task["prompt"] == "hi u1" and task["k"] == 2
+    texts = task["responses"]  # in this labeler's display order
+    assert sorted(texts) == ["hello from cand", "hello from prod"]
+    best = texts.index("hello from prod")
+    sub = app.post(f"/api/tasks/{task['task_id']}/submit", headers=auth, json={"order": [[best], [1 - best]]})
+    assert sub.status_code == 200, sub.text
+    with PreferenceStore(cfg.store) as store:
+        ranked = store.grouped_kway(split="rm")
+        assert len(ranked) == 1 and ranked[0]["prompt"] == "hi u1"
+        assert ranked[0]["responses"][ranked[0]["order"][0][0]] == "hello from prod"
