@@ -101,3 +101,20 @@ def test_audit_probes_correlations_and_report(run, monkeypatch):
     monkeypatch.setattr(scoring, "score_texts", longest)
     flagged = audit.audit(run, probe_prompts=8)["flagged"]
     assert "padding" in flagged and "repetition" in flagged and "blanket_refusal" not in flagged
+
+
+def test_preference_methods_and_best_of_n_join_the_table(run):
+    import math
+
+    out = run / "pref"
+    main(["compare", str(run), "--methods", "dpo,best_of_n", "--seeds", "0", "--out", str(out), "train.max_steps=2"])
+    rows = {r["method"]: r for r in rows_of(out / "compare.json")}
+    assert REQUIRED <= set(rows["dpo"]) and REQUIRED <= set(rows["best_of_n"])
+    cfg = json.loads((out / "cells/dpo-s0/train/manifest.json").read_text())["config"]
+    assert cfg["dpo"]["loss"] == "dpo" and cfg["data"]["train"].endswith("store.sqlite")
+    assert cfg["train"]["max_steps"] == 2
+    assert rows["best_of_n"]["kl"] == pytest.approx(math.log(4) - 3 / 4)  # the analytic bound, not 0
+    assert not (out / "cells/best_of_n-s0/train").exists()  # nothing trained
+    with pytest.raises(SystemExit) as e:  # an override the method's config lacks: one error, nothing runs
+        main(["compare", str(run), "--methods", "rs", "--out", str(tmp := run / "x"), "dpo.beta=0.2"])
+    assert e.value.code == 2 and not tmp.exists()

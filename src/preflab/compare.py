@@ -30,12 +30,17 @@ from typing import Any
 
 import click
 
-from preflab.config import RL_METHODS, PipelineConfig, PPOConfig, apply_overrides, parse_override, validate
+from preflab.config import RL_METHODS, PipelineConfig, apply_overrides, parse_override, validate
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
 from preflab.evals.results import EvalResults
 
-METHODS = RL_METHODS  # the pipeline's online RL methods (config.RL_METHODS)
+# Beside the online RL methods (config.RL_METHODS): the preference trainers and best-of-N, built
+# from the same run (its SFT model, its store's rankings, its RM). Their presets are overridable
+# from the command line like the RL ones (`dpo.beta=0.2`, `optim.lr=1e-5`, `sampling.n=8`).
+PREFERENCE_METHODS = ("dpo", "ipo", "rs", "best_of_n")
+METHODS = (*RL_METHODS, *PREFERENCE_METHODS)
+BEST_OF_N = 4
 ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n", "rm_winrate", "kl", "mean_words",
             "constraint_rate", "refuses_harmful", "over_refusal", "gold_score", "rm_score", "seconds",
             "train_seconds", "eval_seconds")
@@ -99,14 +104,63 @@ class Comparison:
         # Validate every cell's config before anything runs.
         self.cells = [(m, p, s, self.stage_config(m, p, s)) for m in methods for p in self.points for s in seeds]
 
-    def stage_config(self, method: str, point: dict[str, Any], seed: int) -> PPOConfig:
-        data = self.pipeline.rl_config(method)  # what the pipeline would train for this method
-        label = cell_label(method, point)
-        data["run"] = {**data["run"], "out": str(self.out / "cells" / f"{label}-s{seed}" / "train"), "seed": seed}
-        apply_overrides(data, [*self.overrides, *(f"{k}={v}" for k, v in point.items())])
-        return validate(PPOConfig, data, f"compare {label}")
+    def stage_of(self, method: str) -> str | None:
+        """The registry stage that trains ``method`` (None: best-of-N trains nothing)."""
+        return {"dpo": "dpo", "ipo": "dpo", "rs": "rs", "best_of_n": None}.get(method, "ppo")
 
-    def run_cell(self, method: str, point: dict[str, Any], seed: int, cfg: PPOConfig) -> dict[str, Any]:
+    def base_config(self, method: str) -> dict[str, Any]:
+        """What the method trains from this run, before the command's overrides."""
+        if method in RL_METHODS:
+            return self.pipeline.rl_config(method)  # what the pipeline would train for this method
+        run, model = self.run, {"path": str(self.run / "sft" / "model"), **self.pipeline._model()}
+        if method in ("dpo", "ipo"):  # the RM's own rankings, 10% of the prompts held out
+            return {"model": model, "data": {"train": f"store:{run / 'store.sqlite'}", "split": "rm", "val_fraction": 0.1,
+                                             "max_length": self.pipeline.stage_configs["rm"].data.max_length},
+                    "dpo": {"loss": method}, "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
+                    "run": {"progress": True}}
+        if method == "rs":  # one round: best of 4 by the RM on 256 RL-split prompts, SFT on the picks
+            return {"models": {"policy": model, "reward_model": str(run / "rm" / "model")},
+                    "data": {"prompts": str(self.pipeline.prompts), "split": "ppo", "limit": 256},
+                    "sampling": {"n": BEST_OF_N, "max_new_tokens": 64, "temperature": 0.7},
+                    "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": {"progress": True}}
+        return {}
+
+    def stage_config(self, method: str, point: dict[str, Any], seed: int) -> Any:
+        from preflab.registry import STAGES
+
+        label = cell_label(method, point)
+        stage = self.stage_of(method)
+        if stage is None:
+            return None
+        data = self.base_config(method)
+        data["run"] = {**data.get("run", {}), "out": str(self.out / "cells" / f"{label}-s{seed}" / "train"),
+                       "seed": seed}
+        apply_overrides(data, [*self.overrides, *(f"{k}={v}" for k, v in point.items())])
+        return validate(STAGES[stage].config, data, f"compare {label}")
+
+    def best_of_n_cache(self, path: Path, seed: int) -> float:
+        """Write the eval generation cache of best-of-N (n SFT samples per eval prompt, the RM's best)
+        so evaluate() judges it like a model; returns its KL bound log n - (n-1)/n."""
+        from preflab import models
+        from preflab.data.jsonl import write_jsonl
+        from preflab.evals.best_of_n import best_of_n
+
+        ref, s = self.reference, self.reference["settings"]
+        spec = ref["models"][ref["reference"]]["spec"]
+        prompts = self.pipeline._split("eval", self.pipeline.cfg.eval.limit)
+        tokenizer = models.load_tokenizer(spec)
+        out = best_of_n(models.load_policy(spec, dtype="bf16"), models.load_reward_model(
+            ref["reward_model"], dtype="bf16"), tokenizer, [p.prompt for p in prompts], n=BEST_OF_N,
+            max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=seed)
+        rows = []
+        for p, text, ended in zip(prompts, out.texts, out.ended):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if ended else [])
+            rows.append({"id": p.id, "response": text, "ended": bool(ended), "tokens": len(ids), "token_ids": ids,
+                         "spec": spec, "max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"]})
+        write_jsonl(path, rows)
+        return float(out.kl_bound)
+
+    def run_cell(self, method: str, point: dict[str, Any], seed: int, cfg: Any) -> dict[str, Any]:
         from preflab.evals.evaluate import evaluate
         from preflab.registry import run_stage
 
@@ -116,13 +170,17 @@ class Comparison:
         if done.is_file():
             return json.loads(done.read_text())
         t0 = time.perf_counter()
-        model = run_stage("ppo", cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
-        t1 = time.perf_counter()
-        # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
         ref = self.reference
         sft_spec = ref["models"][ref["reference"]]["spec"]
         gen_dir = cell / "eval" / "generations"
         gen_dir.mkdir(parents=True, exist_ok=True)
+        kl_bound = None
+        if cfg is None:  # best-of-N: the SFT model's samples, reranked; nothing is trained
+            model, kl_bound = sft_spec, self.best_of_n_cache(gen_dir / f"{method}.jsonl", seed)
+        else:
+            model = run_stage(self.stage_of(method), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+        t1 = time.perf_counter()
+        # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
         shutil.copyfile(self.run / "eval" / "generations" / f"{ref['reference']}.jsonl",
                         gen_dir / f"{ref['reference']}.jsonl")
         e = self.pipeline.cfg.eval
@@ -133,6 +191,9 @@ class Comparison:
                            max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], batch_size=e.batch_size,
                            bf16=e.bf16, seed=s["seed"])
         t2 = time.perf_counter()
+        if kl_bound is not None:  # evaluate() scores its samples under the SFT model itself: KL 0
+            results = json.loads(json.dumps(results, default=str))
+            results["models"][method]["kl"] = kl_bound  # the analytic bound instead (docs/reference.md §8)
         settings = {**dict((".".join(k), v) for k, v in map(parse_override, self.overrides)), **point}
         row = {"method": method, "label": label, "seed": seed, "settings": settings,
                **_row_from_results(results, method),
