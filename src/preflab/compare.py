@@ -112,17 +112,8 @@ class Comparison:
         """What the method trains from this run, before the command's overrides."""
         if method in RL_METHODS:
             return self.pipeline.rl_config(method)  # what the pipeline would train for this method
-        run, model = self.run, {"path": str(self.run / "sft" / "model"), **self.pipeline._model()}
-        if method in ("dpo", "ipo"):  # the RM's own rankings, 10% of the prompts held out
-            return {"model": model, "data": {"train": f"store:{run / 'store.sqlite'}", "split": "rm", "val_fraction": 0.1,
-                                             "max_length": self.pipeline.stage_configs["rm"].data.max_length},
-                    "dpo": {"loss": method}, "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
-                    "run": {"progress": True}}
-        if method == "rs":  # one round: best of 4 by the RM on 256 RL-split prompts, SFT on the picks
-            return {"models": {"policy": model, "reward_model": str(run / "rm" / "model")},
-                    "data": {"prompts": str(self.pipeline.prompts), "split": "ppo", "limit": 256},
-                    "sampling": {"n": BEST_OF_N, "max_new_tokens": 64, "temperature": 0.7},
-                    "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": {"progress": True}}
+        if method in ("dpo", "ipo", "rs"):
+            return self.pipeline.preference_config(method)  # what the pipeline would train
         return {}
 
     def stage_config(self, method: str, point: dict[str, Any], seed: int) -> Any:

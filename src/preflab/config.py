@@ -427,6 +427,9 @@ class PipelineConfig(Section):
     labeling: LabelingSection = Field(default_factory=LabelingSection)
     rl: list[RLMethod] = Field(["ppo", "ppo_ptx"], description="Online RL methods trained after the RM, each its "
                                                              "own step and run directory (RUN/<method>).")
+    preference: list[Literal["dpo", "ipo", "rs"]] = Field(
+        [], description="Offline preference trainers run after the RL methods, each its own step and run directory: "
+                        "dpo, ipo (on the store's rankings), rs (rejection-sampling fine-tuning with the RM).")
     rl_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-method overrides of the RL stage config, applied after `ppo`, the "
                                           "method's preset and (for ppo_ptx) `ppo_ptx`.")

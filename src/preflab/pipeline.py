@@ -37,7 +37,7 @@ END_STEPS = ("eval", "report")
 
 def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
     """The step names of a pipeline, in order (training steps are named after their run directory)."""
-    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *END_STEPS)
+    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *cfg.preference, *END_STEPS)
 
 
 STEPS = steps_of(PipelineConfig())  # the default graph
@@ -97,21 +97,22 @@ class Pipeline:
         self.store = self.out / "store.sqlite"
         self.state_path = self.out / "pipeline.json"
         self.steps = steps_of(cfg)
-        unknown = sorted(set(cfg.rl_overrides) - set(cfg.rl))
+        trained = (*cfg.rl, *cfg.preference)
+        unknown = sorted(set(cfg.rl_overrides) - set(trained))
         if unknown:
-            raise ConfigError(f"rl_overrides: {', '.join(unknown)} not in rl ({', '.join(cfg.rl)})")
-        self.eval_models = cfg.eval.models if cfg.eval.models is not None else ["base", "sft", *cfg.rl]
-        bad = [m for m in self.eval_models if m not in ("base", "sft", *cfg.rl)]
+            raise ConfigError(f"rl_overrides: {', '.join(unknown)} not among the trained methods ({', '.join(trained)})")
+        self.eval_models = cfg.eval.models if cfg.eval.models is not None else ["base", "sft", *trained]
+        bad = [m for m in self.eval_models if m not in ("base", "sft", *trained)]
         if bad or "sft" not in self.eval_models:
             raise ConfigError(f"eval.models: {', '.join(bad) or 'sft is missing'} (choose from base, sft and the "
                               f"methods of rl: {', '.join(cfg.rl)}; sft is the reference)")
         # Validate every stage config before anything starts (a bad key fails now, not in hour two).
-        self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", *cfg.rl)}
+        self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", *trained)}
 
     @staticmethod
     def stage_of(step: str) -> str:
         """The registry stage that trains ``step`` (every RL method is the online RL stage)."""
-        return step if step in ("sft", "rm") else "ppo"
+        return {"sft": "sft", "rm": "rm", "dpo": "dpo", "ipo": "dpo", "rs": "rs"}.get(step, "ppo")
 
     # -- stage configs -----------------------------------------------------------------------
 
@@ -133,7 +134,27 @@ class Pipeline:
                              "demos": str(self.demos_path)},
                     "run": {"out": str(self.out / "rm"), **run}}
             return validate(STAGES["rm"].config, deep_merge(base, c.rm), "pipeline.rm")
+        if name in self.cfg.preference:
+            return validate(STAGES[self.stage_of(name)].config, self.preference_config(name), f"pipeline.{name}")
         return validate(STAGES["ppo"].config, self.rl_config(name), f"pipeline.{name}")
+
+    def preference_config(self, method: str) -> dict[str, Any]:
+        """The config of an offline preference trainer on this run: dpo/ipo on the store's RM rankings
+        (10% of the prompts held out), rs = one round of best-of-4 by the RM on 256 RL-split prompts,
+        SFT on the picks; then `rl_overrides[method]`. `preflab compare` starts from the same dict."""
+        model = {"path": str(self.out / "sft/model"), **self._model()}
+        run = {"out": str(self.out / method), "seed": self.cfg.seed, "progress": True}
+        if method in ("dpo", "ipo"):
+            data = {"model": model, "data": {"train": f"store:{self.store}", "split": "rm", "val_fraction": 0.1,
+                                             "max_length": self._stage_config("rm").data.max_length},
+                    "dpo": {"loss": method}, "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
+                    "run": run}
+        else:
+            data = {"models": {"policy": model, "reward_model": str(self.out / "rm/model")},
+                    "data": {"prompts": str(self.prompts), "split": "ppo", "limit": 256},
+                    "sampling": {"n": 4, "max_new_tokens": 64, "temperature": 0.7},
+                    "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": run}
+        return deep_merge(data, self.cfg.rl_overrides.get(method, {}))
 
     def rl_config(self, method: str) -> dict[str, Any]:
         """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's `ppo`
@@ -223,7 +244,8 @@ class Pipeline:
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
-        paths = {"base": self.cfg.base_model, **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl)}}
+        paths = {"base": self.cfg.base_model,
+                 **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl, *self.cfg.preference)}}
         evaluate({m: paths[m] for m in self.eval_models}, self._split("eval", e.limit), reference="sft",
                  reward_model=str(self.out / "rm/model"), out_dir=self.out / "eval",
                  max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
