@@ -26,7 +26,13 @@ def test_train_runs_a_stage_from_python(tmp_path):
 
 
 def test_pipeline_runs_the_tiny_recipe_from_python(tmp_path):
-    run = preflab.pipeline(str(tmp_path / "run"), preset="tiny", overrides=["rl=[rloo]"])
+    run = preflab.run_pipeline(str(tmp_path / "run"), preset="tiny", overrides=["rl=[rloo]"])
     steps = [s["step"] for s in json.loads((run / "pipeline.json").read_text())["steps"]]
     assert "rloo" in steps and steps[-1] == "report"
     assert (run / "rloo/model/config.json").is_file() and (run / "report.html").is_file()
+
+
+def test_run_pipeline_survives_the_pipeline_module_being_imported():
+    import preflab.pipeline  # noqa: F401  (sets the package attribute `pipeline` to the module)
+
+    assert callable(preflab.run_pipeline) and callable(preflab.train)

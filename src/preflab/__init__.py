@@ -6,7 +6,7 @@ The Python API is what the CLI calls::
 
     cfg = preflab.load_config(preflab.SFTConfig, "configs/sft_tiny.yaml", ["run.out=runs/sft"])
     model_dir = preflab.train("sft", cfg)            # any stage of the registry: sft, rm, ppo, dpo, ...
-    run_dir = preflab.pipeline(preset="tiny", out="runs/tiny")   # the whole recipe, resumable
+    run_dir = preflab.run_pipeline("runs/tiny", preset="tiny")    # the whole recipe, resumable
 
 Importing the package is cheap on purpose: torch and transformers load only when a stage runs
 (the names below are resolved on first use).
@@ -19,7 +19,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _CONFIGS = ("SFTConfig", "RMConfig", "PPOConfig", "PipelineConfig", "load_config")
-__all__ = ["STAGES", "__version__", "pipeline", "train", *_CONFIGS]
+__all__ = ["STAGES", "__version__", "run_pipeline", "train", *_CONFIGS]
 
 
 def train(stage: str, cfg: Any, resume: bool = False):
@@ -29,7 +29,7 @@ def train(stage: str, cfg: Any, resume: bool = False):
     return run_stage(stage, cfg, resume=resume)
 
 
-def pipeline(out: str = "runs/demo", *, preset: str | None = None, config: str | None = None,
+def run_pipeline(out: str = "runs/demo", *, preset: str | None = None, config: str | None = None,
              overrides: list[str] | None = None):
     """Run (or resume) the main job into ``out``, like ``preflab pipeline``; returns the run directory."""
     from pathlib import Path

@@ -230,7 +230,9 @@ def cli() -> None:
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Archive path (default RUN_DIR/repro.tar.gz).")
 def pack_cmd(run_dir, out):
     """Write RUN_DIR's configs, data and model hashes, suite seed, pip freeze, git commit, hardware and
-    evaluation outputs into one archive."""
+    evaluation outputs into one archive.
+
+    Example: preflab repro pack runs/demo --out demo-repro.tar.gz"""
     path = pack(run_dir, out)
     m, _ = _read(path)
     click.echo(f"wrote {path}: {len(m['configs'])} configs, {len(m['data'])} data files, {len(m['models'])} models")
@@ -243,7 +245,9 @@ def pack_cmd(run_dir, out):
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Re-evaluation output.")
 @click.option("--bf16/--no-bf16", default=None, help="Override the recorded precision.")
 def verify_cmd(archive, run_dir, out_dir, bf16):
-    """Re-hash the data and models, re-run the evaluation and report which numbers reproduce."""
+    """Re-hash the data and models, re-run the evaluation and report which numbers reproduce.
+
+    Example: preflab repro verify runs/demo/repro.tar.gz --out runs/demo-verify"""
     report = verify(archive, run_dir=run_dir, out_dir=out_dir, bf16=bf16)
     for h in report["hashes"]:
         click.echo(f"{'ok  ' if h['ok'] else 'DIFF'}  {h['kind']:<5} {h['path']}  {h['recorded']} -> {h['now']}")

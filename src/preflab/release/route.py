@@ -805,7 +805,10 @@ def cli() -> None:
               help="Token of the /admin endpoints (env PREFLAB_ROUTE_ADMIN_TOKEN); without it they are off.")
 @click.option("--token", envvar="PREFLAB_ROUTE_TOKEN", default=None, help="Bearer token clients must send.")
 def start(config_path, host, port, allow_public, admin_token, token):
-    """Run the router."""
+    """Run the router.
+
+    Example: preflab route start --config route.yaml --port 8000 --admin-token "$ADMIN"
+    """
     import uvicorn
 
     check_bind(host, allow_public)
@@ -840,7 +843,10 @@ _token = click.option("--admin-token", envvar="PREFLAB_ROUTE_ADMIN_TOKEN", defau
 @_url
 @_token
 def rollback_cmd(backends, reason, url, admin_token):
-    """Set the candidates' share (all, or BACKENDS) to 0."""
+    """Set the candidates' share (all, or BACKENDS) to 0.
+
+    Example: preflab route rollback --admin-token "$ADMIN"
+    """
     click.echo(json.dumps(_admin(url, admin_token, "POST", "/admin/rollback",
                                  {"backends": list(backends) or None, "reason": reason})))
 
@@ -851,7 +857,10 @@ def rollback_cmd(backends, reason, url, admin_token):
 @_url
 @_token
 def promote_cmd(backend, reason, url, admin_token):
-    """Make BACKEND the incumbent (every other share 0)."""
+    """Make BACKEND the incumbent (every other share 0).
+
+    Example: preflab route promote cand --admin-token "$ADMIN"
+    """
     click.echo(json.dumps(_admin(url, admin_token, "POST", "/admin/promote", {"backend": backend, "reason": reason})))
 
 
@@ -860,7 +869,10 @@ def promote_cmd(backend, reason, url, admin_token):
 @_url
 @_token
 def shares_cmd(pairs, url, admin_token):
-    """Set shares: NAME=SHARE ... (e.g. cand=0.05)."""
+    """Set shares: NAME=SHARE ... (e.g. cand=0.05).
+
+    Example: preflab route shares cand=0.05 --admin-token "$ADMIN"
+    """
     shares = {}
     for p in pairs:
         name, sep, value = p.partition("=")
@@ -877,5 +889,8 @@ def shares_cmd(pairs, url, admin_token):
 @_url
 @_token
 def status_cmd(url, admin_token):
-    """Shares, incumbent and the canary metrics of every back end."""
+    """Shares, incumbent and the canary metrics of every back end.
+
+    Example: preflab route status --admin-token "$ADMIN"
+    """
     click.echo(json.dumps(_admin(url, admin_token, "GET", "/admin/state"), indent=2))
