@@ -146,16 +146,22 @@ class SFTConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 
-class RMData(Section):
+class RankingData(Section):
+    """Where K-way rankings come from (the RM and the preference trainers read the same sources)."""
+
     train: str = Field(..., description="Grouped K-way JSONL ({prompt, responses, order}), pairs JSONL, "
                                         "or `store:PATH` (the preference store; split from `split`).")
-    format: Literal["kway", "pairs"] = Field("kway", description="kway: rankings (one element per prompt); "
-                                                                 "pairs: {prompt, chosen, rejected} rows.")
+    format: Literal["kway", "pairs"] = Field("kway", description="kway: rankings (all C(K,2) pairs of a prompt "
+                                                                 "are one batch element); pairs: {prompt, chosen, "
+                                                                 "rejected} rows.")
     split: str | None = Field("rm", description="Store split to train on (store: sources only).")
     val: str | None = Field(None, description="Held-out file or store (None: hold out val_fraction).")
     val_split: str | None = Field("eval", description="Store split for held-out evaluation.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(384, ge=16, description="Token limit of prompt + response.")
+
+
+class RMData(RankingData):
     demos: str | None = Field(None, description="Demonstrations JSONL: after training, a bias makes their mean score 0.")
 
 
@@ -555,17 +561,7 @@ class DPOModel(ModelSection):
                                                     "responses are computed once and cached in the run directory.")
 
 
-class DPOData(Section):
-    train: str = Field(..., description="Grouped K-way JSONL ({prompt, responses, order}), pairs JSONL, "
-                                        "or `store:PATH` (the preference store; split from `split`).")
-    format: Literal["kway", "pairs"] = Field("kway", description="kway: rankings (all C(K,2) pairs of a prompt "
-                                                                 "are one batch element); pairs: {prompt, chosen, "
-                                                                 "rejected} rows.")
-    split: str | None = Field("rm", description="Store split to train on (store: sources only).")
-    val: str | None = Field(None, description="Held-out file or store (None: hold out val_fraction).")
-    val_split: str | None = Field("eval", description="Store split for held-out evaluation.")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(384, ge=16, description="Token limit of prompt + response.")
+DPOData = RankingData
 
 
 class DPOLoss(Section):

@@ -126,3 +126,14 @@ def encode_groups(tokenizer, groups: list[Group], max_length: int) -> list[Encod
     return [Encoded([encode_pair(tokenizer, g.prompt, r, max_length) for r in g.responses], list(g.ranks))
             for g in groups]
 
+
+def read_train_val(d: Any, seed: int) -> tuple[list[Group], list[Group], int]:
+    """Training and held-out groups of a ``config.RankingData`` section, all-tied rankings dropped:
+    ``d.val`` when given, else ``d.val_fraction`` of the training prompts. Returns (train, val,
+    number of all-tied training rankings dropped). Every source is parsed before training starts."""
+    train = read_groups(d.train, d.format, d.split)
+    val = read_groups(d.val, d.format, d.val_split) if d.val else []
+    if not d.val:
+        train, val = split_val(train, d.val_fraction, seed)
+    kept = [g for g in train if g.pairs()]
+    return kept, [g for g in val if g.pairs()], len(train) - len(kept)

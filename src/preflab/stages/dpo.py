@@ -34,7 +34,7 @@ from preflab.config import DPOConfig
 from preflab.data.chat import render_prompt
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
-from preflab.data.rankings import Group, encode_pair, read_groups, split_val
+from preflab.data.rankings import Group, encode_pair, read_train_val
 from preflab.errors import TrainingError
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
@@ -363,18 +363,13 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     # 1. data: every source parsed before training, all-tied rankings dropped, tokenized once ---
     tokenizer = models.load_tokenizer(cfg.model.path)
     pad_id = tokenizer.pad_token_id
-    train_g = read_groups(d.train, d.format, d.split)
-    val_g = read_groups(d.val, d.format, d.val_split) if d.val else []
-    if not d.val:
-        train_g, val_g = split_val(train_g, d.val_fraction, cfg.run.seed)
-    n_read = len(train_g)
-    train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
+    train_g, val_g, n_tied = read_train_val(d, cfg.run.seed)
     train_ex, val_ex = encode_ranked(tokenizer, train_g, d.max_length), encode_ranked(tokenizer, val_g, d.max_length)
     global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size
     total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
                                    "rankings with an untied pair (batch_prompts x grad_accum x ranks)")
     kl_prompts = list({json.dumps(g.prompt): g.prompt for g in val_g}.values())[:cfg.eval.kl_prompts]
-    run.log(f"dpo: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / {len(val_ex)} "
+    run.log(f"dpo: {len(train_ex)} train rankings ({n_tied} all-tied dropped) / {len(val_ex)} "
             f"held out, {total_steps} steps, loss {cfg.dpo.loss} beta {cfg.dpo.resolved_beta()}")
     if not val_ex:
         run.log("dpo: no held-out rankings (data.val gave none, or data.val_fraction is 0): no val/ metrics and "

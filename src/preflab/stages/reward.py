@@ -32,7 +32,7 @@ from preflab.config import RMConfig
 from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
-from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair, read_groups, split_val
+from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair, read_train_val
 from preflab.errors import TrainingError
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.lm import unwrap
@@ -78,17 +78,12 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     # 1. data: parse every source before any training, drop all-tied rankings, tokenize once ----
     tokenizer = models.load_tokenizer(cfg.model.path)
     pad_id = tokenizer.pad_token_id
-    train_g = read_groups(d.train, d.format, d.split)
-    val_g = read_groups(d.val, d.format, d.val_split) if d.val else []
-    if not d.val:
-        train_g, val_g = split_val(train_g, d.val_fraction, cfg.run.seed)
-    n_read = len(train_g)
-    train_g, val_g = [g for g in train_g if g.pairs()], [g for g in val_g if g.pairs()]
+    train_g, val_g, n_tied = read_train_val(d, cfg.run.seed)
     train_ex, val_ex = encode_groups(tokenizer, train_g, d.max_length), encode_groups(tokenizer, val_g, d.max_length)
     global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size  # prompts x accum x ranks
     total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
                                    "rankings with an untied pair")
-    run.log(f"rm: {len(train_ex)} train rankings ({n_read - len(train_ex)} all-tied dropped) / "
+    run.log(f"rm: {len(train_ex)} train rankings ({n_tied} all-tied dropped) / "
             f"{len(val_ex)} held out, {total_steps} steps, loss {cfg.train.loss}")
 
     # 2. model (scalar head on the SFT trunk), optimizer, schedule; resume ----------------------
