@@ -241,16 +241,15 @@ def _cache_argument(decoder_type: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
-def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
-                          group: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N,) raw scores of prefix[group[i]] + row i, each prefix run once: its keys and values are
-    cached, gathered per row, and the rows attend to them. The same scores and gradients as
-    ``sequence_rewards`` on the concatenations (prompt tokens never attend to responses), for
-    about half the tokens when K = 4 responses share a prompt. Not under gradient checkpointing,
-    which drops the cache."""
+def row_hidden(model: nn.Module, input_ids, attention_mask, prefix_ids=None, prefix_mask=None, group=None):
+    """(N, T, H) decoder states of the rows; with a prefix, the prefix runs once and each row
+    attends to its cached keys and values (a ``collate_groups(share_prefix=True)`` batch's layout)."""
+    decoder = unwrap(model).get_decoder()
+    if prefix_ids is None:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                       use_cache=False).last_hidden_state
     from transformers import DynamicCache
 
-    decoder = unwrap(model).get_decoder()
     kw = _cache_argument(type(decoder))
     try:
         cache = DynamicCache(config=unwrap(model).config)
@@ -261,8 +260,18 @@ def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mas
                 use_cache=True, **{kw: cache})
         cache.batch_select_indices(group)
     mask = torch.cat([prefix_mask[group], attention_mask], dim=1)
-    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -input_ids.shape[1]:],
-                     use_cache=True, **{kw: cache}).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -input_ids.shape[1]:],
+                   use_cache=True, **{kw: cache}).last_hidden_state
+
+
+def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                          group: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) raw scores of prefix[group[i]] + row i, each prefix run once: its keys and values are
+    cached, gathered per row, and the rows attend to them. The same scores and gradients as
+    ``sequence_rewards`` on the concatenations (prompt tokens never attend to responses), for
+    about half the tokens when K = 4 responses share a prompt. Not under gradient checkpointing,
+    which drops the cache."""
+    hidden = row_hidden(model, input_ids, attention_mask, prefix_ids, prefix_mask, group)
     return head_at_last_token(model, hidden, attention_mask)
 
 

@@ -41,9 +41,9 @@ from preflab.optim import make_optimizer
 from preflab.rl import selective_log_softmax
 from preflab.rl.preference import REFERENCE_FREE, preference_loss
 from preflab.rl.ranking import pad_rewards
-from preflab.rollout import HFGenerator, left_pad, position_ids
+from preflab.rollout import HFGenerator, left_pad
 from preflab.run import Progress, RunDir, peak_rss_mb
-from preflab.scoring import _cache_argument, response_logits, shared_prefix
+from preflab.scoring import response_logits, row_hidden, shared_prefix
 
 REFERENCE_CACHE = "reference_logps.json"
 
@@ -137,27 +137,6 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def row_hidden(model: nn.Module, input_ids, attention_mask, prefix_ids=None, prefix_mask=None, group=None):
-    """(N, T, H) decoder states of the rows; with a prefix, the prefix runs once and each row
-    attends to its cached keys and values (``scoring.shared_prefix_rewards``'s layout)."""
-    decoder = unwrap(model).get_decoder()
-    if prefix_ids is None:
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                       use_cache=False).last_hidden_state
-    from transformers import DynamicCache
-
-    kw = _cache_argument(type(decoder))
-    try:
-        cache = DynamicCache(config=unwrap(model).config)
-    except TypeError:  # transformers 4.x
-        cache = DynamicCache()
-    if prefix_ids.shape[1]:
-        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
-                use_cache=True, **{kw: cache})
-        cache.batch_select_indices(group)
-    mask = torch.cat([prefix_mask[group], attention_mask], dim=1)
-    return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -input_ids.shape[1]:],
-                   use_cache=True, **{kw: cache}).last_hidden_state
 
 
 class SequenceLogps(nn.Module):
