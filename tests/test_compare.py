@@ -118,3 +118,19 @@ def test_preference_methods_and_best_of_n_join_the_table(run):
     with pytest.raises(SystemExit) as e:  # an override the method's config lacks: one error, nothing runs
         main(["compare", str(run), "--methods", "rs", "--out", str(tmp := run / "x"), "dpo.beta=0.2"])
     assert e.value.code == 2 and not tmp.exists()
+
+
+def test_compare_table_script_prints_every_cell_once(run):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks/compare_table.py"
+    if not (run / "compare/compare.json").is_file():
+        main(["compare", str(run), "--methods", "rloo", "--seeds", "0", "--out", str(run / "compare")])
+    out = subprocess.run([sys.executable, str(script), str(run / "compare"), str(run / "compare")],
+                         capture_output=True, text=True, check=True).stdout
+    lines = [x for x in out.splitlines() if x.startswith("| ")][1:]
+    cells = [r for r in rows_of(run / "compare/compare.json")]
+    assert len(lines) == 1 + 2 * (len(cells) - 1)  # the reference once, each directory's cells
+    assert "(reference)" in lines[0]
