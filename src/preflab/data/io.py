@@ -46,7 +46,7 @@ from typing import Any
 
 from preflab.data import hygiene
 from preflab.data.jsonl import iter_jsonl, read_jsonl, read_text_utf8, write_jsonl
-from preflab.data.schema import KWay, Pair, Prompt, Ranking, order_from_scores, validate_order
+from preflab.data.schema import Pair, Prompt, Ranking, order_from_scores, validate_order
 from preflab.errors import DataError, PreflabError
 
 FORMATS = ("hh-rlhf", "ultrafeedback", "trl", "trl-conversational", "label-studio")
@@ -467,11 +467,6 @@ def read_rankings(path: str | os.PathLike) -> list[Ranking]:
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
     """Pairwise JSONL in TRL's standard preference format ``{"prompt", "chosen", "rejected"}``."""
     return write_jsonl(path, (p.to_trl() for p in pairs))
-
-
-def write_kway(path: str | os.PathLike, groups: Iterable[KWay | dict]) -> int:
-    """Grouped K-way JSONL (see preflab.feedback.pairs)."""
-    return write_jsonl(path, (g.to_dict() if isinstance(g, KWay) else g for g in groups))
 
 
 def export_hf(path: str | os.PathLike, rows: Sequence[dict]) -> int:

@@ -14,7 +14,6 @@ from preflab.data.io import (
     export_hf,
     load_into_store,
     read_preferences,
-    write_kway,
     write_pairs,
     write_rankings,
 )
@@ -107,7 +106,7 @@ def export_cmd(store_path: str, fmt: str, out: str, split: str | None, labeler: 
     Example:
       preflab data export --store runs/demo/store.sqlite --format pairs --out pairs.jsonl
     """
-    from preflab.feedback.pairs import flatten_pairs, rankings_to_pairs
+    from preflab.feedback.pairs import flatten_pairs, rankings_to_pairs, write_kway
     from preflab.feedback.store import PreferenceStore
 
     with PreferenceStore(store_path) as store:
