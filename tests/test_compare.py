@@ -53,6 +53,15 @@ def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
     assert model.stat().st_mtime_ns == before
     assert [(r["method"], r["seed"]) for r in rows_of(out / "compare.json")][1:] == [
         ("rloo", 0), ("rloo", 1), ("grpo", 0), ("grpo", 1)]
+    # Another invocation into the same directory keeps the cells it did not run in the table ...
+    main(["compare", str(run), "--methods", "grpo", "--seeds", "1", "--out", str(out)])
+    assert len(rows_of(out / "compare.json")) == 5
+    # ... and --table-only rebuilds the table from the finished cells, training nothing.
+    (out / "compare.json").unlink()
+    main(["compare", str(run), "--methods", "rloo", "--seeds", "5", "--out", str(out), "--table-only"])
+    assert [(r["method"], r["seed"]) for r in rows_of(out / "compare.json")] == [
+        ("sft", None), ("rloo", 0), ("rloo", 1), ("grpo", 0), ("grpo", 1)]  # this invocation's method first
+    assert not (out / "cells/rloo-s5").exists()
     assert "<img" in (out / "compare.html").read_text()
 
 

@@ -210,7 +210,17 @@ class Comparison:
             self.write(rows)  # the table grows as cells finish
         return rows
 
+    def finished(self) -> list[dict[str, Any]]:
+        """Every finished cell in the output directory (also those of earlier invocations), in the
+        order methods, settings and seeds were first run."""
+        rows = [json.loads(p.read_text()) for p in (self.out / "cells").glob("*/cell.json")]
+        order = {cell_label(m, pt): i for i, (m, pt, _, _) in enumerate(self.cells)}
+        return sorted(rows, key=lambda r: (order.get(r["label"], len(order)), r["label"], r["seed"]))
+
     def write(self, rows: list[dict[str, Any]]) -> None:
+        """compare.json and compare.html: the reference and every finished cell of the directory."""
+        done = {(r["label"], r["seed"]) for r in rows}
+        rows = rows + [r for r in self.finished() if (r["label"], r["seed"]) not in done]
         atomic_write_text(self.out / "compare.json", json.dumps(rows, indent=2) + "\n")
         from preflab.evals.report import write_compare_html
 
@@ -232,8 +242,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--out", default=None, help="Output directory (default: RUN_DIR/compare). Rerun to resume.")
 @click.option("--grid", multiple=True, help="KEY=V1,V2,...: one cell per value (e.g. kl.coef=0,0.02,0.1 for the KL "
                                              "sweep); several --grid options multiply.")
+@click.option("--table-only", is_flag=True, help="Only rewrite compare.json/html from the finished cells; train nothing.")
 @click.argument("overrides", nargs=-1)
-def cli(run_dir, methods, seeds, out, grid, overrides):
+def cli(run_dir, methods, seeds, out, grid, overrides, table_only):
     """Re-run the RL stage of RUN_DIR with several methods, settings and seeds, and evaluate each
     against the run's SFT samples (gold win-rate with a Wilson interval, RM win-rate, KL, length,
     constraint following, refusals, seconds).
@@ -248,7 +259,11 @@ def cli(run_dir, methods, seeds, out, grid, overrides):
     comp = Comparison(run_dir, out or Path(run_dir) / "compare",
                       methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=_ints(seeds),
                       overrides=list(overrides), grid=list(grid))
-    rows = comp.run_all()
+    if table_only:
+        comp.write([comp.reference_row()])
+        rows = json.loads((comp.out / "compare.json").read_text())
+    else:
+        rows = comp.run_all()
     from rich.table import Table
 
     table = Table(title=f"compare: {run_dir} (gold win-rate vs {rows[0]['label']}, Wilson 95%)")
