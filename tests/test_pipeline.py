@@ -40,8 +40,8 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert (out / "sft/model/model.safetensors").stat().st_mtime_ns == sft_model  # not redone
 
     results = json.loads((out / "eval/results.json").read_text())
-    assert set(results["models"]) == {"base", "sft", "ppo", "ppo_ptx"}
-    for name in ("base", "ppo", "ppo_ptx"):
+    assert set(results["models"]) == {"base", "sft", "ppo_ptx", "rloo"}
+    for name in ("base", "ppo_ptx", "rloo"):
         wr = results["models"][name]["win_rate"]
         assert 0.0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1.0
     html = (out / "report.html").read_text()
@@ -50,7 +50,7 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert all(r["loss/ptx"] > 0 for r in ptx_rows)
     assert json.loads((out / "agreement.json").read_text())["groups"] >= 1
     # Finished training stages keep their exported model, not their (optimizer-state) checkpoints.
-    for stage in ("sft", "rm", "ppo", "ppo_ptx"):
+    for stage in ("sft", "rm", "ppo_ptx", "rloo"):
         assert (out / stage / "model/config.json").is_file()
         assert not (out / stage / "checkpoints").exists()
 
