@@ -67,6 +67,11 @@ def make_run(root: Path, complete: bool = True) -> Path:
                                         '"pairwise_by_labeler_pair": {"a|b": 0.7, "a|c": 0.78}}')
     (run / "pipeline.json").write_text(json.dumps({"steps": [{"step": "sft", "seconds": 12.5},
                                                              {"step": "rm", "seconds": 4.0}]}))
+    (run / "sft").mkdir(exist_ok=True)
+    (run / "sft" / "manifest.json").write_text(json.dumps({
+        "stage": "sft", "status": "finished", "seed": 3, "git_commit": "0123456789abcdef", "host": "box",
+        "versions": {"torch": "2.13.0", "transformers": "5.24"}, "started_at": "t0", "finished_at": "t1"}))
+    (run / "pipeline_config.json").write_text(json.dumps({"seed": 3, "rl": ["ppo", "ppo_ptx"]}))
     (run / "compare").mkdir()
     cell = {"gold_ci": [0.45, 0.62], "n": 300, "mean_words": 30.0, "constraint_rate": 0.3, "refuses_harmful": 0.2,
             "over_refusal": 0.05, "gold_score": 0.6, "rm_score": 0.4, "settings": {}}
@@ -106,6 +111,8 @@ def test_full_report_has_every_section_and_is_self_contained(tmp_path):
     # win-rate, PPO, gold-KL, lengths, refusals, RM reliability, agreement, compare
     assert page.count('src="data:image/png;base64,') == 8
     assert "53.7%" in _section(page, "compare") and "padding" in _section(page, "audit")
+    prov = _section(page, "provenance")
+    assert "0123456789ab" in prov and "2.13.0" in prov and "box" in prov and "pipeline config" in prov
     assert "<script" not in page and "http://" not in page and "https://" not in page  # offline, escaped
     assert "&lt;script&gt;" in page
     top = _section(page, "top-reward")

@@ -589,6 +589,28 @@ def section_audit(run: Run) -> str:
     return render_audit(run.audit)
 
 
+def section_provenance(run: Run) -> str:
+    """Where each stage's numbers come from: seed, status, versions, git commit, host, times, and the
+    pipeline's resolved config (every stage's own config is in its manifest.json)."""
+    manifests = []
+    for path in sorted(run.dir.glob("*/manifest.json")):
+        m = _json(path)
+        if isinstance(m, dict) and m.get("stage"):
+            manifests.append((path.parent.name, m))
+    if not manifests:
+        return _na("no stage manifest.json in the run directory")
+    rows = [[name, m.get("stage"), m.get("status"), m.get("seed"), (m.get("git_commit") or "")[:12],
+             m.get("host") if isinstance(m.get("host"), str) else (m.get("host") or {}).get("name", ""),
+             (m.get("versions") or {}).get("torch", ""), (m.get("versions") or {}).get("transformers", ""),
+             m.get("started_at", ""), m.get("finished_at", "")] for name, m in manifests]
+    table = _table(["run", "stage", "status", "seed", "git commit", "host", "torch", "transformers", "started",
+                    "finished"], rows, text_cols=(0, 1, 2, 4, 5, 6, 7, 8, 9))
+    cfg = _json(run.dir / "pipeline_config.json")
+    shown = f"<details><summary>pipeline config</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>" \
+        if isinstance(cfg, dict) else ""
+    return table + shown
+
+
 def section_timings(run: Run) -> str:
     p = run.pipeline
     steps = p.get("steps") if isinstance(p, dict) else p
@@ -615,6 +637,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
     ("compare", "Methods compared (preflab compare)", section_compare),
     ("audit", "Reward-hacking audit (preflab audit)", section_audit),
     ("timings", "Stage timings", section_timings),
+    ("provenance", "Provenance", section_provenance),
 )
 
 
