@@ -52,3 +52,36 @@ def end_rank() -> None:
     torch.distributed.barrier()
     distributed.shutdown()
     distributed.exit_now(0)
+
+
+# The tiny RL stage's tests (test_ppo.py, test_rl_stage.py) share a config, a programmatic reward
+# and the metrics reader.
+PPO_TINY = "configs/ppo_tiny.yaml"
+
+
+def letter_tokens() -> torch.Tensor:
+    """Token ids of the lowercase letters in the tiny tokenizer."""
+    from preflab import models
+
+    tok = models.load_tokenizer("tiny:")
+    return torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+
+def letter_reward(good):
+    """Fraction of response tokens that are lowercase letters (about 10% for the random policy)."""
+
+    def reward(s):
+        hit = torch.isin(s.response, good).float() * s.response_mask
+        return hit.sum(1) / s.response_mask.sum(1).clamp(min=1)
+
+    return reward
+
+
+def ppo_cfg(tmp_path, *overrides):
+    from preflab.config import PPOConfig, load_config
+
+    return load_config(PPOConfig, PPO_TINY, [f"run.out={tmp_path}", *overrides])
+
+
+def run_metrics(cfg) -> list[dict]:
+    return [json.loads(line) for line in open(Path(cfg.run.out) / "metrics.jsonl")]

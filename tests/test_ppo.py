@@ -1,45 +1,34 @@
 """PPO-ptx on tiny random models with a programmatic reward: learning, KL control, invariances,
 resume, NaN handling, LoRA reference, ptx."""
 
-import json
-import os
 
 import pytest
 import torch
 
-from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
+from helpers import (
+    end_rank,
+    free_port,
+    join_gloo_env,
+    letter_reward,
+    letter_tokens,
+    max_param_diff,
+    model_weights,
+    ppo_cfg,
+    run_metrics,
+)
 from preflab import models, scoring
-from preflab.config import PPOConfig, load_config
 from preflab.data.chat import Example
 from preflab.errors import ConfigError, TrainingError
 from preflab.rl import masked_whiten
 from preflab.stages import ppo
 
-TINY = "configs/ppo_tiny.yaml"
-
 
 @pytest.fixture(scope="module")
 def good_tokens():
-    tok = models.load_tokenizer("tiny:")
-    return torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+    return letter_tokens()
 
 
-def letter_reward(good):
-    """Fraction of response tokens that are lowercase letters (about 10% for the random policy)."""
-
-    def reward(s):
-        hit = torch.isin(s.response, good).float() * s.response_mask
-        return hit.sum(1) / s.response_mask.sum(1).clamp(min=1)
-
-    return reward
-
-
-def cfg_for(tmp_path, *overrides):
-    return load_config(PPOConfig, TINY, [f"run.out={tmp_path}", *overrides])
-
-
-def metrics(cfg):
-    return [json.loads(line) for line in open(os.path.join(cfg.run.out, "metrics.jsonl"))]
+cfg_for, metrics = ppo_cfg, run_metrics
 
 
 def test_ppo_raises_the_reward_and_beta_controls_kl(tmp_path, good_tokens):

@@ -1,42 +1,24 @@
 """The online RL stage's estimators wired end to end on tiny models: RLOO, GRPO, REINFORCE++ and
 the KL as a loss term; k samples per prompt; no critic unless GAE; reward functions beside the RM."""
 
-import json
-import os
 
 import pytest
 import torch
 
+from helpers import letter_reward, letter_tokens, ppo_cfg, run_metrics
 from preflab import models, rewards, scoring
-from preflab.config import PPOConfig, load_config
 from preflab.errors import ConfigError
 from preflab.rl import masked_whiten
 from preflab.rl.estimators import grpo_advantages, rloo_advantages
 from preflab.stages import ppo
 
-TINY = "configs/ppo_tiny.yaml"
-
 
 @pytest.fixture(scope="module")
 def good_tokens():
-    tok = models.load_tokenizer("tiny:")
-    return torch.tensor([tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"])
+    return letter_tokens()
 
 
-def letter_reward(good):
-    def reward(s):
-        hit = torch.isin(s.response, good).float() * s.response_mask
-        return hit.sum(1) / s.response_mask.sum(1).clamp(min=1)
-
-    return reward
-
-
-def cfg_for(tmp_path, *overrides):
-    return load_config(PPOConfig, TINY, [f"run.out={tmp_path}", *overrides])
-
-
-def metrics(cfg):
-    return [json.loads(line) for line in open(os.path.join(cfg.run.out, "metrics.jsonl"))]
+cfg_for, metrics = ppo_cfg, run_metrics
 
 
 def rollout(cfg, good, k):
