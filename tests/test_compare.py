@@ -9,6 +9,7 @@ from preflab.cli import main
 from preflab.compare import Comparison, parse_grid
 from preflab.config import PipelineConfig, validate
 from preflab.errors import PreflabError
+from preflab.evals.metrics import seed_summary
 from preflab.pipeline import PRESETS, Pipeline, deep_merge
 
 REQUIRED = {"method", "seed", "gold_winrate", "gold_ci", "rm_winrate", "kl", "mean_words", "constraint_rate", "seconds"}
@@ -38,6 +39,7 @@ def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
         lo, hi = r["gold_ci"]
         assert 0 <= lo <= r["gold_winrate"] <= hi <= 1
         assert r["n"] == 16 and r["seconds"] > 0
+    assert rows_of(out / "summary.json") == json.loads(json.dumps(seed_summary(rows)))
     # The run's SFT samples are the reference of every cell: identical responses, not resampled.
     ref = {json.loads(x)["id"]: json.loads(x)["response"] for x in (run / "eval/generations/sft.jsonl").open()}
     for cell in ("rloo-s0", "grpo-s0"):
@@ -139,7 +141,33 @@ def test_compare_table_script_prints_every_cell_once(run):
         main(["compare", str(run), "--methods", "rloo", "--seeds", "0", "--out", str(run / "compare")])
     out = subprocess.run([sys.executable, str(script), str(run / "compare"), str(run / "compare")],
                          capture_output=True, text=True, check=True).stdout
-    lines = [x for x in out.splitlines() if x.startswith("| ")][1:]
+    lines = [x for x in out.split("\n\n")[0].splitlines() if x.startswith("| ")][1:]  # the seed summary follows
     cells = [r for r in rows_of(run / "compare/compare.json")]
     assert len(lines) == 1 + 2 * (len(cells) - 1)  # the reference once, each directory's cells
     assert "(reference)" in lines[0]
+
+
+def test_seed_summary_in_the_table_script_and_the_report(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from preflab.evals.report import render_compare
+
+    def row(seed, win, lo):
+        return {"method": "rloo", "label": "rloo", "seed": seed, "settings": {}, "gold_winrate": win,
+                "gold_ci": [lo, win + 0.05], "n": 300, "rm_winrate": 0.7, "kl": 4.0, "mean_words": 30.0,
+                "constraint_rate": 0.3, "refuses_harmful": 0.1, "over_refusal": 0.1, "seconds": 600}
+
+    ref = {"method": "sft", "label": "sft", "seed": None, "settings": {}, "gold_winrate": None, "gold_ci": None,
+           "rm_winrate": None, "kl": 0.0, "mean_words": 29.0, "constraint_rate": 0.31, "refuses_harmful": 0.1,
+           "over_refusal": 0.1, "seconds": None}
+    rows = [ref, row(0, 0.583, 0.527), row(1, 0.55, 0.49)]
+    (tmp_path / "compare.json").write_text(json.dumps(rows))
+    script = Path(__file__).parents[1] / "benchmarks/compare_table.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| rloo | 0,1 | 56.6% | 55.0%-58.3% | 49.0% | 1/2 | 4.00 | 30.0 | 30.0% |" in out
+    page = render_compare(rows)
+    assert "seeds above 50%" in page and "1/2" in page and "56.6%" in page
+    assert "seeds above 50%" not in render_compare(rows[:2])  # one seed: no summary table

@@ -89,6 +89,27 @@ def test_gold_win_rate_ties_count_half():
     assert (w["lo"], w["hi"]) == (pytest.approx(lo), pytest.approx(hi))
 
 
+def test_seed_summary_by_hand():
+    def row(label, seed, win, lo, kl, words=30.0, constraints=0.3):
+        return {"method": label.split("[")[0], "label": label, "seed": seed, "gold_winrate": win,
+                "gold_ci": [lo, win + 0.05], "rm_winrate": win + 0.1, "kl": kl, "mean_words": words,
+                "constraint_rate": constraints}
+
+    rows = [{"method": "sft", "label": "sft", "seed": None, "gold_winrate": None, "gold_ci": None, "kl": 0.0},
+            row("rloo", 2, 0.60, 0.54, 4.0), row("rloo", 0, 0.58, 0.52, 5.0, words=40.0, constraints=0.2),
+            row("rloo", 1, 0.53, 0.47, 3.0), row("rloo[kl.coef=0]", 0, 0.55, 0.51, 9.0)]
+    by = {s["label"]: s for s in M.seed_summary(rows)}
+    assert set(by) == {"rloo", "rloo[kl.coef=0]"}  # the reference row is skipped
+    s = by["rloo"]
+    assert s["seeds"] == [0, 1, 2] and s["method"] == "rloo"
+    assert s["gold_winrate_mean"] == pytest.approx((0.60 + 0.58 + 0.53) / 3)
+    assert (s["gold_winrate_min"], s["gold_winrate_max"]) == (0.53, 0.60)
+    assert s["lowest_ci_low"] == 0.47 and s["seeds_above_half"] == 2  # seed 1's interval contains 50%
+    assert s["kl_mean"] == pytest.approx(4.0) and s["mean_words_mean"] == pytest.approx(100 / 3)
+    assert s["constraint_rate_mean"] == pytest.approx(0.8 / 3) and s["rm_winrate_mean"] == pytest.approx(0.67)
+    assert by["rloo[kl.coef=0]"]["seeds"] == [0] and by["rloo[kl.coef=0]"]["seeds_above_half"] == 1
+
+
 def test_instruction_miss_and_refusal_overreach():
     rows = [row("a", constraints=0.5, passed=(True, False)), row("b", constraints=1.0, passed=(True,)), row("c")]
     b = M.instruction_miss(rows)

@@ -13,6 +13,10 @@ RL stage itself resumes from its checkpoint).
      "rm_winrate", "kl", "mean_words", "constraint_rate", "refuses_harmful", "over_refusal",
      "gold_score", "rm_score", "seconds", "train_seconds", "eval_seconds"}
 
+``OUT/summary.json`` has one row per method and setting over its seeds (``seed_summary``): mean,
+lowest and highest gold win-rate, the lowest interval bound and how many seeds' intervals lie
+above 50%.
+
 Methods are the RL presets of ``config.RL_METHODS`` on top of the run's own RL settings; any
 ``key=value`` override applies to every cell, and ``--grid KEY=V1,V2`` makes one cell per value
 (the KL sweep: ``--grid kl.coef=0,0.02,0.1``). Methods of the preference trainers (dpo, ipo, rs,
@@ -33,6 +37,7 @@ import click
 from preflab.config import RL_METHODS, PipelineConfig, apply_overrides, parse_override, validate
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
+from preflab.evals.metrics import seed_summary
 from preflab.evals.results import EvalResults
 
 # Beside the online RL methods (config.RL_METHODS): the preference trainers and best-of-N, built
@@ -222,6 +227,7 @@ class Comparison:
         done = {(r["label"], r["seed"]) for r in rows}
         rows = rows + [r for r in self.finished() if (r["label"], r["seed"]) not in done]
         atomic_write_text(self.out / "compare.json", json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(self.out / "summary.json", json.dumps(seed_summary(rows), indent=2) + "\n")
         from preflab.evals.report import write_compare_html
 
         write_compare_html(rows, self.out / "compare.html")
@@ -278,4 +284,14 @@ def cli(run_dir, methods, seeds, out, grid, overrides, table_only):
                       "" if r["constraint_rate"] is None else f"{r['constraint_rate']:.1%}",
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}")
     table_console().print(table)
-    click.echo(f"wrote {comp.out / 'compare.json'} and {comp.out / 'compare.html'}")
+    summary = [s for s in seed_summary(rows) if len(s["seeds"]) > 1]
+    if summary:
+        table = Table(title="over seeds (a gain needs every seed's interval above 50%)")
+        for col in ("cell", "seeds", "mean gold win", "range", "lowest CI bound", "seeds > 50%", "mean KL"):
+            table.add_column(col)
+        for s in summary:
+            table.add_row(s["label"], ",".join(map(str, s["seeds"])), f"{s['gold_winrate_mean']:.1%}",
+                          f"{s['gold_winrate_min']:.1%}-{s['gold_winrate_max']:.1%}", f"{s['lowest_ci_low']:.1%}",
+                          f"{s['seeds_above_half']}/{len(s['seeds'])}", f"{s['kl_mean']:.2f}")
+        table_console().print(table)
+    click.echo(f"wrote {comp.out / 'compare.json'}, summary.json and {comp.out / 'compare.html'}")

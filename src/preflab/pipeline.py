@@ -317,7 +317,7 @@ class Pipeline:
 @click.option("--print-config", is_flag=True, help="Print the resolved pipeline config and exit.")
 @click.argument("overrides", nargs=-1)
 def cli(config_path, preset, out, restart, force, print_config, overrides):
-    """The main job: demonstrations -> SFT -> rankings -> RM -> online RL (rl: ppo, ppo_ptx by default)
+    """The main job: demonstrations -> SFT -> rankings -> RM -> online RL (rl: ppo_ptx, rloo by default)
     -> evaluation -> report. Rerun the same command to resume a stopped run.
 
     \b

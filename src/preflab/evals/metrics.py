@@ -213,6 +213,31 @@ HEDGE_PHRASES: tuple[str, ...] = (
 _HEDGE_RE = re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(h) for h in HEDGE_PHRASES) + r")(?![a-z])")
 
 
+def seed_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``preflab compare`` rows (one per method, setting and seed) -> one row per cell label over its
+    seeds: what a multi-seed claim is read from. The reference row (no win-rate) is skipped. A gain over the reference is claimed for a label only when every seed's Wilson interval
+    lies above 50% (``seeds_above_half == len(seeds)``); the mean alone is not evidence."""
+    by_label: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("gold_winrate") is not None:
+            by_label.setdefault(r["label"], []).append(r)
+
+    def mean(key: str, rs: list[Mapping[str, Any]]) -> float | None:
+        values = [r[key] for r in rs if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    out = []
+    for label, rs in by_label.items():
+        wins, lows = [r["gold_winrate"] for r in rs], [r["gold_ci"][0] for r in rs]
+        out.append({"label": label, "method": rs[0]["method"], "seeds": sorted(r["seed"] for r in rs),
+                    "gold_winrate_mean": mean("gold_winrate", rs), "gold_winrate_min": min(wins),
+                    "gold_winrate_max": max(wins), "lowest_ci_low": min(lows),
+                    "seeds_above_half": sum(lo > 0.5 for lo in lows), "kl_mean": mean("kl", rs),
+                    "mean_words_mean": mean("mean_words", rs), "constraint_rate_mean": mean("constraint_rate", rs),
+                    "rm_winrate_mean": mean("rm_winrate", rs)})
+    return out
+
+
 def is_hedged(text: str) -> bool:
     """Whether ``text`` contains a hedging phrase of ``HEDGE_PHRASES`` (whole words)."""
     return _HEDGE_RE.search(text.lower().replace("’", "'")) is not None

@@ -35,6 +35,7 @@ import click
 from preflab import metric_keys as K
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
+from preflab.evals.metrics import seed_summary
 from preflab.evals.results import EvalResults, ModelResults
 from preflab.evals.results import load as load_results
 
@@ -524,6 +525,17 @@ def render_compare(rows: list[dict[str, Any]]) -> str:
     html_table = _table(["cell", "seed", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "KL (nats)", "words",
                          "follows constraints", "refuses harmful", "over-refusal", "gold score", "seconds"],
                         table, text_cols=(0,))
+    summary = [s for s in seed_summary(rows) if len(s["seeds"]) > 1]
+    if summary:
+        html_table += '<p class="note">Over seeds: a gain is claimed only where every seed\'s interval lies above ' \
+            '50%.</p>' + _table(
+                ["cell", "seeds", "mean gold win-rate", "lowest-highest", "lowest interval bound", "seeds above 50%",
+                 "mean KL", "mean words", "follows constraints"],
+                [[s["label"], ",".join(map(str, s["seeds"])), _fmt(s["gold_winrate_mean"], True),
+                  f"{_fmt(s['gold_winrate_min'], True)}-{_fmt(s['gold_winrate_max'], True)}",
+                  _fmt(s["lowest_ci_low"], True), f"{s['seeds_above_half']}/{len(s['seeds'])}", _fmt(s["kl_mean"]),
+                  _fmt(s["mean_words_mean"]), _fmt(s["constraint_rate_mean"], True)] for s in summary],
+                text_cols=(0, 1, 3, 5))
     cells = [r for r in rows if r.get("gold_winrate") is not None and _num(r.get("kl")) is not None]
     if not cells:
         return html_table
