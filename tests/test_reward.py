@@ -151,6 +151,25 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
     assert tok.decode(seqs[0]).endswith("<|im_start|>assistant\nHello there.<|im_end|>")
 
 
+def test_scalar_heads_run_in_fp32_under_bf16_autocast():
+    """A bf16 head output keeps 8 significant bits, so nearby rewards tie. The RM's head and the
+    policy's value head compute in their fp32 weights whatever the autocast."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1)
+    hidden = torch.randn(32, 64)
+    scorer = models.load_scorer("tiny:")
+    h = torch.randn(4, scorer.config.hidden_size)
+    with torch.no_grad():
+        exact, exact_rm = head(hidden).squeeze(-1), scorer.score(h).squeeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, rm = scoring.scalar_head(head, hidden), scoring.score_head(scorer, h)
+            bf16 = head(hidden).squeeze(-1).float()
+    assert out.dtype == rm.dtype == torch.float32
+    torch.testing.assert_close(out, exact, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rm, exact_rm, atol=1e-6, rtol=1e-6)
+    assert (bf16 - exact).abs().max() > 1e-3  # what a bf16 head would have returned
+
+
 def test_shared_prefix_is_the_common_start_keeping_one_token_each():
     assert scoring.shared_prefix([[1, 2, 3, 9], [1, 2, 4], [1, 2, 3]]) == 2
     assert scoring.shared_prefix([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token for the head

@@ -58,11 +58,19 @@ def response_logits(model: Any, samples: Samples, temperature: float) -> torch.T
     return logits / max(temperature, 1e-7)
 
 
+def scalar_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """A 1-output head (..., H) -> (...) in the head's own precision (fp32 master weights), also
+    under bf16 autocast: a bf16 output keeps 8 significant bits, so rewards and values that differ
+    by less than ~0.5% would tie (measured: 19 of 60 RLOO groups had tied rewards). The head is one
+    dot product per row, so the fp32 cost is nil; the trunk stays in bf16."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
 def score_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Apply a sequence-classification model's 1-output head: (..., H) -> (...)."""
     base = unwrap(model)
-    head = getattr(base, "score", None) or getattr(base, "classifier", None)
-    return head(hidden).squeeze(-1).float()
+    return scalar_head(getattr(base, "score", None) or getattr(base, "classifier", None), hidden)
 
 
 def reward_norm(model: Any) -> tuple[float, float]:
@@ -128,7 +136,7 @@ class ActorCritic(nn.Module):
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
         if self.value_head is not None:
-            values = self.value_head(h).squeeze(-1).float()
+            values = scalar_head(self.value_head, h)
         elif self.critic is None:
             values = torch.zeros_like(logprobs)
         else:
