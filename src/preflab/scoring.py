@@ -61,8 +61,8 @@ def response_logits(model: Any, samples: Samples, temperature: float) -> torch.T
 def scalar_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """A 1-output head (..., H) -> (...) in the head's own precision (fp32 master weights), also
     under bf16 autocast: a bf16 output keeps 8 significant bits, so rewards and values that differ
-    by less than ~0.5% would tie (measured: 19 of 60 RLOO groups had tied rewards). The head is one
-    dot product per row, so the fp32 cost is nil; the trunk stays in bf16."""
+    by less than ~0.5% tie (one demo RLOO run had 124 equal-reward pairs of different responses).
+    The head is one dot product per row, so fp32 costs nothing; the trunk stays in bf16."""
     with torch.autocast(hidden.device.type, enabled=False):
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
