@@ -69,11 +69,10 @@ def test_training_logits_are_divided_by_the_temperature():
     ac = scoring.ActorCritic(policy, None)
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
     mask = torch.ones_like(ids)
-    pos = torch.arange(6)[None]
     resp = ids[:, 3:]
     with torch.no_grad():
-        lp1 = ac(ids, mask, pos, resp, tq=3, temperature=1.0)[0]
-        lp2 = ac(ids, mask, pos, resp, tq=3, temperature=2.0)[0]
+        lp1 = ac(ids[:, :3], mask[:, :3], resp, mask[:, 3:], temperature=1.0)[0]
+        lp2 = ac(ids[:, :3], mask[:, :3], resp, mask[:, 3:], temperature=2.0)[0]
         logits = policy(input_ids=ids).logits[:, 2:-1]
     expect2 = torch.log_softmax(logits / 2.0, -1).gather(-1, resp[..., None]).squeeze(-1)
     torch.testing.assert_close(lp2, expect2, rtol=1e-4, atol=1e-5)
@@ -105,6 +104,56 @@ def _scored_batch(cfg, good):
     return ac, batch
 
 
+def test_k_samples_of_a_prompt_run_it_once_with_the_same_numbers_and_gradients(tmp_path, monkeypatch):
+    """Rows sharing a query (k samples per prompt) go through scoring.tail_hidden's shared-prefix
+    path: log-probs, values, critic values, RM scores and gradients equal those of each row alone
+    (full sequences, nothing shared)."""
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    cfg = cfg_for(tmp_path)
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("tiny:")
+    policy = models.load_policy("tiny:", dropout_off=True)
+    ac = scoring.ActorCritic(policy, None)
+    torch.nn.init.normal_(ac.value_head.weight, std=0.1)
+    rm = models.load_scorer("tiny:")
+    prompts = [r["prompt"] for r in read_prompts(cfg.data.prompts)[:2]]
+    prompts[1] += " with a longer tail" * 3  # two prompt lengths: the shorter one is left-padded
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [p for p in prompts for _ in range(3)]),
+                                                max_new_tokens=6, temperature=1.0)
+    assert len(set(map(tuple, samples.response.tolist()))) > 2  # different responses per prompt
+    shared = []
+    real_row_hidden = scoring.row_hidden
+    monkeypatch.setattr(scoring, "row_hidden", lambda *a, **kw: shared.append(a[3].shape[0]) or real_row_hidden(*a, **kw))
+
+    def terms(s):
+        lp, v, _, _, _ = ac(**s.tensors(), temperature=0.7)
+        return lp, v, scoring.critic_values(rm, s), scoring.reward_scores(rm, s)
+
+    together = terms(samples)
+    assert shared == [2, 2, 2]  # policy, critic, RM: two prompts each, run once for 6 rows
+    shared.clear()
+    alone = [terms(samples.select([i])) for i in range(6)]
+    assert shared == []  # one row: the full sequence
+    m = samples.response_mask.bool()
+    for j, name in enumerate(("logprobs", "values", "critic", "rm")):
+        rows = torch.cat([a[j] for a in alone])
+        got = together[j][m] if together[j].dim() == 2 else together[j]
+        want = rows[m] if rows.dim() == 2 else rows
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
+    # gradients of a loss on the shared pass equal those of the rows' full sequences
+    weights = torch.randn(samples.response.shape)
+    (together[0] * weights * m).sum().backward()
+    grad_shared = {n: q.grad.clone() for n, q in policy.named_parameters() if q.grad is not None}
+    policy.zero_grad()
+    for i, a in enumerate(alone):
+        (a[0] * weights[i:i + 1] * m[i:i + 1]).sum().backward()
+    for n, q in policy.named_parameters():
+        if n in grad_shared:
+            torch.testing.assert_close(grad_shared[n], q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path, good_tokens):
     """score_rollout groups rows by prompt length and drops all-padding query columns; rows come
     back in rollout order with the values a one-row chunk gives (no padding at all)."""
@@ -132,7 +181,7 @@ def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path
         torch.testing.assert_close(getattr(chunked, name), getattr(alone, name), atol=1e-5, rtol=1e-4, msg=name)
     # ... and in rollout order: the whole padded batch in one pass gives the same rows.
     with torch.no_grad():
-        lp, v, _, _, _ = ac(**samples.inputs(), response=samples.response, tq=samples.query.shape[1], temperature=1.0)
+        lp, v, _, _, _ = ac(**samples.tensors(), temperature=1.0)
     m = samples.response_mask.float()
     torch.testing.assert_close(chunked.logprobs, lp * m, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(chunked.values, v * m, atol=1e-5, rtol=1e-4)

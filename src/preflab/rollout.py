@@ -37,6 +37,11 @@ class Samples:
         mask = torch.cat([self.query_mask, self.response_mask], dim=1)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """query, query_mask, response, response_mask (``ActorCritic``'s arguments)."""
+        return {"query": self.query, "query_mask": self.query_mask, "response": self.response,
+                "response_mask": self.response_mask}
+
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)

@@ -221,8 +221,12 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
     totals = dict.fromkeys(keys, 0.0)
     n_updates = 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    spp = cfg.rollout.samples_per_prompt if b % cfg.rollout.samples_per_prompt == 0 else 1
     for _ in range(p.epochs):
-        perm = torch.randperm(b, generator=generator).tolist()
+        # Prompts are shuffled, each with its k samples (contiguous in the rollout), so a
+        # micro-batch holds whole groups and runs each prompt once (scoring.tail_hidden).
+        # With k = 1 this is a plain row permutation.
+        perm = (torch.randperm(b // spp, generator=generator)[:, None] * spp + torch.arange(spp)).flatten().tolist()
         for start in range(0, b - p.minibatch_size + 1, p.minibatch_size):
             # Micro-batches of similar prompt length (their gradients are summed, so grouping does
             # not change the update), each without its all-padding query columns.
@@ -242,8 +246,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 ptx_in = {k: v.to(device) for k, v in ptx[j].items()} if ptx[j] else None
                 sync = not dist.enabled or j == len(parts) - 1
                 with (contextlib.nullcontext() if sync else ac.no_sync()), autocast:
-                    lp, v, ent, ptx_sum, _ = ac(**s.inputs(), response=s.response, tq=s.query.shape[1],
-                                                temperature=cfg.rollout.temperature, ptx=ptx_in)
+                    lp, v, ent, ptx_sum, _ = ac(**s.tensors(), temperature=cfg.rollout.temperature, ptx=ptx_in)
                     pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
                     vf = (value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range) if vf_coef
                           else ValueLoss(lp.new_zeros(()), lp.new_zeros(())))  # no critic: nothing to fit
