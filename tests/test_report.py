@@ -123,6 +123,20 @@ def test_full_report_has_every_section_and_is_self_contained(tmp_path):
     assert "sft" in timings and "16.5" in timings
 
 
+def test_every_comparison_directory_of_the_run_joins_the_compare_section(tmp_path):
+    run = make_run(tmp_path)
+    rows = json.loads((run / "compare" / "compare.json").read_text())
+    sweep = [rows[0], {**rows[1], "label": "rloo[kl.coef=0]", "settings": {"kl.coef": 0}, "gold_winrate": 0.471,
+                       "kl": 9.5}]
+    (run / "kl-sweep").mkdir()
+    (run / "kl-sweep" / "compare.json").write_text(json.dumps(sweep))
+    body = _section(render_report(run), "compare")
+    assert ">comparison</th>" in body and "kl-sweep" in body and "rloo[kl.coef=0]" in body
+    assert body.count("(reference)") == 1  # the SFT row once
+    assert "47.1%" in body and "53.7%" in body
+    assert "seeds above 50%" in body and "0/2" in body  # compare/'s two rloo seeds, both intervals contain 50%
+
+
 def test_missing_files_give_not_available_sections(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

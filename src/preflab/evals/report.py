@@ -183,7 +183,7 @@ class Run:
         self.rm_eval = _json(run_dir / "rm" / "eval" / "rm_eval.json")
         self.agreement = _json(run_dir / "agreement.json")
         self.pipeline = _json(run_dir / "pipeline.json")
-        self.compare = _json(run_dir / "compare" / "compare.json")
+        self.compare = _compare_rows(run_dir)
         self.audit = _json(run_dir / "audit" / "audit.json")
 
     @property
@@ -193,6 +193,22 @@ class Run:
     @property
     def reference(self) -> str:
         return (self.results.reference if self.results else None) or "reference"
+
+
+def _compare_rows(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The rows of every ``preflab compare`` output directly under the run (``compare/`` first,
+    then e.g. a KL sweep's directory), each tagged with its directory as ``set``; the reference
+    row once."""
+    paths = sorted(run_dir.glob("*/compare.json"), key=lambda p: (p.parent.name != "compare", p.parent.name))
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        got = _json(path)
+        if not isinstance(got, list):
+            continue
+        for r in got:
+            if isinstance(r, dict) and (r.get("gold_winrate") is not None or not rows):
+                rows.append({**r, "set": path.parent.name})
+    return rows or None
 
 
 def _rl_runs(run_dir: Path) -> list[str]:
@@ -509,41 +525,52 @@ def section_top_reward(run: Run) -> str:
 
 
 def render_compare(rows: list[dict[str, Any]]) -> str:
-    """The method-comparison table and the gold/RM win-rate against KL plot (``preflab compare``)."""
+    """The method-comparison table, a summary over seeds and the gold/RM win-rate against KL plot
+    (``preflab compare``). Rows tagged with a ``set`` (the report's merge of several comparison
+    directories) get a column naming it, and their own series in the plot."""
     if not isinstance(rows, list) or not rows:
-        return _na("compare/compare.json is missing (run `preflab compare RUN_DIR`)")
+        return _na("no compare.json under the run (run `preflab compare RUN_DIR`)")
     ref = rows[0].get("label", "sft")
+    sets = list(dict.fromkeys(r["set"] for r in rows if r.get("set")))
+    several = len(sets) > 1
     table = []
     for r in rows:
         ci = r.get("gold_ci") or [None, None]
         win = "(reference)" if r.get("gold_winrate") is None else \
             f"{_fmt(r['gold_winrate'], True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
-        table.append([r.get("label"), "" if r.get("seed") is None else r["seed"], win, _fmt(r.get("rm_winrate"), True),
-                      _fmt(r.get("kl")), _fmt(r.get("mean_words")), _fmt(r.get("constraint_rate"), True),
-                      _fmt(r.get("refuses_harmful"), True), _fmt(r.get("over_refusal"), True),
-                      _fmt(r.get("gold_score")), _fmt(r.get("seconds"), digits=4)])
-    html_table = _table(["cell", "seed", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "KL (nats)", "words",
-                         "follows constraints", "refuses harmful", "over-refusal", "gold score", "seconds"],
-                        table, text_cols=(0,))
-    summary = [s for s in seed_summary(rows) if len(s["seeds"]) > 1]
+        table.append(([r.get("set", "")] if several else []) + [
+            r.get("label"), "" if r.get("seed") is None else r["seed"], win, _fmt(r.get("rm_winrate"), True),
+            _fmt(r.get("kl")), _fmt(r.get("mean_words")), _fmt(r.get("constraint_rate"), True),
+            _fmt(r.get("refuses_harmful"), True), _fmt(r.get("over_refusal"), True), _fmt(r.get("gold_score")),
+            _fmt(r.get("seconds"), digits=4)])
+    lead = ["comparison"] if several else []
+    html_table = _table(lead + ["cell", "seed", f"gold win-rate vs {ref} [95% CI]", "RM win-rate", "KL (nats)",
+                                "words", "follows constraints", "refuses harmful", "over-refusal", "gold score",
+                                "seconds"], table, text_cols=(0, 1) if several else (0,))
+    summary = [(name, s) for name in (sets or [""]) for s in seed_summary([r for r in rows if r.get("set", "") == name])
+               if len(s["seeds"]) > 1]
     if summary:
         html_table += '<p class="note">Over seeds: a gain is claimed only where every seed\'s interval lies above ' \
             '50%.</p>' + _table(
-                ["cell", "seeds", "mean gold win-rate", "lowest-highest", "lowest interval bound", "seeds above 50%",
-                 "mean KL", "mean words", "follows constraints"],
-                [[s["label"], ",".join(map(str, s["seeds"])), _fmt(s["gold_winrate_mean"], True),
-                  f"{_fmt(s['gold_winrate_min'], True)}-{_fmt(s['gold_winrate_max'], True)}",
-                  _fmt(s["lowest_ci_low"], True), f"{s['seeds_above_half']}/{len(s['seeds'])}", _fmt(s["kl_mean"]),
-                  _fmt(s["mean_words_mean"]), _fmt(s["constraint_rate_mean"], True)] for s in summary],
-                text_cols=(0, 1, 3, 5))
+                lead + ["cell", "seeds", "mean gold win-rate", "lowest-highest", "lowest interval bound",
+                        "seeds above 50%", "mean KL", "mean words", "follows constraints"],
+                [([name] if several else []) + [
+                    s["label"], ",".join(map(str, s["seeds"])), _fmt(s["gold_winrate_mean"], True),
+                    f"{_fmt(s['gold_winrate_min'], True)}-{_fmt(s['gold_winrate_max'], True)}",
+                    _fmt(s["lowest_ci_low"], True), f"{s['seeds_above_half']}/{len(s['seeds'])}", _fmt(s["kl_mean"]),
+                    _fmt(s["mean_words_mean"]), _fmt(s["constraint_rate_mean"], True)] for name, s in summary],
+                text_cols=tuple(range(len(lead) + 2)) + (len(lead) + 3, len(lead) + 5))
     cells = [r for r in rows if r.get("gold_winrate") is not None and _num(r.get("kl")) is not None]
     if not cells:
         return html_table
     fig, ax = _figure(7.5, 4.0)
     ax = ax[0][0]
-    methods = sorted({str(r.get("method")) for r in cells})
-    for i, m in enumerate(methods):
-        mine = sorted((r for r in cells if r.get("method") == m), key=lambda r: r["kl"])
+
+    def series(r: dict[str, Any]) -> str:
+        return str(r.get("method")) + (f" ({r['set']})" if several and r.get("set") != "compare" else "")
+
+    for i, m in enumerate(sorted({series(r) for r in cells})):
+        mine = sorted((r for r in cells if series(r) == m), key=lambda r: r["kl"])
         color = f"C{i}"
         ax.errorbar([r["kl"] for r in mine], [r["gold_winrate"] for r in mine],
                     yerr=[[r["gold_winrate"] - r["gold_ci"][0] for r in mine],
