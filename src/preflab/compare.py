@@ -34,6 +34,7 @@ from typing import Any
 
 import click
 
+from preflab import models
 from preflab.config import RL_METHODS, PipelineConfig, apply_overrides, parse_override, validate
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
@@ -211,6 +212,7 @@ class Comparison:
             click.secho(f"[compare] cell {i + 1}/{len(self.cells)}: {cell_label(method, point)} seed {seed}",
                         fg="cyan", err=True)
             rows.append(self.run_cell(method, point, seed, cfg))
+            models.release_memory()  # the next cell starts without this one's peak
             on_row(rows[-1])
             self.write(rows)  # the table grows as cells finish
         return rows

@@ -291,6 +291,27 @@ def keep_large_blocks() -> None:
     _MALLOC_TUNED = True
 
 
+def release_memory() -> None:
+    """Return freed heap memory to the OS (Linux/glibc; elsewhere only a garbage collection).
+
+    ``keep_large_blocks`` keeps freed blocks mapped for the next step's reuse, so a process that
+    runs several stages (the pipeline, ``compare``) would otherwise carry each stage's peak into
+    the next: measured 2.5 GiB kept after a few SmolLM2 training steps, 0.3 GiB after this. Call
+    it between stages, not between steps."""
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def _dtype(name: str) -> torch.dtype:
     import torch
 

@@ -297,6 +297,7 @@ class Pipeline:
                 self.train(step)
             else:
                 getattr(self, f"step_{step}")()
+            models.release_memory()  # the next step starts without this one's peak
             took = time.perf_counter() - t0
             self._record(step, took)
             self._prune_checkpoints(step)
