@@ -80,3 +80,43 @@ def test_errors_are_one_line(prompts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "agreement", "--panel"])
     assert e.value.code == 2
+
+
+def test_killed_labeling_resumes_its_samples_and_equals_an_uninterrupted_run(prompts, tmp_path, monkeypatch):
+    """The pipeline's labeling appends each generated batch to a samples cache; after a kill the
+    rerun samples only the missing batches, and the store ends up as an uninterrupted run's."""
+    from preflab.data.chat import read_prompts
+    from preflab.data.suite.schema import SuitePrompt
+    from preflab.feedback.label_cli import collect_rankings
+    from preflab.rollout import HFGenerator
+
+    rows = [SuitePrompt.from_dict(r) for r in read_prompts(prompts)[:6]]
+    kw = dict(model_spec="tiny:", prompts=rows, k=2, max_new_tokens=8, batch_size=4, seed=3)
+
+    def texts(db):
+        with PreferenceStore(db) as store:
+            return [t for pid in range(1, 7) for _, t, _ in store.candidates(pid)]
+
+    collect_rankings(store_path=tmp_path / "a.sqlite", samples_cache=tmp_path / "a.jsonl", **kw)
+    calls, kill_at = [], [2]
+    real = HFGenerator.generate
+
+    def generate(self, *a, **k):
+        if len(calls) == kill_at[0]:
+            raise RuntimeError("killed")  # after two of the three batches of 4
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HFGenerator, "generate", generate)
+    with pytest.raises(RuntimeError, match="killed"):
+        collect_rankings(store_path=tmp_path / "b.partial", samples_cache=tmp_path / "b.jsonl", **kw)
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 1 + 2  # key line and two batches
+    calls.clear()
+    kill_at[0] = None
+    collect_rankings(store_path=tmp_path / "b.sqlite", samples_cache=tmp_path / "b.jsonl", **kw)
+    assert len(calls) == 1  # only the missing batch
+    assert texts(tmp_path / "b.sqlite") == texts(tmp_path / "a.sqlite")
+    assert len(set(texts(tmp_path / "a.sqlite"))) > 6  # sampled text, not one repeated string
+    calls.clear()  # another seed: the cache's key differs and everything is sampled afresh
+    collect_rankings(store_path=tmp_path / "c.sqlite", samples_cache=tmp_path / "b.jsonl", **{**kw, "seed": 4})
+    assert len(calls) == 3

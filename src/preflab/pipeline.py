@@ -231,7 +231,7 @@ class Pipeline:
         collect_rankings(model_spec=str(self.out / "sft/model"), prompts=self._split("rm", lab.limit),
                          store_path=tmp, split="rm", k=lab.k, max_new_tokens=lab.max_new_tokens,
                          temperature=lab.temperature, overlap=lab.overlap, batch_size=lab.batch_size, bf16=lab.bf16,
-                         seed=self.cfg.seed)
+                         seed=self.cfg.seed, samples_cache=self.data / "label_samples.jsonl")  # a kill keeps them
         tmp.rename(self.store)
 
     def step_agreement(self) -> None:

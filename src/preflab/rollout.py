@@ -9,6 +9,7 @@ the positions the sampler saw.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -307,8 +308,18 @@ def encode_prompts(tokenizer: Any, prompts: list[str | list[dict[str, str]]], ma
 
 def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int = 128,
                    temperature: float = 0.7, batch_size: int = 16, bf16: bool = True,
-                   progress: bool = False) -> list[str]:
-    """Sample one response per prompt, in batches; returns decoded texts in prompt order."""
+                   progress: bool = False, cache: Path | None = None, seed: int = 0, cache_key: str = "") -> list[str]:
+    """Sample one response per prompt, in batches; returns decoded texts in prompt order.
+
+    ``cache``: a JSONL file each finished batch is appended to, so a killed call resumes at the
+    first unfinished batch. Each batch then draws from its own seed (``seed`` and its position),
+    so the resumed texts equal the uninterrupted ones; the file's first line is a key of the
+    prompts, settings and ``cache_key`` (e.g. the model), and a file with another key is
+    started afresh.
+    """
+    import hashlib
+    import json
+
     from preflab.run import Progress
 
     gen = HFGenerator(model, tokenizer, bf16=bf16)
@@ -316,11 +327,38 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
     # Similar lengths together: less padding, faster batches; results go back in input order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts: list[str] = [""] * len(ids)
-    with Progress(len(ids), "generate", enabled=progress) as bar:
+    done: dict[int, list[str]] = {}
+    if cache is not None:
+        key = hashlib.sha256(json.dumps([ids, max_new_tokens, temperature, batch_size, seed, cache_key]).encode())
+        header = json.dumps({"key": key.hexdigest()})
+        lines = cache.read_text(encoding="utf-8").splitlines() if cache.is_file() else []
+        if lines[:1] == [header]:
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                    done[int(row["start"])] = list(row["texts"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by the kill: that batch runs again
+        else:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(header + "\n", encoding="utf-8")
+    with Progress(len(ids), "generate", enabled=progress) as bar, \
+            (open(cache, "a", encoding="utf-8") if cache is not None else contextlib.nullcontext()) as log:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            out = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
-            for i, t in zip(chunk, out.texts):
+            if s in done and len(done[s]) == len(chunk):
+                out_texts = done[s]
+            elif cache is None:
+                out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                         temperature=temperature).texts
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + s)
+                    out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                             temperature=temperature).texts
+                log.write(json.dumps({"start": s, "texts": out_texts}) + "\n")
+                log.flush()
+            for i, t in zip(chunk, out_texts):
                 texts[i] = t
             bar.update(advance=len(chunk))
     return texts

@@ -102,8 +102,11 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
                      max_new_tokens: int = LABELING.max_new_tokens, temperature: float = LABELING.temperature,
                      overlap: float = LABELING.overlap, labelers_kind: str = "panel", ai_model: str | None = None,
                      batch_size: int = LABELING.batch_size, seed: int = 0,
-                     bf16: bool = LABELING.bf16) -> dict[str, Any]:
-    """The labeling flow of `preflab data label` as a function (the pipeline calls it); returns store counts."""
+                     bf16: bool = LABELING.bf16, samples_cache: Path | None = None) -> dict[str, Any]:
+    """The labeling flow of `preflab data label` as a function (the pipeline calls it); returns store counts.
+
+    ``samples_cache``: the candidates are appended there batch by batch (``generate_texts``), so a
+    killed call samples only what is missing when it is called again with the same arguments."""
     import torch
 
     from preflab import models
@@ -120,7 +123,8 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
     tokenizer = models.load_tokenizer(model_spec)
     model = models.load_policy(model_spec)
     flat = generate_texts(model, tokenizer, [p.prompt for p in prompts for _ in range(k)], max_new_tokens=max_new_tokens,
-                          temperature=temperature, batch_size=batch_size, bf16=bf16, progress=True)
+                          temperature=temperature, batch_size=batch_size, bf16=bf16, progress=True,
+                          cache=samples_cache, seed=seed, cache_key=model_spec)
 
     # 2. the labelers
     if labelers_kind == "ai":
