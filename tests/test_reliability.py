@@ -430,3 +430,21 @@ print(base, kept, rss())
     base, kept, released = map(float, out)
     assert kept - base > 300  # the freed tensors are still resident
     assert kept - released > 300  # and go back to the OS
+
+
+def test_progress_prints_plain_lines_with_eta_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    """In a log file rich draws nothing until the end; the plain line says how far and how long."""
+    from preflab.run import Progress
+
+    monkeypatch.setattr(Progress, "every_s", 0.0)
+    with Progress(4, "generate") as bar:
+        for _ in range(4):
+            bar.update(advance=1)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("generate: ")]
+    assert [x.split()[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(" elapsed 0:00:0" in x and " eta " in x for x in lines) and lines[-1].endswith("eta 0:00:00")
+    monkeypatch.setattr(Progress, "every_s", 3600.0)
+    with Progress(3, "rank") as bar:
+        for _ in range(3):
+            bar.update(advance=1)
+    assert [x.split()[1] for x in capsys.readouterr().err.splitlines() if x.startswith("rank: ")] == ["3/3"]

@@ -25,6 +25,8 @@ import resource
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -550,13 +552,20 @@ def table_console(width: int = 160) -> Any:
 
 
 class Progress:
-    """A rich progress bar with ETA and the latest metrics; silent when disabled."""
+    """A rich progress bar with ETA and the latest metrics; silent when disabled.
+
+    When stderr is not a terminal (a log file, CI), rich draws nothing until the end, so a plain
+    line with the count, elapsed time and ETA is printed instead, at most every ``every_s``
+    seconds (and for the last item)."""
+
+    every_s = 30.0
 
     def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0,
                  keys: tuple[str, ...] = ()):
         self.enabled = enabled
         self.keys = keys
         self._bar = None
+        self.total, self.description, self.done = total, description, start
         if enabled:
             from rich.progress import (
                 BarColumn,
@@ -573,6 +582,9 @@ class Progress:
                 TextColumn("{task.fields[info]}"), transient=False,
             )
             self._task = self._bar.add_task(description, total=total, completed=start, info="")
+            self._plain = not self._bar.console.is_terminal
+            self._t0 = self._last = time.monotonic()
+            self._start = start
 
     def __enter__(self) -> Progress:
         if self._bar is not None:
@@ -591,4 +603,16 @@ class Progress:
             shown = [(k, metrics[k]) for k in self.keys if k in metrics] or list(metrics.items())[:4]
             info = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in shown if isinstance(v, int | float))
         self._bar.update(self._task, advance=advance, info=info)
+        self.done += advance
+        now = time.monotonic()
+        if self._plain and (now - self._last >= self.every_s or self.done >= self.total):
+            self._last = now
+            elapsed, new = now - self._t0, self.done - self._start
+            eta = elapsed / new * (self.total - self.done) if new > 0 else float("nan")
+            print(f"{self.description}: {self.done}/{self.total} elapsed {_clock(elapsed)} eta {_clock(eta)}"
+                  + (f"  {info}" if info else ""), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return "?" if math.isnan(seconds) else str(dt.timedelta(seconds=round(seconds)))
 
