@@ -171,3 +171,12 @@ def test_seed_summary_in_the_table_script_and_the_report(tmp_path):
     page = render_compare(rows)
     assert "seeds above 50%" in page and "1/2" in page and "56.6%" in page
     assert "seeds above 50%" not in render_compare(rows[:2])  # one seed: no summary table
+
+
+def test_audit_reads_the_cells_of_every_comparison_directory(tmp_path):
+    from preflab.evals.audit import _sample_sets
+
+    for d in ("eval", "compare/cells/rloo-s0/eval", "kl-sweep/cells/rloo[kl.coef=0]-s0/eval", "audit"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "samples.jsonl").write_text("")
+    assert [n for n, _ in _sample_sets(tmp_path)] == ["run", "rloo-s0", "kl-sweep/rloo[kl.coef=0]-s0"]

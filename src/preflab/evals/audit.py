@@ -80,9 +80,12 @@ def _flags(row: dict[str, Any], rm_q75: float, gold_q25: float) -> list[str]:
 
 
 def _sample_sets(run: Path) -> list[tuple[str, Path]]:
-    """(name, samples.jsonl) of the run's evaluation and of every compare cell."""
+    """(name, samples.jsonl) of the run's evaluation and of every cell of every ``preflab compare``
+    directory under the run (``compare/`` cells by their own name, others as ``DIR/cell``)."""
     sets = [("run", run / "eval" / "samples.jsonl")]
-    sets += [(p.parent.parent.name, p) for p in sorted((run / "compare" / "cells").glob("*/eval/samples.jsonl"))]
+    for p in sorted(run.glob("*/cells/*/eval/samples.jsonl")):
+        where, cell = p.parents[3].name, p.parents[1].name
+        sets.append((cell if where == "compare" else f"{where}/{cell}", p))
     return [(n, p) for n, p in sets if p.is_file()]
 
 
