@@ -180,3 +180,27 @@ def test_audit_reads_the_cells_of_every_comparison_directory(tmp_path):
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "samples.jsonl").write_text("")
     assert [n for n, _ in _sample_sets(tmp_path)] == ["run", "rloo-s0", "kl-sweep/rloo[kl.coef=0]-s0"]
+
+
+def test_the_pipelines_own_model_is_the_cell_at_its_seed_and_not_retrained(run, tmp_path):
+    import shutil
+
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("compare", "pref", "x", "audit"))
+    shutil.copytree(mine / "sft" / "model", mine / "rloo" / "model")  # as if the pipeline trained rloo
+    results = json.loads((mine / "eval/results.json").read_text())
+    rloo = json.loads(json.dumps(results["models"]["sft"]))
+    rloo["spec"] = str(mine / "rloo" / "model")
+    rloo["win_rate"] = {"rate": 0.75, "wins": 10, "ties": 4, "losses": 2, "n": 16, "lo": 0.5, "hi": 0.9}
+    results["models"]["rloo"] = rloo
+    (mine / "eval/results.json").write_text(json.dumps(results))
+    assert "rloo" in PipelineConfig.model_validate(json.loads((mine / "pipeline_config.json").read_text())).rl
+
+    main(["compare", str(mine), "--methods", "rloo", "--seeds", "0,1", "--out", str(mine / "compare")])
+    rows = {r["seed"]: r for r in rows_of(mine / "compare/compare.json") if r["method"] == "rloo"}
+    assert rows[0]["source"] == "run" and rows[0]["gold_winrate"] == 0.75 and rows[0]["gold_ci"] == [0.5, 0.9]
+    assert not (mine / "compare/cells/rloo-s0/train").exists()  # taken from the run, not retrained
+    assert "source" not in rows[1] and (mine / "compare/cells/rloo-s1/train/model").is_dir()  # another seed trains
+    # An override or another setting is another model: trained, not taken from the run.
+    main(["compare", str(mine), "--methods", "rloo", "--seeds", "0", "--out", str(mine / "lr"), "optim.lr=2e-5"])
+    assert (mine / "lr/cells/rloo-s0/train/model").is_dir()

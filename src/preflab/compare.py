@@ -5,7 +5,8 @@ cell (method x grid point x seed) trains the RL stage from the SFT model and eva
 against the **run's own SFT samples on the same held-out prompts** (the SFT generation cache is
 reused, so every cell is judged against the very same reference responses). Each finished cell
 writes ``cells/NAME/cell.json``; a killed comparison resumes at the first unfinished cell (and the
-RL stage itself resumes from its checkpoint).
+RL stage itself resumes from its checkpoint). The cell the pipeline itself trained and evaluated
+(its method at its seed, nothing overridden) is taken from the run, not retrained.
 
 ``OUT/compare.json`` is a list of rows, one per cell plus the SFT reference::
 
@@ -166,6 +167,10 @@ class Comparison:
         done = cell / "cell.json"
         if done.is_file():
             return json.loads(done.read_text())
+        row = self.run_row(method, point, seed)
+        if row is not None:
+            atomic_write_text(done, json.dumps(row, indent=2) + "\n")
+            return row
         t0 = time.perf_counter()
         ref = self.reference
         sft_spec = ref["models"][ref["reference"]]["spec"]
@@ -197,6 +202,22 @@ class Comparison:
                "seconds": round(t2 - t0, 1), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
         atomic_write_text(done, json.dumps(row, indent=2) + "\n")
         return row
+
+    def run_row(self, method: str, point: dict[str, Any], seed: int) -> dict[str, Any] | None:
+        """The run's own model as this cell, when the pipeline trained exactly it (this method at
+        the run's seed, no grid point, no override: the same stage config) and its evaluation
+        judged it: the pipeline's result is the cell's, nothing is retrained (the long preset's RL
+        step is an hour or more). ``source: "run"`` marks the row."""
+        cfg, model = self.pipeline.cfg, self.run / method / "model"
+        evaluated = self.reference.get("models", {}).get(method, {})
+        if (point or self.overrides or seed != cfg.seed or method not in (*cfg.rl, *cfg.preference)
+                or evaluated.get("spec") != str(model) or not model.is_dir()):
+            return None
+        steps = {s["step"]: s["seconds"] for s in self.pipeline.state().get("steps", [])}
+        return {"method": method, "label": cell_label(method, point), "seed": seed, "settings": {},
+                **_row_from_results(self.reference, method, str(self.results_path)),
+                "seconds": steps.get(method), "train_seconds": steps.get(method), "eval_seconds": None,
+                "source": "run"}
 
     def reference_row(self) -> dict[str, Any]:
         results = EvalResults.from_dict(self.reference, str(self.results_path))
