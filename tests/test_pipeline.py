@@ -67,14 +67,6 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
                           capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "labeler vs labeler" in proc.stdout and "rm_eval.json" in proc.stdout
-    # benchmarks/ppo_sweep.py re-runs the PPO-ptx stage with overrides and evaluates it.
-    script = Path(__file__).parents[1] / "benchmarks/ppo_sweep.py"
-    proc = subprocess.run([sys.executable, str(script), "--run", str(out), "--out", str(tmp_path / "sweep"),
-                           "--only", "default", "--extra", "short=train.steps=1"],
-                          capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "default" in proc.stdout and "train.steps=1" in proc.stdout
-    assert (tmp_path / "sweep/short/eval/results.json").is_file()
 
 
 @pytest.mark.parametrize("keep", [False, True])
