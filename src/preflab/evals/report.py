@@ -563,7 +563,7 @@ def render_compare(rows: list[dict[str, Any]]) -> str:
     cells = [r for r in rows if r.get("gold_winrate") is not None and _num(r.get("kl")) is not None]
     if not cells:
         return html_table
-    fig, ax = _figure(7.5, 4.0)
+    fig, ax = _figure(10.0, 4.2)
     ax = ax[0][0]
 
     def series(r: dict[str, Any]) -> str:
@@ -582,7 +582,7 @@ def render_compare(rows: list[dict[str, Any]]) -> str:
     ax.axhline(0.5, color="#444", lw=1, ls=":")
     ax.set_xlabel(f"KL to {ref} (nats, measured on each model's samples)")
     ax.set_ylabel(f"win-rate against {ref}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, not on them
     return ('<p class="note">Each point is one trained model (method, setting, seed), judged against the same '
             f'{_e(ref)} samples on the same held-out prompts. Over-optimisation shows as the reward model\'s win-rate '
             'rising with KL while the gold judge\'s levels off or falls.</p>'
