@@ -317,7 +317,6 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
     prompts, settings and ``cache_key`` (e.g. the model), and a file with another key is
     started afresh.
     """
-    import hashlib
     import json
 
     from preflab.run import Progress
@@ -327,41 +326,49 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
     # Similar lengths together: less padding, faster batches; results go back in input order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts: list[str] = [""] * len(ids)
-    done: dict[int, list[str]] = {}
-    if cache is not None:
-        key = hashlib.sha256(json.dumps([ids, max_new_tokens, temperature, batch_size, seed, cache_key]).encode())
-        header = json.dumps({"key": key.hexdigest()})
-        lines = cache.read_text(encoding="utf-8").splitlines() if cache.is_file() else []
-        if lines[:1] == [header]:
-            for line in lines[1:]:
-                try:
-                    row = json.loads(line)
-                    done[int(row["start"])] = list(row["texts"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by the kill: that batch runs again
-        else:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(header + "\n", encoding="utf-8")
+    done = _batch_cache(cache, json.dumps([ids, max_new_tokens, temperature, batch_size, seed, cache_key]))
     with Progress(len(ids), "generate", enabled=progress) as bar, \
             (open(cache, "a", encoding="utf-8") if cache is not None else contextlib.nullcontext()) as log:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            if s in done and len(done[s]) == len(chunk):
-                out_texts = done[s]
-            elif cache is None:
-                out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                         temperature=temperature).texts
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed * 1_000_003 + s)
+            out_texts = done.get(s)
+            if out_texts is None or len(out_texts) != len(chunk):
+                with torch.random.fork_rng(devices=[]) if log else contextlib.nullcontext():
+                    if log:  # each cached batch from its own seed: a resumed call equals an uninterrupted one
+                        torch.manual_seed(seed * 1_000_003 + s)
                     out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens,
                                              temperature=temperature).texts
-                log.write(json.dumps({"start": s, "texts": out_texts}) + "\n")
-                log.flush()
+                if log:
+                    log.write(json.dumps({"start": s, "texts": out_texts}) + "\n")
+                    log.flush()
             for i, t in zip(chunk, out_texts):
                 texts[i] = t
             bar.update(advance=len(chunk))
     return texts
+
+
+def _batch_cache(cache: Path | None, key_text: str) -> dict[int, list[str]]:
+    """The finished batches of ``generate_texts``' cache ({start: texts}) when its first line holds
+    this key; otherwise (or missing) the file is started afresh with the key and {} is returned."""
+    import hashlib
+    import json
+
+    if cache is None:
+        return {}
+    header = json.dumps({"key": hashlib.sha256(key_text.encode()).hexdigest()})
+    lines = cache.read_text(encoding="utf-8").splitlines() if cache.is_file() else []
+    if lines[:1] != [header]:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(header + "\n", encoding="utf-8")
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+            done[int(row["start"])] = list(row["texts"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill: that batch runs again
+    return done
 
 
 @click.command("generate")
