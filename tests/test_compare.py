@@ -204,3 +204,27 @@ def test_the_pipelines_own_model_is_the_cell_at_its_seed_and_not_retrained(run, 
     # An override or another setting is another model: trained, not taken from the run.
     main(["compare", str(mine), "--methods", "rloo", "--seeds", "0", "--out", str(mine / "lr"), "optim.lr=2e-5"])
     assert (mine / "lr/cells/rloo-s0/train/model").is_dir()
+
+
+def test_a_run_without_its_eval_step_is_compared_against_its_own_sft_evaluation(run, tmp_path, capsys):
+    """The long preset's eval step comes after its RL step: compare evaluates the SFT model itself
+    (the run's eval settings and seed: the same samples the eval step would write), once."""
+    import shutil
+
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("compare", "pref", "x", "audit", "eval"))
+    with pytest.raises(SystemExit):
+        main(["compare", str(mine), "--methods", "best_of_n", "--out", str(mine / "c"), "--table-only"])
+    assert "no evaluation of its SFT model yet" in capsys.readouterr().err
+    main(["compare", str(mine), "--methods", "best_of_n", "--seeds", "0", "--out", str(mine / "c")])
+    ref = mine / "c/reference/results.json"
+    assert json.loads(ref.read_text())["reference"] == "sft"
+    read = lambda p: [json.loads(x)["response"] for x in p.open()]  # noqa: E731
+    assert read(mine / "c/reference/generations/sft.jsonl") == read(run / "eval/generations/sft.jsonl")
+    rows = rows_of(mine / "c/compare.json")
+    assert [(r["method"], r["seed"]) for r in rows] == [("sft", None), ("best_of_n", 0)]
+    assert rows[1]["n"] == 16
+    before = ref.stat().st_mtime_ns
+    main(["compare", str(mine), "--methods", "best_of_n", "--seeds", "1", "--out", str(mine / "c")])
+    assert ref.stat().st_mtime_ns == before  # evaluated once
+    assert len(rows_of(mine / "c/compare.json")) == 3

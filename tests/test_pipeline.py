@@ -109,6 +109,9 @@ def test_long_preset_sizes_what_rl_needs():
         rl = p.stage_configs[method]
         episodes = rl.train.steps * rl.rollout.batch_size * rl.rollout.samples_per_prompt
         assert episodes >= 3000, (method, episodes)
+        assert 0 < rl.train.save_every <= rl.train.steps // 5  # a killed hour-long step loses minutes
+    for name in ("sft", "rm"):
+        assert p.stage_configs[name].run.save_every > 0
 
 
 def test_rerun_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):

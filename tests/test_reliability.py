@@ -193,9 +193,16 @@ def test_a_killed_owner_is_detected_on_the_next_open(tmp_path, capsys):
     with pytest.raises(PreflabError, match=r"already holds a run \(the process that ran it \(pid \d+ .*it was killed\)"):
         RunDir(tmp_path, stage="t", config={"a": 1}, seed=0)
     RunDir(tmp_path, stage="t", config={"a": 1}, seed=0, resume=True)
-    assert "it was killed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "it was killed" in err and "left no checkpoint" in err and "starting from step 0" in err
     m2 = read_manifest(tmp_path)
     assert m2["status"] == "running" and m2["pid"] == os.getpid() and "it was killed" in m2["owner_died"][0]["message"]
+    # Killed again after a checkpoint: the note names the step it resumes from.
+    RunDir(tmp_path, stage="t", config={"a": 1}, seed=0, resume=True).save_checkpoint(3, {"model": {}})
+    m2["pid"] = _dead_pid()
+    (tmp_path / "manifest.json").write_text(json.dumps(m2))
+    RunDir(tmp_path, stage="t", config={"a": 1}, seed=0, resume=True)
+    assert "resuming from its checkpoint at step 3" in capsys.readouterr().err
 
 
 def test_a_live_owner_in_another_process_is_refused(tmp_path):

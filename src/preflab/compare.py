@@ -1,12 +1,14 @@
 """``preflab compare RUN_DIR``: several RL methods and settings, several seeds, one table.
 
-From one finished run (its SFT model, its reward model, its evaluation of the SFT model), every
+From one run (its SFT model, its reward model, its evaluation of the SFT model), every
 cell (method x grid point x seed) trains the RL stage from the SFT model and evaluates the result
 against the **run's own SFT samples on the same held-out prompts** (the SFT generation cache is
 reused, so every cell is judged against the very same reference responses). Each finished cell
 writes ``cells/NAME/cell.json``; a killed comparison resumes at the first unfinished cell (and the
 RL stage itself resumes from its checkpoint). The cell the pipeline itself trained and evaluated
-(its method at its seed, nothing overridden) is taken from the run, not retrained.
+(its method at its seed, nothing overridden) is taken from the run, not retrained. A run whose
+eval step has not run yet (SFT and RM done, the RL step still training) can be compared already:
+the comparison evaluates the SFT model itself into ``OUT/reference``.
 
 ``OUT/compare.json`` is a list of rows, one per cell plus the SFT reference::
 
@@ -100,16 +102,31 @@ class Comparison:
         if not cfg_path.is_file():
             raise PreflabError(f"{self.run}: not a pipeline run (no pipeline_config.json)")
         self.pipeline = Pipeline(validate(PipelineConfig, json.loads(cfg_path.read_text()), str(cfg_path)), self.run)
-        self.results_path = self.run / "eval" / "results.json"
-        for need in (self.run / "sft" / "model", self.run / "rm" / "model", self.results_path):
+        for need in (self.run / "sft" / "model", self.run / "rm" / "model"):
             if not need.exists():
                 raise PreflabError(f"{self.run}: {need.relative_to(self.run)} is missing; run the pipeline's "
-                                   "sft, rm and eval steps first")
-        self.reference = json.loads(self.results_path.read_text())
+                                   "sft and rm steps first")
+        # The reference: the run's own evaluation of its SFT model; before the run's eval step has
+        # run (the long preset's comes after its hour-long RL step), the comparison evaluates the
+        # SFT model itself, with the run's eval settings, into OUT/reference (ensure_reference).
+        self.results_path = self.run / "eval" / "results.json"
+        if not self.results_path.is_file():
+            self.results_path = self.out / "reference" / "results.json"
+        self.reference = json.loads(self.results_path.read_text()) if self.results_path.is_file() else None
         self.methods, self.seeds, self.overrides = methods, seeds, overrides
         self.points = parse_grid(grid)
         # Validate every cell's config before anything runs.
         self.cells = [(m, p, s, self.stage_config(m, p, s)) for m in methods for p in self.points for s in seeds]
+
+    def ensure_reference(self) -> None:
+        """Evaluate the SFT model into OUT/reference when neither the run nor an earlier
+        invocation has (resumable: the generation cache keeps finished batches)."""
+        if self.reference is None:
+            click.secho(f"[compare] {self.run} has no evaluation yet: evaluating its SFT model into "
+                        f"{self.results_path.parent}", fg="cyan", err=True)
+            self.pipeline.evaluate(["sft"], self.results_path.parent)
+            self.reference = json.loads(self.results_path.read_text())
+            models.release_memory()
 
     def stage_of(self, method: str) -> str | None:
         """The registry stage that trains ``method`` (None: best-of-N trains nothing)."""
@@ -183,7 +200,7 @@ class Comparison:
             model = run_stage(self.stage_of(method), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
         t1 = time.perf_counter()
         # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
-        shutil.copyfile(self.run / "eval" / "generations" / f"{ref['reference']}.jsonl",
+        shutil.copyfile(self.results_path.parent / "generations" / f"{ref['reference']}.jsonl",
                         gen_dir / f"{ref['reference']}.jsonl")
         e = self.pipeline.cfg.eval
         s = ref["settings"]
@@ -228,6 +245,7 @@ class Comparison:
                 "seconds": None, "train_seconds": None, "eval_seconds": None}
 
     def run_all(self, on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+        self.ensure_reference()
         rows = [self.reference_row()]
         for i, (method, point, seed, cfg) in enumerate(self.cells):
             click.secho(f"[compare] cell {i + 1}/{len(self.cells)}: {cell_label(method, point)} seed {seed}",
@@ -289,6 +307,8 @@ def cli(run_dir, methods, seeds, out, grid, overrides, table_only):
                       methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=_ints(seeds),
                       overrides=list(overrides), grid=list(grid))
     if table_only:
+        if comp.reference is None:
+            raise PreflabError(f"{run_dir}: no evaluation of its SFT model yet (run the comparison first)")
         comp.write([comp.reference_row()])
         rows = json.loads((comp.out / "compare.json").read_text())
     else:

@@ -68,10 +68,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "suite": {"n": 4000},
         "demos": {"limit": 800},
         "labeling": {"limit": 1000},
-        "sft": {"train": {"epochs": 2.0}},
-        "rm": {"train": {"epochs": 2.0}},
+        # Checkpoints every ~10 minutes of each training step, so a killed run loses little.
+        "sft": {"train": {"epochs": 2.0}, "run": {"save_every": 40}},
+        "rm": {"train": {"epochs": 2.0}, "run": {"save_every": 32}},
         "rl": ["rloo"],
-        "ppo": {"train": {"steps": 100}, "rollout": {"max_new_tokens": 64}},
+        "ppo": {"train": {"steps": 100, "save_every": 10}, "rollout": {"max_new_tokens": 64}},
         "rl_overrides": {"rloo": {"rollout": {"batch_size": 8, "samples_per_prompt": 4}}},
         "eval": {"limit": 500},
     },
@@ -241,15 +242,20 @@ class Pipeline:
         atomic_write_text(self.out / "agreement.json", json.dumps(summary, indent=2, default=str))
 
     def step_eval(self) -> None:
+        self.evaluate(self.eval_models, self.out / "eval")
+
+    def evaluate(self, names: list[str], out_dir: Path) -> dict[str, Any]:
+        """Evaluate the run's models ``names`` (base, sft and trained methods) against its SFT
+        model on its held-out prompts, with its eval settings, into ``out_dir``."""
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
         paths = {"base": self.cfg.base_model,
                  **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl, *self.cfg.preference)}}
-        evaluate({m: paths[m] for m in self.eval_models}, self._split("eval", e.limit), reference="sft",
-                 reward_model=str(self.out / "rm/model"), out_dir=self.out / "eval",
-                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
-                 bf16=e.bf16, seed=self.cfg.seed)
+        return evaluate({m: paths[m] for m in names}, self._split("eval", e.limit), reference="sft",
+                        reward_model=str(self.out / "rm/model"), out_dir=out_dir,
+                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
+                        bf16=e.bf16, seed=self.cfg.seed)
 
     def step_report(self) -> None:
         from preflab.evals.report import write_report

@@ -339,7 +339,10 @@ class RunDir:
                 self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
             self._write_manifest()
             if died:
-                then = "resuming from its last checkpoint" if resume else "starting it again"
+                last = self.checkpoints()[-1][0] if resume and self.checkpoints() else None
+                then = (f"resuming from its checkpoint at step {last}" if last is not None
+                        else "it left no checkpoint (run.save_every sets how often): starting from step 0"
+                        if resume else "starting it again")
                 self.log(f"note: {died}; {then}")
                 _say(f"{self.path}: {died}; {then}")
             if self.cleaned:
