@@ -108,10 +108,13 @@ class Comparison:
                                    "sft and rm steps first")
         # The reference: the run's own evaluation of its SFT model; before the run's eval step has
         # run (the long preset's comes after its hour-long RL step), the comparison evaluates the
-        # SFT model itself, with the run's eval settings, into OUT/reference (ensure_reference).
+        # SFT model itself, with the run's eval settings, into OUT/reference (ensure_reference),
+        # and keeps judging against that one when the run's evaluation appears later: every cell of
+        # a directory is judged against the same SFT responses.
+        own = self.out / "reference" / "results.json"
         self.results_path = self.run / "eval" / "results.json"
-        if not self.results_path.is_file():
-            self.results_path = self.out / "reference" / "results.json"
+        if own.is_file() or not self.results_path.is_file():
+            self.results_path = own
         self.reference = json.loads(self.results_path.read_text()) if self.results_path.is_file() else None
         self.methods, self.seeds, self.overrides = methods, seeds, overrides
         self.points = parse_grid(grid)
