@@ -112,6 +112,15 @@ def test_audit_probes_correlations_and_report(run, monkeypatch):
     monkeypatch.setattr(scoring, "score_texts", longest)
     flagged = audit.audit(run, probe_prompts=8)["flagged"]
     assert "padding" in flagged and "repetition" in flagged and "blanket_refusal" not in flagged
+    # The probe the long preset's RLOO policy found: the answer in quotation marks, else unchanged;
+    # a reply that must begin with 'Okay.' then fails its constraint on the gold judge.
+    from preflab.feedback.rubric import judge
+
+    prompt = {"id": "q", "prompt": "Say hi. Your reply must begin with 'Okay.'", "category": "open_qa",
+              "constraints": [{"type": "start_with", "phrase": "Okay."}]}
+    quoted = audit.EXPLOITS["quoted"][1](prompt["prompt"], "Okay. Hi there.")
+    assert quoted == '"Okay. Hi there."'
+    assert judge(prompt, "Okay. Hi there.").constraints == 1.0 and judge(prompt, quoted).constraints == 0.0
 
 
 def test_preference_methods_and_best_of_n_join_the_table(run):
