@@ -237,6 +237,12 @@ def test_a_run_without_its_eval_step_is_compared_against_its_own_sft_evaluation(
     main(["compare", str(mine), "--methods", "best_of_n", "--seeds", "1", "--out", str(mine / "c")])
     assert ref.stat().st_mtime_ns == before  # evaluated once
     assert len(rows_of(mine / "c/compare.json")) == 3
+    # The audit of such a run reads the comparison's SFT evaluation as the run's.
+    from preflab.evals import audit
+
+    report = audit.audit(mine, probe_prompts=4)
+    assert report["reference"] == "sft" and {c["source"] for c in report["correlations"]} >= {"run"}
+    assert {c["model"] for c in report["correlations"]} >= {"sft", "best_of_n"}
     # The run's own evaluation appears later (its eval step ran): this directory keeps its reference.
     shutil.copytree(run / "eval", mine / "eval")
     assert Comparison(mine, mine / "c", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == ref

@@ -81,10 +81,20 @@ def _flags(row: dict[str, Any], rm_q75: float, gold_q25: float) -> list[str]:
     return out
 
 
+def reference_results(run: Path) -> Path:
+    """The run's evaluation, or (its eval step not run yet) the SFT evaluation a ``preflab compare``
+    made under it (``DIR/reference/results.json``)."""
+    own = run / "eval" / "results.json"
+    made = sorted(run.glob("*/reference/results.json"))
+    if not own.is_file() and made:
+        return made[0]
+    return own
+
+
 def _sample_sets(run: Path) -> list[tuple[str, Path]]:
     """(name, samples.jsonl) of the run's evaluation and of every cell of every ``preflab compare``
     directory under the run (``compare/`` cells by their own name, others as ``DIR/cell``)."""
-    sets = [("run", run / "eval" / "samples.jsonl")]
+    sets = [("run", reference_results(run).parent / "samples.jsonl")]
     for p in sorted(run.glob("*/cells/*/eval/samples.jsonl")):
         where, cell = p.parents[3].name, p.parents[1].name
         sets.append((cell if where == "compare" else f"{where}/{cell}", p))
@@ -159,14 +169,15 @@ def probe_exploits(prompts: list[Any], answers: list[str], rm_spec: str, *, batc
 def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size: int = 16,
           bf16: bool = True) -> dict[str, Any]:
     run = Path(run_dir)
-    results_path = run / "eval" / "results.json"
+    results_path = reference_results(run)
     if not results_path.is_file():
-        raise PreflabError(f"{run}: eval/results.json is missing; run the pipeline's eval step first")
+        raise PreflabError(f"{run}: eval/results.json is missing; run the pipeline's eval step (or a "
+                           "`preflab compare` of the run) first")
     results = load_results(results_path)
     reference = results.reference
     if not results.reward_model:
         raise PreflabError(f"{results_path}: evaluated without a reward model; the audit needs RM scores")
-    rows = read_jsonl(run / "eval" / "samples.jsonl", lambda o: o)
+    rows = read_jsonl(results_path.parent / "samples.jsonl", lambda o: o)
     for _, path in _sample_sets(run)[1:]:
         rows += [r for r in read_jsonl(path, lambda o: o) if r["model"] != reference]
     from preflab.data.suite import load_prompts
