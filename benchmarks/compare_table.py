@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from preflab.compare import result_settings
 from preflab.evals.metrics import seed_summary
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     for _, r in rows:
         win = "(reference)" if r["gold_winrate"] is None else \
             f"{pct(r['gold_winrate'])} [{pct(r['gold_ci'][0])}, {pct(r['gold_ci'][1])}]"
-        extra = "".join(f", {k}={v}" for k, v in (r.get("settings") or {}).items() if k not in r["label"])
+        extra = "".join(f", {k}={v}" for k, v in result_settings(r.get("settings") or {}).items() if k not in r["label"])
         print(f"| {r['label']}{extra} | {'' if r['seed'] is None else r['seed']} | {win} | {pct(r['rm_winrate'])} "
               f"| {r['kl']:.2f} | {r['mean_words']:.1f} | {pct(r['constraint_rate'])} | {pct(r['refuses_harmful'])} "
               f"| {pct(r['over_refusal'])} | {'' if r['seconds'] is None else round(r['seconds'])} |")

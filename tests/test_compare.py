@@ -70,13 +70,15 @@ def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
 def test_kl_grid_makes_one_cell_per_value_with_the_value_applied(run):
     out = run / "kl-sweep"
     main(["compare", str(run), "--methods", "reinforce_pp", "--grid", "kl.coef=0,0.5", "--out", str(out),
-          "train.steps=1"])
+          "train.steps=1", "models.policy.threads=1"])
     rows = rows_of(out / "compare.json")[1:]
     assert [r["label"] for r in rows] == ["reinforce_pp[kl.coef=0]", "reinforce_pp[kl.coef=0.5]"]
+    # The settings that change a result; threads (applied, below) is not one of them.
     assert [r["settings"] for r in rows] == [{"train.steps": 1, "kl.coef": 0}, {"train.steps": 1, "kl.coef": 0.5}]
-    coefs = [json.loads((out / "cells" / f"{r['label']}-s0/train/manifest.json").read_text())["config"]["kl"]["coef"]
-             for r in rows]
-    assert coefs == [0, 0.5]
+    configs = [json.loads((out / "cells" / f"{r['label']}-s0/train/manifest.json").read_text())["config"]
+               for r in rows]
+    assert [c["kl"]["coef"] for c in configs] == [0, 0.5]
+    assert all(c["models"]["policy"]["threads"] == 1 for c in configs)
 
 
 def test_grid_parsing_and_bad_input(run, tmp_path):

@@ -55,6 +55,14 @@ ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n
             "train_seconds", "eval_seconds")
 
 
+def result_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell's settings without the keys that cannot change its result (threads, progress, ...:
+    run.RESUME_ALLOWED_CHANGES), as the table shows them."""
+    from preflab.run import RESUME_ALLOWED_CHANGES
+
+    return {k: v for k, v in settings.items() if k.rsplit(".", 1)[-1] not in RESUME_ALLOWED_CHANGES}
+
+
 def parse_grid(items: list[str]) -> list[dict[str, Any]]:
     """``["kl.coef=0,0.05", "optim.lr=1e-5,2e-5"]`` -> the product as override dicts (key -> value)."""
     points: list[dict[str, Any]] = [{}]
@@ -216,7 +224,7 @@ class Comparison:
         if kl_bound is not None:  # evaluate() scores its samples under the SFT model itself: KL 0
             results = json.loads(json.dumps(results, default=str))
             results["models"][method]["kl"] = kl_bound  # the analytic bound instead (docs/reference.md §8)
-        settings = {**dict((".".join(k), v) for k, v in map(parse_override, self.overrides)), **point}
+        settings = result_settings({**dict((".".join(k), v) for k, v in map(parse_override, self.overrides)), **point})
         row = {"method": method, "label": label, "seed": seed, "settings": settings,
                **_row_from_results(results, method),
                "seconds": round(t2 - t0, 1), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
