@@ -317,7 +317,7 @@ class Pipeline:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Pipeline YAML.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="tiny: the same graph on random tiny models, in a few minutes; long: the recipe at the "
-                   "scale where RL can work (about 2 hours on 2 CPU cores).")
+                   "scale where RL can work (sized for 2 hours on 2 CPU cores; measured: about 2.3, docs/long-preset.md).")
 @click.option("--out", default="runs/demo", show_default=True, help="Run directory (rerun to resume).")
 @click.option("--restart", is_flag=True, help="Delete the run directory first.")
 @click.option("--force", is_flag=True, help="Rerun a run with a changed config (recorded in pipeline.json).")
