@@ -250,3 +250,6 @@ def test_a_run_without_its_eval_step_is_compared_against_its_own_sft_evaluation(
     assert Comparison(mine, mine / "c", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == ref
     assert Comparison(mine, mine / "d", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == \
         mine / "eval/results.json"
+    # Before it appears, another comparison directory reuses the first one's reference.
+    shutil.rmtree(mine / "eval")
+    assert Comparison(mine, mine / "e", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == ref

@@ -55,6 +55,14 @@ ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n
             "train_seconds", "eval_seconds")
 
 
+def reference_results(run: Path) -> Path:
+    """The run's evaluation of its SFT model: its eval step's, or (that step not run yet) the one a
+    ``preflab compare`` made under it (``RUN/DIR/reference/results.json``)."""
+    own = run / "eval" / "results.json"
+    made = sorted(run.glob("*/reference/results.json"))
+    return made[0] if made and not own.is_file() else own
+
+
 def result_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """A cell's settings without the keys that cannot change its result (threads, progress, ...:
     run.RESUME_ALLOWED_CHANGES), as the table shows them."""
@@ -115,13 +123,14 @@ class Comparison:
                 raise PreflabError(f"{self.run}: {need.relative_to(self.run)} is missing; run the pipeline's "
                                    "sft and rm steps first")
         # The reference: the run's own evaluation of its SFT model; before the run's eval step has
-        # run (the long preset's comes after its hour-long RL step), the comparison evaluates the
-        # SFT model itself, with the run's eval settings, into OUT/reference (ensure_reference),
-        # and keeps judging against that one when the run's evaluation appears later: every cell of
-        # a directory is judged against the same SFT responses.
+        # run (the long preset's comes after its hour-long RL step), one that another comparison
+        # made under the run, else the comparison evaluates the SFT model itself, with the run's
+        # eval settings, into OUT/reference (ensure_reference) and keeps judging against that one
+        # when the run's evaluation appears later: every cell of a directory is judged against the
+        # same SFT responses.
         own = self.out / "reference" / "results.json"
-        self.results_path = self.run / "eval" / "results.json"
-        if own.is_file() or not self.results_path.is_file():
+        self.results_path = own if own.is_file() else reference_results(self.run)
+        if not self.results_path.is_file():
             self.results_path = own
         self.reference = json.loads(self.results_path.read_text()) if self.results_path.is_file() else None
         self.methods, self.seeds, self.overrides = methods, seeds, overrides

@@ -29,6 +29,7 @@ from typing import Any
 import click
 import numpy as np
 
+from preflab.compare import reference_results
 from preflab.data.jsonl import atomic_write_text, read_jsonl
 from preflab.errors import PreflabError
 from preflab.evals.results import load as load_results
@@ -79,16 +80,6 @@ def _flags(row: dict[str, Any], rm_q75: float, gold_q25: float) -> list[str]:
     if g.get("constraints_passed") is not None and g.get("constraints", 1.0) < 1.0:
         out.append("constraints_missed")
     return out
-
-
-def reference_results(run: Path) -> Path:
-    """The run's evaluation, or (its eval step not run yet) the SFT evaluation a ``preflab compare``
-    made under it (``DIR/reference/results.json``)."""
-    own = run / "eval" / "results.json"
-    made = sorted(run.glob("*/reference/results.json"))
-    if not own.is_file() and made:
-        return made[0]
-    return own
 
 
 def _sample_sets(run: Path) -> list[tuple[str, Path]]:
