@@ -47,6 +47,9 @@ def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
         assert {s["id"]: s["response"] for s in samples if s["model"] == "sft"} == ref
         cfg = json.loads((out / "cells" / cell / "train/manifest.json").read_text())["config"]
         assert cfg["rollout"]["samples_per_prompt"] == 4 and cfg["run"]["seed"] == 0
+        # A finished cell is never resumed: its checkpoints are gone, its model stays.
+        assert not (out / "cells" / cell / "train/checkpoints").exists()
+        assert (out / "cells" / cell / "train/model").is_dir()
     assert "rloo" in capsys.readouterr().out
     # A second seed: the finished cells are read back, not retrained.
     model = out / "cells/rloo-s0/train/model/model.safetensors"

@@ -218,6 +218,8 @@ class Comparison:
             model, kl_bound = sft_spec, self.best_of_n_cache(gen_dir / f"{method}.jsonl", seed)
         else:
             model = run_stage(self.stage_of(method), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+            if not self.pipeline.cfg.keep_checkpoints:  # a finished cell is never resumed (1.6 GiB each)
+                shutil.rmtree(Path(cfg.run.out) / "checkpoints", ignore_errors=True)
         t1 = time.perf_counter()
         # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
         shutil.copyfile(self.results_path.parent / "generations" / f"{ref['reference']}.jsonl",
