@@ -339,10 +339,13 @@ class RunDir:
                 self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
             self._write_manifest()
             if died:
-                last = self.checkpoints()[-1][0] if resume and self.checkpoints() else None
-                then = (f"resuming from its checkpoint at step {last}" if last is not None
-                        else "it left no checkpoint (run.save_every sets how often): starting from step 0"
-                        if resume else "starting it again")
+                ckpts = self.checkpoints()
+                if not resume:
+                    then = "starting it again"
+                elif ckpts:
+                    then = f"resuming from its checkpoint at step {ckpts[-1][0]}"
+                else:
+                    then = "it left no checkpoint (run.save_every sets how often): starting from step 0"
                 self.log(f"note: {died}; {then}")
                 _say(f"{self.path}: {died}; {then}")
             if self.cleaned:
