@@ -51,7 +51,7 @@ PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 32, 64
 BETA, THREADS = 0.1, 2
 TARGET_RATIO = 0.4
 TOOLS = ("preflab", "trl", "trl-precompute")
-REFERENCES = [{"tool": "ref: TRL 1.16 DPOTrainer bf16 (TRL_ON_CPU.md, 2 cores, quoted)", "s_per_step": 8.7,
+REFERENCES = [{"tool": "ref: TRL 1.16 DPOTrainer bf16 (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 8.7,
                "peak_rss_gib": 6.1}]
 
 

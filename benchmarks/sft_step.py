@@ -50,10 +50,10 @@ TARGET_S = 2.5
 REFERENCES = [
     {"config": "ref: TRL 1.12 SFTTrainer fp32 + grad. ckpt (issue)", "s_per_step": 6.4, "peak_rss_gib": None,
      "peak_rss_note": "3.7 GB", "source": "issue"},
-    {"config": "ref: TRL 1.16 SFTTrainer fp32 (TRL_ON_CPU.md)", "s_per_step": 6.0, "peak_rss_gib": 4.9,
-     "source": "/work/shared/reference/TRL_ON_CPU.md"},
-    {"config": "ref: TRL 1.16 SFTTrainer bf16 autocast (TRL_ON_CPU.md)", "s_per_step": 4.0, "peak_rss_gib": 4.5,
-     "source": "/work/shared/reference/TRL_ON_CPU.md"},
+    {"config": "ref: TRL 1.16 SFTTrainer fp32 (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 6.0, "peak_rss_gib": 4.9,
+     "source": "an earlier measurement on another 2-core machine"},
+    {"config": "ref: TRL 1.16 SFTTrainer bf16 autocast (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 4.0, "peak_rss_gib": 4.5,
+     "source": "an earlier measurement on another 2-core machine"},
 ]
 CONFIGS = {"fp32": ("preflab", False), "bf16": ("preflab", True),
            "trl-fp32": ("trl", False), "trl-bf16": ("trl", True)}

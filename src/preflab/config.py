@@ -3,7 +3,7 @@
 ``load_config(SFTConfig, "configs/sft.yaml", ["optim.lr=1e-5", "train.batch_size=4"])``
 
 A wrong key, type or range raises ``ConfigError`` naming the key (``optim.lr``), and nothing
-starts. Each stage gets only the sections it needs (STYLE.md 8: pass what a function needs).
+starts. Each stage gets only the sections it needs (pass a function what it needs, nothing more).
 """
 
 from __future__ import annotations

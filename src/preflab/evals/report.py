@@ -429,7 +429,7 @@ def section_rm_reliability(run: Run) -> str:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0.4, 1.02)
     ax.legend(fontsize=8)
-    out.append('<p class="note">Reliability by reward margin (RLHF_REFERENCE.md §7): accuracy of held-out pairs '
+    out.append('<p class="note">Reliability by reward margin (docs/reference.md §3.3): accuracy of held-out pairs '
                'per 0.5-wide bin of |r_chosen - r_rejected| against sigmoid(midpoint); numbers are pair '
                'counts.</p>')
     out.append(_png(fig, "RM reliability diagram"))
@@ -443,7 +443,7 @@ def section_agreement(run: Run) -> str:
     scalars = [[k, _fmt(v, pct=isinstance(v, float) and 0 <= v <= 1 and k not in ("kendalls_w",))]
                for k, v in a.items() if isinstance(v, int | float | str | bool) or v is None]
     out = ['<p class="note">InstructGPT: 72.6 &plusmn; 1.5% pairwise agreement among training labelers, 77.3 '
-           '&plusmn; 1.3% among held-out ones (RLHF_REFERENCE.md §1).</p>',
+           '&plusmn; 1.3% among held-out ones (docs/reference.md §1.5).</p>',
            _table(["metric", "value"], scalars)]
     tables = {k: v for k, v in a.items()
               if isinstance(v, dict) and v and all(isinstance(x, int | float) or x is None for x in v.values())}
