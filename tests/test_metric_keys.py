@@ -13,7 +13,8 @@ from preflab.registry import STAGES, run_stage
 # stage -> variants (dotted overrides of configs/<stage>_tiny.yaml); each variant is one tiny run.
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "sft": {"tiny": [], "validation": ["train.eval_every=2", "train.select_best=true"]},
-    "rm": {"tiny": [], "eval-every": ["train.eval_every=1", "eval.temperature_scaling=true"]},
+    "rm": {"tiny": [], "eval-every": ["train.eval_every=1", "eval.temperature_scaling=true",
+                                      "train.select_best=true"]},
     "ppo": {"tiny": [], "ptx": ["ptx.coef=1.0", "data.ptx=builtin:examples", "ptx.batch_size=2"],
             "rloo": ["algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4", "train.steps=2"],
             "grpo-kl-loss": ["algo.estimator=grpo", "algo.kl_in=loss", "rollout.samples_per_prompt=2",
@@ -29,6 +30,7 @@ EXPECT: dict[tuple[str, str], set[str]] = {
     ("sft", "tiny"): {K.TRAIN_LOSS, K.TRAIN_TOKENS, K.PERF_TOKENS_PER_S},
     ("sft", "validation"): {K.VAL_LOSS},
     ("rm", "tiny"): {K.TRAIN_ACCURACY, K.TRAIN_PAIRS, K.RM_ACCURACY, K.RM_ECE, K.RM_NORM_GAIN},
+    ("rm", "eval-every"): {K.BEST_STEP, K.BEST_VAL_LOSS},
     ("ppo", "tiny"): {K.OBJECTIVE_KL, K.POLICY_APPROXKL, K.VALUE_EXPLAINED_VARIANCE, K.PERF_GEN_S},
     ("ppo", "ptx"): {K.LOSS_PTX},
     ("ppo", "grpo-kl-loss"): {K.LOSS_KL},

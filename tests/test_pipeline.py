@@ -112,6 +112,8 @@ def test_long_preset_sizes_what_rl_needs():
         assert 0 < rl.train.save_every <= rl.train.steps // 5  # a killed hour-long step loses minutes
     for name in ("sft", "rm"):
         assert p.stage_configs[name].run.save_every > 0
+    rm = p.stage_configs["rm"].train  # trained until held-out accuracy stops rising, not a guessed epoch count
+    assert rm.select_best and rm.eval_every > 0
 
 
 def test_rerun_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):

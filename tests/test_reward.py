@@ -407,21 +407,61 @@ def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
 
 
 
+def test_select_best_exports_the_weights_with_the_lowest_held_out_loss(tmp_path, monkeypatch):
+    """Held-out loss 3.0 at step 2, 1.0 at step 4, 2.0 at step 6 (the end): step 4's weights are
+    exported, and normalised and evaluated as the model; without select_best the last step is."""
+    data = write_mixed(tmp_path / "m.jsonl", n=24)
+    common = ["data.val_fraction=0.25", "train.batch_prompts=4"]
+    scripted = iter([3.0, 1.0, 2.0])
+    real = reward.evaluate
+
+    def scripted_loss(*a, **k):
+        out = real(*a, **k)
+        return {**out, "loss": next(scripted, out["loss"])}  # the final report keeps its real loss
+
+    monkeypatch.setattr(reward, "evaluate", scripted_loss)
+    for name in ("best", "step4", "last"):
+        (tmp_path / name).mkdir()
+    best = reward.train(rm_cfg(tmp_path / "best", data, *common, "train.max_steps=6", "train.eval_every=2",
+                               "train.select_best=true"))
+    assert next(scripted, None) is None  # evaluated at steps 2, 4 and at the end
+    monkeypatch.undo()
+    step4 = reward.train(rm_cfg(tmp_path / "step4", data, *common, "train.max_steps=4"))
+    last = reward.train(rm_cfg(tmp_path / "last", data, *common, "train.max_steps=6", "train.eval_every=2"))
+    assert max_param_diff(model_weights(best), model_weights(step4)) < 1e-6
+    assert max_param_diff(model_weights(last), model_weights(step4)) > 1e-4
+    final = json.loads((tmp_path / "best/run/manifest.json").read_text())["final_metrics"]
+    assert final["best/step"] == 4 and final["best/val_loss"] == 1.0
+    report = json.loads((tmp_path / "best/run/eval/rm_eval.json").read_text())
+    step4_report = json.loads((tmp_path / "step4/run/eval/rm_eval.json").read_text())
+    assert report["accuracy"] == step4_report["accuracy"]
+    assert report["normalisation"]["bias"] == pytest.approx(step4_report["normalisation"]["bias"], abs=1e-5)
+
+
+
 def _ddp_worker(rank, world, port, cfg_json):
     join_gloo_env(rank, world, port)
     reward.train(RMConfig.model_validate_json(cfg_json))
     end_rank()
 
 
-def test_two_gloo_ranks_equal_one_rank(tmp_path):
-    data = write_mixed(tmp_path / "m.jsonl")
+@pytest.mark.parametrize("select_best", [False, True])
+def test_two_gloo_ranks_equal_one_rank(tmp_path, select_best):
+    """Also with select_best: the ranks score the held-out set together, the main rank keeps the
+    best weights and every rank loads them before the normalisation pass they share."""
+    data = write_mixed(tmp_path / "m.jsonl", n=20)
+    extra = ["data.val_fraction=0.2", "train.eval_every=1", "train.select_best=true"] if select_best else []
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    w_one = model_weights(reward.train(rm_cfg(tmp_path / "one", data, *EXACT, "train.batch_prompts=8",
+    w_one = model_weights(reward.train(rm_cfg(tmp_path / "one", data, *EXACT, *extra, "train.batch_prompts=8",
                                               "train.max_steps=2")))
-    two = rm_cfg(tmp_path / "two", data, *EXACT, "train.batch_prompts=4", "train.max_steps=2")
+    two = rm_cfg(tmp_path / "two", data, *EXACT, *extra, "train.batch_prompts=4", "train.max_steps=2")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
     assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
+    if select_best:
+        finals = [json.loads((tmp_path / d / "run/manifest.json").read_text())["final_metrics"] for d in ("one", "two")]
+        assert finals[0]["best/step"] == finals[1]["best/step"]
+        assert finals[0]["rm/norm_bias"] == pytest.approx(finals[1]["rm/norm_bias"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

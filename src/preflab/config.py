@@ -182,7 +182,11 @@ class RMTrain(Section):
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values (same loss, about half the tokens for K = 4); "
                                                  "ignored under gradient_checkpointing.")
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, description="Held-out accuracy and loss every N steps (0: at the end only).")
+    select_best: bool = Field(False, description="Export the weights with the lowest held-out loss (checked every "
+                                                 "eval_every steps and at the end) instead of the last: train until "
+                                                 "held-out accuracy stops rising without guessing the epochs. The "
+                                                 "reported held-out metrics then come from the set that chose them.")
 
 
 class RMNorm(Section):

@@ -15,6 +15,7 @@ A stage reads top to bottom and calls these where its numbered steps say so::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 
 from preflab import distributed, models
 from preflab.config import dump_config
+from preflab.data.jsonl import atomic_dir
 from preflab.errors import DataError
 from preflab.optim import clip_grad
 from preflab.run import RunDir, seed_everything
@@ -85,3 +87,35 @@ def export(model: torch.nn.Module, tokenizer: Any, out: Path, ctx: Context) -> P
         models.save_model(model, tokenizer, out)
     distributed.barrier()
     return out
+
+
+class BestWeights:
+    """The trainable weights with the lowest validation loss so far (``train.select_best`` of SFT
+    and the RM), in ``DIR/weights.pt`` and ``DIR/meta.json`` (written together by a directory
+    rename, so a kill leaves the previous pair). A resumed run reads them back, and replays the
+    same steps, so it finds the same best."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.step: int | None = None
+        self.val_loss = math.inf
+        meta = path / "meta.json"
+        if enabled and meta.is_file():
+            m = json.loads(meta.read_text())
+            self.step, self.val_loss = int(m["step"]), float(m["val_loss"])
+
+    def offer(self, step: int, val_loss: float, model: torch.nn.Module) -> None:
+        if not self.enabled or not val_loss < self.val_loss:
+            return
+        weights = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+        with atomic_dir(self.path) as tmp:
+            torch.save(weights, tmp / "weights.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+        self.step, self.val_loss = step, val_loss
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        weights = torch.load(self.path / "weights.pt", map_location="cpu")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)

@@ -41,7 +41,7 @@ TRAIN_ACCURACY = "train/accuracy"  # RM: fraction of the step's pairs ranked rig
 VAL_LOSS = "val/loss"
 VAL_KL = "val/kl"  # DPO: sampled KL to the reference (nats per response)
 VAL_KL_SAMPLES = "val/kl_samples"
-BEST_STEP = "best/step"  # SFT with select_best: the exported step (the manifest's final metrics)
+BEST_STEP = "best/step"  # SFT and RM with select_best: the exported step (the manifest's final metrics)
 BEST_VAL_LOSS = "best/val_loss"
 
 # --- speed and memory ---------------------------------------------------------------------------

@@ -110,6 +110,8 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
         return evaluate(groups, scores, n_bins=cfg.eval.n_bins, temperature_scaling=cfg.eval.temperature_scaling,
                         worst_k=cfg.eval.worst_k, seed=cfg.run.seed)
 
+    best = loop.BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
+
     # 3. the loop: one global batch of prompts per optimizer step -------------------------------
     micro = cfg.train.batch_prompts
     with Progress(total_steps, "rm", enabled=cfg.run.progress and dist.is_main, start=start,
@@ -150,6 +152,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex and done < total_steps:
                 rep = held_out(val_ex, val_g)
                 metrics.update({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]})
+                best.offer(done, rep["loss"], model)
             if done % cfg.run.log_every == 0 or done == total_steps:
                 metrics["perf/peak_rss_mb"] = peak_rss_mb()
                 run.log_metrics(done, metrics)
@@ -157,6 +160,15 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
             if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
                 checkpoint(done)
     checkpoint(total_steps)
+    final: dict[str, Any] = {}
+    if cfg.train.select_best and val_ex:  # the last step competes too; every rank then holds the best
+        best.offer(total_steps, held_out(val_ex, val_g)["loss"], model)  # the main rank keeps it
+        distributed.barrier()
+        best = loop.BestWeights(best.path, enabled=True)
+        if best.step != total_steps:
+            best.load_into(model)
+            run.log(f"rm: exporting step {best.step} (held-out loss {best.val_loss:.4f}), not the last step")
+        final.update({"best/step": best.step, "best/val_loss": best.val_loss})
 
     # 4. normalisation: demonstrations' mean score 0 (InstructGPT §3.5); optionally policy samples
     #    N(0, 1) (lm-human-preferences). Without demos, the top-ranked training responses stand in.
@@ -175,7 +187,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                                policy_gain_bias=cfg.norm.policy_gain_bias)
     unwrap(model).config.preflab_reward_gain = gain
     unwrap(model).config.preflab_reward_bias = bias
-    final: dict[str, Any] = {"rm/norm_gain": gain, "rm/norm_bias": bias}
+    final.update({"rm/norm_gain": gain, "rm/norm_bias": bias})
     if demo_raw:
         final["rm/demo_score_mean"] = gain * float(np.mean(demo_raw)) + bias
     run.log(f"rm: normalisation gain {gain:.4g} bias {bias:.4g} (demos: {demo_source})")

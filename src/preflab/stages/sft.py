@@ -7,7 +7,6 @@ batch, the loss is normalised by the step's global token count, rank 0 alone wri
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -18,7 +17,6 @@ import torch
 from preflab import distributed, loop, models
 from preflab.config import SFTConfig
 from preflab.data.chat import IGNORE, Example, collate, pack, read_demos, tokenize_conversation
-from preflab.data.jsonl import atomic_dir
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import TrainingError
 from preflab.lm import TokenNLL
@@ -95,7 +93,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     def checkpoint(step: int) -> None:
         run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
 
-    best = BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
+    best = loop.BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
 
     # 3. the loop: one global batch per optimizer step ------------------------------------------
     micro = cfg.train.batch_size
@@ -159,34 +157,3 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     out = loop.export(model, tokenizer, Path(cfg.run.out) / "model", ctx)
     run.finish(final_metrics=final)
     return out
-
-
-class BestWeights:
-    """The trainable weights with the lowest validation loss so far, in ``DIR/weights.pt`` and
-    ``DIR/meta.json`` (written together by a directory rename, so a kill leaves the previous
-    pair). A resumed run reads them back, and replays the same steps, so it finds the same best."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.step: int | None = None
-        self.val_loss = math.inf
-        meta = path / "meta.json"
-        if enabled and meta.is_file():
-            m = json.loads(meta.read_text())
-            self.step, self.val_loss = int(m["step"]), float(m["val_loss"])
-
-    def offer(self, step: int, val_loss: float, model: torch.nn.Module) -> None:
-        if not self.enabled or not val_loss < self.val_loss:
-            return
-        weights = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
-        with atomic_dir(self.path) as tmp:
-            torch.save(weights, tmp / "weights.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-        self.step, self.val_loss = step, val_loss
-
-    def load_into(self, model: torch.nn.Module) -> None:
-        weights = torch.load(self.path / "weights.pt", map_location="cpu")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v)
