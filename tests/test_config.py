@@ -60,3 +60,15 @@ def test_overrides_beat_yaml_and_parse_types(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(SFTConfig, None, ["optim.lr"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_select_best_without_held_out_data_is_refused(stage):
+    """It would otherwise export the last step while the user asked for the best one."""
+    from preflab.config import RMConfig
+
+    cls, base = {"sft": (SFTConfig, []), "rm": (RMConfig, ["data.train=r.jsonl"])}[stage]
+    with pytest.raises(ConfigError, match=r"train.select_best needs held-out data"):
+        load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0"])
+    assert load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0.1"]).train.select_best
+    assert load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0", "data.val=v.jsonl"])

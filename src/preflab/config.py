@@ -131,6 +131,13 @@ class SFTOptim(OptimSection):
     warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps from warmup_start * lr.")
 
 
+def check_select_best(data: Any, train: Any) -> None:
+    """``train.select_best`` picks among held-out scores: without held-out data it would silently
+    export the last step."""
+    if train.select_best and not data.val and data.val_fraction == 0:
+        raise ValueError("train.select_best needs held-out data: set data.val or data.val_fraction > 0")
+
+
 class SFTConfig(Section):
     """`preflab sft`: supervised fine-tuning on demonstrations, loss on response tokens only."""
 
@@ -139,6 +146,11 @@ class SFTConfig(Section):
     optim: SFTOptim = Field(default_factory=SFTOptim)
     train: SFTTrain = Field(default_factory=SFTTrain)
     run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _select_best_has_held_out(self) -> SFTConfig:
+        check_select_best(self.data, self.train)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +227,11 @@ class RMConfig(Section):
     norm: RMNorm = Field(default_factory=RMNorm)
     eval: RMEval = Field(default_factory=RMEval)
     run: RMRun = Field(default_factory=RMRun)
+
+    @model_validator(mode="after")
+    def _select_best_has_held_out(self) -> RMConfig:
+        check_select_best(self.data, self.train)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
