@@ -1,21 +1,22 @@
 """Resident memory and step time of the real DPO stage under three heap settings.
 
-Shapes that change every step (DPO, RM and RL batches) fragment a heap that keeps its freed
-blocks (``models.keep_large_blocks``): a long-preset DPO run grew to 16.6 GiB. This runs
+Shapes that change every step (DPO, RM and RL batches) make a long process's resident set grow:
+a long-preset DPO run reached 16.6 GiB after 142 steps with preflab's heap tuning
+(``models.keep_large_blocks``), and another 11.7 GiB after 111 steps without it. This runs
 ``preflab.stages.dpo.train`` for ``--steps`` steps from a pipeline run's SFT model and rankings,
 once per mode, each in its own process, and samples the process's resident set after every
 optimizer step:
 
-- ``tuned``: preflab's default, large blocks kept and the heap trimmed every
-  ``models.TRIM_EVERY`` optimizer steps;
-- ``tuned-no-trim``: large blocks kept, never trimmed (preflab before the trim);
+- ``tuned``: preflab's default, large freed blocks kept mapped;
+- ``tuned+trim5``: the same, plus ``malloc_trim(0)`` after every fifth optimizer step (an
+  experiment: does returning the stranded memory bound the growth?);
 - ``untuned``: glibc's defaults (``PREFLAB_MALLOC_TUNE=0``).
 
     .venv/bin/python benchmarks/allocator.py --run runs/demo --out benchmarks/results/allocator.json
 
-The reference log-probs are computed by the first process and copied to the others. Read step
-times as a ratio within one run (the machine may be shared); the resident set does not depend
-on the load.
+The reference log-probs are computed by the first process and copied to the others (the first
+process's resident set includes that pass). Read step times as a ratio within one run (the
+machine may be shared); the resident set does not depend on the load.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("tuned", "tuned-no-trim", "untuned")
+MODES = ("tuned+trim5", "tuned", "untuned")
 
 
 def rss_mb() -> float:
@@ -48,15 +49,21 @@ def one(mode: str, run: Path, out: Path, steps: int, batch_prompts: int) -> dict
         os.environ["PREFLAB_MALLOC_TUNE"] = "0"
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from preflab import models
     from preflab.config import DPOConfig, load_config
     from preflab.registry import run_stage
 
-    if mode == "tuned-no-trim":
-        models.TRIM_EVERY = 10**9
     samples: list[tuple[float, float]] = []
-    # registered before the stage's own (models.set_threads), so it samples before each trim
     register_optimizer_step_post_hook(lambda *a: samples.append((time.perf_counter(), rss_mb())))
+    if mode == "tuned+trim5":  # after the sample: it sees each fifth step's memory before the trim
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+
+        def trim(*_: object) -> None:
+            if len(samples) % 5 == 0:
+                libc.malloc_trim(0)
+
+        register_optimizer_step_post_hook(trim)
     cfg = load_config(DPOConfig, None, [
         f"model.path={run / 'sft' / 'model'}", "model.threads=1", f"data.train=store:{run / 'store.sqlite'}",
         "data.val_fraction=0", "data.max_length=320", f"train.batch_prompts={batch_prompts}",

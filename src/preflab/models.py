@@ -265,22 +265,15 @@ def set_threads(threads: int | None) -> None:
 
 
 _MALLOC_TUNED = False
-TRIM_EVERY = 5  # optimizer steps between returns of stranded heap memory to the OS
 
 
 def keep_large_blocks() -> None:
-    """Stop glibc from unmapping large freed blocks after every step, and return what the heap
-    strands to the OS every ``TRIM_EVERY`` optimizer steps (Linux only).
+    """Stop glibc from unmapping large freed blocks after every step (Linux only).
 
     Gradients, logits and optimizer temporaries are tens of MB each: above glibc's mmap
     threshold they are returned to the OS when freed and page-faulted back on the next step.
     Raising the mmap and trim thresholds keeps them mapped: measured -12% per SFT step on
-    SmolLM2-135M (2.00 -> 1.75 s, benchmarks/sft_step.py), about +0.16 GiB peak RSS at fixed
-    shapes. Shapes that change every step (DPO, RM, RL batches) fragment that heap instead: a
-    long-preset DPO run grew from 7.4 to 16.6 GiB over 142 steps and made the machine page.
-    ``malloc_trim`` after every fifth optimizer step (a torch optimizer post-hook, so every stage
-    gets it) bounds that: 40 DPO steps of SmolLM2 at 4 prompts, RSS 5.3 -> 8.1 GiB without it,
-    back to the 2.2-2.7 GiB live set at each trim with it, step time 11.39 vs 11.46 s.
+    SmolLM2-135M (2.00 -> 1.75 s, benchmarks/sft_step.py), about +0.16 GiB peak RSS.
     """
     global _MALLOC_TUNED
     import sys
@@ -295,23 +288,7 @@ def keep_large_blocks() -> None:
         libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never trim
     except (OSError, AttributeError):
         return  # not glibc (e.g. musl): nothing to tune
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    register_optimizer_step_post_hook(_trim_every(TRIM_EVERY, lambda: libc.malloc_trim(0)))
     _MALLOC_TUNED = True
-
-
-def _trim_every(n: int, trim: Any) -> Any:
-    """An optimizer post-hook that calls ``trim()`` after every ``n``-th optimizer step."""
-    steps = 0
-
-    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-        nonlocal steps
-        steps += 1
-        if steps % n == 0:
-            trim()
-
-    return hook
 
 
 def release_memory() -> None:
