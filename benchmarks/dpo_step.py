@@ -26,6 +26,9 @@ fair, more than the absolute times).
   ``precompute_ref_log_probs`` at its default False: the reference model runs every step), timed
   as the gap between consecutive ``on_step_end`` callbacks. ``--trl-precompute`` adds a third
   tool, TRL with ``precompute_ref_log_probs=True``, for the like-for-like view of caching.
+  ``--trl-math`` adds TRL with its model loaded as preflab loads one (``models.ATTENTION``:
+  torch's math attention kernel for short keys, whose backward is faster on CPU than the flash
+  kernel transformers' sdpa gets by default): the like-for-like view of that choice.
 
     .venv/bin/python benchmarks/dpo_step.py --out benchmarks/results/dpo_step.json
     .venv/bin/python benchmarks/dpo_step.py --rounds 1 --steps 3     # brief
@@ -50,7 +53,7 @@ MODEL = "bundled:smollm2-135m-instruct"
 PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 32, 64
 BETA, THREADS = 0.1, 2
 TARGET_RATIO = 0.4
-TOOLS = ("preflab", "trl", "trl-precompute")
+TOOLS = ("preflab", "trl", "trl-precompute", "trl-math")
 REFERENCES = [{"tool": "ref: TRL 1.16 DPOTrainer bf16 (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 8.7,
                "peak_rss_gib": 6.1}]
 
@@ -125,7 +128,7 @@ def run_preflab(warmup: int, steps: int) -> dict:
             "reference_once_s": reference_once}
 
 
-def run_trl(warmup: int, steps: int, precompute: bool) -> dict:
+def run_trl(warmup: int, steps: int, precompute: bool, math: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -142,7 +145,10 @@ def run_trl(warmup: int, steps: int, precompute: bool) -> dict:
     pairs = make_pairs(len(tokenizer))
     data = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs],
                               "rejected_ids": [r for _, _, r in pairs]})
-    model = AutoModelForCausalLM.from_pretrained(models.resolve(MODEL), dtype=torch.float32)
+    if math:
+        models.register_attention()
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(MODEL), dtype=torch.float32,
+                                                 **({"attn_implementation": models.ATTENTION} if math else {}))
     model.config.pad_token_id = tokenizer.pad_token_id
     o = DPOOptim()
 
@@ -187,7 +193,8 @@ def run_trl(warmup: int, steps: int, precompute: bool) -> dict:
 
 
 def one(tool: str, warmup: int, steps: int) -> dict:
-    res = run_preflab(warmup, steps) if tool == "preflab" else run_trl(warmup, steps, tool == "trl-precompute")
+    res = run_preflab(warmup, steps) if tool == "preflab" else run_trl(warmup, steps, tool == "trl-precompute",
+                                                                        tool == "trl-math")
     import torch
 
     timed = res.pop("times")
@@ -289,6 +296,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
     ap.add_argument("--trl-precompute", action="store_true",
                     help="also run TRL with precompute_ref_log_probs=True (reference cached, like preflab)")
+    ap.add_argument("--trl-math", action="store_true",
+                    help="also run TRL with preflab's attention (math kernel for short keys), like for like")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of both tools (the issue's: 2)")
     ap.add_argument("--passive", action="store_true",
@@ -299,7 +308,7 @@ def main() -> None:
     if a.one:
         print(json.dumps(one(a.one, a.warmup, a.steps)))
         return
-    tools = ["preflab", "trl"] + (["trl-precompute"] if a.trl_precompute else [])
+    tools = ["preflab", "trl"] + (["trl-precompute"] if a.trl_precompute else []) + (["trl-math"] if a.trl_math else [])
     version = trl_version()
     if version is None:
         tools = ["preflab"]
@@ -326,6 +335,9 @@ def main() -> None:
     if "preflab" in by and "trl-precompute" in by:
         notes.append(f"preflab / TRL with precompute_ref_log_probs: "
                      f"{by['preflab']['s_per_step'] / by['trl-precompute']['s_per_step']:.2f}x")
+    if "preflab" in by and "trl-math" in by:
+        notes.append(f"preflab / TRL with preflab's attention kernels: "
+                     f"{by['preflab']['s_per_step'] / by['trl-math']['s_per_step']:.2f}x")
     if version is None:
         notes.append("trl is not importable here (pip install 'preflab[bench]'); TRL not run")
     notes.append(f"1-minute load average at start/end: {load_start[0]:.2f} / {load_end[0]:.2f} "

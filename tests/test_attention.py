@@ -1,0 +1,69 @@
+"""The models preflab loads use ``models.sdpa_by_length``: transformers' sdpa attention, with
+torch's math kernel for keys up to ``MATH_MAX_KEYS`` on CPU (faster backward there), flash above.
+The kernel changes speed, never the numbers."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from preflab import models
+
+FLASH_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",)
+
+
+def padded_batch(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (3, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on one row, right padding on another
+    mask[2, -3:] = 0
+    return ids, mask
+
+
+def ops_of_forward_and_backward(model, ids, mask) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("length, flash", [(24, False), (40, True)])
+def test_the_kernel_is_chosen_by_key_length(monkeypatch, length, flash):
+    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
+    model = models.load_policy("tiny:", dropout_off=True)
+    assert model.config._attn_implementation == models.ATTENTION
+    ops = ops_of_forward_and_backward(model, *padded_batch(length))
+    assert any(op.startswith(FLASH_OPS) for op in ops) == flash, sorted(ops)
+
+
+def test_scorers_use_it_too(monkeypatch):
+    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
+    scorer = models.load_scorer("tiny:")
+    assert scorer.config._attn_implementation == models.ATTENTION
+    ids, mask = padded_batch(24)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        scorer(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert not any(e.key.startswith(FLASH_OPS) for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("length", [24, 40])
+def test_logits_and_gradients_equal_plain_sdpa(monkeypatch, length):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
+    ours = models.load_policy("tiny:", dropout_off=True)
+    plain = AutoModelForCausalLM.from_pretrained(models.resolve("tiny:"), attn_implementation="sdpa")
+    ids, mask = padded_batch(length)
+    got, want = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, plain))
+    keep = mask.bool()  # padded positions' outputs are not used by any loss
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    (got[keep].float() ** 2).mean().backward()
+    (want[keep].float() ** 2).mean().backward()
+    for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_saved_models_do_not_name_the_attention(tmp_path):
+    """A saved directory loads anywhere (vLLM, plain transformers): the config does not carry our name."""
+    model = models.load_policy("tiny:")
+    out = models.save_model(model, models.load_tokenizer("tiny:"), tmp_path / "m")
+    assert models.ATTENTION not in (out / "config.json").read_text()
