@@ -10,7 +10,9 @@ optimizer step:
 - ``tuned``: preflab's default, large freed blocks kept mapped;
 - ``tuned+trim5``: the same, plus ``malloc_trim(0)`` after every fifth optimizer step (an
   experiment: does returning the stranded memory bound the growth?);
-- ``untuned``: glibc's defaults (``PREFLAB_MALLOC_TUNE=0``).
+- ``untuned``: glibc's defaults (``PREFLAB_MALLOC_TUNE=0``);
+- ``onednn-1024``: the heap tuned, oneDNN's primitive cache at its default 1,024 entries
+  instead of preflab's ``models.PRIMITIVE_CACHE`` (every other mode runs with preflab's).
 
     .venv/bin/python benchmarks/allocator.py --run runs/demo --out benchmarks/results/allocator.json
 
@@ -32,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("tuned+trim5", "tuned", "untuned")
+MODES = ("tuned", "onednn-1024", "untuned", "tuned+trim5")
 
 
 def rss_mb() -> float:
@@ -47,6 +49,8 @@ def one(mode: str, run: Path, out: Path, steps: int, batch_prompts: int) -> dict
     """One mode in this process: the DPO stage, the resident set after each optimizer step."""
     if mode == "untuned":
         os.environ["PREFLAB_MALLOC_TUNE"] = "0"
+    if mode == "onednn-1024":
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "1024"
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from preflab.config import DPOConfig, load_config
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-prompts", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of {', '.join(MODES)}.")
     ap.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -90,7 +95,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         ref = Path(tmp) / "reference_logps.json"
-        for mode in MODES:
+        for mode in a.modes.split(","):
             d = Path(tmp) / mode
             d.mkdir()
             if ref.is_file():

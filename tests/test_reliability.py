@@ -439,6 +439,27 @@ print(base, kept, rss())
     assert kept - released > 300  # and go back to the OS
 
 
+@pytest.mark.parametrize("preset, evicted", [(None, True), ("1024", False)])
+def test_set_threads_bounds_onednn_primitive_cache_unless_the_user_set_it(preset, evicted):
+    """After set_threads a training process keeps at most PRIMITIVE_CACHE compiled bf16 matmul
+    kernels: the first shape's kernel is rebuilt after PRIMITIVE_CACHE + 8 other shapes (oneDNN's
+    verbose log says cache_miss); a capacity the user set is left alone (the kernel is reused)."""
+    code = """
+import torch
+from preflab import models
+models.set_threads(1)
+w = torch.ones(64, 64, dtype=torch.bfloat16)
+for m in [2, *range(3, models.PRIMITIVE_CACHE + 11), 2]:
+    torch.ones(m, 64, dtype=torch.bfloat16) @ w
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env |= {"ONEDNN_VERBOSE": "2"} | ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": preset} if preset else {})
+    log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    first_shape = [line for line in log.splitlines() if "create:cache_" in line and ",2x64:64x64," in line]
+    assert len(first_shape) == 2 and "cache_miss" in first_shape[0], log[-2000:]
+    assert ("cache_miss" in first_shape[1]) == evicted, first_shape
+
+
 def test_progress_prints_plain_lines_with_eta_when_stderr_is_not_a_terminal(capsys, monkeypatch):
     """In a log file rich draws nothing until the end; the plain line says how far and how long."""
     from preflab.run import Progress
