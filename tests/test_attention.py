@@ -67,3 +67,41 @@ def test_saved_models_do_not_name_the_attention(tmp_path):
     model = models.load_policy("tiny:")
     out = models.save_model(model, models.load_tokenizer("tiny:"), tmp_path / "m")
     assert models.ATTENTION not in (out / "config.json").read_text()
+
+
+def test_the_threshold_can_be_set_from_the_environment():
+    """PREFLAB_MATH_MAX_KEYS=0 (memory before speed) puts even short keys on the flash kernel."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from preflab import models
+print(models.MATH_MAX_KEYS)
+"""
+    for value, want in [("0", "0"), (None, "192")]:
+        env = {k: v for k, v in os.environ.items() if k != "PREFLAB_MATH_MAX_KEYS"}
+        env |= {"PREFLAB_MATH_MAX_KEYS": value} if value else {}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.strip() == want
+
+
+def test_a_model_pickled_into_a_fresh_process_still_runs(tmp_path):
+    """Spawned workers (multiprocessing, two-rank tests) get the model by pickle, without the
+    parent's registration: the config's attention name registers it on unpickling."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = models.load_policy("tiny:", dropout_off=True)
+    ids, mask = padded_batch(24)
+    want = model(input_ids=ids, attention_mask=mask).logits
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps((model, ids, mask)))
+    code = f"""
+import pickle, torch
+model, ids, mask = pickle.loads(open({str(tmp_path / 'm.pkl')!r}, 'rb').read())
+torch.save(model(input_ids=ids, attention_mask=mask).logits, {str(tmp_path / 'out.pt')!r})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)

@@ -350,7 +350,10 @@ def quiet_transformers() -> None:
 # ---------------------------------------------------------------------------------------------
 
 ATTENTION = "preflab_sdpa"
-MATH_MAX_KEYS = 192  # on CPU the flash kernel's backward is slower up to about here (benchmarks/attention.py)
+# On CPU the flash kernel's backward is slower up to about here (benchmarks/attention.py). The
+# math kernel keeps each attention matrix, so memory grows with the keys squared: set
+# PREFLAB_MATH_MAX_KEYS=0 to use flash at every length.
+MATH_MAX_KEYS = int(os.environ.get("PREFLAB_MATH_MAX_KEYS", "192"))
 
 
 def sdpa_by_length(module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -379,16 +382,32 @@ def register_attention() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
-def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
+class _AttentionName(str):
+    """``ATTENTION`` as a loaded model's config holds it. A model pickled into another process (a
+    spawned worker) carries the name but not the registration; unpickling this string registers
+    the function in that process first."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _registered_name, (str(self),)
+
+
+def _registered_name(name: str) -> _AttentionName:
+    register_attention()
+    return _AttentionName(name)
+
+
+def _from_pretrained(cls: Any, spec: str, *, attention: bool = False, **kwargs: Any) -> Any:
     quiet_transformers()
     where = resolve(spec)
-    if kwargs.pop("attention", False):
-        register_attention()
-        kwargs["attn_implementation"] = ATTENTION
+    if attention:
+        kwargs["attn_implementation"] = _registered_name(ATTENTION)
     try:
-        return cls.from_pretrained(where, **kwargs)
+        model = cls.from_pretrained(where, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load ({str(e).splitlines()[0]})") from None
+    if attention:
+        model.config._attn_implementation = _registered_name(ATTENTION)
+    return model
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
