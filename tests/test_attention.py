@@ -1,6 +1,7 @@
 """The models preflab loads use ``models.sdpa_by_length``: transformers' sdpa attention, with
-torch's math kernel for keys up to ``MATH_MAX_KEYS`` on CPU (faster backward there), flash above.
-The kernel changes speed, never the numbers."""
+torch's math kernel on CPU for a small attention matrix under autograd (keys up to
+``MATH_MAX_KEYS``, at most ``MATH_MAX_ELEMENTS``: its backward is faster there), flash otherwise.
+The kernel changes speed and memory, never the numbers."""
 
 import pytest
 import torch
@@ -33,6 +34,24 @@ def test_the_kernel_is_chosen_by_key_length(monkeypatch, length, flash):
     assert model.config._attn_implementation == models.ATTENTION
     ops = ops_of_forward_and_backward(model, *padded_batch(length))
     assert any(op.startswith(FLASH_OPS) for op in ops) == flash, sorted(ops)
+
+
+@pytest.mark.parametrize("spare, flash", [(0, False), (-1, True)])
+def test_a_larger_attention_matrix_than_the_budget_stays_on_flash(monkeypatch, spare, flash):
+    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
+    monkeypatch.setattr(models, "MATH_MAX_ELEMENTS", 3 * 4 * 24 * 24 + spare)  # rows x heads x queries x keys
+    model = models.load_policy("tiny:", dropout_off=True)
+    ops = ops_of_forward_and_backward(model, *padded_batch(24))
+    assert any(op.startswith(FLASH_OPS) for op in ops) == flash
+
+
+def test_forward_only_passes_stay_on_flash(monkeypatch):
+    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
+    model = models.load_policy("tiny:", dropout_off=True)
+    ids, mask = padded_batch(24)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=mask)
+    assert any(e.key.startswith(FLASH_OPS) for e in prof.key_averages())
 
 
 def test_scorers_use_it_too(monkeypatch):
