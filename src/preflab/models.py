@@ -363,7 +363,7 @@ def sdpa_by_length(module: Any, query: torch.Tensor, key: torch.Tensor, *args: A
     """transformers' ``sdpa`` attention, run with torch's math kernel for a small attention matrix
     under autograd on CPU (``MATH_MAX_KEYS``, ``MATH_MAX_ELEMENTS``), else with the kernel torch
     picks (flash on CPU). Measured on SmolLM2-135M: a DPO step on 8 pairs of 32 + 64 tokens went
-    from 0.58x to 0.45x TRL's time (peak RSS 4.4 -> 5.4 GiB); at the RM's demo shape (32
+    from 0.58x to 0.45-0.49x TRL's time (peak RSS 4.4 -> 5.6 GiB); at the RM's demo shape (32
     responses of 64 tokens after 96-token prompts, 2.9M elements) math saved 5% of the step for
     1.9 GiB more, which is why larger matrices stay on flash. Forward-only passes (scoring,
     reference log-probs) stay on flash: its forward is as fast and its memory linear."""
@@ -384,7 +384,7 @@ def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if ATTENTION not in AttentionInterface._global_mapping:
+    if ATTENTION not in AttentionInterface():
         AttentionInterface.register(ATTENTION, sdpa_by_length)
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
