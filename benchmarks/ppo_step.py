@@ -53,9 +53,9 @@ def prepare() -> tuple[Path, Path]:
 
     WORK.mkdir(parents=True, exist_ok=True)
     rm_dir, prompts = WORK / "rm", WORK / "prompts.jsonl"
-    if not (rm_dir / "config.json").exists():
+    if not models.is_reward_model(str(rm_dir)):  # a random score head, saved as a reward model (the timing needs no training)
         torch.manual_seed(0)
-        models.save_model(models.load_scorer(MODEL), models.load_tokenizer(MODEL), rm_dir)
+        models.save_model(models.load_scorer(MODEL), models.load_tokenizer(MODEL), rm_dir, reward_model=True)
     prompts.write_text("".join(json.dumps({"id": i, "prompt": "Write a short, friendly paragraph for a curious "
                                            f"ten year old that explains something surprising about {t}."}) + "\n"
                                for i, t in enumerate(TOPICS)))

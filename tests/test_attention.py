@@ -1,7 +1,7 @@
 """The models preflab loads use ``models.sdpa_by_length``: transformers' sdpa attention, with
-torch's math kernel on CPU for a small attention matrix under autograd (keys up to
-``MATH_MAX_KEYS``, at most ``MATH_MAX_ELEMENTS``: its backward is faster there), flash otherwise.
-The kernel changes speed and memory, never the numbers."""
+torch's math kernel on CPU for a pass over a cached prefix under autograd with a small attention
+matrix (keys up to ``MATH_MAX_KEYS``, at most ``MATH_MAX_ELEMENTS``: its backward is faster
+there), flash otherwise. The kernel changes speed and memory, never the numbers."""
 
 import pytest
 import torch
@@ -21,37 +21,45 @@ def padded_batch(length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def ops_of_forward_and_backward(model, ids, mask) -> set[str]:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
-    return {e.key for e in prof.key_averages()}
+def uses_flash(model, ids, mask, prefix: int = 0, grad: bool = True) -> bool:
+    """Whether the flash kernel runs in the forward (and backward) of ``ids[:, prefix:]`` over the
+    cached keys of ``ids[:, :prefix]`` (computed without autograd: only the second pass counts)."""
+    past = None
+    if prefix:
+        with torch.no_grad():
+            past = model(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True).past_key_values
+    with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=past).logits
+        if grad:
+            out.float().sum().backward()
+    return any(e.key.startswith(FLASH_OPS) for e in prof.key_averages())
 
 
-@pytest.mark.parametrize("length, flash", [(24, False), (40, True)])
-def test_the_kernel_is_chosen_by_key_length(monkeypatch, length, flash):
+@pytest.fixture
+def policy(monkeypatch):
     monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
     model = models.load_policy("tiny:", dropout_off=True)
     assert model.config._attn_implementation == models.ATTENTION
-    ops = ops_of_forward_and_backward(model, *padded_batch(length))
-    assert any(op.startswith(FLASH_OPS) for op in ops) == flash, sorted(ops)
+    return model
+
+
+@pytest.mark.parametrize("length, prefix, flash", [
+    (24, 8, False),   # 16 queries over 24 keys, under autograd: math
+    (40, 8, True),    # 40 keys > MATH_MAX_KEYS: flash
+    (24, 0, True),    # queries == keys (no cached prefix): flash
+])
+def test_the_kernel_is_chosen_by_the_pass(policy, length, prefix, flash):
+    assert uses_flash(policy, *padded_batch(length), prefix=prefix) == flash
+
+
+def test_forward_only_passes_stay_on_flash(policy):
+    assert uses_flash(policy, *padded_batch(24), prefix=8, grad=False)
 
 
 @pytest.mark.parametrize("spare, flash", [(0, False), (-1, True)])
-def test_a_larger_attention_matrix_than_the_budget_stays_on_flash(monkeypatch, spare, flash):
-    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
-    monkeypatch.setattr(models, "MATH_MAX_ELEMENTS", 3 * 4 * 24 * 24 + spare)  # rows x heads x queries x keys
-    model = models.load_policy("tiny:", dropout_off=True)
-    ops = ops_of_forward_and_backward(model, *padded_batch(24))
-    assert any(op.startswith(FLASH_OPS) for op in ops) == flash
-
-
-def test_forward_only_passes_stay_on_flash(monkeypatch):
-    monkeypatch.setattr(models, "MATH_MAX_KEYS", 32)
-    model = models.load_policy("tiny:", dropout_off=True)
-    ids, mask = padded_batch(24)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids, attention_mask=mask)
-    assert any(e.key.startswith(FLASH_OPS) for e in prof.key_averages())
+def test_a_larger_attention_matrix_than_the_budget_stays_on_flash(policy, monkeypatch, spare, flash):
+    monkeypatch.setattr(models, "MATH_MAX_ELEMENTS", 3 * 4 * 16 * 24 + spare)  # rows x heads x queries x keys
+    assert uses_flash(policy, *padded_batch(24), prefix=8) == flash
 
 
 def test_scorers_use_it_too(monkeypatch):
@@ -59,8 +67,10 @@ def test_scorers_use_it_too(monkeypatch):
     scorer = models.load_scorer("tiny:")
     assert scorer.config._attn_implementation == models.ATTENTION
     ids, mask = padded_batch(24)
+    with torch.no_grad():
+        past = scorer.model(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True).past_key_values
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        scorer(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        scorer(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=past).logits.sum().backward()
     assert not any(e.key.startswith(FLASH_OPS) for e in prof.key_averages())
 
 
@@ -72,8 +82,13 @@ def test_logits_and_gradients_equal_plain_sdpa(monkeypatch, length):
     ours = models.load_policy("tiny:", dropout_off=True)
     plain = AutoModelForCausalLM.from_pretrained(models.resolve("tiny:"), attn_implementation="sdpa")
     ids, mask = padded_batch(length)
-    got, want = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, plain))
-    keep = mask.bool()  # padded positions' outputs are not used by any loss
+
+    def over_prefix(m):  # the second pass over the prefix's cache: math at 24 keys, flash at 40
+        past = m(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True).past_key_values
+        return m(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=past).logits
+
+    got, want = over_prefix(ours), over_prefix(plain)
+    keep = mask[:, 8:].bool()  # padded positions' outputs are not used by any loss
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
     (got[keep].float() ** 2).mean().backward()
     (want[keep].float() ** 2).mean().backward()

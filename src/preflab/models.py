@@ -350,29 +350,32 @@ def quiet_transformers() -> None:
 # ---------------------------------------------------------------------------------------------
 
 ATTENTION = "preflab_sdpa"
-# Where torch's math kernel pays on CPU (benchmarks/attention.py): keys up to about 192, where its
-# backward is up to twice as fast as the flash kernel's. It keeps each layer's attention matrix
-# for the backward (~24 bytes per element over fp32 intermediates), so it is used only while that
-# matrix is small: at most MATH_MAX_ELEMENTS (rows x heads x queries x keys), ~0.7 GiB over a
-# 30-layer model. PREFLAB_MATH_MAX_KEYS=0 puts every length on flash.
+# Where torch's math kernel pays on CPU: queries attending to a cached prefix (the shared-prompt
+# passes of DPO and the RM) under autograd, keys up to about 192 (benchmarks/attention.py). It
+# keeps each layer's attention matrix for the backward, so only while that matrix is small: at
+# most MATH_MAX_ELEMENTS (rows x heads x queries x keys), ~0.7 GiB over a 30-layer model.
+# PREFLAB_MATH_MAX_KEYS=0 puts every pass on flash.
 MATH_MAX_KEYS = int(os.environ.get("PREFLAB_MATH_MAX_KEYS", "192"))
 MATH_MAX_ELEMENTS = 1 << 20
 
 
 def sdpa_by_length(module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """transformers' ``sdpa`` attention, run with torch's math kernel for a small attention matrix
-    under autograd on CPU (``MATH_MAX_KEYS``, ``MATH_MAX_ELEMENTS``), else with the kernel torch
-    picks (flash on CPU). Measured on SmolLM2-135M: a DPO step on 8 pairs of 32 + 64 tokens went
-    from 0.58x to 0.45-0.49x TRL's time (peak RSS 4.4 -> 5.6 GiB); at the RM's demo shape (32
-    responses of 64 tokens after 96-token prompts, 2.9M elements) math saved 5% of the step for
-    1.9 GiB more, which is why larger matrices stay on flash. Forward-only passes (scoring,
-    reference log-probs) stay on flash: its forward is as fast and its memory linear."""
+    """transformers' ``sdpa`` attention, with torch's math kernel on CPU for a pass over a cached
+    prefix (fewer queries than keys) under autograd with a small attention matrix
+    (``MATH_MAX_KEYS``, ``MATH_MAX_ELEMENTS``); otherwise the kernel torch picks (flash on CPU).
+
+    Measured on SmolLM2-135M: a DPO step on 8 pairs of 32 + 64 tokens (responses over the cached
+    prompt) went from 0.58x to 0.45-0.49x TRL's time on an AMX Xeon, peak RSS 4.4 -> 5.6 GiB.
+    Elsewhere the math kernel gained little for its memory: a PPO step's training pass (whole
+    sequences as queries) 3% for +1.1 GiB, the RM at the demo's shape (over the budget) 5% for
+    +1.9 GiB; both stay on flash, as do forward-only passes (its forward is as fast and its
+    memory linear)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows, heads, queries, _ = query.shape
     keys = key.shape[-2]
-    if (query.device.type != "cpu" or not query.requires_grad or keys > MATH_MAX_KEYS
+    if (query.device.type != "cpu" or not query.requires_grad or queries >= keys or keys > MATH_MAX_KEYS
             or rows * heads * queries * keys > MATH_MAX_ELEMENTS):
         return sdpa_attention_forward(module, query, key, *args, **kwargs)
     with sdpa_kernel([SDPBackend.MATH]):
