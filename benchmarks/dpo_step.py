@@ -292,7 +292,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", choices=TOOLS, help="run one tool in this process; print its JSON")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (one process per tool per round)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps per process (both tools' first two steps are slow on some CPUs)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process")
     ap.add_argument("--trl-precompute", action="store_true",
                     help="also run TRL with precompute_ref_log_probs=True (reference cached, like preflab)")
