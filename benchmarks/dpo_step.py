@@ -340,7 +340,8 @@ def main() -> None:
         notes.append(f"preflab / TRL with preflab's attention kernels: "
                      f"{by['preflab']['s_per_step'] / by['trl-math']['s_per_step']:.2f}x")
     if version is None:
-        notes.append("trl is not importable here (pip install 'preflab[bench]'); TRL not run")
+        notes.append("trl is not importable here (pip install trl==1.16.0, the version measured; "
+                     "the bench extra pins 1.12.0 for PPOTrainer); TRL not run")
     notes.append(f"1-minute load average at start/end: {load_start[0]:.2f} / {load_end[0]:.2f} "
                  f"({os.cpu_count()} CPUs, shared with other work)")
     print_table(results, notes)
