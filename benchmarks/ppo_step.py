@@ -53,7 +53,7 @@ def prepare() -> tuple[Path, Path]:
 
     WORK.mkdir(parents=True, exist_ok=True)
     rm_dir, prompts = WORK / "rm", WORK / "prompts.jsonl"
-    if not models.is_reward_model(str(rm_dir)):  # a random score head, saved as a reward model (the timing needs no training)
+    if not models.is_reward_model(str(rm_dir)):  # a random score head saved as an RM: timing needs no training
         torch.manual_seed(0)
         models.save_model(models.load_scorer(MODEL), models.load_tokenizer(MODEL), rm_dir, reward_model=True)
     prompts.write_text("".join(json.dumps({"id": i, "prompt": "Write a short, friendly paragraph for a curious "

@@ -409,14 +409,15 @@ def _registered_name(name: str) -> _AttentionName:
 def _from_pretrained(cls: Any, spec: str, *, attention: bool = False, **kwargs: Any) -> Any:
     quiet_transformers()
     where = resolve(spec)
-    if attention:
-        kwargs["attn_implementation"] = _registered_name(ATTENTION)
+    name = _registered_name(ATTENTION) if attention else None
+    if name:
+        kwargs["attn_implementation"] = name
     try:
         model = cls.from_pretrained(where, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load ({str(e).splitlines()[0]})") from None
-    if attention:
-        model.config._attn_implementation = _registered_name(ATTENTION)
+    if name:
+        model.config._attn_implementation = name  # from_pretrained stores a plain str
     return model
 
 
