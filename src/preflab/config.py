@@ -435,6 +435,28 @@ class EvalSection(Section):
                           "method of `rl`). SFT is the reference.")
 
 
+class RoundsSection(Section):
+    """Rounds 2..n of the main job (InstructGPT's iteration): rank fresh samples of the current policy,
+    refit the RM on every ranking so far, train the policy a little further from where it is."""
+
+    method: str | None = Field(None, description="Trainer of rounds 2..n: a method of `rl` or `preference` (None: "
+                                                 "the first of `rl`, else of `preference`).")
+    prompts: int = Field(150, ge=8, description="Fresh RM-split prompts ranked per round (never ranked before), "
+                                                "K samples each from the current policy.")
+    heldout: int = Field(40, ge=0, description="Further fresh prompts per round ranked by three labelers and kept "
+                                               "out of the RM: its on-policy accuracy and the labelers' agreement "
+                                               "on the same samples (0: off).")
+    kl_anchor: Literal["sft", "previous"] = Field(
+        "sft", description="KL reference of a round's trainer: the SFT model (the leash never moves, so the "
+                           "total drift stays bounded) or the previous round's policy (a trust region per round).")
+    rm_init: Literal["sft", "previous"] = Field(
+        "sft", description="A round's RM starts from the SFT model (every ranking weighs the same) or from the "
+                           "previous round's RM (warm start).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the round trainer's config in rounds 2..n, applied after "
+                                          "`rl_overrides` (e.g. train.steps).")
+
+
 class PipelineConfig(Section):
     """`preflab pipeline`: base -> demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> eval -> report.
 
@@ -481,6 +503,10 @@ class PipelineConfig(Section):
                     "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
                     "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")
     eval: EvalSection = Field(default_factory=EvalSection)
+    rounds: int = Field(1, ge=1, description="Rounds of the recipe: 1 is the graph above; each further round "
+                                             "ranks fresh samples of the current policy, refits the RM and "
+                                             "trains on (`round`).")
+    round: RoundsSection = Field(default_factory=RoundsSection)
 
 
 # ---------------------------------------------------------------------------------------------

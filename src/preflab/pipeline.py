@@ -29,15 +29,16 @@ from preflab.config import RL_METHODS, PipelineConfig, dump_config, validate
 from preflab.data.jsonl import atomic_write_text, write_jsonl
 from preflab.errors import ConfigError
 from preflab.registry import STAGES, run_stage
+from preflab.rounds import Rounds, round_steps
 
 DATA_STEPS = ("suite", "demos")
 LABEL_STEPS = ("label", "agreement")
-END_STEPS = ("eval", "report")
 
 
 def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
-    """The step names of a pipeline, in order (training steps are named after their run directory)."""
-    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *cfg.preference, *END_STEPS)
+    """The step names of a pipeline, in order (training steps are named after their run directory;
+    rounds 2..n come after the first evaluation, whose SFT samples they reuse)."""
+    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *cfg.preference, "eval", *round_steps(cfg), "report")
 
 
 STEPS = steps_of(PipelineConfig())  # the default graph
@@ -111,7 +112,13 @@ class Pipeline:
             raise ConfigError(f"eval.models: {', '.join(bad) or 'sft is missing'} (choose from base, sft and the "
                               f"methods of rl: {', '.join(cfg.rl)}; sft is the reference)")
         # Validate every stage config before anything starts (a bad key fails now, not in hour two).
+        self.stage_names = {name: self.stage_of(name) for name in ("sft", "rm", *trained)}
         self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", *trained)}
+        self.rounds = Rounds(self)
+        if cfg.rounds > 1:
+            for step, (stage, data) in self.rounds.stage_dicts().items():
+                self.stage_names[step] = stage
+                self.stage_configs[step] = validate(STAGES[stage].config, data, f"pipeline.{step}")
 
     @staticmethod
     def stage_of(step: str) -> str:
@@ -124,6 +131,12 @@ class Pipeline:
         return {"threads": self.cfg.threads}
 
     def _stage_config(self, name: str):
+        if name in ("sft", "rm"):
+            return validate(STAGES[name].config, self.stage_dict(name), f"pipeline.{name}")
+        return validate(STAGES[self.stage_of(name)].config, self.method_dict(name), f"pipeline.{name}")
+
+    def stage_dict(self, name: str) -> dict[str, Any]:
+        """The SFT or RM stage config of this run as a dict (the pipeline's section merged in)."""
         c, run = self.cfg, {"seed": self.cfg.seed, "progress": True}
         if name == "sft":
             base = {"model": {"path": c.base_model, **self._model()},
@@ -131,26 +144,43 @@ class Pipeline:
                     # No RM exists yet when SFT runs: the exported checkpoint is chosen by validation loss.
                     "train": {"epochs": 2, "batch_size": 8, "eval_every": 15, "select_best": True},
                     "run": {"out": str(self.out / "sft"), **run}}
-            return validate(STAGES["sft"].config, deep_merge(base, c.sft), "pipeline.sft")
-        if name == "rm":
-            base = {"model": {"path": str(self.out / "sft/model"), **self._model()},
-                    "data": {"train": f"store:{self.store}", "split": "rm", "val_split": None, "val_fraction": 0.2,
-                             "demos": str(self.demos_path)},
-                    "run": {"out": str(self.out / "rm"), **run}}
-            return validate(STAGES["rm"].config, deep_merge(base, c.rm), "pipeline.rm")
-        if name in self.cfg.preference:
-            return validate(STAGES[self.stage_of(name)].config, self.preference_config(name), f"pipeline.{name}")
-        return validate(STAGES["ppo"].config, self.rl_config(name), f"pipeline.{name}")
+            return deep_merge(base, c.sft)
+        base = {"model": {"path": str(self.out / "sft/model"), **self._model()},
+                "data": {"train": f"store:{self.store}", "split": "rm", "val_split": None, "val_fraction": 0.2,
+                         "demos": str(self.demos_path)},
+                "run": {"out": str(self.out / "rm"), **run}}
+        return deep_merge(base, c.rm)
 
-    def preference_config(self, method: str) -> dict[str, Any]:
+    def method_dict(self, method: str, *, policy: str | None = None, reward_model: str | None = None,
+                    store: Path | None = None, reference: str | None = None, out: Path | None = None,
+                    seed: int | None = None) -> dict[str, Any]:
+        """The config dict of a trained method; the keywords move it (a later round: another starting
+        policy, RM, store, KL reference, run directory and seed)."""
+        data = (self.preference_config(method, store=store) if method in self.cfg.preference
+                else self.rl_config(method))
+        models = data["models"] if "models" in data else None
+        pol = models["policy"] if models else data["model"]
+        if policy:
+            pol["path"] = policy
+        if reward_model and models:
+            models["reward_model"] = reward_model
+        if reference and self.stage_of(method) in ("ppo", "dpo"):  # rs has no KL reference
+            (models if self.stage_of(method) == "ppo" else pol)["reference"] = reference
+        if out:
+            data["run"]["out"] = str(out)
+        if seed is not None:
+            data["run"]["seed"] = seed
+        return data
+
+    def preference_config(self, method: str, store: Path | None = None) -> dict[str, Any]:
         """The config of an offline preference trainer on this run: dpo/ipo on the store's RM rankings
         (10% of the prompts held out), rs = one round of best-of-4 by the RM on 256 RL-split prompts,
         SFT on the picks; then `rl_overrides[method]`. `preflab compare` starts from the same dict."""
         model = {"path": str(self.out / "sft/model"), **self._model()}
         run = {"out": str(self.out / method), "seed": self.cfg.seed, "progress": True}
         if method in ("dpo", "ipo"):
-            data = {"model": model, "data": {"train": f"store:{self.store}", "split": "rm", "val_fraction": 0.1,
-                                             "max_length": self._stage_config("rm").data.max_length},
+            data = {"model": model, "data": {"train": f"store:{store or self.store}", "split": "rm",
+                                             "val_fraction": 0.1, "max_length": self._stage_config("rm").data.max_length},
                     "dpo": {"loss": method}, "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
                     "run": run}
         else:
@@ -223,7 +253,7 @@ class Pipeline:
     def train(self, step: str) -> None:
         """A training step: its stage from the registry, resumed when its run directory exists."""
         cfg = self.stage_configs[step]
-        run_stage(self.stage_of(step), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
+        run_stage(self.stage_names[step], cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
 
     def step_label(self) -> None:
         from preflab.feedback.label_cli import collect_rankings
@@ -250,13 +280,18 @@ class Pipeline:
     def evaluate(self, names: list[str], out_dir: Path) -> dict[str, Any]:
         """Evaluate the run's models ``names`` (base, sft and trained methods) against its SFT
         model on its held-out prompts, with its eval settings, into ``out_dir``."""
+        paths = {"base": self.cfg.base_model,
+                 **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl, *self.cfg.preference)}}
+        return self.evaluate_paths({m: paths[m] for m in names}, out_dir)
+
+    def evaluate_paths(self, models: dict[str, str], out_dir: Path, reward_model: str | None = None) -> dict[str, Any]:
+        """``evals.evaluate`` of name -> model spec (``sft`` among them, the reference) with the run's
+        eval prompts and settings; RM scores from ``reward_model`` (default: the run's RM)."""
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
-        paths = {"base": self.cfg.base_model,
-                 **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl, *self.cfg.preference)}}
-        return evaluate({m: paths[m] for m in names}, self._split("eval", e.limit), reference="sft",
-                        reward_model=str(self.out / "rm/model"), out_dir=out_dir,
+        return evaluate(models, self._split("eval", e.limit), reference="sft",
+                        reward_model=reward_model or str(self.out / "rm/model"), out_dir=out_dir,
                         max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
                         bf16=e.bf16, seed=self.cfg.seed)
 
@@ -270,7 +305,7 @@ class Pipeline:
         copy); its exported ``model/`` stays. A kill before this leaves them, which is harmless."""
         if self.cfg.keep_checkpoints or step not in self.stage_configs:
             return
-        for name in ("checkpoints", "best"):
+        for name in ("checkpoints", "best"):  # a round's step is named after its directory too
             shutil.rmtree(self.out / step / name, ignore_errors=True)
 
     # -- driver ------------------------------------------------------------------------------
@@ -302,7 +337,9 @@ class Pipeline:
                 continue
             click.secho(f"[pipeline] {step} ...", fg="cyan", bold=True, err=True)
             t0 = time.perf_counter()
-            if step in self.stage_configs:
+            if step.startswith(("round-", "final/")):
+                self.rounds.run_step(step)
+            elif step in self.stage_configs:
                 self.train(step)
             else:
                 getattr(self, f"step_{step}")()

@@ -317,8 +317,8 @@ def section_ppo_curves(run: Run) -> str:
         else:
             ax.text(0.5, 0.5, f"{key}: not logged", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     flat[-1].axis("off")
-    missing = [n for n in PPO_RUNS if n not in runs]
-    note = f'<p class="note">{_e(", ".join(missing))}: not available.</p>' if missing else ""
+    missing = [n for n in run.ppo if n not in runs]  # a trained method without curves (not one never trained)
+    note = f'<p class="note">{_e(", ".join(missing))}: no metrics.jsonl.</p>' if missing else ""
     return note + _png(fig, "PPO curves")
 
 
@@ -338,6 +338,44 @@ def section_gold_vs_kl(run: Run) -> str:
     ax.set_ylabel("mean gold score")
     return ('<p class="note">Gao et al. (2022): gold score rises then falls with KL when the policy '
             'over-optimises the reward model; compare models at their KL.</p>' + _png(fig, "gold score against KL"))
+
+
+def section_rounds(run: Run) -> str:
+    """Rounds 2..n (``rounds``): each round's policy against SFT, and the RM on the current policy's
+    held-out samples before and after its refit, beside the labelers' agreement on the same samples."""
+    from preflab.rounds import rounds_table
+
+    if not (run.dir / "pipeline_config.json").is_file():
+        return _na("pipeline_config.json is missing (not a `preflab pipeline` run)")
+    rows = rounds_table(run.dir)
+    if not rows:
+        return ('<p class="note">One round (pipeline <code>rounds: 1</code>): the RM saw only SFT samples. With '
+                '<code>rounds: N</code> each further round ranks fresh samples of the current policy, refits the RM '
+                'and trains on; its table and plot are here.</p>')
+    table = _table(
+        ["round", "model", "gold win-rate vs SFT [95%]", "KL", "follows constraints", "words",
+         "RM before refit (on-policy)", "RM after refit", "labeler agreement"],
+        [[r["round"], r["model"],
+          f"{_fmt(r['win_rate']['rate'], True)} [{_fmt(r['win_rate']['lo'], True)}, {_fmt(r['win_rate']['hi'], True)}]"
+          if r.get("win_rate") else "-",
+          _fmt(r.get("kl")), _fmt(r.get("follows_constraints"), True), _fmt(r.get("words")),
+          _fmt(r.get("rm_before"), True), _fmt(r.get("rm_after"), True), _fmt(r.get("labelers"), True)]
+         for r in rows], text_cols=(1,))
+    pts = [(r["round"], _num(r["win_rate"]["rate"]), _num(r["win_rate"]["lo"]), _num(r["win_rate"]["hi"]))
+           for r in rows if isinstance(r["round"], int) and r.get("win_rate")]
+    if not pts:
+        return table
+    fig, ax = _figure(5.5, 3.2)
+    ax = ax[0][0]
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                marker="o", capsize=3)
+    ax.axhline(0.5, color="#444", lw=1, ls="--")
+    ax.set_xticks([p[0] for p in pts])
+    ax.set_xlabel("round")
+    ax.set_ylabel("gold win-rate vs SFT")
+    return ('<p class="note">"RM before refit" scores the RM the policy was trained against on held-out rankings '
+            'of that policy\'s own samples: how well it still knows where the policy is.</p>'
+            + table + _png(fig, "gold win-rate by round"))
 
 
 def section_lengths(run: Run) -> str:
@@ -667,6 +705,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
     ("win-rate", "Win-rate against the reference", section_win_rate),
     ("ppo-curves", "PPO curves", section_ppo_curves),
     ("gold-vs-kl", "Gold score against KL", section_gold_vs_kl),
+    ("rounds", "Rounds", section_rounds),
     ("lengths", "Length distributions", section_lengths),
     ("refusals", "Refusal rates", section_refusals),
     ("rm-reliability", "Reward model reliability", section_rm_reliability),

@@ -146,9 +146,10 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
     by_store_id: dict[int, SuitePrompt] = {}
     n_tasks = 0
     with PreferenceStore(store_path) as store:
-        pids = store.add_prompts([Prompt(text=p.prompt, category=p.category, slice=p.slice, split=p.split,
-                                         meta={"suite": p.to_dict()}, uid=p.id) for p in prompts],
-                                 split=None if split == "any" else split)
+        # A named split is the stored one (the pipeline's rounds store held-out prompts under their own).
+        pids = store.add_prompts([Prompt(text=p.prompt, category=p.category, slice=p.slice,
+                                         split=p.split if split in (None, "any") else split,
+                                         meta={"suite": p.to_dict()}, uid=p.id) for p in prompts])
         for i, (p, pid) in enumerate(zip(prompts, pids)):
             by_store_id[pid] = p
             cids = store.add_candidates(pid, flat[i * k:(i + 1) * k], model=model_spec,

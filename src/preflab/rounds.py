@@ -1,0 +1,241 @@
+"""Rounds 2..n of the main job: InstructGPT's iteration of the recipe on the current policy.
+
+Round 1 is the pipeline's graph (SFT samples ranked, RM, the trainers). Each further round r:
+
+    round-r/label     K samples per fresh RM-split prompt from the current policy, ranked by the
+                      labeler panel through the store's queue; the store of round r-1 plus these
+                      rankings becomes RUN/round-r/store.sqlite (split ``rm``). A further
+                      ``round.heldout`` prompts are ranked by three labelers each and stored under
+                      split ``heldout-r``: never trained on.
+    round-r/rm        the RM refit on every ``rm`` ranking so far (from SFT, or warm from the
+                      previous RM: ``round.rm_init``).
+    round-r/onpolicy  the RM before and after the refit scored on ``heldout-r`` (the current
+                      policy's samples), beside the labelers' pairwise agreement on the same samples.
+    round-r/METHOD    the round's trainer from the current policy, against the new RM, with its KL
+                      to the SFT model or the previous policy (``round.kl_anchor``).
+    round-r/eval      the new policy against the run's SFT model on the run's eval prompts (the
+                      SFT samples of RUN/eval are reused).
+
+After the last round, ``final/label`` and ``final/onpolicy`` rank held-out samples of the final
+policy and score the final RM on them. Every step is a pipeline step: recorded in pipeline.json
+when it ends, skipped on a rerun, its training stages resumed from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from preflab.data.jsonl import atomic_write_text
+from preflab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from preflab.pipeline import Pipeline
+
+ROUND_STEPS = ("label", "rm", "onpolicy", "{method}", "eval")
+
+
+def round_method(cfg: Any) -> str:
+    """The trainer of rounds 2..n: ``round.method``, else the first of ``rl``, else of ``preference``."""
+    trained = (*cfg.rl, *cfg.preference)
+    method = cfg.round.method or (trained[0] if trained else None)
+    if method is None or method not in trained:
+        raise ConfigError(f"round.method: {method!r} is not among the trained methods ({', '.join(trained) or 'none'})")
+    return method
+
+
+def round_steps(cfg: Any) -> list[str]:
+    """The steps of rounds 2..n and the final on-policy check (none when ``rounds`` is 1)."""
+    if cfg.rounds < 2:
+        return []
+    method = round_method(cfg)
+    steps = [f"round-{r}/{s.format(method=method)}" for r in range(2, cfg.rounds + 1) for s in ROUND_STEPS]
+    return steps + (["final/label", "final/onpolicy"] if cfg.round.heldout else [])
+
+
+class Rounds:
+    """Paths, stage configs and steps of rounds 2..n of one pipeline run."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe, self.cfg, self.out = pipe, pipe.cfg, pipe.out
+        self.method = round_method(self.cfg) if self.cfg.rounds > 1 else None
+
+    # -- where each round's pieces live ---------------------------------------------------------
+
+    def dir(self, r: int) -> Path:
+        return self.out / f"round-{r}"
+
+    def policy(self, r: int) -> Path:
+        """The policy round ``r`` ends with (round 1: the pipeline's own run of the method)."""
+        return (self.out if r == 1 else self.dir(r)) / self.method / "model"
+
+    def rm(self, r: int) -> Path:
+        return (self.out if r == 1 else self.dir(r)) / "rm" / "model"
+
+    def store(self, r: int) -> Path:
+        return self.pipe.store if r == 1 else self.dir(r) / "store.sqlite"
+
+    def fresh_prompts(self, r: int) -> tuple[list, list]:
+        """Round ``r``'s (train, heldout) RM-split prompts: the ones after every earlier round's.
+        ``r = rounds + 1`` is the final check (held-out prompts only)."""
+        c = self.cfg
+        per_round = c.round.prompts + c.round.heldout
+        start = c.labeling.limit + (r - 2) * per_round
+        rows = self.pipe._split("rm")
+        n_train = c.round.prompts if r <= c.rounds else 0
+        need = start + n_train + c.round.heldout
+        if need > len(rows):
+            raise ConfigError(f"rounds: round {r if r <= c.rounds else 'final'} needs {need} RM-split prompts and "
+                              f"the suite has {len(rows)} (raise suite.n, or lower round.prompts/round.heldout)")
+        return rows[start:start + n_train], rows[start + n_train:need]
+
+    # -- stage configs (dicts; the pipeline validates them before anything runs) ----------------
+
+    def stage_dicts(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """step -> (registry stage, config dict) for every training step of rounds 2..n."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        pipe, c = self.pipe, self.cfg
+        for r in range(2, c.rounds + 1):
+            d = self.dir(r)
+            rm_init = str(pipe.out / "sft/model") if c.round.rm_init == "sft" else str(self.rm(r - 1))
+            rm = pipe.stage_dict("rm")
+            rm["model"]["path"] = rm_init
+            rm["data"]["train"] = f"store:{self.store(r)}"
+            rm["run"]["out"] = str(d / "rm")
+            out[f"round-{r}/rm"] = ("rm", rm)
+            ref = str(pipe.out / "sft/model") if c.round.kl_anchor == "sft" else str(self.policy(r - 1))
+            trainer = pipe.method_dict(self.method, policy=str(self.policy(r - 1)), reward_model=str(self.rm(r)),
+                                       store=self.store(r), reference=ref, out=d / self.method,
+                                       seed=c.seed + 1000 * (r - 1))
+            from preflab.pipeline import deep_merge
+
+            out[f"round-{r}/{self.method}"] = (pipe.stage_of(self.method), deep_merge(trainer, c.round.overrides))
+        return out
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def run_step(self, step: str) -> None:
+        where, _, what = step.partition("/")
+        r = self.cfg.rounds + 1 if where == "final" else int(where.removeprefix("round-"))
+        getattr(self, f"step_{what}")(r)
+
+    def step_label(self, r: int) -> None:
+        """Rank fresh samples of the current policy into a copy of the previous round's store,
+        renamed into place only when complete (a kill leaves no half store behind)."""
+        from preflab.feedback.label_cli import collect_rankings
+
+        lab, d = self.cfg.labeling, self.dir(r) if r <= self.cfg.rounds else self.out / "final"
+        d.mkdir(parents=True, exist_ok=True)
+        train, heldout = self.fresh_prompts(r)
+        dest = self.store(r) if r <= self.cfg.rounds else d / "store.sqlite"
+        tmp = dest.with_suffix(".sqlite.partial")
+        for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            p.unlink(missing_ok=True)
+        shutil.copyfile(self.store(min(r - 1, self.cfg.rounds)), tmp)
+        policy = str(self.policy(r - 1))
+        seed = self.cfg.seed + 1000 * (r - 1)
+        common = dict(model_spec=policy, store_path=tmp, k=lab.k, max_new_tokens=lab.max_new_tokens,
+                      temperature=lab.temperature, batch_size=lab.batch_size, bf16=lab.bf16, seed=seed)
+        if train:
+            collect_rankings(prompts=train, split="rm", overlap=lab.overlap,
+                             samples_cache=d / "label_samples.jsonl", **common)
+        if heldout:
+            collect_rankings(prompts=heldout, split=f"heldout-{r}", overlap=1.0,
+                             samples_cache=d / "heldout_samples.jsonl", **common)
+        tmp.rename(dest)
+
+    def step_rm(self, r: int) -> None:
+        self.pipe.train(f"round-{r}/rm")
+
+    def step_onpolicy(self, r: int) -> None:
+        """RM accuracy on held-out rankings of the current policy's samples: the RM the policy was
+        trained against (round r-1's) and the refit one (round r's), beside the labelers' agreement."""
+        if not self.cfg.round.heldout:
+            return
+        final = r > self.cfg.rounds
+        d = self.out / "final" if final else self.dir(r)
+        store = d / "store.sqlite" if final else self.store(r)
+        rms = {"rm_before": self.rm(r - 1)} if final else {"rm_before": self.rm(r - 1), "rm_after": self.rm(r)}
+        result: dict[str, Any] = {"round": "final" if final else r, "policy": str(self.policy(r - 1)),
+                                  "split": f"heldout-{r}"}
+        for key, rm in rms.items():
+            rep = heldout_accuracy(rm, f"store:{store}", f"heldout-{r}", self.pipe.stage_configs["rm"].data.max_length,
+                                   self.cfg.eval.bf16)
+            result[key] = {"model": str(rm), "accuracy": rep["accuracy"], "ci": rep["ci"], "n_pairs": rep["n_pairs"],
+                           "n_groups": rep["n_groups"]}
+            labelers = rep.get("labelers")
+            if labelers:  # labeler vs labeler on the prompts ranked by several, and the RM on the same pairs
+                result["labeler_agreement"] = {k: labelers[k] for k in ("agreement", "n_pairs", "n_prompts")}
+                result[key]["accuracy_on_shared"] = labelers["rm_accuracy"]
+        atomic_write_text(d / "onpolicy.json", json.dumps(result, indent=2, default=str))
+
+    def step_method(self, r: int) -> None:  # the trainer step is named after its method
+        self.pipe.train(f"round-{r}/{self.method}")
+
+    def step_eval(self, r: int) -> None:
+        """The round's policy against the SFT model, on the run's eval prompts and settings."""
+        d = self.dir(r) / "eval"
+        cached = self.out / "eval/generations/sft.jsonl"
+        if cached.is_file() and not (d / "generations/sft.jsonl").exists():
+            (d / "generations").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, d / "generations/sft.jsonl")
+        self.pipe.evaluate_paths({"sft": str(self.out / "sft/model"), f"{self.method}@{r}": str(self.policy(r))},
+                                 d, reward_model=str(self.rm(r)))
+
+    def __getattr__(self, name: str):
+        if self.method and name == f"step_{self.method}":
+            return self.step_method
+        raise AttributeError(name)
+
+
+def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: bool) -> dict[str, Any]:
+    """``evals.rm_eval.evaluate`` of a reward model on a store split (pairs of every ranking)."""
+    from preflab import models
+    from preflab.data.rankings import encode_groups, read_groups
+    from preflab.evals.rm_eval import evaluate
+    from preflab.scoring import score_groups
+
+    groups = [g for g in read_groups(source, None, split) if g.pairs()]
+    tokenizer = models.load_tokenizer(str(rm))
+    model = models.load_reward_model(str(rm))
+    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id, batch_size=16,
+                          bf16=bf16)
+    del model
+    return evaluate(groups, scores, temperature_scaling=False, worst_k=0)
+
+
+def rounds_table(run: Path) -> list[dict[str, Any]]:
+    """One row per round of a run (round 1 from RUN/eval, later rounds from RUN/round-r/eval):
+    gold win-rate against SFT, KL, constraint following, mean words, RM accuracies. For the report."""
+    cfg_path = run / "pipeline_config.json"
+    if not cfg_path.is_file():
+        return []
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("rounds", 1) < 2:
+        return []
+    trained = [*cfg.get("rl", []), *cfg.get("preference", [])]
+    method = (cfg.get("round") or {}).get("method") or (trained[0] if trained else None)
+    rows = []
+    for r in range(1, cfg["rounds"] + 1):
+        res_path = run / ("eval" if r == 1 else f"round-{r}/eval") / "results.json"
+        name = method if r == 1 else f"{method}@{r}"
+        row: dict[str, Any] = {"round": r, "model": name}
+        if res_path.is_file():
+            m = json.loads(res_path.read_text())["models"].get(name)
+            if m:
+                row.update(win_rate=m["win_rate"], kl=m["kl"], words=m["length_words"]["mean"],
+                           follows_constraints=(m.get("metadata") or {}).get("follows_constraints"))
+        onp = run / f"round-{r}/onpolicy.json"
+        if onp.is_file():
+            o = json.loads(onp.read_text())
+            row.update(rm_before=o["rm_before"]["accuracy"], rm_after=(o.get("rm_after") or {}).get("accuracy"),
+                       labelers=(o.get("labeler_agreement") or {}).get("agreement"))
+        rows.append(row)
+    final = run / "final/onpolicy.json"
+    if final.is_file():
+        o = json.loads(final.read_text())
+        rows.append({"round": "final", "model": "final policy", "rm_before": o["rm_before"]["accuracy"],
+                     "labelers": (o.get("labeler_agreement") or {}).get("agreement")})
+    return rows
