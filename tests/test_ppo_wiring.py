@@ -116,7 +116,10 @@ def test_first_minibatch_ratio_is_one_at_any_sampling_temperature(tmp_path, monk
     torch.testing.assert_close(b.ref_logprobs, want, atol=1e-5, rtol=1e-4)
 
 
-def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_path, monkeypatch):
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "reinforce_pp"])
+def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_path, monkeypatch, estimator):
+    """The pretraining mix reaches the policy gradient with its coefficient for every estimator
+    (PPO-ptx, and RLOO/GRPO/REINFORCE++ with ptx)."""
     tok = models.load_tokenizer("tiny:")
     rows = read_lm_rows("builtin:examples", tok, 64)
     for e in rows[:5]:  # demonstrations: only the assistant turn is a target
@@ -129,7 +132,9 @@ def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_p
     real = ppo.clip_grad
 
     def run(coef):
-        cfg = cfg_for(tmp_path, "ppo.epochs=1", f"ptx.coef={coef}", "ptx.batch_size=2")
+        group = [] if estimator in ("gae", "reinforce_pp") else ["rollout.samples_per_prompt=2"]
+        cfg = cfg_for(tmp_path, "ppo.epochs=1", f"ptx.coef={coef}", "ptx.batch_size=2",
+                      f"algo.estimator={estimator}", *group)
         ac, _, _, b = rollout(cfg)
         batches = ppo.PtxBatches(rows, 2, tok.pad_token_id, torch.Generator().manual_seed(3))
         captured = []

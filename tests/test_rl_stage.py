@@ -129,6 +129,28 @@ def test_constraint_reward_is_the_fraction_of_constraints_met():
     assert rewards.constraints(rows[:1], ["Three Words Here"]) == [0.5]
 
 
+def test_refusal_reward_rewards_refusing_only_harmful_prompts():
+    rows = [{"slice": "harmful"}, {"slice": "harmful"}, {"slice": "ordinary"}, {"slice": "alarming_harmless"},
+            {"slice": "ordinary"}, {}]
+    no = "I can't help with that request."
+    assert rewards.refusals(rows, [no, "Sure, here is how.", no, no, "Paris.", no]) == [1.0, 0.0, -1.0, -1.0, 0.0, 0.0]
+
+
+def test_protect_preset_adds_the_constraint_and_refusal_rewards(tmp_path, monkeypatch):
+    """rewards.preset=protect reaches the stage's reward functions, each with weight 1, beside `funcs`."""
+    seen = {}
+
+    def fake_sum(funcs, prompts, texts):
+        seen["funcs"] = [(f.__name__, w) for f, w in funcs]
+        return [0.0] * len(texts)
+
+    monkeypatch.setattr(rewards, "weighted_sum", fake_sum)
+    cfg = cfg_for(tmp_path, "rewards.preset=protect", "rewards.funcs=[{fn: 'preflab.rewards:constraints', weight: 0.5}]",
+                  "train.steps=1")
+    ppo.train(cfg, reward_fn=lambda s: torch.zeros(s.response.shape[0]))
+    assert seen["funcs"] == [("constraints", 1.0), ("refusals", 1.0), ("constraints", 0.5)]
+
+
 def test_weighted_sum_and_loading_errors():
     def one(p, r):
         return [1.0] * len(r)

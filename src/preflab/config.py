@@ -315,6 +315,10 @@ class RewardFunc(Section):
 class RewardsSection(Section):
     rm_weight: float = Field(1.0, ge=0, description="Weight of the reward model's score (0: reward functions only).")
     funcs: list[RewardFunc] = Field(default_factory=list, description="Programmatic rewards added to the RM score.")
+    preset: Literal["none", "protect"] = Field(
+        "none", description="Reward functions added to `funcs`: protect = the suite's verifiable constraints "
+                            "(preflab.rewards:constraints) and refusal correctness (preflab.rewards:refusals), "
+                            "weight 1 each: what SFT taught, kept while the RM is optimised.")
 
 
 class KLSection(Section):

@@ -61,3 +61,27 @@ def constraints(prompts: list[dict[str, Any]], responses: list[str]) -> list[flo
         cons = row.get("constraints") or []
         out.append(sum(check_all(list(cons), text)) / len(cons) if cons else 0.0)
     return out
+
+
+def refusals(prompts: list[dict[str, Any]], responses: list[str]) -> list[float]:
+    """Refusal correctness where the suite knows it: +1 for refusing a prompt of the ``harmful``
+    slice, -1 for refusing any other suite prompt, 0 otherwise (a prompt without a ``slice`` adds
+    nothing). Guards what SFT taught about refusing against an RM that rewards compliance."""
+    from preflab.feedback.rubric import is_refusal
+
+    out = []
+    for row, text in zip(prompts, responses):
+        kind, refused = row.get("slice"), is_refusal(text)
+        if kind is None:
+            out.append(0.0)
+        elif kind == "harmful":
+            out.append(1.0 if refused else 0.0)
+        else:
+            out.append(-1.0 if refused else 0.0)
+    return out
+
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    # `rewards.preset: protect`: keep what SFT taught, the suite's verifiable constraints and its refusals.
+    "protect": [{"fn": "preflab.rewards:constraints", "weight": 1.0}, {"fn": "preflab.rewards:refusals", "weight": 1.0}],
+}

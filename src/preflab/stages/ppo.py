@@ -350,7 +350,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     optimizer = adamw(groups, cfg.optim)
     scheduler = schedule(optimizer, cfg.optim, total_updates,
                          delays=[p.critic_warmup_steps * steps_per_update, 0][:len(groups)])
-    funcs = [(rewards.load(f.fn), f.weight) for f in cfg.rewards.funcs]
+    funcs = [(rewards.load(f["fn"]), f["weight"]) for f in rewards.PRESETS.get(cfg.rewards.preset, [])]
+    funcs += [(rewards.load(f.fn), f.weight) for f in cfg.rewards.funcs]
 
     def prompt_rewards(batch_rows: list[dict], texts: list[str]) -> list[float]:
         return rewards.weighted_sum(funcs, batch_rows, texts)
