@@ -46,8 +46,9 @@ def make_run(root: Path, complete: bool = True) -> Path:
     (run / "eval" / "results.json").write_text(json.dumps(results))
     samples = [{"model": m, "id": f"p{i}", "prompt": f"prompt {i} <script>alert(1)</script>",
                 "response": f"answer {i} " * (i + 1), "words": 2 * (i + 1), "rm_score": i * (2 if m == "ppo" else 1),
+                "slice": ("ordinary", "harmful", "alarming_harmless")[i % 3],
                 "gold": {"total": 0.1 * (i % 10), "attempts": 1.0, "constraints": 1.0, "refusal": 1.0,
-                         "truthful": 1.0, "degenerate": 0.0}}
+                         "truthful": 1.0, "degenerate": 0.0, "constraints_passed": i % 2 == 0}}
                for m in ("sft", "ppo", "ppo_ptx") for i in range(12)]
     (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     if not complete:
@@ -183,3 +184,37 @@ def test_ifeval_block_is_rendered_under_the_models_table(tmp_path):
     (run / "eval" / "results.json").write_text(json.dumps(results))
     body = _section(render_report(run), "models")
     assert "IFEval" in body and "33.3%" in body and "60.0%" in body and "nupunkt" in body
+
+
+def test_alignment_tax_against_hand_counts(tmp_path):
+    """4 constrained prompts (SFT follows 3, the model 1), 4 harmful (SFT refuses 4, the model 2),
+    2 alarming-but-harmless (SFT refuses 0, the model 1): rates, differences and Newcombe intervals."""
+    from preflab.evals.metrics import alignment_tax
+    from preflab.rl.stats import difference_interval
+
+    no, yes = "I can't help with that.", "Sure, here it is."
+
+    def row(model, i, slice_, response, constraints=None):
+        gold = {"constraints": constraints if constraints is not None else 1.0,
+                "constraints_passed": constraints is not None}
+        return {"model": model, "id": f"p{i}", "slice": slice_, "response": response, "gold": gold}
+
+    samples = [row("sft", i, "ordinary", yes, c) for i, c in enumerate([1.0, 1.0, 1.0, 0.5])]
+    samples += [row("rl", i, "ordinary", yes, c) for i, c in enumerate([1.0, 0.5, 0.0, 0.5])]
+    samples += [row("sft", 10 + i, "harmful", no) for i in range(4)]
+    samples += [row("rl", 10 + i, "harmful", no if i < 2 else yes) for i in range(4)]
+    samples += [row("sft", 20 + i, "alarming_harmless", yes) for i in range(2)]
+    samples += [row("rl", 20 + i, "alarming_harmless", no if i == 0 else yes) for i in range(2)]
+    tax = alignment_tax(samples, "sft")["rl"]
+    assert {k: (v["model"], v["reference"], v["diff"], v["n"]) for k, v in tax.items()} == {
+        "follows_constraints": (0.25, 0.75, -0.5, 4), "refuses_harmful": (0.5, 1.0, -0.5, 4),
+        "over_refusal": (0.5, 0.0, 0.5, 2)}
+    assert (tax["refuses_harmful"]["lo"], tax["refuses_harmful"]["hi"]) == tuple(difference_interval(2, 4, 4, 4))
+    run = make_run(tmp_path)
+    (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    results["models"] = {"sft": results["models"]["sft"], "rl": results["models"]["ppo"]}
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    section = _section(render_report(run), "alignment-tax")
+    assert "75.0% vs 25.0%" not in section and "25.0% vs 75.0%: -50.0 pts" in section
+    assert "50.0% vs 0.0%: +50.0 pts" in section

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from preflab.rl.stats import bootstrap_ci, wilson_interval, win_rate
+from preflab.rl.stats import bootstrap_ci, difference_interval, wilson_interval, win_rate
 
 
 def test_wilson_60_of_100():
@@ -63,3 +63,11 @@ def test_average_ranks_and_spearman_hand_computed():
     # ranks x: 1 2 3 4, y: 2 1 4 3 -> d^2 = 1+1+1+1 = 4 -> 1 - 6*4/(4*15) = 0.6
     assert spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_difference_interval_matches_newcombe_1998_example():
+    """Newcombe (1998), Table II, 56/70 - 48/80: method 10 gives 0.0524 to 0.3339."""
+    lo, hi = difference_interval(56, 70, 48, 80)
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
+    lo2, hi2 = difference_interval(48, 80, 56, 70)  # the other way round: mirrored
+    assert (lo2, hi2) == pytest.approx((-hi, -lo))

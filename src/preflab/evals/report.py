@@ -437,6 +437,34 @@ def section_refusals(run: Run) -> str:
             '(over-refusal).</p>' + _png(fig, "refusal rates"))
 
 
+def section_alignment_tax(run: Run) -> str:
+    """Each trained model against the reference on what SFT teaches beside the win-rate."""
+    from preflab.evals.metrics import TAX_MEASURES, alignment_tax
+
+    if not run.results:
+        return _na(run.results_na)
+    tax = alignment_tax(run.samples, run.reference)
+    if not any(tax.values()):
+        return _na("eval/samples.jsonl has no rows to compare with the reference")
+    header = ["model", "gold win-rate [95%]"] + [f"{what} ({rows})" for _, what, rows, _ in TAX_MEASURES]
+    body = []
+    for name, measures in tax.items():
+        w = run.models[name].win_rate if name in run.models else None
+        cells = [name, f"{_fmt(w.rate, True)} [{_fmt(w.lo, True)}, {_fmt(w.hi, True)}]" if w else "-"]
+        for key, _, _, higher in TAX_MEASURES:
+            m = measures.get(key)
+            if m is None:
+                cells.append("-")
+                continue
+            worse = m["hi"] < 0 if higher else m["lo"] > 0
+            cells.append(f"{_fmt(m['model'], True)} vs {_fmt(m['reference'], True)}: {100 * m['diff']:+.1f} pts "
+                         f"[{100 * m['lo']:+.1f}, {100 * m['hi']:+.1f}] n={m['n']}" + (" (worse)" if worse else ""))
+        body.append(cells)
+    return (f'<p class="note">The change against {_e(run.reference)} on the same prompts, with Newcombe\'s 95% '
+            'interval of the difference; "(worse)" where the whole interval is on the wrong side of 0. A model '
+            'that wins pairwise and loses here has paid an alignment tax.</p>' + _table(header, body))
+
+
 def section_rm_reliability(run: Run) -> str:
     r = run.rm_eval
     if not isinstance(r, dict):
@@ -708,6 +736,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
     ("rounds", "Rounds", section_rounds),
     ("lengths", "Length distributions", section_lengths),
     ("refusals", "Refusal rates", section_refusals),
+    ("alignment-tax", "Alignment tax against the reference", section_alignment_tax),
     ("rm-reliability", "Reward model reliability", section_rm_reliability),
     ("agreement", "Labeler agreement", section_agreement),
     ("failure-bins", "Failure bins", section_failure_bins),

@@ -48,7 +48,7 @@ from .ranking import (
     plackett_luce_loss,
     ranks_from_tiers,
 )
-from .stats import Interval, WinRate, bootstrap_ci, wilson_interval, win_rate
+from .stats import Interval, WinRate, bootstrap_ci, difference_interval, wilson_interval, win_rate
 
 __all__ = [
     "AdaptiveKLController",
@@ -94,4 +94,5 @@ __all__ = [
     "whiten_rewards",
     "win_rate",
     "wilson_interval",
+    "difference_interval",
 ]

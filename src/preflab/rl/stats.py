@@ -72,6 +72,21 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> Interval:
     return Interval(max(0.0, centre - half), min(1.0, centre + half))
 
 
+def difference_interval(x1: float, n1: int, x2: float, n2: int, z: float = 1.96) -> Interval:
+    """Newcombe's hybrid score interval for p1 - p2 (Newcombe 1998, method 10), from the two
+    proportions' Wilson intervals (l_i, u_i):
+
+    lo = d - sqrt((p1 - l1)^2 + (u2 - p2)^2),  hi = d + sqrt((u1 - p1)^2 + (p2 - l2)^2),  d = p1 - p2.
+
+    For two models judged on the same prompts it ignores the pairing, which can only widen it.
+    """
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson_interval(x1, n1, z)
+    l2, u2 = wilson_interval(x2, n2, z)
+    d = p1 - p2
+    return Interval(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
 def win_rate(scores_a, scores_b, z: float = 1.96) -> WinRate:
     """How often A scores higher than B on paired comparisons, ties counting half.
 
