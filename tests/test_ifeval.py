@@ -98,3 +98,39 @@ def test_eval_command_writes_ifeval_results(tmp_path, capsys):
     strict = [all(s["strict"]) for s in samples]
     assert m["prompt_level_strict"] == sum(strict) / 3
     assert "IFEval: 3 prompts" in capsys.readouterr().out
+
+
+def test_ifeval_reports_answer_length_and_a_rerun_samples_nothing(tmp_path, monkeypatch):
+    from preflab import rollout
+    from preflab.evals.ifeval import evaluate_ifeval
+    from preflab.feedback.constraints import count_words
+
+    rows = read_ifeval(write(tmp_path, ROWS))
+    answers = ["one two three", "a b", "x", "four words right here"]
+    monkeypatch.setattr(rollout, "generate_texts", lambda *a, **k: answers)
+    entry = evaluate_ifeval({"m": "tiny:"}, rows, tmp_path / "out", max_new_tokens=4, progress=False)
+    assert entry["models"]["m"]["mean_words"] == pytest.approx(sum(count_words(t) for t in answers) / 4) == 2.5
+    assert entry["models"]["m"]["spec"] == "tiny:"
+
+    def boom(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(rollout, "generate_texts", boom)
+    again = evaluate_ifeval({"m": "tiny:"}, rows, tmp_path / "out", max_new_tokens=4, progress=False)
+    assert again["models"]["m"] == entry["models"]["m"]
+    with pytest.raises(AssertionError, match="sampled again"):  # other settings: sampled
+        evaluate_ifeval({"m": "tiny:"}, rows, tmp_path / "out", max_new_tokens=5, progress=False)
+
+
+def test_pipeline_eval_scores_every_model_on_the_ifeval_file(tmp_path):
+    from preflab.cli import main
+
+    path = write(tmp_path, ROWS)
+    out = tmp_path / "run"
+    main(["pipeline", "--preset", "tiny", "--out", str(out), "rl=[rloo]", f"eval.ifeval={path}",
+          "eval.ifeval_max_new_tokens=4", "eval.models=[sft,rloo]"])
+    block = json.loads((out / "eval/results.json").read_text())["ifeval"]
+    assert set(block["models"]) == {"sft", "rloo"}
+    assert block["models"]["rloo"]["spec"] == str(out / "rloo/model")
+    assert block["settings"]["max_new_tokens"] == 4 and block["settings"]["temperature"] == 0.0
+    assert "mean words" in (out / "report.html").read_text()

@@ -290,10 +290,16 @@ class Pipeline:
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
-        return evaluate(models, self._split("eval", e.limit), reference="sft",
-                        reward_model=reward_model or str(self.out / "rm/model"), out_dir=out_dir,
-                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
-                        bf16=e.bf16, seed=self.cfg.seed)
+        results = evaluate(models, self._split("eval", e.limit), reference="sft",
+                           reward_model=reward_model or str(self.out / "rm/model"), out_dir=out_dir,
+                           max_new_tokens=e.max_new_tokens, temperature=e.temperature, batch_size=e.batch_size,
+                           bf16=e.bf16, seed=self.cfg.seed)
+        if e.ifeval:  # beyond the suite: the same models on an IFEval-format file, greedy
+            from preflab.evals.ifeval import evaluate_ifeval, read_ifeval
+
+            evaluate_ifeval(models, read_ifeval(e.ifeval), out_dir, max_new_tokens=e.ifeval_max_new_tokens,
+                            temperature=0.0, batch_size=e.batch_size, seed=self.cfg.seed, bf16=e.bf16)
+        return results
 
     def step_report(self) -> None:
         from preflab.evals.report import write_report
@@ -311,13 +317,19 @@ class Pipeline:
     # -- driver ------------------------------------------------------------------------------
 
     def run(self, only: Callable[[str], bool] = lambda s: True, force: bool = False) -> None:
-        """Run the steps not yet finished. A rerun with a config that differs from the run's
-        ``pipeline_config.json`` (beyond logging and threads) is refused, naming the keys, unless
-        ``force``; the change is then recorded in ``pipeline.json``."""
+        """Run the steps not yet finished, holding the run directory's lock (a second pipeline on
+        the same --out is refused, naming the first one's pid). A rerun with a config that differs
+        from the run's ``pipeline_config.json`` (beyond logging and threads) is refused, naming the
+        keys, unless ``force``; the change is then recorded in ``pipeline.json``."""
+        from preflab.run import run_dir_lock
+
+        with run_dir_lock(self.out):
+            self._run(only, force)
+
+    def _run(self, only: Callable[[str], bool], force: bool) -> None:
         from preflab import models
         from preflab.run import check_config_change
 
-        self.out.mkdir(parents=True, exist_ok=True)
         cfg_path = self.out / "pipeline_config.json"
         new = dump_config(self.cfg)
         if cfg_path.is_file() and self.done():
@@ -375,7 +387,7 @@ def cli(config_path, preset, out, restart, force, print_config, overrides):
       preflab pipeline --print-config > pipeline.yaml      # every key with its default
     """
     from preflab.config import apply_overrides, load_yaml
-    from preflab.run import session
+    from preflab.run import clear_run_dir, session
 
     # Defaults, then the preset, the YAML file and the overrides, merged key by key (a YAML that
     # sets sft.optim.lr keeps the default sft.train section).
@@ -389,8 +401,8 @@ def cli(config_path, preset, out, restart, force, print_config, overrides):
 
         click.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False))
         return
-    if restart and Path(out).exists():
-        shutil.rmtree(out)
+    if restart:
+        clear_run_dir(out)  # under the directory's lock: a pipeline running there is refused
     try:
         with session(force=force):
             Pipeline(cfg, out).run(force=force)

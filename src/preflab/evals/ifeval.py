@@ -181,11 +181,13 @@ def score_ifeval(rows: list[IFEvalRow], responses: list[str]) -> dict[str, Any]:
 
 def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str | os.PathLike, *,
                     max_new_tokens: int = 512, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, bf16: bool = True) -> dict[str, Any]:
     """Sample one response per prompt from each model (name -> model spec), score them, write
     ``OUT/ifeval/NAME.jsonl`` (key, prompt, response, strict, loose) and put the scores under
     ``"ifeval"`` in ``OUT/results.json`` (kept beside what ``preflab eval`` wrote there before).
-    Returns that ``"ifeval"`` entry: settings and, per model, ``score_ifeval`` without its rows."""
+    Returns that ``"ifeval"`` entry: settings and, per model, ``score_ifeval`` without its rows,
+    the model spec and the mean answer length in words. A model already scored there with the same
+    spec and settings is not sampled again (a rerun after a kill resumes)."""
     import json
     from pathlib import Path
 
@@ -195,24 +197,35 @@ def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str 
     from preflab.data.jsonl import atomic_write_text, write_jsonl
     from preflab.rollout import generate_texts
 
+    from preflab.feedback.constraints import count_words
+
     _registry()
     out = Path(out_dir)
-    entry: dict[str, Any] = {"settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                                          "n_prompts": len(rows)}, "models": {}}
+    results_path = out / "results.json"
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "n_prompts": len(rows)}
+    before = (json.loads(results_path.read_text(encoding="utf-8")).get("ifeval") or {}) if results_path.is_file() else {}
+    done = before.get("models", {}) if before.get("settings") == settings else {}
+    entry: dict[str, Any] = {"settings": settings, "models": {}}
     for name, spec in models.items():
+        if (done.get(name) or {}).get("spec") == spec:
+            entry["models"][name] = done[name]
+            continue
         tokenizer, model = loader.load_tokenizer(spec), loader.load_policy(spec)
         model.eval()
         torch.manual_seed(seed)
         with torch.no_grad():
             texts = generate_texts(model, tokenizer, [r.prompt for r in rows], max_new_tokens=max_new_tokens,
-                                   temperature=temperature, batch_size=batch_size, progress=progress)
+                                   temperature=temperature, batch_size=batch_size, progress=progress, bf16=bf16)
         del model
         scores = score_ifeval(rows, texts)
         write_jsonl(out / "ifeval" / f"{safe_name(name)}.jsonl",
                     [{"key": r.key, "prompt": r.prompt, "response": t, **{k: s[k] for k in ("instructions", "strict", "loose")}}
                      for r, t, s in zip(rows, texts, scores["rows"])])
-        entry["models"][name] = {k: v for k, v in scores.items() if k != "rows"}
-    results_path = out / "results.json"
+        entry["models"][name] = {**{k: v for k, v in scores.items() if k != "rows"}, "spec": spec,
+                                 "mean_words": sum(count_words(t) for t in texts) / max(len(texts), 1)}
+        results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+        results["ifeval"] = {"settings": settings, "models": {**done, **entry["models"]}}
+        atomic_write_text(results_path, json.dumps(results, indent=2))  # after each model: a kill keeps it
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     results["ifeval"] = entry
     atomic_write_text(results_path, json.dumps(results, indent=2))

@@ -227,11 +227,12 @@ def render_ifeval(results: Any) -> str:
     if block is None or not block.models:
         return ""
     rows = [[name, m.n_prompts, _fmt(m.prompt_level_strict, True), _fmt(m.instruction_level_strict, True),
-             _fmt(m.prompt_level_loose, True), _fmt(m.instruction_level_loose, True), m.sentence_splitter or ""]
+             _fmt(m.prompt_level_loose, True), _fmt(m.instruction_level_loose, True), _fmt(m.mean_words),
+             m.sentence_splitter or ""]
             for name, m in block.models.items()]
     return ("<h3>Instruction following on an IFEval-format file</h3>"
             + _table(["model", "prompts", "prompt-level strict", "instruction-level strict", "prompt-level loose",
-                      "instruction-level loose", "sentence splitter"], rows, text_cols=(0, 6)))
+                      "instruction-level loose", "mean words", "sentence splitter"], rows, text_cols=(0, 7)))
 
 
 def section_models(run: Run) -> str:

@@ -207,6 +207,8 @@ class IFEvalModel(_Block):
     instruction_level_loose: float | None = None
     by_instruction_strict: dict[str, IFEvalInstruction] = Field(default_factory=dict)
     sentence_splitter: str | None = None  # "nltk-punkt" or "nupunkt"
+    spec: str | None = None  # the model that answered
+    mean_words: float | None = None  # answer length (metrics.count_words), beside the accuracy
 
 
 class IFEvalSettings(_Block):
