@@ -5,16 +5,20 @@
       metrics.jsonl      one JSON object per logged step, namespaced keys (train/loss, perf/...)
       checkpoints/       step-000010/ ... written to a temporary directory, then renamed
       log.txt            human-readable log
+      .lock              flock'ed by the one process that writes the run (its pid inside)
 
 A checkpoint holds the model weights, optimizer, scheduler, RNG states and whatever the stage
 adds (e.g. a KL controller). ``--resume`` loads the newest complete one; ``metrics.jsonl`` is cut
-back to that step so a resumed run's log equals an uninterrupted one.
+back to that step so a resumed run's log equals an uninterrupted one; a directory without a
+manifest.json is refused (nothing to resume). Two processes never write one run directory: the
+second is refused with the pid of the first (``lock_run_dir``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import math
 import os
@@ -273,6 +277,97 @@ def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+LOCK_FILE = ".lock"  # inside a run directory: flock'ed by the process writing the run
+_HELD_LOCKS: dict[Path, list[Any]] = {}  # resolved run directory -> [open lock file, holds in this process]
+
+
+def make_dir(path: Path) -> None:
+    """``path`` and its parents as directories; PreflabError naming ``path`` when a file is in the way."""
+    if path.exists() and not path.is_dir():
+        raise PreflabError(f"{path}: is a file, not a directory; choose another output directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PreflabError(f"{path}: cannot create the directory ({e.strerror}: {e.filename})") from None
+
+
+def lock_run_dir(path: str | os.PathLike) -> None:
+    """Create ``path`` if needed and take an exclusive lock on ``path/.lock`` (``fcntl.flock``),
+    held until ``unlock_run_dir`` or the end of the process (a killed holder releases it). Another
+    process gets PreflabError naming the directory and the holder's pid; this process may take
+    it again (each take needs its own unlock)."""
+    path = Path(path)
+    make_dir(path)
+    key = path.resolve()
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        return
+    f = open(path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the lock is held
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise PreflabError(f"{path} is in use by {holder} (it holds {path / LOCK_FILE}); wait for it to end "
+                           "or choose another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD_LOCKS[key] = [f, 1]
+
+
+def unlock_run_dir(path: str | os.PathLike) -> None:
+    """Give back one ``lock_run_dir`` of ``path``; the lock goes with the last one."""
+    key = Path(path).resolve()
+    held = _HELD_LOCKS.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD_LOCKS[key]
+        held[0].close()  # closing the file releases the flock
+
+
+@contextlib.contextmanager
+def run_dir_lock(path: str | os.PathLike) -> Iterator[None]:
+    """``lock_run_dir(path)`` for the length of a ``with`` block."""
+    lock_run_dir(path)
+    try:
+        yield
+    finally:
+        unlock_run_dir(path)
+
+
+def clear_run_dir(path: str | os.PathLike) -> None:
+    """Delete what ``path`` holds (``--restart``), under its lock: a run in progress there is refused."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with run_dir_lock(path):
+        for p in path.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def check_resumable(path: Path) -> None:
+    """PreflabError naming ``path`` unless it holds a run to resume (its manifest.json)."""
+    if (path / "manifest.json").is_file():
+        return
+    if not path.exists():
+        why = "it does not exist"
+    elif not path.is_dir():
+        why = "it is a file, not a directory"
+    else:
+        why = "it is not a preflab run directory (no manifest.json)"
+    raise PreflabError(f"{path}: nothing to resume: {why}; check run.out, or start a new run without --resume")
+
+
 class RunDir:
     """The directory of one run. Only the main rank (``writer=True``) writes anything.
 
@@ -282,6 +377,11 @@ class RunDir:
     ``running`` while its process is gone says so (``dead_owner``). ``resume=True`` refuses a
     config that differs from the run's in anything but RESUME_ALLOWED_CHANGES unless ``force``;
     every change is recorded in the manifest's ``config_changes`` with the step it applies from.
+
+    Before writing anything the writer takes the directory's lock (``lock_run_dir``; a second
+    process on the same directory is refused, naming the holder's pid) and ``resume=True``
+    checks that the directory holds a run (``check_resumable``). The lock goes with the run's
+    end (``finish``/``fail``) or the process.
     """
 
     def __init__(self, path: str | os.PathLike, *, stage: str, config: dict[str, Any], seed: int,
@@ -294,63 +394,79 @@ class RunDir:
         self._trackers: Any = None
         self._resumed_at: int | None = None
         self._created = False
+        self._locked = False
         force = _FORCE_RESUME[-1] if force is None else force
         if writer:
-            prev = read_manifest(self.path) if (self.path / "manifest.json").exists() else None
-            died = dead_owner(prev) if prev else None
-            if prev and not died and prev.get("status") == "running" and isinstance(prev.get("pid"), int) \
-                    and prev.get("pid") != os.getpid() and prev.get("host") == socket.gethostname() and not force:
-                raise PreflabError(f"{self.path} is in use: its manifest says running in pid {prev['pid']} on "
-                                   f"{prev['host']}, which is alive (if that process is not preflab, pass --force)")
-            if not resume and self.metrics_path.exists() and self.metrics_path.stat().st_size:
-                why = f" ({died})" if died else ""
-                raise PreflabError(
-                    f"{self.path} already holds a run{why}; pass --resume to continue it or choose another --out"
-                )
+            if resume:
+                check_resumable(self.path)
             self._created = not self.path.exists()
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            self.cleaned = clean_stale_tmp_dirs(self.ckpt_dir) + clean_stale_tmp_dirs(self.path)
-            self.manifest = {
-                "stage": stage,
-                "config": config,
-                "seed": seed,
-                "versions": versions(),
-                "git_commit": git_commit(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_at": _now(),
-                "finished_at": None,
-                "status": "running",
-            }
-            if resume and prev:
-                changes, refused = check_config_change(prev.get("config") or {}, config, force=force,
-                                                       where=self.path / "manifest.json")
-                self.manifest["started_at"] = prev.get("started_at", self.manifest["started_at"])
-                self.manifest["resumed_at"] = prev.get("resumed_at", []) + [_now()]
-                self.manifest["config_changes"] = list(prev.get("config_changes", []))
-                if changes:
-                    step = self.checkpoints()[-1][0] if self.checkpoints() else 0
-                    self.manifest["config_changes"].append(
-                        {"from_step": step, "at": _now(), "forced": bool(refused), "changes": changes})
-                for key in ("owner_died", "failures", "trackers"):
-                    if key in prev:
-                        self.manifest[key] = prev[key]
-            if died:
-                self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
-            self._write_manifest()
-            if died:
-                ckpts = self.checkpoints()
-                if not resume:
-                    then = "starting it again"
-                elif ckpts:
-                    then = f"resuming from its checkpoint at step {ckpts[-1][0]}"
-                else:
-                    then = "it left no checkpoint (run.save_every sets how often): starting from step 0"
-                self.log(f"note: {died}; {then}")
-                _say(f"{self.path}: {died}; {then}")
-            if self.cleaned:
-                self.log("removed unfinished checkpoint writes: " + ", ".join(p.name for p in self.cleaned))
-            _OPEN_RUNS[:] = [r for r in _OPEN_RUNS if r.path.resolve() != self.path.resolve()] + [self]
+            lock_run_dir(self.path)  # before any write: a second process on this directory stops here
+            self._locked = True
+            try:
+                self._open(config, seed, resume, force)
+            except BaseException:
+                self._unlock()
+                raise
+
+    def _open(self, config: dict[str, Any], seed: int, resume: bool, force: bool) -> None:
+        """The writer's start: refuse a live or finished run it may not touch, write the manifest."""
+        prev = read_manifest(self.path) if (self.path / "manifest.json").exists() else None
+        died = dead_owner(prev) if prev else None
+        if prev and not died and prev.get("status") == "running" and isinstance(prev.get("pid"), int) \
+                and prev.get("pid") != os.getpid() and prev.get("host") == socket.gethostname() and not force:
+            raise PreflabError(f"{self.path} is in use: its manifest says running in pid {prev['pid']} on "
+                               f"{prev['host']}, which is alive (if that process is not preflab, pass --force)")
+        if not resume and self.metrics_path.exists() and self.metrics_path.stat().st_size:
+            why = f" ({died})" if died else ""
+            raise PreflabError(
+                f"{self.path} already holds a run{why}; pass --resume to continue it or choose another --out"
+            )
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.cleaned = clean_stale_tmp_dirs(self.ckpt_dir) + clean_stale_tmp_dirs(self.path)
+        self.manifest = {
+            "stage": self.stage,
+            "config": config,
+            "seed": seed,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": _now(),
+            "finished_at": None,
+            "status": "running",
+        }
+        if resume and prev:
+            changes, refused = check_config_change(prev.get("config") or {}, config, force=force,
+                                                   where=self.path / "manifest.json")
+            self.manifest["started_at"] = prev.get("started_at", self.manifest["started_at"])
+            self.manifest["resumed_at"] = prev.get("resumed_at", []) + [_now()]
+            self.manifest["config_changes"] = list(prev.get("config_changes", []))
+            if changes:
+                step = self.checkpoints()[-1][0] if self.checkpoints() else 0
+                self.manifest["config_changes"].append(
+                    {"from_step": step, "at": _now(), "forced": bool(refused), "changes": changes})
+            for key in ("owner_died", "failures", "trackers"):
+                if key in prev:
+                    self.manifest[key] = prev[key]
+        if died:
+            self.manifest.setdefault("owner_died", []).append({"noticed_at": _now(), "message": died})
+        self._write_manifest()
+        if died:
+            ckpts = self.checkpoints()
+            if not resume:
+                then = "starting it again"
+            elif ckpts:
+                then = f"resuming from its checkpoint at step {ckpts[-1][0]}"
+            else:
+                then = "it left no checkpoint (run.save_every sets how often): starting from step 0"
+            self.log(f"note: {died}; {then}")
+            _say(f"{self.path}: {died}; {then}")
+        if self.cleaned:
+            self.log("removed unfinished checkpoint writes: " + ", ".join(p.name for p in self.cleaned))
+        for old in [r for r in _OPEN_RUNS if r.path.resolve() == self.path.resolve()]:
+            _OPEN_RUNS.remove(old)  # an earlier open of this directory in this process, left unfinished
+            old._unlock()
+        _OPEN_RUNS.append(self)
 
     # -- manifest and logs -------------------------------------------------------------------
 
@@ -363,6 +479,12 @@ class RunDir:
         if self._trackers is not None:
             self._trackers.close(status)
             self._trackers = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            unlock_run_dir(self.path)
 
     def finish(self, status: str = "finished", **extra: Any) -> None:
         if not self.writer:
