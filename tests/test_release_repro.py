@@ -93,3 +93,44 @@ def test_pack_needs_an_evaluation(tmp_path):
     (tmp_path / "x.tar.gz").write_text("not an archive")
     with pytest.raises(Exception, match="not a preflab repro archive"):
         verify(tmp_path / "x.tar.gz")
+
+
+def _flip_a_digit(path):
+    """A one-byte edit that keeps the file valid: its first digit changed."""
+    data = path.read_bytes()
+    i = next(i for i, b in enumerate(data) if chr(b).isdigit())
+    path.write_bytes(data[:i] + (b"2" if data[i:i + 1] == b"1" else b"1") + data[i + 1:])
+
+
+@pytest.mark.parametrize("rel", ["eval/results.json", "eval/samples.jsonl"])
+def test_a_one_byte_edit_of_a_packed_eval_output_is_a_diff(run_dir, tmp_path, capsys, rel):
+    path = pack(run_dir, tmp_path / "r.tar.gz")
+    f = run_dir / rel
+    original = f.read_bytes()
+    try:
+        _flip_a_digit(f)
+        assert _run(["repro", "verify", str(path), "--out", str(tmp_path / "again")]) == 1
+    finally:
+        f.write_bytes(original)
+    out = capsys.readouterr().out
+    assert f"DIFF  data  {rel}" in out and "repro: NOT REPRODUCED" in out
+    assert [line for line in out.splitlines() if line.startswith("DIFF")] == [line for line in out.splitlines()
+                                                                             if f"  {rel}  " in line]
+
+
+def test_a_prompts_file_that_no_longer_parses_is_a_diff_with_the_table(run_dir, tmp_path, capsys):
+    path = pack(run_dir, tmp_path / "r.tar.gz")
+    prompts = run_dir / "data" / "prompts.jsonl"
+    original = prompts.read_text()
+    try:
+        prompts.write_text(original.replace('{"', "{", 1))  # line 1 is no longer JSON
+        assert _run(["repro", "verify", str(path), "--out", str(tmp_path / "again")]) == 1
+        report = verify(path, out_dir=tmp_path / "again2")
+    finally:
+        prompts.write_text(original)
+    out = capsys.readouterr().out
+    assert "DIFF  data  data/prompts.jsonl" in out and "ok    model ppo/model" in out  # the whole table
+    assert "DIFF  the re-evaluation could not run: " in out and "prompts.jsonl:1: invalid JSON" in out
+    assert out.rstrip().splitlines()[-1].startswith("repro: NOT REPRODUCED")
+    assert not report["passed"] and report["numbers"] == [] and "prompts.jsonl:1" in report["error"]
+    assert [h["path"] for h in report["hashes"] if not h["ok"]] == ["data/prompts.jsonl"]

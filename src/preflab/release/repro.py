@@ -12,10 +12,12 @@ resolved configs and evaluation outputs). ``repro.json``::
      "pip_freeze": ["pkg==version", ...], "git": {"commit", "dirty"} | null,
      "hardware": {"platform", "machine", "cpus", "python", "torch", "cuda"}}
 
-``verify`` re-hashes the data files and models named in it (under the run directory, or
-``--run-dir``), re-runs the evaluation with the recorded models, prompts, seed and sampling
-settings, and compares every headline number with its tolerance (``TOLERANCES``): a table of
-recorded vs reproduced, exit 0 when all reproduce and every hash matches, else 1.
+``verify`` re-hashes the data files (``eval/results.json`` and ``eval/samples.jsonl`` among them)
+and models named in it (under the run directory, or ``--run-dir``), re-runs the evaluation with
+the recorded models, prompts, seed and sampling settings, and compares every headline number with
+its tolerance (``TOLERANCES``): a table of recorded vs reproduced, exit 0 when all reproduce and
+every hash matches, else 1 (also when a changed file keeps the re-evaluation from running: the
+table, then why).
 """
 
 from __future__ import annotations
@@ -169,25 +171,45 @@ def _prompts(manifest: dict, run: Path) -> list:
     return [by_id[i] for i in ids]
 
 
+def _hash_row(rel: str, kind: str, recorded: str, now: str | None) -> dict[str, Any]:
+    return {"path": rel, "kind": kind, "ok": now == recorded, "recorded": recorded[:16], "now": now and now[:16]}
+
+
+def _hashes(manifest: dict, run: Path) -> list[dict[str, Any]]:
+    """Every packed data file (the evaluation's own outputs too) and model, re-hashed under ``run``."""
+    rows = [_hash_row(rel, "data", h, file_sha256(run / rel) if (run / rel).is_file() else None)
+            for rel, h in manifest["data"].items()]
+    rows += [_hash_row(rel, "model", h, model_hash(str(run / rel)) if (run / rel).is_dir() else None)
+             for rel, h in manifest["models"].items()]
+    return rows
+
+
+def _numbers(recorded: dict, again: dict) -> list[dict[str, Any]]:
+    """Each headline number of each model, recorded vs reproduced, within its tolerance or not."""
+    numbers = []
+    for name in recorded["models"]:
+        for path, (atol, rtol) in TOLERANCES.items():
+            a, b = _get(recorded["models"][name], path), _get(again["models"][name], path)
+            if a is None and b is None:
+                continue
+            ok = a is not None and b is not None and abs(a - b) <= atol + rtol * abs(a)
+            numbers.append({"model": name, "metric": path, "recorded": a, "reproduced": b,
+                            "tolerance": atol + rtol * abs(a or 0.0), "ok": ok})
+    return numbers
+
+
 def verify(archive: str | Path, *, run_dir: str | Path | None = None, out_dir: str | Path | None = None,
            bf16: bool | None = None) -> dict[str, Any]:
+    """Re-hash and re-evaluate; ``passed`` only when every hash matches and every number reproduces.
+    A re-evaluation that cannot run (e.g. a prompts file that no longer parses) is reported in
+    ``error`` beside the hash table, not raised."""
     from preflab.config import EvalSection
     from preflab.evals.evaluate import evaluate
 
     manifest, results = _read(archive)
     old_run = manifest["run_dir"]
     run = Path(run_dir).resolve() if run_dir else Path(old_run)
-    hashes = []
-    for rel, h in manifest["data"].items():
-        p = run / rel
-        now = file_sha256(p) if p.is_file() else None
-        if rel.startswith("eval/"):
-            continue  # the evaluation's own outputs: compared number by number below
-        hashes.append({"path": rel, "kind": "data", "ok": now == h, "recorded": h[:16], "now": now and now[:16]})
-    for rel, h in manifest["models"].items():
-        p = run / rel
-        now = model_hash(str(p)) if p.is_dir() else None
-        hashes.append({"path": rel, "kind": "model", "ok": now == h, "recorded": h[:16], "now": now and now[:16]})
+    hashes = _hashes(manifest, run)
 
     def remap(spec: str | None) -> str | None:
         return spec.replace(old_run, str(run), 1) if spec and spec.startswith(old_run) else spec
@@ -197,21 +219,17 @@ def verify(archive: str | Path, *, run_dir: str | Path | None = None, out_dir: s
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="preflab-repro-"))
     use_bf16 = bf16 if bf16 is not None else (manifest["eval"]["bf16"] if manifest["eval"]["bf16"] is not None
                                               else EvalSection().bf16)
-    again = evaluate(models, _prompts(manifest, run), reference=results["reference"],
-                     reward_model=remap(results.get("reward_model")), out_dir=out,
-                     max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=s["seed"],
-                     bf16=use_bf16, progress=False)
-    numbers = []
-    for name in results["models"]:
-        for path, (atol, rtol) in TOLERANCES.items():
-            a, b = _get(results["models"][name], path), _get(again["models"][name], path)
-            if a is None and b is None:
-                continue
-            ok = a is not None and b is not None and abs(a - b) <= atol + rtol * abs(a)
-            numbers.append({"model": name, "metric": path, "recorded": a, "reproduced": b,
-                            "tolerance": atol + rtol * abs(a or 0.0), "ok": ok})
-    return {"passed": all(h["ok"] for h in hashes) and all(n["ok"] for n in numbers), "hashes": hashes,
-            "numbers": numbers, "out": str(out), "git": manifest.get("git")}
+    numbers, error = [], None
+    try:
+        again = evaluate(models, _prompts(manifest, run), reference=results["reference"],
+                         reward_model=remap(results.get("reward_model")), out_dir=out,
+                         max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=s["seed"],
+                         bf16=use_bf16, progress=False)
+        numbers = _numbers(results, again)
+    except PreflabError as e:
+        error = str(e)
+    return {"passed": error is None and all(h["ok"] for h in hashes) and all(n["ok"] for n in numbers),
+            "hashes": hashes, "numbers": numbers, "error": error, "out": str(out), "git": manifest.get("git")}
 
 
 @click.group("repro")
@@ -254,5 +272,7 @@ def verify_cmd(archive, run_dir, out_dir, bf16):
     for n in report["numbers"]:
         click.echo(f"{'ok  ' if n['ok'] else 'DIFF'}  {n['model']:<10} {n['metric']:<30} {n['recorded']!s:<22} "
                    f"{n['reproduced']!s:<22} (tolerance {n['tolerance']:.3g})")
+    if report["error"]:
+        click.echo(f"DIFF  the re-evaluation could not run: {report['error']}")
     click.echo(f"repro: {'REPRODUCED' if report['passed'] else 'NOT REPRODUCED'} (re-evaluation in {report['out']})")
     return 0 if report["passed"] else 1
