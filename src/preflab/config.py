@@ -335,6 +335,15 @@ class PTXSection(Section):
     max_length: int = Field(128, ge=8)
 
 
+class SelectSection(Section):
+    every: int = Field(0, ge=0, description="Score the policy on a dev split every N updates (and before the "
+                                            "first) and export the best-scoring weights (0: off, the last step).")
+    n: int = Field(64, ge=2, description="Dev prompts: the last N of the stage's prompt split, never trained on.")
+    by: Literal["panel", "reward"] = Field(
+        "panel", description="panel: the simulated labelers' win-rate of the policy against the reference model "
+                             "on the dev prompts; reward: the mean reward of dev samples.")
+
+
 class PPOOptim(OptimSection):
     lr: float = Field(3e-6, gt=0)
     eps: float = Field(1e-5, gt=0, description="Adam eps (lm-human-preferences: 1e-5).")
@@ -364,6 +373,7 @@ class PPOConfig(Section):
     ppo: PPOHyper = Field(default_factory=PPOHyper)
     kl: KLSection = Field(default_factory=KLSection)
     ptx: PTXSection = Field(default_factory=PTXSection)
+    select: SelectSection = Field(default_factory=SelectSection)
     optim: PPOOptim = Field(default_factory=PPOOptim)
     train: PPOTrain = Field(default_factory=PPOTrain)
     run: PPORun = Field(default_factory=PPORun)

@@ -70,6 +70,8 @@ POLICY_ENTROPY = "policy/entropy"
 POLICY_RATIO = "policy/ratio"
 VALUE_CLIPFRAC = "value/clipfrac"
 VALUE_EXPLAINED_VARIANCE = "value/explained_variance"  # with a critic only
+SELECT_SCORE = "select/score"  # online RL with select.every: the dev score of the policy at this step
+SELECT_BEST_STEP = "select/best_step"  # the exported step (the manifest's final metrics)
 RESPONSE_LENGTH_MEAN = "response/length_mean"
 RESPONSE_NO_EOS_FRACTION = "response/no_eos_fraction"
 

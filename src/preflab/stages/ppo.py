@@ -56,6 +56,7 @@ from preflab.rl.estimators import (
 from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
 from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
+from preflab.selection import Selection
 
 RewardFn = Callable[[Samples], torch.Tensor]
 PromptRewards = Callable[[list[dict], list[str]], list[float]]  # rewards.weighted_sum over the configured funcs
@@ -316,6 +317,11 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     if len(rows) < global_batch:
         raise DataError(f"{cfg.data.prompts}: {len(rows)} prompts (split {cfg.data.split!r}) are fewer than "
                         f"one rollout batch ({global_batch})")
+    dev_rows = rows[len(rows) - cfg.select.n:] if cfg.select.every else []
+    rows = rows[:len(rows) - len(dev_rows)]  # the dev prompts of checkpoint selection are never trained on
+    if len(rows) < global_batch:
+        raise DataError(f"{cfg.data.prompts}: {len(rows)} prompts are left for training after select.n "
+                        f"({cfg.select.n}) dev prompts; one rollout batch needs {global_batch}")
     prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in rows], cfg.data.max_prompt_tokens)
     ptx_rows = read_lm_rows(cfg.data.ptx, tokenizer, cfg.ptx.max_length) if cfg.ptx.coef > 0 else []
     if cfg.ptx.coef > 0 and not ptx_rows:
@@ -370,6 +376,20 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
         run.save_training(step, ac, optimizer, scheduler, keep=cfg.run.keep_checkpoints, **extra)
 
     ptx_batches = PtxBatches(ptx_rows, cfg.ptx.batch_size, tokenizer.pad_token_id, ptx_rng)
+    select = None
+    if dev_rows:
+        def dev_reward(s: Samples, dev: list[dict]) -> list[float]:
+            scored = score_rollout(s.to(device), ac=ac, reference=reference, reward_fn=reward_fn, cfg=cfg, kl_coef=0.0,
+                                   tokenizer=tokenizer, device=device, chunk=p.minibatch_size,
+                                   prompt_rewards=prompt_rewards if funcs else None, rows=dev)
+            return scored.scores.tolist()
+
+        ref_gen = HFGenerator(reference, tokenizer, bf16=r.bf16) if reference is not None else gen
+        select = Selection(cfg, dev_rows, encode_prompts(tokenizer, [x["prompt"] for x in dev_rows],
+                                                         cfg.data.max_prompt_tokens),
+                           gen, ref_gen, dev_reward, enabled=dist.is_main)
+        if start == 0:
+            run.log_metrics(0, {"select/score": select.offer(0, policy)})
 
     # 3-7. iterate: generate, score, advantages, update, control KL, log --------------------------
     samples_path = Path(cfg.run.out) / "samples.jsonl"
@@ -432,6 +452,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                     for i, text, score in zip(episodes, samples.texts, batch.scores.tolist()):
                         f.write(json.dumps({"step": done, "prompt_index": i, "id": rows[i].get("id"),
                                             "response": text, "score": score}) + "\n")
+            if select and (done % cfg.select.every == 0 or done == cfg.train.steps):
+                run.log_metrics(done, {"select/score": select.offer(done, policy)})
             bar.update(metrics)
             save_every = cfg.train.save_every or cfg.run.save_every
             if save_every and done % save_every == 0 and done < cfg.train.steps:
@@ -439,6 +461,10 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
 
     # 8. save the policy (and critic) as Hugging Face directories ---------------------------------
     checkpoint(cfg.train.steps)
+    if select:
+        chosen = select.finish(policy, cfg.train.steps)
+        run.log_metrics(cfg.train.steps, {"select/best_step": chosen})
+        run.log(f"ppo: exporting the policy of step {chosen} (best dev score by {cfg.select.by})")
     if critic is not None:
         loop.export(critic, tokenizer, Path(cfg.run.out) / "critic", ctx)
     out = loop.export(policy, tokenizer, Path(cfg.run.out) / "model", ctx)
