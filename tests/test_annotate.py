@@ -308,3 +308,14 @@ def test_cli_create_samples_candidates_from_a_model(tmp_path, capsys):
     assert run(["annotate", "create", "--store", str(db), "--name", "x", "--prompts",
                 str(FIXTURES / "prompts_tiny.jsonl")]) == 2
     assert "--prompts needs --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["user", "bob"], ["user", "boss", "--admin"], ["token", "bob"], ["stats"],
+                                     ["serve"]])
+def test_only_create_makes_a_store(tmp_path, capsys, command):
+    """A mistyped --store is an error, not a new empty store with a token for it (issue 27, item 9)."""
+    typo = tmp_path / "typo.sqlite"
+    assert run(["annotate", command[0], "--store", str(typo), *command[1:]]) == 2
+    out = capsys.readouterr()
+    assert f"error: {typo}: store does not exist (only `preflab annotate create` makes one" in out.err
+    assert "token" not in out.out and not typo.exists()

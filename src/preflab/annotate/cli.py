@@ -14,6 +14,13 @@ STORE = click.option("--store", "store_path", required=True, type=click.Path(dir
 PROJECT = click.option("--project", default=None, help="Project name (default: the store's only project).")
 
 
+def existing_store(path: Path) -> Path:
+    """``path`` if the store exists; only `annotate create` makes one (a mistyped --store is an error)."""
+    if not path.is_file():
+        raise PreflabError(f"{path}: store does not exist (only `preflab annotate create` makes one; check --store)")
+    return path
+
+
 @click.group()
 def annotate() -> None:
     """People rank K responses in the browser, into the preference store."""
@@ -81,7 +88,7 @@ def user(store_path: Path, name: str, admin: bool) -> None:
     from preflab.annotate.accounts import create_account
     from preflab.feedback.store import PreferenceStore
 
-    with PreferenceStore(store_path) as store:
+    with PreferenceStore(existing_store(store_path)) as store:
         token = create_account(store, name, "admin" if admin else "labeler")
     click.echo(f"{'admin' if admin else 'labeler'} {name}: token {token}")
     click.echo("give it to them privately; it is not shown again (`preflab annotate token NAME` replaces it)")
@@ -95,7 +102,7 @@ def token(store_path: Path, name: str) -> None:
     from preflab.annotate.accounts import new_token
     from preflab.feedback.store import PreferenceStore
 
-    with PreferenceStore(store_path) as store:
+    with PreferenceStore(existing_store(store_path)) as store:
         click.echo(f"{name}: token {new_token(store, name)}")
 
 
@@ -109,9 +116,7 @@ def serve(store_path: Path, project: str | None, host: str, port: int, allow_pub
     """Serve the labeling page (/) and the admin page (/admin)."""
     from preflab.annotate.server import serve as run
 
-    if not store_path.is_file():
-        raise PreflabError(f"{store_path}: store not found (create a project first: preflab annotate create)")
-    run(store_path, project, host=host, port=port, allow_public=allow_public)
+    run(existing_store(store_path), project, host=host, port=port, allow_public=allow_public)
 
 
 @annotate.command()
@@ -125,9 +130,7 @@ def stats(store_path: Path, project: str | None, json_out: Path | None) -> None:
     from preflab.annotate.stats import project_stats
     from preflab.feedback.store import PreferenceStore
 
-    if not store_path.is_file():
-        raise PreflabError(f"{store_path}: store not found")
-    with PreferenceStore(store_path) as store:
+    with PreferenceStore(existing_store(store_path)) as store:
         s = project_stats(store, load_project(store, project))
     pr = s["progress"]
     click.echo(f"project {s['project']}: {pr['done']}/{pr['tasks']} tasks done, {pr['assigned']} assigned, "
