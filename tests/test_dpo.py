@@ -149,6 +149,22 @@ def test_first_step_loss_pins_the_reference_and_beta(tmp_path, loss, beta, first
     assert rows[1]["train/loss"] != pytest.approx(first, abs=1e-4)  # it trained
 
 
+def test_nll_coef_adds_the_best_responses_nll_to_the_first_loss(tmp_path):
+    """dpo.nll_coef reaches the loss: the first step (all 8 prompts, policy == reference) is log 2
+    plus alpha x the mean over prompts of the best response's per-token NLL under the initial policy."""
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    cfg = dpo_cfg(tmp_path, data, "train.batch_prompts=8", "train.max_steps=1", "dpo.nll_coef=0.5")
+    dpo.train(cfg)
+    first = [r for r in metrics(tmp_path / "run") if "train/loss" in r][0]["train/loss"]
+    cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["train"]
+    ex = dpo.encode_ranked(models.load_tokenizer("tiny:"), rankings.read_groups(str(data)), 96)
+    nll = []
+    for e, lps in zip(ex, cache):
+        top = [i for i, r in enumerate(e.ranks) if r == min(e.ranks)]
+        nll.append(sum(-lps[i] / e.lengths[i] for i in top) / len(top))
+    assert first == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
+
+
 def test_simpo_needs_no_reference_and_its_first_loss_matches_the_formula(tmp_path, tiny):
     """SimPO at step 1: per prompt, the mean over untied pairs of
     -log sigmoid(beta * (avg logp_w - avg logp_l) - gamma), averaged over prompts, from the

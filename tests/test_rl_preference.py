@@ -127,3 +127,21 @@ def test_implicit_rewards():
     assert implicit_rewards(logps, ref, lengths, "dpo", 0.1).tolist() == pytest.approx([0.1, -0.1])
     assert implicit_rewards(logps, ref, lengths, "ipo", 0.1).tolist() == pytest.approx([0.05, -0.025])
     assert implicit_rewards(logps, None, lengths, "simpo", 2.0).tolist() == pytest.approx([-4.0, -3.0])
+
+
+def test_nll_term_adds_the_best_responses_per_token_nll():
+    """Prompt 0: best is response 1 (logp -6 over 3 tokens): NLL 2. Prompt 1: a tied top (responses
+    0 and 2: -4/2 and -9/3): NLL (2 + 3) / 2 = 2.5; its padded response never counts."""
+    logps = torch.tensor([[-4.0, -6.0, -9.0], [-4.0, -1.0, -9.0]])
+    ref = torch.tensor([[-5.0, -5.0, -5.0], [-5.0, -5.0, -5.0]])
+    lengths = torch.tensor([[2, 3, 3], [2, 1, 3]])
+    ranks = torch.tensor([[1, 0, 2], [0, 1, 0]])
+    valid = torch.tensor([[1, 1, 1], [1, 1, 1]])
+    base = preference_loss(logps, ref, lengths, ranks, valid, loss="dpo", beta=0.1)
+    with_nll = preference_loss(logps, ref, lengths, ranks, valid, loss="dpo", beta=0.1, nll_coef=0.5)
+    assert float(with_nll.total - base.total) == pytest.approx(0.5 * (2.0 + 2.5))
+    padded = preference_loss(logps, ref, lengths, torch.tensor([[1, 0, 2], [0, 1, 0]]),
+                             torch.tensor([[1, 1, 1], [0, 1, 1]]), loss="dpo", beta=0.1, nll_coef=1.0)
+    no_nll = preference_loss(logps, ref, lengths, torch.tensor([[1, 0, 2], [0, 1, 0]]),
+                             torch.tensor([[1, 1, 1], [0, 1, 1]]), loss="dpo", beta=0.1)
+    assert float(padded.total - no_nll.total) == pytest.approx(2.0 + 3.0)  # prompt 1's top is response 2 alone

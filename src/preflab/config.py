@@ -641,6 +641,9 @@ class DPOLoss(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="cdpo only: probability that a label is flipped.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo only: target margin gamma (the paper's, not TRL's "
                                                       "gamma/beta ratio).")
+    nll_coef: float = Field(0.0, ge=0, description="alpha of DPO + NLL (RPO): adds alpha x the per-token NLL of "
+                                                   "each prompt's best-ranked response, so preferred answers keep "
+                                                   "their likelihood (0: off).")
 
     def resolved_beta(self) -> float:
         return self.beta if self.beta is not None else (2.0 if self.loss == "simpo" else 0.1)

@@ -123,7 +123,7 @@ class PreferenceParts(NamedTuple):
 
 def preference_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, lengths: torch.Tensor,
                     ranks: torch.Tensor, valid: torch.Tensor, *, loss: str, beta: float,
-                    label_smoothing: float = 0.0, simpo_gamma: float = 0.0) -> PreferenceParts:
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.0, nll_coef: float = 0.0) -> PreferenceParts:
     """All untied pairs of each prompt, one batch element per prompt.
 
     Args:
@@ -132,6 +132,9 @@ def preference_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, lengths
         lengths: (P, K) response token counts.
         ranks, valid: (P, K) ranks (0 best) and the mask of real responses.
         loss: one of ``LOSSES``; ``label_smoothing`` is cDPO's eps; ``simpo_gamma`` SimPO's margin.
+        nll_coef: alpha of "DPO + NLL" (RPO, Pang et al. 2024): each prompt's loss gains alpha times the
+            per-token negative log-likelihood of its best-ranked response (the mean over a tied top),
+            which keeps the likelihood of preferred answers from falling as the margin grows.
     Returns:
         ``PreferenceParts``; ``total`` sums, over prompts, the mean loss of the prompt's pairs.
     """
@@ -155,6 +158,11 @@ def preference_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, lengths
             per_pair = dpo_loss(ratio[:, :, None], ratio[:, None, :], beta, eps)
     n_pairs = mask.sum((1, 2))  # (P,)
     per_prompt = torch.where(mask, per_pair, per_pair.new_zeros(())).sum((1, 2)) / n_pairs.clamp(min=1)
+    if nll_coef:
+        v = valid.bool()
+        top = v & (ranks == ranks.masked_fill(~v, torch.iinfo(ranks.dtype).max).min(1, keepdim=True).values)
+        nll = -(torch.where(top, logps / n, logps.new_zeros(())).sum(1) / top.sum(1).clamp(min=1))
+        per_prompt = per_prompt + nll_coef * torch.where(n_pairs > 0, nll, nll.new_zeros(()))
     with torch.no_grad():
         r = implicit_rewards(logps.detach(), None if ref_logps is None else ref_logps.float(), lengths, loss, beta)
         p, w, lo = mask.nonzero(as_tuple=True)

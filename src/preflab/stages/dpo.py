@@ -329,7 +329,8 @@ def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfi
     return preference_loss(pad_rewards(flat.float(), valid), ref,
                            pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
                            batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
-                           label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma)
+                           label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
+                           nll_coef=cfg.dpo.nll_coef)
 
 
 def train(cfg: DPOConfig, resume: bool = False) -> Path:
