@@ -102,9 +102,9 @@ def test_shuffled_display_maps_back_to_candidates(proj):
     # the labeler puts display 2 first, ties 0 and 3, display 1 last; scores and flags by display position
     body = {"order": [[2], [0, 3], [1]], "scores": [5, 1, 7, None], "flags": [[], ["hallucination"], [], []],
             "note": "close call", "time_s": 12.5}
-    rid, dup = tasks.submit(store, project, "alice", t["task_id"], body)
+    rid, dup, updated = tasks.submit(store, project, "alice", t["task_id"], body)
     (r,) = store.rankings(labeler="alice")
-    assert (r.id, dup) == (rid, False)
+    assert (r.id, dup, updated) == (rid, False, False)
     assert [r.candidates[i] for i in r.order[0]] == [t["responses"][2]]
     assert sorted(r.candidates[i] for i in r.order[1]) == sorted([t["responses"][0], t["responses"][3]])
     assert [r.candidates[i] for i in r.order[2]] == [t["responses"][1]]
@@ -118,10 +118,29 @@ def test_double_submit_is_idempotent(proj):
     t = tasks.next_task(store, project, "alice")
     body = {"order": [[0], [1], [2], [3]]}
     first = tasks.submit(store, project, "alice", t["task_id"], body)
-    assert tasks.submit(store, project, "alice", t["task_id"], body) == (first[0], True)
+    assert tasks.submit(store, project, "alice", t["task_id"], body) == (first[0], True, False)
     with pytest.raises(Invalid) as e:
         tasks.submit(store, project, "alice", t["task_id"], {"order": [[3], [2], [1], [0]]})
     assert (e.value.status, e.value.field) == (409, "task_id")
+    assert store.counts()["rankings"] == 1
+
+
+def test_a_corrected_submission_updates_scores_flags_and_note(proj):
+    """The same order with new scores, flags or note replaces them (issue 27, item 10)."""
+    store, project, _ = proj
+    t = tasks.next_task(store, project, "alice")
+    first = tasks.submit(store, project, "alice", t["task_id"],
+                         {"order": [[0], [1], [2], [3]], "scores": [7, 5, 3, 1], "note": "first", "time_s": 4.0})
+    fixed = {"order": [[0], [1], [2], [3]], "scores": [6, 5, 3, 1], "flags": [[], [], ["hallucination"], []],
+             "note": "second thoughts", "time_s": 9.0}
+    assert tasks.submit(store, project, "alice", t["task_id"], fixed) == (first.ranking_id, True, True)
+    (r,) = store.rankings(labeler="alice")
+    perm = r.meta["display"]  # display position d showed task position perm[d]
+    assert [r.meta["scores"][perm[d]] for d in range(4)] == [6, 5, 3, 1]
+    assert r.meta["response_flags"][perm[2]] == ["hallucination"] and r.flags == ["hallucination"]
+    assert (r.meta["note"], r.time_s) == ("second thoughts", 4.0) and r.meta["updated_at"]
+    assert r.meta["task_id"] == t["task_id"] and r.meta["project"] == "demo"  # the rest of meta kept
+    assert tasks.submit(store, project, "alice", t["task_id"], fixed) == (first.ranking_id, True, False)
     assert store.counts()["rankings"] == 1
 
 

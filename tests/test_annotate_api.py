@@ -131,7 +131,8 @@ def test_task_ownership_body_limits_and_idempotency(app):
     assert counts(path) == before
     first = client.post(url, headers=auth(tokens["alice"]), json=RANKED).json()
     again = client.post(url, headers=auth(tokens["alice"]), json=RANKED).json()
-    assert first == {"ranking_id": again["ranking_id"], "duplicate": False} and again["duplicate"] is True
+    assert first == {"ranking_id": again["ranking_id"], "duplicate": False, "updated": False}
+    assert again == {**first, "duplicate": True}
     r = client.post(url, headers=auth(tokens["alice"]), json={"order": [[3], [2], [1], [0]]})
     assert (r.status_code, r.json()["field"]) == (409, "task_id")
     assert counts(path)["rankings"] == before["rankings"] + 1
@@ -173,3 +174,37 @@ def test_admin_adjudicates_over_http(app):
     assert ok.status_code == 200 and isinstance(ok.json()["ranking_id"], int)
     assert client.post(url, headers=auth(tokens["alice"]), json={}).status_code == 403
     assert client.get("/api/admin/stats", headers=boss).json()["progress"]["adjudicated"] == 1
+
+
+
+def test_a_correction_over_http_answers_updated(app):
+    """Issue 27, item 10: the same order with a new note and scores updates the stored ranking."""
+    client, tokens, path = app
+    t = client.get("/api/task", headers=auth(tokens["alice"])).json()["task"]
+    url = f"/api/tasks/{t['task_id']}/submit"
+    first = client.post(url, headers=auth(tokens["alice"]), json={**RANKED, "note": "B looks copied"}).json()
+    fixed = client.post(url, headers=auth(tokens["alice"]),
+                        json={**RANKED, "scores": [7, 5, 2, 1], "note": "B is copied from A"}).json()
+    assert fixed == {"ranking_id": first["ranking_id"], "duplicate": True, "updated": True}
+    with PreferenceStore(path) as s:
+        (r,) = s.rankings(labeler="alice")
+    assert r.meta["note"] == "B is copied from A" and sorted(r.meta["scores"]) == [1, 2, 5, 7]
+
+
+def test_notes_reach_the_admin_api_only(app):
+    """Issue 27, item 11: every note with its labeler, task and prompt in the admin API; a labeler
+    sees none of another's."""
+    client, tokens, _ = app
+    noted = {}
+    for name, note in (("alice", "B is copied from A"), ("bob", ""), ("carol", "all four are fine")):
+        t = client.get("/api/task", headers=auth(tokens[name])).json()["task"]
+        r = client.post(f"/api/tasks/{t['task_id']}/submit", headers=auth(tokens[name]), json={**RANKED, "note": note})
+        assert r.status_code == 200, r.text
+        noted[name] = t
+    stats = client.get("/api/admin/stats", headers=auth(tokens["boss"])).json()
+    assert stats["progress"]["notes"] == 2
+    assert [(n["labeler"], n["task_id"], n["prompt"], n["note"]) for n in stats["notes"]] == [
+        ("carol", noted["carol"]["task_id"], noted["carol"]["prompt"], "all four are fine"),  # newest first
+        ("alice", noted["alice"]["task_id"], noted["alice"]["prompt"], "B is copied from A")]
+    assert client.get("/api/admin/stats", headers=auth(tokens["alice"])).status_code == 403
+    assert "copied" not in json.dumps(client.get("/api/task", headers=auth(tokens["bob"])).json())

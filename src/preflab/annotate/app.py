@@ -183,8 +183,8 @@ def create_app(store_path: str | Path, project_name: str | None = None) -> FastA
         acc = await user(request)
         tid = _task_id(task_id)
         body = await _json_body(request)
-        rid, dup = await run_in_threadpool(lambda: tasks.submit(store(), project, acc.name, tid, body))
-        return {"ranking_id": rid, "duplicate": dup}
+        done = await run_in_threadpool(lambda: tasks.submit(store(), project, acc.name, tid, body))
+        return done._asdict()  # {"ranking_id", "duplicate", "updated"}
 
     @app.post("/api/tasks/{task_id}/skip")
     async def skip(request: Request, task_id: str) -> dict[str, Any]:

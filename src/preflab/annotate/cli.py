@@ -143,6 +143,7 @@ def stats(store_path: Path, project: str | None, json_out: Path | None) -> None:
                    f"{_f(row['gold_accuracy'])}, flag recall {_f(row['gold_flag_recall'])}, agreement with others "
                    f"{_f(row['agreement_with_others'])}")
     click.echo(f"disagreement queue: {len(s['disagreements'])}")
+    click.echo(f"notes: {pr['notes']} (the newest on the admin page and in --json)")
     if json_out is not None:
         from preflab.data.jsonl import atomic_write_text
 

@@ -1,4 +1,5 @@
-"""The admin page's numbers: progress, throughput, gold accuracy, agreement, disagreements.
+"""The admin page's numbers: progress, throughput, gold accuracy, agreement, disagreements, and
+the labelers' notes.
 
 Agreement comes from ``preflab.feedback.labelers.agreement_summary`` (the agreement module's
 pairwise agreement, Krippendorff's alpha, leave-one-out majority), per slice and overall.
@@ -160,6 +161,14 @@ def _disagreements(store: PreferenceStore, project: Project, groups: dict, gold:
     return out[:limit]
 
 
+def _notes(rankings: list, limit: int = 100) -> list[dict[str, Any]]:
+    """The labelers' notes (the labeling page's note box), newest first: for admins only."""
+    noted = sorted((r for r in rankings if (r.meta or {}).get("note")), key=lambda r: r.id, reverse=True)
+    return [{"ranking_id": r.id, "task_id": r.meta.get("task_id"), "labeler": r.labeler, "prompt_id": r.prompt_id,
+             "prompt": r.prompt, "note": r.meta["note"], "created_at": r.created_at,
+             "updated_at": r.meta.get("updated_at")} for r in noted[:limit]]
+
+
 def project_stats(store: PreferenceStore, project: Project) -> dict[str, Any]:
     """Everything the admin page shows, JSON-ready (NaN as None)."""
     rankings = project_rankings(store, project)
@@ -178,12 +187,14 @@ def project_stats(store: PreferenceStore, project: Project) -> dict[str, Any]:
         "project": project.name, "k": project.k, "split": project.split, "as_of": now(),
         "progress": {**counts, "tasks": sum(counts.values()), "skipped": sum(skips.values()),
                      "rankings": len(rankings), "gold_items": len(gold),
-                     "adjudicated": sum(1 for r in rankings if r.labeler.startswith(ADJUDICATOR))},
+                     "adjudicated": sum(1 for r in rankings if r.labeler.startswith(ADJUDICATOR)),
+                     "notes": sum(1 for r in rankings if (r.meta or {}).get("note"))},
         "throughput": {"last_hour": sum(1 for t in stamps if t >= hour_ago),
                        "per_hour": len(stamps) / span_h if span_h >= 1 / 60 else None},  # >= 1 minute
         "labelers": _labeler_rows(rankings, groups, gold, skips),
         "agreement": _by_slice(store, groups),
         "disagreements": _disagreements(store, project, groups, gold),
+        "notes": _notes(rankings),
     })
 
 

@@ -3,20 +3,32 @@
 Candidates are shown in an order shuffled per (labeler, task), so position bias spreads
 over candidates; submissions come back in display positions and are mapped to the task's
 candidate order before they reach the store. ``submit`` is idempotent: sending the same
-ranking of a task again returns the stored ranking's id and writes nothing.
+ranking of a task again returns the stored ranking's id and writes nothing; the same order with
+other scores, flags or note is a correction, written over the stored ones (``updated``); another
+order is refused (409).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Any
+import sqlite3
+from typing import Any, NamedTuple
 
 from preflab.annotate.db import now
 from preflab.annotate.project import Project
 from preflab.annotate.validate import Invalid, parse_submission
 from preflab.feedback.labelers import stable_seed
 from preflab.feedback.store import PreferenceStore
+
+
+class Submitted(NamedTuple):
+    """What ``submit`` did: the ranking's id; ``duplicate``: the task's ranking was stored before (no
+    new ranking); ``updated``: this submission changed that ranking's scores, flags or note."""
+
+    ranking_id: int
+    duplicate: bool
+    updated: bool = False
 
 
 def display_order(project: Project, labeler: str, task_id: int, k: int) -> list[int]:
@@ -63,8 +75,9 @@ def _own_task(store: PreferenceStore, project: Project, labeler: str, task_id: i
     return rows[0]
 
 
-def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int, body: Any) -> tuple[int, bool]:
-    """Store the labeler's ranking of a task; return (ranking id, True if it was already stored).
+def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int, body: Any) -> Submitted:
+    """Store the labeler's ranking of a task (see ``Submitted``). A task already submitted takes the
+    same order again, with its scores, flags and note replacing the stored ones (``_resubmit``).
 
     Raises Invalid (nothing written) for an unknown task (404), another labeler's task (403),
     a different ranking of a task already submitted (409), or a bad body (400/422).
@@ -78,19 +91,32 @@ def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int,
     flags: list[list[str]] = [[] for _ in range(k)]
     for d, p in enumerate(perm):
         scores[p], flags[p] = sub.scores[d], sub.flags[d]
+    answers = {"scores": scores, "response_flags": flags, "note": sub.note}
+    union = sorted({f for fl in flags for f in fl})
     with store.transaction() as c:
         row = c.execute("SELECT status, labeler, ranking_id FROM queue WHERE id = ?", (task_id,)).fetchone()
         if row["labeler"] != labeler:
             raise Invalid("task_id", f"task {task_id} is not assigned to you", 403)
         if row["status"] == "done":
-            got = c.execute('SELECT "order" FROM rankings WHERE id = ?', (row["ranking_id"],)).fetchone()
-            if json.loads(got[0]) != order:
-                raise Invalid("task_id", f"task {task_id} was already submitted with a different ranking", 409)
-            return int(row["ranking_id"]), True
-        meta = {"project": project.name, "source": "annotate", "scores": scores, "response_flags": flags,
-                "note": sub.note, "display": perm}
-        union = sorted({f for fl in flags for f in fl})
-        return store.complete(task_id, order, labeler, time_s=sub.time_s, flags=union, meta=meta), False
+            return _resubmit(c, task_id, int(row["ranking_id"]), order, answers, union)
+        meta = {"project": project.name, "source": "annotate", **answers, "display": perm}
+        return Submitted(store.complete(task_id, order, labeler, time_s=sub.time_s, flags=union, meta=meta), False)
+
+
+def _resubmit(c: sqlite3.Connection, task_id: int, ranking_id: int, order: list[list[int]],
+              answers: dict[str, Any], flags: list[str]) -> Submitted:
+    """A submitted task sent again: the same order with the same answers writes nothing; with other
+    scores, flags or note it updates the stored ranking (its time_s stays the first submission's,
+    ``meta.updated_at`` says when); another order is 409."""
+    got = c.execute('SELECT "order", meta FROM rankings WHERE id = ?', (ranking_id,)).fetchone()
+    if json.loads(got["order"]) != order:
+        raise Invalid("task_id", f"task {task_id} was already submitted with a different ranking", 409)
+    meta = json.loads(got["meta"])
+    if all(meta.get(key) == value for key, value in answers.items()):
+        return Submitted(ranking_id, True)
+    meta.update(answers, updated_at=now())
+    c.execute("UPDATE rankings SET flags = ?, meta = ? WHERE id = ?", (json.dumps(flags), json.dumps(meta), ranking_id))
+    return Submitted(ranking_id, True, True)
 
 
 def skip(store: PreferenceStore, project: Project, labeler: str, task_id: int) -> None:

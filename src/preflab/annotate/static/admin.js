@@ -1,4 +1,4 @@
-// The admin page: progress, per-labeler numbers, agreement per slice, adjudication. Refreshes every 5 s.
+// The admin page: progress, per-labeler numbers, agreement per slice, adjudication, notes. Refreshes every 5 s.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const fmt = (v, digits = 3) => (v === null || v === undefined ? "-" : (Number.isInteger(v) ? String(v) : v.toFixed(digits)));
@@ -83,6 +83,9 @@ async function load() {
   $("agreement").tBodies[0].replaceChildren(...Object.entries(s.agreement).map(([name, a]) => row([
     name, a.groups ?? 0, fmt(a.pairwise), a.pairs ?? 0, fmt(a.krippendorff_alpha), fmt(a.loo_majority)],
     `slice-${name}`)));
+  $("p-notes").textContent = pr.notes;
+  $("notes").tBodies[0].replaceChildren(...s.notes.map((n) => row([n.labeler, n.task_id, n.prompt, n.note],
+    `note-${n.ranking_id}`)));
   $("disagreements").replaceChildren(...(s.disagreements.length ? s.disagreements.map(disagreement)
     : [document.createTextNode("Nothing to adjudicate.")]));
 }

@@ -90,7 +90,7 @@ async function submit() {
                 note: $("note").value, time_s: Math.round(performance.now() - state.t0) / 1000};
   try {
     const r = await api(`/api/tasks/${task.task_id}/submit`, body);
-    say(`Saved task ${task.task_id} (ranking ${r.ranking_id}).`);
+    say(`${r.updated ? "Updated" : "Saved"} task ${task.task_id} (ranking ${r.ranking_id}).`);
     me.done += r.duplicate ? 0 : 1;
     $("done-count").textContent = me.done;
     await next();
