@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+try:  # one place for the version: pyproject.toml, as installed
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("preflab")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 _CONFIGS = ("SFTConfig", "RMConfig", "PPOConfig", "PipelineConfig", "load_config")
 __all__ = ["STAGES", "__version__", "run_pipeline", "train", *_CONFIGS]

@@ -72,7 +72,8 @@ class ModelSection(Section):
         "fp32", description="Weight dtype. Keep fp32 for training: bf16 autocast does the speed-up."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present, else CPU.")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: auto, one per core that "
+                                                        "other processes leave free, checked at each stage's start).")
     lora: LoraSection = Field(default_factory=LoraSection)
 
 
@@ -485,7 +486,9 @@ class PipelineConfig(Section):
     """
 
     base_model: str = Field("bundled:smollm2-135m-instruct", description="The pretrained policy to post-train.")
-    threads: int | None = Field(None, ge=1, description="torch threads for every stage.")
+    threads: int | None = Field(None, ge=1, description="torch threads for every stage (None: auto, one per core "
+                                                        "that other processes leave free, checked at each step's "
+                                                        "start, with a warning when the machine is busy).")
     seed: int = 0
     keep_checkpoints: bool = Field(False, description="Keep each training stage's checkpoints after it has finished "
                                                       "and exported its model (the demo's hold ~9 GiB of optimizer "

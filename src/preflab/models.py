@@ -256,13 +256,54 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads (None: keep torch's default) and tune the allocator for training."""
+    """Set torch's intra-op threads (None: one per core that other processes leave free,
+    ``free_cores``) and tune the allocator for training."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or free_cores())
     bound_primitive_cache()
     keep_large_blocks()
+
+
+def busy_cores_of_others(window: float = 0.1) -> float:
+    """Cores' worth of CPU time other processes used over ``window`` seconds (/proc/stat's busy
+    time minus this process's own); 0.0 where /proc is not there."""
+    def total_busy() -> float:
+        with open("/proc/stat") as f:
+            v = [float(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - (v[4] if len(v) > 4 else 0.0)  # everything but idle and iowait
+
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        b0, s0 = total_busy(), sum(os.times()[:2])
+        time.sleep(window)
+        b1, s1 = total_busy(), sum(os.times()[:2])
+    except (OSError, ValueError):
+        return 0.0
+    return max(0.0, ((b1 - b0) / hz - (s1 - s0)) / window)
+
+
+_WARNED_BUSY = False
+
+
+def free_cores() -> int:
+    """This process's cores (its CPU affinity, capped by OMP_NUM_THREADS when set) less those other
+    processes keep busy, at least 1.
+    OpenMP threads spin at every barrier, so two processes each running a thread per core make
+    each about 10x slower: with the machine shared, fewer threads finish sooner. Warns once."""
+    global _WARNED_BUSY
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or test runner's) own cap
+        cores = max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
+    if cores == 1:
+        return 1
+    busy = busy_cores_of_others()
+    free = max(1, min(cores, round(cores - busy)))
+    if free < cores and not _WARNED_BUSY:
+        _WARNED_BUSY = True
+        click.secho(f"warning: other processes keep {busy:.1f} of this machine's {cores} cores busy; using {free} "
+                    f"thread{'s' if free > 1 else ''} (set threads: N to choose)", fg="yellow", err=True)
+    return free
 
 
 PRIMITIVE_CACHE = 64  # oneDNN's default is 1024

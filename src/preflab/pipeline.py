@@ -348,6 +348,7 @@ class Pipeline:
                     click.secho(f"[pipeline] {step}: done already", fg="bright_black", err=True)
                 continue
             click.secho(f"[pipeline] {step} ...", fg="cyan", bold=True, err=True)
+            models.set_threads(self.cfg.threads)  # auto (None): the cores free now, step by step
             t0 = time.perf_counter()
             if step.startswith(("round-", "final/")):
                 self.rounds.run_step(step)
