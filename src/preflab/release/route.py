@@ -670,11 +670,16 @@ def _content(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# The feedback rows of one exchange that its labeling task is for: the negative ones not yet linked
+# (a thumbs-up of the same exchange, before or after, is never linked to the task).
+UNLINKED_NEGATIVE = "WHERE exchange_id = ? AND negative = 1 AND task_id IS NULL"
+
+
 class FeedbackWorker:
     """Turns thumbs-down and flagged exchanges into tasks of the labeling app's ``feedback`` project:
     K=2 candidates, the logged response and a fresh one from the incumbent. Owns its own
-    PreferenceStore (a connection per thread); a task and the mark on its feedback rows are one
-    transaction."""
+    PreferenceStore (a connection per thread); a task and the mark on its negative feedback rows
+    are one transaction."""
 
     def __init__(self, cfg: RouteConfig, router: Router):
         self.cfg, self.router = cfg, router
@@ -743,7 +748,7 @@ class FeedbackWorker:
             if c.execute("SELECT 1 FROM route_feedback WHERE exchange_id = ? AND task_id IS NOT NULL",
                          (exchange_id,)).fetchone():
                 c.execute("UPDATE route_feedback SET task_id = (SELECT MAX(task_id) FROM route_feedback WHERE "
-                          "exchange_id = ?) WHERE exchange_id = ? AND task_id IS NULL", (exchange_id, exchange_id))
+                          f"exchange_id = ?) {UNLINKED_NEGATIVE}", (exchange_id, exchange_id))
                 return False
             pid = store.add_prompts([Prompt(text=text, uid=f"route:{exchange_id}",
                                             meta={"route_exchange": exchange_id, "messages": messages})],
@@ -753,8 +758,7 @@ class FeedbackWorker:
             c.execute("UPDATE candidates SET model = ? WHERE id = ?", (ex["backend"], cids[0]))
             c.execute("UPDATE candidates SET model = ? WHERE id = ?", (alt[1], cids[1]))
             task = store.enqueue(project["queue"], pid, cids)[0]
-            c.execute("UPDATE route_feedback SET task_id = ? WHERE exchange_id = ? AND task_id IS NULL",
-                      (task, exchange_id))
+            c.execute(f"UPDATE route_feedback SET task_id = ? {UNLINKED_NEGATIVE}", (task, exchange_id))
         return True
 
 
