@@ -85,6 +85,16 @@ def test_seed_makes_sampling_repeatable(client):
     (json.dumps({"model": "gpt-9", "messages": MSG}).encode(), 404, "model_not_found", "model"),
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 500}]}).encode(), 400,
      "context_length_exceeded", "messages"),
+    # a client's bad value is a 400, never a 500 (which a router would count against the model)
+    (json.dumps({"model": "tiny", "messages": MSG, "seed": 2 ** 64}).encode(), 400, "invalid_value", "seed"),
+    (json.dumps({"model": "tiny", "messages": MSG, "seed": -2 ** 63 - 1}).encode(), 400, "invalid_value", "seed"),
+    (json.dumps({"model": "tiny", "messages": MSG, "stream": "yes"}).encode(), 400, "invalid_value", "stream"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "invalid_value", "messages.0.content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "invalid_json", None),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None, id="deeply-nested"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "invalid_json", None),
 ])
 def test_bad_requests_get_openai_errors(client, body, status, code, param):
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -92,6 +102,69 @@ def test_bad_requests_get_openai_errors(client, body, status, code, param):
     err = r.json()["error"]
     assert err["code"] == code and err["param"] == param and err["message"]
     assert err["type"] == "invalid_request_error"
+
+
+def test_openai_list_content_is_the_same_prompt(client):
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi."}]
+    req = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    listed = client.post("/v1/chat/completions", json={**req, "messages": [{"role": "user", "content": parts}]})
+    joined = client.post("/v1/chat/completions", json={**req, "messages": [{"role": "user", "content": "Say\nhi."}]})
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["choices"] == joined.json()["choices"]
+    assert listed.json()["usage"] == joined.json()["usage"]
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(local):
+    """A declared 50 MB body is refused from its header (nothing sent); a chunked one at the limit."""
+    import socket
+
+    from preflab.release.fake import ThreadServer
+
+    with ThreadServer(build_app(local, max_body=1000)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 50000000\r\n\r\n")
+            head = sock.recv(65536).decode()  # answered without a byte of the body
+        assert head.startswith("HTTP/1.1 413") and '"code":"body_too_large"' in head
+    c = TestClient(build_app(local, max_body=1000))
+    r = c.post("/v1/chat/completions", content=(b" " * 400 for _ in range(3)),  # no Content-Length
+               headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    ok = {"model": "tiny", "messages": MSG, "max_tokens": 1}
+    assert c.post("/v1/chat/completions", json=ok).status_code == 200
+
+
+def test_tokenizing_does_not_block_health():
+    """A request whose prompt takes long to tokenize: /health still answers at once."""
+    import threading
+    import time
+
+    import httpx
+
+    from preflab.release.fake import ThreadServer
+
+    class SlowTokenizer:
+        name, version, max_new_tokens = "slow", "v0", 4
+
+        def encode(self, messages):
+            time.sleep(1.5)
+            return [1]
+
+        def complete(self, ids, **kw):
+            from preflab.release.serve import Completion
+
+            return Completion("ok", "stop", 1, 1, ["ok"])
+
+    with ThreadServer(build_app(SlowTokenizer())) as server:
+        req = {"model": "slow", "messages": MSG}
+        slow = threading.Thread(target=httpx.post, args=(server.url + "/v1/chat/completions",),
+                                kwargs={"json": req, "timeout": 10})
+        slow.start()
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert time.perf_counter() - t0 < 0.5
+        slow.join()
 
 
 def test_bearer_token(local):

@@ -1,4 +1,5 @@
-"""What the release commands share: OpenAI-style errors, the loopback rule, hashes of models."""
+"""What the release commands share: OpenAI-style errors and request bodies, the loopback rule, hashes of
+models."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ValidationError
 
 from preflab.errors import PreflabError
+from preflab.http_body import BodyError, read_json
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -40,6 +44,41 @@ def error_response(status: int, message: str, **kw: Any):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(error_body(message, **kw), status_code=status)
+
+
+async def body_error_response(_request, e: BodyError):
+    """The exception handler that answers a refused body (``http_body.BodyError``) as an OpenAI error."""
+    return error_response(e.status, e.message, code=e.code)
+
+
+async def json_object(request, limit: int) -> dict[str, Any]:
+    """The request's body as a JSON object of at most ``limit`` bytes; ``BodyError`` otherwise."""
+    body = await read_json(request, limit)
+    if not isinstance(body, dict):
+        raise BodyError(400, "invalid_json", "the body must be a JSON object")
+    return body
+
+
+def content_text(content: Any) -> str:
+    """A chat message's content as text: a string, or OpenAI's list of content parts, whose text parts
+    (``{"type": "text", "text": ...}``) are joined by newlines as vLLM joins them. ``ValueError`` for
+    anything else (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+
+
+TextContent = Annotated[str, BeforeValidator(content_text)]  # a message's content field, as text
+
+
+def validation_message(err: ValidationError) -> tuple[str, str | None]:
+    """The first error of a request's validation, in words, and the field it names (OpenAI's ``param``)."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    return f"{loc}: {e['msg']}" if loc else e["msg"], loc or None
 
 
 def bearer_ok(header: str | None, token: str | None) -> bool:

@@ -3,13 +3,15 @@
 Endpoints: ``POST /v1/chat/completions`` (``stream: true`` answers with server-sent events,
 ``data: {chunk}`` lines ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
 Sampling is preflab's own (``rollout.HFGenerator`` over the chat template of
-``data.chat.render_prompt``); one request samples at a time (a lock), in a worker thread, so
-the event loop keeps answering ``/health`` while a response is sampled. The stream sends the
-response token by token once it is sampled (the engine has no per-step callback).
+``data.chat.render_prompt``); one request samples at a time (a lock). Tokenizing and sampling run
+in worker threads, so the event loop keeps answering ``/health`` while a request is served. The
+stream sends the response token by token once it is sampled (the engine has no per-step callback).
 
-Errors are OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 400 for bad JSON,
-wrong types and a prompt longer than ``--max-prompt-tokens``, 401 without the bearer token (when
-one is set), 404 for a model name this server does not serve. The server binds 127.0.0.1 unless
+Errors are OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 413 for a body
+over ``--max-body-bytes`` (refused before it is read), 400 for bad JSON (``invalid_json``: NaN and
+deep nesting too, see ``preflab.http_body``), a field of the wrong type or out of range
+(``invalid_value``) and a prompt longer than ``--max-prompt-tokens``, 401 without the bearer token
+(when one is set), 404 for a model name this server does not serve. The server binds 127.0.0.1 unless
 ``--allow-public`` is given. On GPUs, vLLM's own server (``vllm serve MODEL_DIR``) speaks the same
 API and stands in for this one (docs/release.md).
 """
@@ -24,14 +26,26 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 try:
     from fastapi import Request
 except ModuleNotFoundError as e:  # the extra is missing: say which one
     raise ModuleNotFoundError(f"{e}; install the server extra: pip install 'preflab[annotate]'") from None
 
-from preflab.release.common import bearer_ok, check_bind, error_response, model_hash
+from preflab.http_body import BodyError
+from preflab.release.common import (
+    TextContent,
+    bearer_ok,
+    body_error_response,
+    check_bind,
+    error_response,
+    json_object,
+    model_hash,
+    validation_message,
+)
+
+MAX_BODY = 1 << 20  # bytes of one request body (--max-body-bytes)
 
 # ---------------------------------------------------------------------------------------------
 # Request schema
@@ -41,7 +55,7 @@ from preflab.release.common import bearer_ok, check_bind, error_response, model_
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: TextContent  # a string or OpenAI's list of text parts
 
 
 class ChatRequest(BaseModel):
@@ -55,15 +69,9 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    seed: int | None = None
+    stream: StrictBool = False
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1)  # what torch.manual_seed takes
     user: str | None = None
-
-
-def validation_message(err: ValidationError) -> tuple[str, str | None]:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    return f"{loc}: {e['msg']}" if loc else e["msg"], loc or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +141,16 @@ class LocalModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_app(model: LocalModel, *, token: str | None = None):
-    """The FastAPI app serving ``model`` (anything with ``name``, ``version``, ``encode``, ``complete``)."""
+def build_app(model: LocalModel, *, token: str | None = None, max_body: int = MAX_BODY):
+    """The FastAPI app serving ``model`` (anything with ``name``, ``version``, ``encode``, ``complete``);
+    request bodies of at most ``max_body`` bytes."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="preflab serve", docs_url=None, redoc_url=None)
     app.state.requests = 0
+    app.add_exception_handler(BodyError, body_error_response)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -160,13 +170,7 @@ def build_app(model: LocalModel, *, token: str | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the body is not valid JSON ({e})", code="invalid_json")
-        if not isinstance(body, dict):
-            return error_response(400, "the body must be a JSON object", code="invalid_json")
+        body = await json_object(request, max_body)
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as e:
@@ -176,7 +180,7 @@ def build_app(model: LocalModel, *, token: str | None = None):
             return error_response(404, f"the model {req.model!r} does not exist here; this server serves "
                                        f"{model.name!r}", param="model", code="model_not_found")
         try:
-            ids = model.encode([m.model_dump() for m in req.messages])
+            ids = await run_in_threadpool(model.encode, [m.model_dump() for m in req.messages])
         except PromptTooLong as e:
             return error_response(400, str(e), param="messages", code="context_length_exceeded")
         app.state.requests += 1
@@ -231,9 +235,12 @@ def sse_chunks(cid: str, created: int, name: str, done: Completion, usage: dict[
 @click.option("--max-prompt-tokens", default=2048, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1),
               help="Upper bound on a request's max_tokens (and its default).")
+@click.option("--max-body-bytes", default=MAX_BODY, show_default=True, type=click.IntRange(1),
+              help="Larger request bodies get 413 before they are read.")
 @click.option("--bf16/--no-bf16", default=False, show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1))
-def cli(model_spec, name, host, port, allow_public, token, max_prompt_tokens, max_new_tokens, bf16, threads):
+def cli(model_spec, name, host, port, allow_public, token, max_prompt_tokens, max_new_tokens, max_body_bytes, bf16,
+        threads):
     """Serve one model behind an OpenAI-compatible API: /v1/chat/completions (streaming too),
     /v1/models, /health.
 
@@ -255,4 +262,4 @@ def cli(model_spec, name, host, port, allow_public, token, max_prompt_tokens, ma
     local = LocalModel(spec, name=name or model_spec, bf16=bf16, max_prompt_tokens=max_prompt_tokens,
                        max_new_tokens=max_new_tokens)
     click.echo(f"serving {local.name!r} (version {local.version}) on http://{host}:{port}", err=True)
-    uvicorn.run(build_app(local, token=token), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(local, token=token, max_body=max_body_bytes), host=host, port=port, log_level="warning")
