@@ -17,9 +17,10 @@ from preflab.release.route import RouteConfig, State, bucket, build_app, pick
 ADMIN = "admin-secret"
 
 
-def _cfg(tmp_path: Path, inc_url: str, cand_url: str, share: float = 0.05, **thresholds) -> RouteConfig:
+def _cfg(tmp_path: Path, inc_url: str, cand_url: str, share: float = 0.05, *, config: dict | None = None,
+         **thresholds) -> RouteConfig:
     return RouteConfig.model_validate({
-        "store": str(tmp_path / "store.sqlite"), "model": "preflab", "cooldown_s": 5,
+        "store": str(tmp_path / "store.sqlite"), "model": "preflab", "cooldown_s": 5, **(config or {}),
         "backends": [{"name": "prod", "url": inc_url, "model": "prod", "role": "incumbent"},
                      {"name": "cand", "url": cand_url, "model": "cand", "share": share}],
         "thresholds": {"min_requests": 20, "consecutive_errors": 3, **thresholds}})
@@ -268,6 +269,18 @@ def test_cli_admin_commands(tmp_path, two, monkeypatch):
     (json.dumps({"model": "preflab", "messages": "hi"}).encode(), 400, "invalid_value"),
     (json.dumps({"model": 3, "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_value"),
     (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
+    (b'{"model": "preflab", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "invalid_json"),
+    (b'{"model": "preflab", "messages": [{"role": "user", "content": "x"}], "temperature": 1e400}', 400,
+     "invalid_json"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", id="deeply-nested"),
+    (b'{"model": "preflab", "messages": [{"role": "user", "content": "\xff"}]}', 400, "invalid_json"),
+    (json.dumps({"model": "preflab", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(),
+     400, "invalid_value"),
+    (json.dumps({"model": "preflab", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
+     400, "invalid_value"),
+    (json.dumps({"model": "preflab", "messages": [{"role": "user", "content": "x" * 1_100_000}]}).encode(), 413,
+     "body_too_large"),
 ])
 def test_router_rejects_malformed_requests(tmp_path, two, body, status, code):
     inc, cand = two
@@ -280,6 +293,116 @@ def test_router_rejects_malformed_requests(tmp_path, two, body, status, code):
         f = c.post("/v1/feedback", json={"id": "x", "thumbs": "sideways"})
         assert f.status_code == 400 and f.json()["error"]["param"] == "thumbs"
     assert _db(cfg).execute("SELECT COUNT(*) FROM route_exchanges").fetchone()[0] == 0
+
+
+def _broken_backend():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    broken = FastAPI()
+
+    @broken.post("/v1/chat/completions")
+    async def boom():
+        return JSONResponse({"error": "boom"}, status_code=500)
+
+    return broken
+
+
+def _metrics(c: httpx.Client, name: str) -> dict:
+    return c.get("/admin/state", headers={"authorization": f"Bearer {ADMIN}"}).json()["metrics"][name]
+
+
+def test_a_clients_bad_request_never_counts_against_the_candidate(tmp_path):
+    """A real `preflab serve` as the candidate: `seed: 2**64` is the client's 400, passed on; however many,
+    the candidate is not rolled back, and a restarted router counts none of them either."""
+    from preflab.release.serve import LocalModel
+    from preflab.release.serve import build_app as serve_app
+
+    model = LocalModel("tiny:7", name="cand", max_prompt_tokens=64, max_new_tokens=2)
+    with ThreadServer(fake_backend("prod")) as inc, ThreadServer(serve_app(model)) as cand:
+        cfg = _cfg(tmp_path, inc.url, cand.url, share=1.0, min_requests=3)
+        with ThreadServer(build_app(cfg, admin_token=ADMIN)) as router, httpx.Client(base_url=router.url,
+                                                                                     timeout=30) as c:
+            for _ in range(5):
+                r = _ask(c, "u1", seed=2 ** 64)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+                assert r.json()["error"]["param"] == "seed"
+            assert _ask(c, "u1", max_tokens=2).headers["x-preflab-backend"] == "cand"
+            assert _metrics(c, "cand")["errors_total"] == 0
+        assert json.loads(cfg.state_path.read_text())["shares"] == {"cand": 1.0}
+        with ThreadServer(build_app(cfg, admin_token=ADMIN)) as router, httpx.Client(base_url=router.url,
+                                                                                     timeout=30) as c:
+            m = _metrics(c, "cand")
+            assert (m["errors_total"], m["requests_total"], m["consecutive_errors"]) == (0, 1, 0)
+    rows = _db(cfg).execute("SELECT backend, status, http_status FROM route_exchanges ORDER BY created_at").fetchall()
+    assert [tuple(r) for r in rows] == [("cand", "rejected", 400)] * 5 + [("cand", "ok", 200)]
+
+
+def test_the_candidates_errors_survive_a_restart(tmp_path):
+    """Failures retried on the incumbent count for the candidate, in the log too: a restarted router
+    has the same errors, requests and feedback as before."""
+    with ThreadServer(fake_backend("prod")) as inc, ThreadServer(_broken_backend()) as cand:
+        cfg = _cfg(tmp_path, inc.url, cand.url, share=1.0)
+        with ThreadServer(build_app(cfg, admin_token=ADMIN)) as router, httpx.Client(base_url=router.url,
+                                                                                     timeout=30) as c:
+            answers = [_ask(c, f"u{i}") for i in range(4)]
+            assert [r.headers["x-preflab-backend"] for r in answers] == ["prod"] * 4  # retried or rolled back
+            assert c.post("/v1/feedback", json={"id": answers[0].json()["id"], "thumbs": "down"}).status_code == 200
+            before = {n: _metrics(c, n) for n in ("cand", "prod")}
+        assert (before["cand"]["errors_total"], before["cand"]["consecutive_errors"]) == (3, 3)
+        assert json.loads(cfg.state_path.read_text())["shares"] == {"cand": 0.0}
+        with ThreadServer(build_app(cfg, admin_token=ADMIN)) as router, httpx.Client(base_url=router.url,
+                                                                                     timeout=30) as c:
+            after = {n: _metrics(c, n) for n in ("cand", "prod")}
+    assert after == before
+    assert before["prod"]["feedback"] == 1 and before["prod"]["requests_total"] == 4
+
+
+def test_health_shows_a_dead_backend_as_unavailable(tmp_path):
+    """Without a request reaching it, a killed back end is unavailable at the next health check, and
+    available again once it answers."""
+    with ThreadServer(fake_backend("prod")) as inc:
+        cand = ThreadServer(fake_backend("cand")).start()
+        cfg = _cfg(tmp_path, inc.url, cand.url, share=0.0, config={"health_interval_s": 0.1})
+        with ThreadServer(build_app(cfg)) as router, httpx.Client(base_url=router.url, timeout=30) as c:
+            def available() -> dict:
+                return {n: b["available"] for n, b in c.get("/health").json()["backends"].items()}
+
+            assert _wait(lambda: available() == {"prod": True, "cand": True})
+            cand.stop()
+            assert _wait(lambda: available() == {"prod": True, "cand": False})
+            backends = c.get("/health").json()["backends"]
+            assert "ConnectError" in backends["cand"]["error"] and backends["cand"]["last_checked"] > 0
+            again = ThreadServer(fake_backend("cand"), port=cand.port).start()
+            try:
+                assert _wait(lambda: available() == {"prod": True, "cand": True})
+            finally:
+                again.stop()
+
+
+def test_list_content_reaches_the_backend_and_the_log_as_text(tmp_path, two):
+    inc, cand = two
+    cfg = _cfg(tmp_path, inc.url, cand.url, share=0.0)
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
+    with ThreadServer(build_app(cfg)) as router, httpx.Client(base_url=router.url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json={"model": "preflab", "messages": [{"role": "user", "content": parts}]})
+        assert r.status_code == 200, r.text
+    prompt = _db(cfg).execute("SELECT prompt FROM route_exchanges").fetchone()[0]
+    assert json.loads(prompt) == [{"role": "user", "content": "hello\nthere"}]
+
+
+def test_a_truncated_state_file_is_one_error_line(tmp_path, two, capsys):
+    from preflab.cli import main
+
+    inc, cand = two
+    cfg = _cfg(tmp_path, inc.url, cand.url)
+    path = _write_cfg(cfg, tmp_path / "route.yaml")
+    cfg.state_path.write_text('{"incumbent": "prod", "sha')
+    with pytest.raises(SystemExit) as e:
+        main(["route", "start", "--config", str(path), "--port", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"error: {cfg.state_path}: not a valid route state file")
 
 
 def _start(args: list[str], port: int, timeout: float = 120.0):
@@ -370,7 +493,7 @@ def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
         cfg = _cfg(tmp_path, inc.url, f"http://127.0.0.1:{cport}", share=0.3)
         path = _write_cfg(cfg, tmp_path / "route.yaml")
         port = free_port()
-        args = ["route", "start", "--config", str(path), "--port", str(port)]
+        args = ["route", "start", "--config", str(path), "--port", str(port), "--admin-token", ADMIN]
         router = _start(args, port)
         acked, fb_acked, http_errors = [], [], []
         stop = threading.Event()
@@ -425,6 +548,9 @@ def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
             assert db.execute("SELECT COUNT(*) FROM route_exchanges WHERE retried_from = 'cand'").fetchone()[0] >= 1
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
                 assert c.get("/health").json()["shares"] == {"cand": 0.0}  # the rollback survived the restart
+                errors = db.execute("SELECT COUNT(*) FROM route_events WHERE kind = 'backend_error' AND "
+                                    "backend = 'cand'").fetchone()[0]
+                assert errors >= 1 and _metrics(c, "cand")["errors_total"] == errors  # so did the candidate's errors
                 r = _ask(c, "after")
                 assert r.status_code == 200
                 # a retried feedback (same feedback_id) is stored once

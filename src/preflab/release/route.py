@@ -18,7 +18,11 @@ exactly once.
 Failures: a back end that refuses connections, times out or answers 5xx is a failure; the
 request is retried on the incumbent when nothing has reached the client yet (a chat completion
 has no side effects), else answered 502 (the back end failed) or 503 (none is reachable). A
-failed back end is skipped for ``cooldown_s``.
+failed back end is skipped for ``cooldown_s``, and until a request or a health check (``GET
+/health`` of every back end each ``health_interval_s``) finds it answering again. A back end's
+4xx is the client's bad request: passed on as it is, and no failure of the back end. Every failure
+is a ``backend_error`` row of ``route_events`` under the back end that failed (also when the
+incumbent then served the request), so the canary metrics are rebuilt from the log on restart.
 
 Canary metrics (per candidate, over its last ``window`` requests): error rate, latency p95,
 refusal rate, consecutive errors, and the negative-feedback rate with its Wilson interval.
@@ -29,6 +33,7 @@ Breaching a threshold sets the candidate's share to 0 (rollback), recorded in
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -42,10 +47,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from preflab.errors import PreflabError
-from preflab.release.common import atomic_write, bearer_ok, check_bind, error_response
+from preflab.http_body import BodyError
+from preflab.release.common import (
+    TextContent,
+    atomic_write,
+    bearer_ok,
+    body_error_response,
+    check_bind,
+    error_response,
+    json_object,
+    validation_message,
+)
 
 try:
     from fastapi import Request
@@ -92,6 +107,8 @@ class RouteConfig(_Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     timeout_s: float = Field(120, gt=0)
     cooldown_s: float = Field(2.0, ge=0)
+    health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of the back ends.")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="Larger request bodies get 413 before they are read.")
     salt: str = ""
     feedback_project: str = FEEDBACK_PROJECT
 
@@ -146,9 +163,14 @@ def load_state(cfg: RouteConfig) -> State:
     path = cfg.state_path
     if not path.is_file():
         return State.initial(cfg)
-    d = json.loads(path.read_text(encoding="utf-8"))
-    st = State(d["incumbent"], d["shares"], int(d.get("version", 0)))
-    st.check({b.name for b in cfg.backends})
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        st = State(d["incumbent"], d["shares"], int(d.get("version", 0)))
+        st.check({b.name for b in cfg.backends})
+    except (ValueError, KeyError, TypeError, AttributeError, PreflabError) as e:
+        raise PreflabError(f"{path}: not a valid route state file ({type(e).__name__}: {e}); every state the "
+                           f"router saved is in route_events of {cfg.store}: restore the file from there, or "
+                           "delete it to start from the config's shares") from None
     return st
 
 
@@ -188,7 +210,14 @@ TABLES = (
     "CREATE INDEX IF NOT EXISTS route_feedback_todo ON route_feedback(negative, task_id)",
     """CREATE TABLE IF NOT EXISTS route_events (
         id INTEGER PRIMARY KEY, created_at REAL NOT NULL, kind TEXT NOT NULL, backend TEXT, detail TEXT)""",
+    "CREATE INDEX IF NOT EXISTS route_events_backend ON route_events(backend, kind, created_at)",
 )
+
+# A back end's attempts as its canary counts them: the exchanges it served, and its failures (a back
+# end's 4xx, logged as a 'rejected' exchange, is neither).
+ATTEMPTS = """SELECT created_at, 1 AS ok, latency_ms, response FROM route_exchanges WHERE backend = :b AND status = 'ok'
+    UNION ALL SELECT created_at, 0, json_extract(detail, '$.latency_ms'), NULL FROM route_events
+    WHERE backend = :b AND kind = 'backend_error'"""
 
 
 class Log:
@@ -213,7 +242,7 @@ class Log:
         with self.lock:
             self.conn.execute(sql, args)
 
-    def rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def rows(self, sql: str, args: tuple | dict = ()) -> list[sqlite3.Row]:
         with self.lock:
             return self.conn.execute(sql, args).fetchall()
 
@@ -304,18 +333,25 @@ class Router:
         self.state_lock = threading.Lock()
         self.canary = {n: Canary(cfg.thresholds.window) for n in self.order}
         self.down_until: dict[str, float] = {}
-        self._reload_window()
+        self.health: dict[str, dict[str, Any]] = {n: {"checked_at": None, "error": None} for n in self.order}
+        self._reload_canaries()
         self.save_state(self.state, "start", None, {})
 
-    def _reload_window(self) -> None:
-        """After a restart, the canary windows start from the logged exchanges."""
+    def _reload_canaries(self) -> None:
+        """After a restart the canaries start from the log: each back end's last ``window`` attempts and
+        feedback, and its totals."""
         from preflab.feedback.rubric import is_refusal
 
+        window = self.cfg.thresholds.window
         for name, c in self.canary.items():
-            rows = self.log.rows("SELECT status, latency_ms, response FROM route_exchanges WHERE backend = ? "
-                                 "ORDER BY created_at DESC LIMIT ?", (name, self.cfg.thresholds.window))
+            rows = self.log.rows(f"{ATTEMPTS} ORDER BY created_at DESC LIMIT :n", {"b": name, "n": window})
             for r in reversed(rows):
-                c.add(r["status"] == "ok", r["latency_ms"] or 0.0, r["status"] == "ok" and is_refusal(r["response"] or ""))
+                c.add(bool(r["ok"]), r["latency_ms"] or 0.0, bool(r["ok"]) and is_refusal(r["response"] or ""))
+            c.total, c.errors = self.log.rows(f"SELECT COUNT(*), COALESCE(SUM(1 - ok), 0) FROM ({ATTEMPTS})",
+                                              {"b": name})[0]
+            rows = self.log.rows("SELECT f.negative FROM route_feedback f JOIN route_exchanges e ON e.id = "
+                                 "f.exchange_id WHERE e.backend = ? ORDER BY f.created_at DESC LIMIT ?", (name, window))
+            c.feedback.extend(bool(r["negative"]) for r in reversed(rows))
 
     # -- state ------------------------------------------------------------------------------
 
@@ -358,10 +394,17 @@ class Router:
     # -- back ends --------------------------------------------------------------------------
 
     def available(self, name: str) -> bool:
-        return time.monotonic() >= self.down_until.get(name, 0.0)
+        """Whether the last request or health check of ``name`` found it answering, and its cooldown
+        after a failure is over."""
+        return self.health[name]["error"] is None and time.monotonic() >= self.down_until.get(name, 0.0)
 
-    def mark_down(self, name: str) -> None:
+    def mark(self, name: str, error: str | None) -> None:
+        """The outcome of a request to or a health check of ``name``: ``error`` None when it answered."""
+        self.health[name] = {"checked_at": time.time(), "error": error}
+
+    def mark_down(self, name: str, error: str) -> None:
         self.down_until[name] = time.monotonic() + self.cfg.cooldown_s
+        self.mark(name, error)
 
     def headers(self, b: Backend) -> dict[str, str]:
         import os
@@ -382,17 +425,35 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
                                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
     worker = FeedbackWorker(cfg, router)
 
+    async def probe(b: Backend) -> None:
+        try:
+            r = await client.get(b.url.rstrip("/") + "/health", headers=router.headers(b),
+                                 timeout=min(cfg.timeout_s, 5.0))
+            error = f"health check: HTTP {r.status_code}" if r.status_code >= 500 else None
+        except httpx.HTTPError as e:
+            error = f"health check: {type(e).__name__}: {e}"
+        router.mark(b.name, error)
+
+    async def check_health() -> None:
+        """Every ``health_interval_s``: is each back end answering (any answer below 500 counts)?"""
+        while True:
+            await asyncio.gather(*(probe(b) for b in cfg.backends))
+            await asyncio.sleep(cfg.health_interval_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         worker.start()
+        checks = asyncio.create_task(check_health())
         try:
             yield
         finally:
+            checks.cancel()
             worker.stop()
             await client.aclose()
 
     app = FastAPI(title="preflab route", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.router = router
+    app.add_exception_handler(BodyError, body_error_response)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -409,20 +470,22 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
                                   code="invalid_api_key")
         return await call_next(request)
 
-    async def read_json(request: Request) -> dict | Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the body is not valid JSON ({e})", code="invalid_json")
-        if not isinstance(body, dict):
-            return error_response(400, "the body must be a JSON object", code="invalid_json")
-        return body
+    async def read_json(request: Request) -> dict[str, Any]:
+        return await json_object(request, cfg.max_body_bytes)
+
+    async def count_failure(name: str, latency: float, error: str, xid: str) -> None:
+        """A failed attempt on ``name``: counted by its canary and logged under it."""
+        router.canary[name].add(False, latency, False)
+        await run_in_threadpool(router.log.event, "backend_error", name,
+                                {"exchange": xid, "error": error, "latency_ms": latency})
+        router.watch(name)
 
     @app.get("/health")
     async def health():
         st = router.state
         return {"status": "ok", "incumbent": st.incumbent, "shares": st.shares,
-                "backends": {n: {"available": router.available(n)} for n in router.order}}
+                "backends": {n: {"available": router.available(n), "last_checked": router.health[n]["checked_at"],
+                                 "error": router.health[n]["error"]} for n in router.order}}
 
     @app.get("/v1/models")
     async def models():
@@ -431,26 +494,23 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_json(request)
-        if not isinstance(body, dict):
-            return body
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            return error_response(400, "messages: must be a non-empty list", param="messages", code="invalid_value")
-        if not isinstance(body.get("model"), str):
-            return error_response(400, "model: must be a string", param="model", code="invalid_value")
-        if body["model"] != cfg.model:
-            return error_response(404, f"the model {body['model']!r} does not exist here; the router serves "
+        try:
+            req = ChatBody.model_validate(body)
+        except ValidationError as e:
+            msg, param = validation_message(e)
+            return error_response(400, msg, param=param, code="invalid_value")
+        if req.model != cfg.model:
+            return error_response(404, f"the model {req.model!r} does not exist here; the router serves "
                                        f"{cfg.model!r}", param="model", code="model_not_found")
+        body["messages"] = [m.model_dump() for m in req.messages]  # list-of-parts content as text
         user = body.get("user") if isinstance(body.get("user"), str) else request.headers.get("x-user-id")
-        if "stream" in body and not isinstance(body["stream"], bool):
-            return error_response(400, "stream: must be a boolean", param="stream", code="invalid_value")
         state = router.state
         first = pick(state, router.order, bucket(user, cfg.salt))
         tries = [first] + ([state.incumbent] if first != state.incumbent else [])
-        if not router.available(first) and len(tries) > 1:  # in its cooldown: counts as an error of it
-            tries = tries[1:]
-            router.canary[first].add(False, 0.0, False)
-            router.watch(first)
         xid = f"chatcmpl-{uuid.uuid4().hex}"
+        if not router.available(first) and len(tries) > 1:  # down: counts as a failure of it
+            tries = tries[1:]
+            await count_failure(first, 0.0, f"{first}: unavailable ({router.health[first]['error']})", xid)
         base = {"id": xid, "user": user, "prompt": json.dumps(body["messages"], ensure_ascii=False),
                 "stream": int(bool(body.get("stream")))}
         errors: list[str] = []
@@ -472,12 +532,10 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
                 unreachable = unreachable and (isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
                                                or getattr(e, "unreachable", False))
                 errors.append(f"{name}: {type(e).__name__}: {e}")
-                router.mark_down(name)
-                router.canary[name].add(False, latency, False)
-                await run_in_threadpool(router.log.event, "backend_error", name,
-                                        {"exchange": xid, "error": errors[-1], "latency_ms": latency})
-                router.watch(name)
+                router.mark_down(name, errors[-1])
+                await count_failure(name, latency, errors[-1], xid)
                 continue
+            router.mark(name, None)
             retried_from = first if name != first else None
             if body.get("stream") and resp.status_code != 200:  # a 4xx before any event: pass it on as JSON
                 raw = await resp.aread()
@@ -553,7 +611,7 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except httpx.HTTPError as e:  # the back end died mid-stream: too late to retry
             status, error = "error", f"{b.name} broke off the stream: {type(e).__name__}"
-            router.mark_down(b.name)
+            router.mark_down(b.name, error)
             yield "data: " + json.dumps({"error": {"message": error, "type": "server_error",
                                                    "code": "backend_error"}}) + "\n\n"
         finally:
@@ -564,22 +622,21 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
             **base, "created_at": time.time(), "backend": b.name, "model_version": version, "response": text,
             "status": status, "http_status": resp.status_code, "latency_ms": latency, "retried_from": retried_from,
             "error": error})
-        router.canary[b.name].add(status == "ok", latency, status == "ok" and is_refusal(text))
+        if status != "ok":
+            await count_failure(b.name, latency, error, base["id"])
+            return
+        router.canary[b.name].add(True, latency, is_refusal(text))
         router.watch(b.name)
-        if status == "ok":
-            yield "data: [DONE]\n\n"
+        yield "data: [DONE]\n\n"
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         body = await read_json(request)
-        if not isinstance(body, dict):
-            return body
         try:
             fb = Feedback.model_validate(body)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            return error_response(400, f"{loc}: {err['msg']}", param=loc or None, code="invalid_value")
+            msg, param = validation_message(e)
+            return error_response(400, msg, param=param, code="invalid_value")
         rows = await run_in_threadpool(router.log.rows, "SELECT backend FROM route_exchanges WHERE id = ? "
                                        "AND status = 'ok'", (fb.id,))
         if not rows:
@@ -607,8 +664,6 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     @app.post("/admin/rollback")
     async def admin_rollback(request: Request):
         body = await read_json(request)
-        if not isinstance(body, dict):
-            return body
         names = body.get("backends")
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
             return error_response(400, "backends: a list of names", param="backends", code="invalid_value")
@@ -620,8 +675,6 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     @app.post("/admin/promote")
     async def admin_promote(request: Request):
         body = await read_json(request)
-        if not isinstance(body, dict):
-            return body
         if not isinstance(body.get("backend"), str):
             return error_response(400, "backend: the name of the back end to promote", param="backend",
                                   code="invalid_value")
@@ -633,8 +686,6 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     @app.post("/admin/shares")
     async def admin_shares(request: Request):
         body = await read_json(request)
-        if not isinstance(body, dict):
-            return body
         shares = body.get("shares")
         if not isinstance(shares, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
                                                    for v in shares.values()):
@@ -645,6 +696,23 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
             return error_response(400, str(e), code="invalid_value")
 
     return app
+
+
+class ChatMessage(BaseModel):
+    """A message as the router forwards it: any role the back end takes, the content as text."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: TextContent  # a string or OpenAI's list of text parts
+
+
+class ChatBody(BaseModel):
+    """What the router reads of a chat completion request; every other field goes on as sent."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: StrictBool = False
 
 
 class Feedback(BaseModel):
@@ -817,9 +885,10 @@ def start(config_path, host, port, allow_public, admin_token, token):
 
     check_bind(host, allow_public)
     cfg = load_config(config_path)
+    app = build_app(cfg, admin_token=admin_token, token=token)  # reads the state file: a bad one stops here
     click.echo(f"routing {cfg.model!r} on http://{host}:{port} to {', '.join(b.name for b in cfg.backends)}",
                err=True)
-    uvicorn.run(build_app(cfg, admin_token=admin_token, token=token), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def _admin(url: str, token: str | None, method: str, path: str, body: dict | None = None) -> dict:
