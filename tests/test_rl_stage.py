@@ -90,7 +90,7 @@ def test_reinforce_pp_stage_whitens_the_reward_to_go_over_the_batch(tmp_path, go
     assert abs(float(w.mean())) < 1e-4 and abs(float(w.std(unbiased=False)) - 1) < 1e-3
 
 
-@pytest.mark.parametrize("estimator,k", [("rloo", 2), ("grpo", 4), ("reinforce_pp", 1)])
+@pytest.mark.parametrize("estimator,k", [("rloo", 2), ("grpo", 4), ("reinforce_pp", 1), ("online_dpo", 4)])
 def test_critic_free_estimators_raise_the_reward_without_a_critic(tmp_path, good_tokens, estimator, k):
     cfg = cfg_for(tmp_path, f"algo.estimator={estimator}", f"rollout.samples_per_prompt={k}",
                   f"rollout.batch_size={8 // k}", "train.steps=20", "kl.coef=0", "ppo.minibatch_size=4")

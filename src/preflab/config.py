@@ -297,10 +297,13 @@ class PPOHyper(Section):
 
 
 class AlgoSection(Section):
-    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp", "online_dpo"] = Field(
         "gae", description="gae: PPO with a critic (InstructGPT); rloo: leave-one-out baseline over the k samples of "
-                           "a prompt; grpo: group-normalised; reinforce_pp: REINFORCE++ (global whitening). Only gae "
-                           "builds and trains a critic.")
+                           "a prompt; grpo: group-normalised; reinforce_pp: REINFORCE++ (global whitening); "
+                           "online_dpo: DPO's loss on each prompt's best and worst of k fresh samples as the reward "
+                           "model (and reward functions) rank them. Only gae builds and trains a critic.")
+    dpo_beta: float = Field(0.1, gt=0, description="online_dpo: DPO's beta on the sequence log-ratios to the "
+                                                   "reference.")
     kl_in: Literal["reward", "loss"] = Field(
         "reward", description="reward: -beta * KL in the per-token reward (k1, InstructGPT; kl.estimator applies); "
                               "loss: beta * k3 KL added to the policy loss (GRPO).")
@@ -382,7 +385,11 @@ class PPOConfig(Section):
     @model_validator(mode="after")
     def _episodes_fit(self) -> PPOConfig:
         k, est = self.rollout.samples_per_prompt, self.algo.estimator
-        if est in ("rloo", "grpo") and k < 2:
+        if est == "online_dpo" and (self.ppo.minibatch_size % k or (self.ppo.minibatch_size // self.ppo.grad_accum) % k):
+            raise ValueError(f"algo.estimator=online_dpo pairs a prompt's samples within a micro-batch: "
+                             f"ppo.minibatch_size / ppo.grad_accum must be a multiple of rollout.samples_per_prompt "
+                             f"({k})")
+        if est in ("rloo", "grpo", "online_dpo") and k < 2:
             raise ValueError(f"rollout.samples_per_prompt must be >= 2 for algo.estimator={est} (got {k})")
         episodes = self.rollout.batch_size * k
         if episodes % self.ppo.minibatch_size:
@@ -407,8 +414,11 @@ RL_METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"algo": {"estimator": "grpo", "kl_in": "loss"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
              "ptx": {"coef": 0.0}, "kl": {"coef": 0.04}},
     "reinforce_pp": {"algo": {"estimator": "reinforce_pp"}, "ptx": {"coef": 0.0}},
+    # Online DPO: RLOO's episodes (4 prompts x k = 4), the best and worst of each prompt's 4 as the pair.
+    "online_dpo": {"algo": {"estimator": "online_dpo"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
+                   "ptx": {"coef": 0.0}},
 }
-RLMethod = Literal["ppo", "ppo_ptx", "rloo", "grpo", "reinforce_pp"]
+RLMethod = Literal["ppo", "ppo_ptx", "rloo", "grpo", "reinforce_pp", "online_dpo"]
 
 
 class SuiteSection(Section):

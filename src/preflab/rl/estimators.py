@@ -21,6 +21,7 @@ __all__ = [
     "Estimator",
     "GroupAdvantages",
     "grpo_advantages",
+    "online_dpo_pairs",
     "reinforce_pp_returns",
     "rloo_advantages",
     "sequence_rewards",
@@ -40,6 +41,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "rloo": Estimator(needs_critic=False, group=True, whiten=True),
     "grpo": Estimator(needs_critic=False, group=True, whiten=False),
     "reinforce_pp": Estimator(needs_critic=False, group=False, whiten=True),
+    "online_dpo": Estimator(needs_critic=False, group=True, whiten=False),
 }
 
 
@@ -102,6 +104,20 @@ def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int, scale: bo
     if scale:
         centred = centred / (r.std(1, keepdim=True) + eps)
     return _broadcast(centred.reshape(-1), mask)
+
+
+def online_dpo_pairs(scores: torch.Tensor, mask: torch.Tensor, k: int) -> GroupAdvantages:
+    """Online DPO's pair of each prompt (Guo et al. 2024; TRL's OnlineDPOTrainer with k samples):
+    +1 on the best-scored of the prompt's k samples (chosen), -1 on the worst (rejected), 0 on the
+    others; the first of tied samples is taken, and a prompt whose k scores are all equal has no
+    pair (all 0). The stage's update reads the tags, not a magnitude."""
+    s = _groups(scores, k)
+    rows = torch.arange(s.shape[0], device=s.device)
+    tags = torch.zeros_like(s, dtype=torch.float32)
+    tags[rows, s.argmax(1)] = 1.0
+    tags[rows, s.argmin(1)] = -1.0
+    tags[s.max(1).values == s.min(1).values] = 0.0
+    return _broadcast(tags.reshape(-1), mask)
 
 
 def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

@@ -49,10 +49,12 @@ from preflab.rl import (
 from preflab.rl.estimators import (
     ESTIMATORS,
     grpo_advantages,
+    online_dpo_pairs,
     reinforce_pp_returns,
     rloo_advantages,
     sequence_rewards,
 )
+from preflab.rl.preference import dpo_loss
 from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
 from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
@@ -157,6 +159,7 @@ def estimate_advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Ten
     contiguous samples (k rows per prompt); rloo's are then whitened over the global batch (so
     one learning rate serves every estimator), grpo's keep their own per-group scale. The
     critic-free estimators have no value target: ``returns`` holds the raw advantages (logged only).
+    online_dpo: +1 / -1 tags on each prompt's best and worst scored sample (``online_dpo_pairs``).
     """
     name = cfg.algo.estimator
     if name == "gae":
@@ -170,6 +173,9 @@ def estimate_advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Ten
     if name == "rloo":
         raw = rloo_advantages(seq, mask, k).advantages
         return global_whiten(raw, mask, shift_mean=True), raw
+    if name == "online_dpo":  # pair tags from the scores alone: the KL lives in the DPO loss's log-ratios
+        tags = online_dpo_pairs(scores, mask, k).advantages
+        return tags, tags
     raw = grpo_advantages(seq, mask, k, scale=cfg.algo.grpo_scale).advantages
     return raw, raw
 
@@ -234,6 +240,8 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
             mb = by_query_length(batch.samples, perm[start:start + p.minibatch_size])
             parts = [mb[i:i + micro] for i in range(0, len(mb), micro)]
             n_tok = distributed.all_reduce_sum(batch.mask[mb].sum().double())
+            dpo_pairs = (float(distributed.all_reduce_sum((batch.advantages[mb].amax(1) > 0).sum().double()))
+                         if cfg.algo.estimator == "online_dpo" else 0.0)
             # One draw of ptx.batch_size pretraining rows per minibatch, split over its micro-batches
             # (so grad_accum changes the memory, not the update).
             ptx = ptx_batches(len(parts)) if ptx_batches else [None] * len(parts)
@@ -249,6 +257,9 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 with (contextlib.nullcontext() if sync else ac.no_sync()), autocast:
                     lp, v, ent, ptx_sum, _ = ac(**s.tensors(), temperature=cfg.rollout.temperature, ptx=ptx_in)
                     pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
+                    if cfg.algo.estimator == "online_dpo":  # its loss replaces the surrogate (diagnostics stay)
+                        pair_sum = online_dpo_term(lp, batch, idx, m, cfg) if dpo_pairs else lp.sum() * 0.0
+                        pg = pg._replace(loss=pair_sum * float(n_tok) / float(m.sum()) / max(dpo_pairs, 1.0))
                     vf = (value_loss(v, batch.values[idx], batch.returns[idx], m, p.value_clip_range) if vf_coef
                           else ValueLoss(lp.new_zeros(()), lp.new_zeros(())))  # no critic: nothing to fit
                     kl_term = masked_mean(kl_k3(lp, batch.ref_logprobs[idx]), m) if kl_loss_coef else lp.new_zeros(())
@@ -280,6 +291,23 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
                 totals[k] += float(distributed.all_reduce_mean(torch.tensor(stats[k])))
             n_updates += 1
     return {k: v / max(1, n_updates) for k, v in totals.items()}
+
+
+def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """The sum over this micro-batch's prompts of DPO's loss on their (chosen, rejected) pair:
+    -log sigmoid(beta * ((log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l))), sequence log-probs
+    at the sampling temperature, from the tags ``estimate_advantages`` put in ``batch.advantages``.
+    A micro-batch holds whole prompts (``ppo_update`` keeps each prompt's k rows together)."""
+    ratio = ((lp - batch.ref_logprobs[idx]) * m).sum(1)
+    tag = batch.advantages[idx].amax(1) + batch.advantages[idx].amin(1)  # +1 chosen, -1 rejected, 0 neither
+    group = torch.tensor(idx, device=lp.device) // cfg.rollout.samples_per_prompt
+    chosen, rejected = (tag > 0).nonzero(as_tuple=True)[0], (tag < 0).nonzero(as_tuple=True)[0]
+    # pair each chosen row with the rejected row of its prompt
+    if chosen.numel() == 0:
+        return lp.sum() * 0.0
+    match = group[chosen][:, None] == group[rejected][None, :]
+    rejected = rejected[match.float().argmax(1)]
+    return dpo_loss(ratio[chosen], ratio[rejected], cfg.algo.dpo_beta, 0.0).sum()
 
 
 # ---------------------------------------------------------------------------------------------
