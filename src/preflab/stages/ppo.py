@@ -161,23 +161,25 @@ def estimate_advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Ten
     critic-free estimators have no value target: ``returns`` holds the raw advantages (logged only).
     online_dpo: +1 / -1 tags on each prompt's best and worst scored sample (``online_dpo_pairs``).
     """
-    name = cfg.algo.estimator
-    if name == "gae":
-        adv = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-        return global_whiten(adv.advantages, mask, shift_mean=True), adv.returns
-    if name == "reinforce_pp":
-        g = reinforce_pp_returns(rewards, mask, gamma=cfg.ppo.gamma)
-        return global_whiten(g, mask, shift_mean=True), g
-    k = cfg.rollout.samples_per_prompt
-    seq = sequence_rewards(scores, kl, mask, beta)
-    if name == "rloo":
-        raw = rloo_advantages(seq, mask, k).advantages
-        return global_whiten(raw, mask, shift_mean=True), raw
-    if name == "online_dpo":  # pair tags from the scores alone: the KL lives in the DPO loss's log-ratios
-        tags = online_dpo_pairs(scores, mask, k).advantages
-        return tags, tags
-    raw = grpo_advantages(seq, mask, k, scale=cfg.algo.grpo_scale).advantages
-    return raw, raw
+    name, k = cfg.algo.estimator, cfg.rollout.samples_per_prompt
+
+    def raw_and_returns() -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "gae":
+            adv = gae(rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+            return adv.advantages, adv.returns
+        if name == "reinforce_pp":
+            g = reinforce_pp_returns(rewards, mask, gamma=cfg.ppo.gamma)
+            return g, g
+        if name == "online_dpo":  # pair tags from the scores alone: the KL lives in the DPO loss's log-ratios
+            tags = online_dpo_pairs(scores, mask, k).advantages
+            return tags, tags
+        seq = sequence_rewards(scores, kl, mask, beta)
+        group = (rloo_advantages(seq, mask, k) if name == "rloo"
+                 else grpo_advantages(seq, mask, k, scale=cfg.algo.grpo_scale)).advantages
+        return group, group
+
+    raw, returns = raw_and_returns()
+    return (global_whiten(raw, mask, shift_mean=True) if ESTIMATORS[name].whiten else raw), returns
 
 
 # ---------------------------------------------------------------------------------------------
