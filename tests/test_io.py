@@ -270,3 +270,81 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with PreferenceStore(db) as s:  # the failed import wrote nothing
         assert s.counts()["rankings"] == 0
     assert run_cli(["data", "export", "--store", db, "--format", "hf", "--out", str(tmp_path / "hf")]) in (0, 2)
+
+
+# -- issue 27: cyclic pairs (item 14) and cut-off lines (item 15) ---------------------------------
+
+
+def _pairs_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _pair(chosen, rejected, prompt="Which is best?", **extra):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
+
+
+def test_cyclic_pairs_of_one_prompt_are_one_error_naming_the_lines(tmp_path):
+    from preflab.data.rankings import read_groups
+
+    cyclic = _pairs_file(tmp_path / "pairs.jsonl", [_pair("A", "B"), _pair("B", "C"), _pair("x", "y", prompt="other"),
+                                                    _pair("C", "A")])
+    want = r"pairs\.jsonl: lines 1, 2, 4: cyclic preferences for one prompt \('A' > 'B' > 'C' > 'A'\)"
+    with pytest.raises(DataError, match=want):
+        read_groups(cyclic)
+    with pytest.raises(DataError, match=r"pairs\.jsonl: lines 1, 2, 4: cyclic preferences for one prompt by "
+                                        r"labeler 'trl' \('A' > 'B' > 'C' > 'A'\)"):  # an import: the same check
+        read_preferences(cyclic, "trl")
+    contradiction = _pairs_file(tmp_path / "two.jsonl", [_pair("A", "B", labeler="ann"), _pair("B", "A", labeler="ann")])
+    with pytest.raises(DataError, match=r"two\.jsonl: lines 1, 2: cyclic preferences for one prompt by labeler 'ann' "
+                                        r"\('A' > 'B' > 'A'\)"):
+        read_groups(contradiction)
+    with pytest.raises(DataError, match=r"self\.jsonl: line 1: cyclic preferences .*\('A' > 'A'\)"):
+        read_groups(_pairs_file(tmp_path / "self.jsonl", [_pair("A", "A")]))
+
+
+def test_pairs_that_order_their_responses_are_read(tmp_path):
+    from preflab.data.rankings import read_groups
+
+    consistent = [_pair("A", "B"), _pair("B", "C"), _pair("A", "C"), _pair("C", "A", prompt="another prompt")]
+    assert len(read_groups(_pairs_file(tmp_path / "ok.jsonl", consistent))) == 4
+    two_labelers = [_pair("A", "B", labeler="ann"), _pair("B", "A", labeler="bob")]  # people disagree: no cycle
+    assert len(read_groups(_pairs_file(tmp_path / "people.jsonl", two_labelers))) == 2
+
+
+def test_preflab_rm_refuses_cyclic_pairs_before_training(tmp_path, capsys):
+    cyclic = _pairs_file(tmp_path / "pairs.jsonl", [_pair("A", "B"), _pair("B", "C"), _pair("C", "A")])
+    assert run_cli(["rm", "model.path=tiny:", f"data.train={cyclic}", "data.format=pairs", "data.val_fraction=0",
+                    "train.max_steps=1",
+                    "train.bf16=false", "run.progress=false", f"run.out={tmp_path / 'rm'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl: lines 1, 2, 3: cyclic preferences for one prompt" in err and "Traceback" not in err
+    assert not (tmp_path / "rm").exists()
+
+
+@pytest.mark.parametrize("tail, reason", [
+    ('{"prompt": "a", ', "the line is truncated: it ends at column 15 before the JSON value does"),
+    ('{"prompt": "a", "resp', "the line is truncated: it ends at column 21, inside a string that starts at column 17"),
+    ('{"prompt": "a",}', "Expecting property name enclosed in double quotes at column 16"),
+])
+@pytest.mark.parametrize("newline", ["\n", ""])
+def test_a_cut_off_line_is_reported_where_it_ends(tmp_path, tail, reason, newline):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "whole"}\n' + tail + newline)
+    with pytest.raises(DataError) as e:
+        read_jsonl(path)
+    assert str(e.value) == f"{path}:2: invalid JSON ({reason})"
+
+
+def test_exported_pairs_keep_their_labelers_so_people_may_disagree(store, tmp_path):
+    pid = store.add_prompts(["Which is best?"])[0]
+    a, b = store.add_candidates(pid, ["A", "B"])
+    store.add_ranking(pid, [a, b], [[0], [1]], "ann")
+    store.add_ranking(pid, [a, b], [[1], [0]], "bob")
+    out = tmp_path / "pairs.jsonl"
+    write_pairs(out, flatten_pairs(rankings_to_pairs(store.rankings())))
+    assert [(r["chosen"], r["labeler"]) for r in read_jsonl(out)] == [("A", "ann"), ("B", "bob")]
+    from preflab.data.rankings import read_groups
+
+    assert [g.labeler for g in read_groups(str(out))] == ["ann", "bob"]  # a disagreement, not a cycle
+    assert [r.labeler for r in read_preferences(out, "trl").rankings] == ["ann", "bob"]

@@ -18,7 +18,8 @@ Formats read:
   score (``overall_score`` by default, else ``fine-grained_score``, or an aspect name)
   gives a ranking with ties on equal scores. Completions without a numeric score are
   dropped; a row with fewer than two is skipped.
-- ``trl``: TRL's standard preference rows ``{"prompt", "chosen", "rejected"}`` (strings).
+- ``trl``: TRL's standard preference rows ``{"prompt", "chosen", "rejected"}`` (strings); a row's
+  ``labeler`` (as ``preflab data export --format pairs`` writes it) names its labeler.
 - ``trl-conversational``: the same with lists of ``{"role", "content"}`` messages;
   ``prompt`` may be omitted (implicit prompt: the messages ``chosen`` and ``rejected`` share)
   or repeated at the head of ``chosen``/``rejected`` (as in ultrafeedback_binarized).
@@ -29,7 +30,8 @@ Formats read:
   bucket a tier). One ranking per non-cancelled annotation; labeler ``ls:<completed_by>``.
 
 Formats written: rankings JSONL (``Ranking.to_dict``), pairs JSONL (TRL standard
-``{"prompt", "chosen", "rejected"}``), grouped K-way JSONL (``preflab.feedback.pairs``) and
+``{"prompt", "chosen", "rejected"}`` and the ``labeler``), grouped K-way JSONL
+(``preflab.feedback.pairs``) and
 a Hugging Face ``datasets`` directory (``save_to_disk``) when ``datasets`` is installed.
 """
 
@@ -46,7 +48,7 @@ from typing import Any
 
 from preflab.data import hygiene
 from preflab.data.jsonl import iter_jsonl, read_jsonl, read_text_utf8, write_jsonl
-from preflab.data.schema import Pair, Prompt, Ranking, order_from_scores, validate_order
+from preflab.data.schema import Pair, Prompt, Ranking, check_pair_cycles, order_from_scores, validate_order
 from preflab.errors import DataError, PreflabError
 
 FORMATS = ("hh-rlhf", "ultrafeedback", "trl", "trl-conversational", "label-studio")
@@ -62,7 +64,8 @@ class Imported:
 
 def _each_row(path: str | os.PathLike, parse: Callable[[Any, int], Ranking | None | str]) -> Imported:
     """Run ``parse(obj, line)`` over a JSONL file: a Ranking is kept, a str is a skip reason.
-    ValueError/KeyError/TypeError become DataError ``path:line: reason``."""
+    ValueError/KeyError/TypeError become DataError ``path:line: reason``; pairs of one prompt and
+    labeler that form a cycle (A > B, B > C, C > A) become one DataError naming their lines."""
     out = Imported([])
     for lineno, obj in iter_jsonl(path):
         try:
@@ -79,6 +82,8 @@ def _each_row(path: str | os.PathLike, parse: Callable[[Any, int], Ranking | Non
             got.meta.setdefault("file", Path(path).name)
             got.meta.setdefault("line", lineno)
             out.rankings.append(got)
+    check_pair_cycles(path, [(r.prompt, r.labeler, r.candidates[r.order[0][0]], r.candidates[r.order[1][0]],
+                              r.meta["line"]) for r in out.rankings if len(r.candidates) == 2 and len(r.order) == 2])
     return out
 
 
@@ -197,14 +202,20 @@ def read_ultrafeedback(path: str | os.PathLike, score: str | None = None, labele
 # -- TRL ------------------------------------------------------------------------------------
 
 
+def _row_labeler(obj: dict, default: str) -> str:
+    """A pairs row's own ``labeler`` (``preflab data export --format pairs`` writes it), else ``default``."""
+    v = obj.get("labeler")
+    return v if isinstance(v, str) and v.strip() else default
+
+
 def read_trl(path: str | os.PathLike, labeler: str = "trl") -> Imported:
     def parse(obj: dict, line: int) -> Ranking:
         for key in ("chosen", "rejected", "prompt"):
             if key in obj and isinstance(obj[key], list):
                 raise ValueError(f"{key!r} is a list of messages: use the trl-conversational format")
         prompt, chosen, rejected = _str(obj, "prompt"), _str(obj, "chosen"), _str(obj, "rejected")
-        return Ranking(prompt=prompt, candidates=[chosen, rejected], order=[[0], [1]], labeler=labeler,
-                       meta={"source": "trl"})
+        return Ranking(prompt=prompt, candidates=[chosen, rejected], order=[[0], [1]],
+                       labeler=_row_labeler(obj, labeler), meta={"source": "trl"})
 
     return _each_row(path, parse)
 
@@ -243,7 +254,8 @@ def read_trl_conversational(path: str | os.PathLike, labeler: str = "trl") -> Im
                 raise ValueError("no 'prompt' and chosen/rejected share no leading messages (implicit prompt)")
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         texts = ["\n\n".join(m["content"] for m in side) for side in (chosen, rejected)]
-        return Ranking(prompt=render_messages(prompt), candidates=texts, order=[[0], [1]], labeler=labeler,
+        return Ranking(prompt=render_messages(prompt), candidates=texts, order=[[0], [1]],
+                       labeler=_row_labeler(obj, labeler),
                        meta={"source": "trl-conversational", "prompt_meta": {"messages": prompt}})
 
     return _each_row(path, parse)
@@ -465,8 +477,11 @@ def read_rankings(path: str | os.PathLike) -> list[Ranking]:
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
-    """Pairwise JSONL in TRL's standard preference format ``{"prompt", "chosen", "rejected"}``."""
-    return write_jsonl(path, (p.to_trl() for p in pairs))
+    """Pairwise JSONL in TRL's standard preference format ``{"prompt", "chosen", "rejected"}``, with
+    the pair's ``labeler`` when it has one: reading the file back, two people's opposite pairs of
+    a prompt are a disagreement, not one labeler's cycle (``schema.check_pair_cycles``)."""
+    return write_jsonl(path, ({**p.to_trl(), **({"labeler": p.meta["labeler"]} if p.meta.get("labeler") else {})}
+                              for p in pairs))
 
 
 def export_hf(path: str | os.PathLike, rows: Sequence[dict]) -> int:

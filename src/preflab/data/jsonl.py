@@ -96,10 +96,22 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise not_utf8(path, e, lineno) from None
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({json_error(text, e)})") from None
+
+
+def json_error(text: str, e: json.JSONDecodeError) -> str:
+    """Why one line of JSONL is not JSON, at its real column; a line that ends before its value
+    does (cut off, e.g. by a full disk or a killed writer) is called truncated."""
+    end = len(text.rstrip())
+    if e.msg.startswith("Unterminated string"):
+        return f"the line is truncated: it ends at column {end}, inside a string that starts at column {e.colno}"
+    if e.pos >= end:
+        return f"the line is truncated: it ends at column {end} before the JSON value does"
+    return f"{e.msg} at column {e.colno}"
 
 
 def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], T] | None = None) -> list[T]:
@@ -108,13 +120,18 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], T] | None = None)
     ``parse`` raises ValueError/KeyError/TypeError with a reason; it is re-raised as
     DataError with the file and line, so the user sees e.g. ``demos.jsonl:7: missing key 'response'``.
     """
-    rows: list[T] = []
+    return [row for _, row in read_jsonl_lines(path, parse)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, parse: Callable[[Any], T] | None = None) -> list[tuple[int, T]]:
+    """``read_jsonl`` with each row's line number: ``[(line, row), ...]``."""
+    rows: list[tuple[int, T]] = []
     for lineno, obj in iter_jsonl(path):
         if parse is None:
-            rows.append(obj)
+            rows.append((lineno, obj))
             continue
         try:
-            rows.append(parse(obj))
+            rows.append((lineno, parse(obj)))
         except KeyError as e:
             raise DataError(f"{path}:{lineno}: missing key {e}") from None
         except (ValueError, TypeError) as e:

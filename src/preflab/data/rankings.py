@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from preflab.data.chat import render_prompt
-from preflab.data.jsonl import read_jsonl
-from preflab.data.schema import ranks_from_order, validate_order
+from preflab.data.jsonl import read_jsonl_lines
+from preflab.data.schema import check_pair_cycles, ranks_from_order, validate_order
 from preflab.errors import DataError
 
 
@@ -70,10 +70,14 @@ def parse_group(obj: Any, fmt: str | None = None) -> Group:
 
 
 def read_groups(source: str, fmt: str | None = None, split: str | None = None) -> list[Group]:
-    """Every group of a JSONL file (bad row: DataError ``file:line: reason``) or of ``store:PATH``
-    (the preference store's rankings of ``split``, with the prompts' category and slice)."""
+    """Every group of a JSONL file (bad row: DataError ``file:line: reason``; pairs, K = 2, of one
+    prompt and labeler that form a cycle: DataError naming their lines) or of ``store:PATH`` (the
+    preference store's rankings of ``split``, with the prompts' category and slice)."""
     if not source.startswith("store:"):
-        return read_jsonl(source, lambda obj: parse_group(obj, fmt))
+        rows = read_jsonl_lines(source, lambda obj: parse_group(obj, fmt))
+        check_pair_cycles(source, [(g.prompt, g.labeler, g.responses[w], g.responses[v], line)
+                                   for line, g in rows if len(g.responses) == 2 for w, v in g.pairs()])
+        return [g for _, g in rows]
     path = Path(source.removeprefix("store:"))
     if not path.is_file():  # PreferenceStore() would create an empty store
         raise DataError(f"{path}: preference store not found")

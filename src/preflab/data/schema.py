@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from preflab.errors import DataError
+
 Order = list[list[int]]
 
 # Flags a labeler may set on a ranking (InstructGPT's labelers flag unsafe outputs, PII,
@@ -97,6 +99,63 @@ def order_from_scores(scores: Sequence[float], *, higher_is_better: bool = True)
         raise ValueError("scores contain NaN")
     return order_from_ranks([-s if higher_is_better else s for s in scores])
 
+
+
+def _cycle(edges: Sequence[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]] | None:
+    """A cycle of the directed graph of ``(winner, loser, where)`` edges, as its edges in order
+    (``[(a, b, w1), (b, c, w2), (c, a, w3)]``; a self-pair is a cycle of one), else None."""
+    graph: dict[Any, list[tuple[Any, Any]]] = {}
+    for winner, loser, where in edges:
+        graph.setdefault(winner, []).append((loser, where))
+    done: set[Any] = set()
+    for start in graph:
+        if start in done:
+            continue
+        on_path = {start: 0}  # node -> its index in stack
+        stack, path = [(start, iter(graph[start]))], []  # path[i]: the edge from stack[i] to stack[i + 1]
+        while stack:
+            node, todo = stack[-1]
+            step = next(todo, None)
+            if step is None:
+                done.add(node)
+                del on_path[node]
+                stack.pop()
+                if path:
+                    path.pop()
+                continue
+            to, where = step
+            if to in on_path:
+                return path[on_path[to]:] + [(node, to, where)]
+            if to not in done:
+                on_path[to] = len(stack)
+                path.append((node, to, where))
+                stack.append((to, iter(graph.get(to, ()))))
+    return None
+
+
+def check_pair_cycles(source: Any, pairs: Sequence[tuple[Any, str | None, str, str, int]]) -> None:
+    """Pairs ``(prompt, labeler, chosen, rejected, line)`` read from ``source``: one labeler's pairs
+    of one prompt must order its responses (A > B, B > C, C > A orders nothing, as a K-way
+    ranking cannot rank a response twice). DataError naming the file, the lines and the cycle.
+    Rows without a labeler count as one labeler's; different people may disagree."""
+    groups: dict[tuple[str, str | None], list[tuple[str, str, int]]] = {}
+    for prompt, labeler, chosen, rejected, line in pairs:
+        groups.setdefault((repr(prompt), labeler), []).append((chosen, rejected, line))
+    for (_, labeler), edges in groups.items():
+        cycle = _cycle(edges)
+        if cycle is None:
+            continue
+        lines = sorted(where for _, _, where in cycle)
+        shown = " > ".join(_short(winner) for winner, _, _ in cycle) + f" > {_short(cycle[0][0])}"
+        by = f" by labeler {labeler!r}" if labeler is not None else ""
+        hint = "" if labeler is not None else ' (pairs from different people: give each row its "labeler")'
+        raise DataError(f"{source}: line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}: cyclic "
+                        f"preferences for one prompt{by} ({shown}): no ranking satisfies them; fix or drop one "
+                        f"of these lines{hint}")
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 @dataclass
 class Prompt:
