@@ -378,6 +378,18 @@ def test_only_a_marked_reward_model_is_accepted_as_one(tmp_path):
     assert models.is_reward_model(str(rm)) and models.load_reward_model(str(rm)) is not None
 
 
+def test_a_reward_model_directory_not_made_yet_is_not_one(tmp_path):
+    """benchmarks/ppo_step.py asks before it saves its RM fixture (fresh clone: no directory yet)."""
+    from preflab import models
+
+    missing = tmp_path / "bench" / "rm"
+    assert models.is_reward_model(str(missing)) is False
+    (tmp_path / "empty").mkdir()
+    assert models.is_reward_model(str(tmp_path / "empty")) is False  # no config.json
+    with pytest.raises(ModelError, match=r"rm: model directory not found"):
+        models.load_reward_model(str(missing))  # loading it still says what is wrong
+
+
 def test_rm_eval_refuses_an_sft_directory(tmp_path, capsys):
     from preflab import models
 

@@ -505,14 +505,15 @@ REWARD_MARK = "preflab_reward_model"  # config.json key: true in every reward mo
 def is_reward_model(spec: str) -> bool:
     """Whether ``spec`` is a reward model saved by preflab: its config.json has ``preflab_reward_model:
     true`` (or, from before the mark existed, the normalisation ``preflab_reward_gain`` that only the
-    RM stage writes). ``tiny:`` test models count (they are random whatever they are used as)."""
+    RM stage writes). ``tiny:`` test models count (they are random whatever they are used as). A
+    directory that does not exist (yet) or holds no model is not one: False, never an error."""
     import json
 
     if spec.startswith("tiny:"):
         return True
     try:
         cfg = json.loads((Path(resolve(spec)) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ModelError):
         return False
     return bool(cfg.get(REWARD_MARK)) or "preflab_reward_gain" in cfg
 
@@ -535,6 +536,7 @@ def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto", *,
     import warnings
 
     if reward_model and not is_reward_model(spec):
+        resolve(spec)  # a missing directory says so rather than "not a reward model"
         raise ModelError(
             f"{spec}: not a reward model: its config.json has no {REWARD_MARK} mark, so it was not saved by "
             "`preflab rm` (an SFT or base model would get a random score head). Pass the model/ directory of "
