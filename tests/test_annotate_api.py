@@ -176,7 +176,6 @@ def test_admin_adjudicates_over_http(app):
     assert client.get("/api/admin/stats", headers=boss).json()["progress"]["adjudicated"] == 1
 
 
-
 def test_a_correction_over_http_answers_updated(app):
     """Issue 27, item 10: the same order with a new note and scores updates the stored ranking."""
     client, tokens, path = app
