@@ -115,6 +115,12 @@ class SFTData(Section):
     packing: bool = Field(False, description="Pack several examples into one row (no cross-attention masking).")
 
 
+PARALLEL_HELP = ("How several ranks (torchrun) share the model: ddp keeps a full copy on every rank; fsdp "
+                 "shards weights, gradients and optimizer state over the ranks (FSDP2, one unit per decoder "
+                 "layer; bf16 then means bf16 weights in compute with fp32 gradient reduction). One process: no "
+                 "effect. docs/scale-out.md")
+
+
 class SFTTrain(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -122,6 +128,7 @@ class SFTTrain(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     bf16: bool = Field(True, description="bf16 autocast (fp32 master weights and optimizer state).")
     gradient_checkpointing: bool = Field(False)
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end only).")
     select_best: bool = Field(False, description="Export the weights with the lowest validation loss (checked "
                                                  "every eval_every steps and at the end) instead of the last.")
