@@ -194,3 +194,20 @@ def test_reward_functions_add_to_the_rm_score_with_their_weights(tmp_path, good_
                           rows=[r for r in rows for _ in range(2)])
     torch.testing.assert_close(b.scores, 0.5 * b0.scores + 3.0)
     assert [p["id"] for p in seen[0]] == [r["id"] for r in rows for _ in range(2)]
+
+
+def test_token_stats_over_real_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 9.0], [3.0, -7.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    got = ppo.token_stats("advantage", x, mask)
+    assert got["advantage/mean"] == pytest.approx(2.0)
+    assert got["advantage/std"] == pytest.approx((2 / 3) ** 0.5)
+
+
+def test_rollout_metrics_carry_advantage_and_return_statistics(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2", "train.steps=1")
+    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    row = metrics(cfg)[-1]
+    assert row["advantage/mean"] == pytest.approx(0.0, abs=1e-5)  # rloo's are whitened over the batch
+    assert row["advantage/std"] == pytest.approx(1.0, abs=1e-3)
+    assert row["return/std"] > 0

@@ -70,6 +70,10 @@ POLICY_ENTROPY = "policy/entropy"
 POLICY_RATIO = "policy/ratio"
 VALUE_CLIPFRAC = "value/clipfrac"
 VALUE_EXPLAINED_VARIANCE = "value/explained_variance"  # with a critic only
+ADVANTAGE_MEAN = "advantage/mean"  # online RL: over the rollout's real response tokens, before the update
+ADVANTAGE_STD = "advantage/std"
+RETURN_MEAN = "return/mean"  # the critic's targets (gae), the raw advantages otherwise
+RETURN_STD = "return/std"
 SELECT_SCORE = "select/score"  # online RL with select.every: the dev score of the policy at this step
 SELECT_BEST_STEP = "select/best_step"  # the exported step (the manifest's final metrics)
 RESPONSE_LENGTH_MEAN = "response/length_mean"
@@ -100,7 +104,9 @@ TRAIN_REWARDS_ACCURACY = "train/rewards/accuracy"
 RS_ROUND_KEYS = ("reward_mean", "best_reward_mean", "ended", "picks", "kept", "pick_reward_mean")
 
 # --- the keys of the report's PPO curves -----------------------------------------------------
-PPO_CURVES = (OBJECTIVE_SCORE, OBJECTIVE_KL, OBJECTIVE_KL_COEF, RESPONSE_LENGTH_MEAN, RESPONSE_NO_EOS_FRACTION)
+PPO_CURVES = (OBJECTIVE_SCORE, OBJECTIVE_KL, OBJECTIVE_KL_COEF, RESPONSE_LENGTH_MEAN, RESPONSE_NO_EOS_FRACTION,
+              OBJECTIVE_ENTROPY, VALUE_EXPLAINED_VARIANCE, LOSS_VALUE, POLICY_CLIPFRAC, POLICY_APPROXKL, ADVANTAGE_STD,
+              SELECT_SCORE)
 
 KEYS: frozenset[str] = frozenset(
     [v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "/" in v]

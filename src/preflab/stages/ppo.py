@@ -295,6 +295,14 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOCo
     return {k: v / max(1, n_updates) for k, v in totals.items()}
 
 
+def token_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """``prefix/mean`` and ``prefix/std`` of ``x`` over the real tokens of every rank's rollout."""
+    m = mask.to(torch.float64)
+    n, s1, s2 = (distributed.all_reduce_sum(t) for t in (m.sum(), (x * m).sum().double(), (x * x * m).sum().double()))
+    mean = float(s1 / n.clamp(min=1))
+    return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(max(0.0, float(s2 / n.clamp(min=1)) - mean * mean))}
+
+
 def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
     """The sum over this micro-batch's prompts of DPO's loss on their (chosen, rejected) pair:
     -log sigmoid(beta * ((log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l))), sequence log-probs
@@ -460,6 +468,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                 **stats,
                 **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
                    if estimator.needs_critic else {}),
+                **token_stats("advantage", batch.advantages, batch.mask),
+                **token_stats("return", batch.returns, batch.mask),
                 "response/length_mean": global_mean(batch.mask.sum(1)),
                 "response/no_eos_fraction": global_mean((~samples.ended).float()),
                 "perf/step_s": t_train - t0,
