@@ -110,3 +110,17 @@ def test_too_few_prompts_for_the_rounds_is_one_error(tmp_path):
     pipe.step_suite()
     with pytest.raises(ConfigError, match="RM-split prompts"):
         pipe.rounds.fresh_prompts(40)
+
+
+@pytest.mark.parametrize("trainer", [["preference=[dpo]", "rl=[]"], ["preference=[rs]", "rl=[]"], ["rl=[online_dpo]"]])
+def test_every_trainer_can_be_the_rounds_trainer(tmp_path, trainer):
+    out = tmp_path / "run"
+    main(["pipeline", "--preset", "tiny", "--out", str(out), "rounds=2", "round.prompts=8", "round.heldout=0",
+          "eval.models=[sft]", *trainer])
+    method = trainer[0].split("[")[1].rstrip("]")
+    manifest = json.loads((out / f"round-2/{method}/manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    cfg = manifest["config"]
+    start = cfg["models"]["policy"]["path"] if "models" in cfg else cfg["model"]["path"]
+    assert start == str(out / method / "model")  # from round 1's policy, not from SFT
+    assert (out / f"round-2/eval/results.json").is_file() and not (out / "final").exists()
