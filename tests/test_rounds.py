@@ -123,4 +123,4 @@ def test_every_trainer_can_be_the_rounds_trainer(tmp_path, trainer):
     cfg = manifest["config"]
     start = cfg["models"]["policy"]["path"] if "models" in cfg else cfg["model"]["path"]
     assert start == str(out / method / "model")  # from round 1's policy, not from SFT
-    assert (out / f"round-2/eval/results.json").is_file() and not (out / "final").exists()
+    assert (out / "round-2/eval/results.json").is_file() and not (out / "final").exists()
