@@ -368,14 +368,21 @@ def section_rounds(run: Run) -> str:
            for r in rows if isinstance(r["round"], int) and r.get("win_rate")]
     if not pts:
         return table
-    fig, ax = _figure(5.5, 3.2)
-    ax = ax[0][0]
-    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                marker="o", capsize=3)
-    ax.axhline(0.5, color="#444", lw=1, ls="--")
-    ax.set_xticks([p[0] for p in pts])
-    ax.set_xlabel("round")
-    ax.set_ylabel("gold win-rate vs SFT")
+    fig, axes = _figure(10, 3.4, ncols=2)
+    yerr = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+    by_round, by_kl = axes[0]
+    by_round.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr, marker="o", capsize=3)
+    by_round.set_xticks([p[0] for p in pts])
+    by_round.set_xlabel("round")
+    kls = {r["round"]: _num(r.get("kl")) for r in rows}
+    root_kl = [math.sqrt(max(0.0, kls.get(p[0]) or 0.0)) for p in pts]
+    by_kl.errorbar(root_kl, [p[1] for p in pts], yerr=yerr, marker="o", capsize=3)
+    for x, p in zip(root_kl, pts):
+        by_kl.annotate(f"round {p[0]}", (x, p[1]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    by_kl.set_xlabel("sqrt(KL to SFT)  (Gao et al.'s axis)")
+    for ax in (by_round, by_kl):
+        ax.axhline(0.5, color="#444", lw=1, ls="--")
+        ax.set_ylabel("gold win-rate vs SFT")
     return ('<p class="note">"RM before refit" scores the RM the policy was trained against on held-out rankings '
             'of that policy\'s own samples: how well it still knows where the policy is.</p>'
             + table + _png(fig, "gold win-rate by round"))
