@@ -117,9 +117,12 @@ class Rounds:
     # -- steps ----------------------------------------------------------------------------------
 
     def run_step(self, step: str) -> None:
+        """Run ``round-r/WHAT`` or ``final/WHAT`` (the final check is round ``rounds + 1``)."""
         where, _, what = step.partition("/")
         r = self.cfg.rounds + 1 if where == "final" else int(where.removeprefix("round-"))
-        getattr(self, f"step_{what}")(r)
+        steps = {"label": self.step_label, "rm": self.step_rm, "onpolicy": self.step_onpolicy,
+                 "eval": self.step_eval, self.method: self.step_train}
+        steps[what](r)
 
     def step_label(self, r: int) -> None:
         """Rank fresh samples of the current policy into a copy of the previous round's store,
@@ -171,7 +174,7 @@ class Rounds:
                 result[key]["accuracy_on_shared"] = labelers["rm_accuracy"]
         atomic_write_text(d / "onpolicy.json", json.dumps(result, indent=2, default=str))
 
-    def step_method(self, r: int) -> None:  # the trainer step is named after its method
+    def step_train(self, r: int) -> None:  # the trainer's step is named after its method
         self.pipe.train(f"round-{r}/{self.method}")
 
     def step_eval(self, r: int) -> None:
@@ -183,11 +186,6 @@ class Rounds:
             shutil.copyfile(cached, d / "generations/sft.jsonl")
         self.pipe.evaluate_paths({"sft": str(self.out / "sft/model"), f"{self.method}@{r}": str(self.policy(r))},
                                  d, reward_model=str(self.rm(r)))
-
-    def __getattr__(self, name: str):
-        if self.method and name == f"step_{self.method}":
-            return self.step_method
-        raise AttributeError(name)
 
 
 def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: bool) -> dict[str, Any]:
