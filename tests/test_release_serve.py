@@ -124,8 +124,10 @@ def test_body_over_the_limit_is_413_before_it_is_read(local):
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"content-length: 50000000\r\n\r\n")
-            head = sock.recv(65536).decode()  # answered without a byte of the body
-        assert head.startswith("HTTP/1.1 413") and '"code":"body_too_large"' in head
+            answer = b""  # comes without a byte of the body sent
+            while b"}}" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in answer
     c = TestClient(build_app(local, max_body=1000))
     r = c.post("/v1/chat/completions", content=(b" " * 400 for _ in range(3)),  # no Content-Length
                headers={"content-type": "application/json"})
@@ -147,7 +149,7 @@ def test_tokenizing_does_not_block_health():
         name, version, max_new_tokens = "slow", "v0", 4
 
         def encode(self, messages):
-            time.sleep(1.5)
+            time.sleep(3.0)
             return [1]
 
         def complete(self, ids, **kw):
@@ -163,7 +165,7 @@ def test_tokenizing_does_not_block_health():
         time.sleep(0.2)
         t0 = time.perf_counter()
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 1.5  # not after the 3 s of tokenizing
         slow.join()
 
 

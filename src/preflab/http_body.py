@@ -3,8 +3,9 @@ and one JSON parser, so every server refuses bad input the same way.
 
 A body over the limit is refused from its ``Content-Length`` header, before a byte of it is read;
 a body sent without one (chunked) is read only up to the limit. The parser takes UTF-8 JSON as
-RFC 8259 defines it, without Python's extensions (``NaN``, ``Infinity``; ``1e400`` neither), nested at most
-``MAX_DEPTH`` deep. Every refusal is a ``BodyError`` (413 or 400) for the server to answer in its
+RFC 8259 defines it, without Python's extensions (``NaN``, ``Infinity``; ``1e400`` neither),
+nested at most ``MAX_DEPTH`` deep, its strings Unicode text (no lone surrogate such as
+``"\ud800"``, which tokenizers and databases refuse). Every refusal is a ``BodyError`` (413 or 400) for the server to answer in its
 own error shape, never an exception of the parser (a ``RecursionError`` included).
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 MAX_DEPTH = 64  # arrays and objects inside each other
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate gets into JSON text
 
 
 class BodyError(ValueError):
@@ -93,6 +96,12 @@ def parse_json(raw: bytes) -> Any:
         raise BodyError(400, "invalid_json", f"the body is not valid JSON ({e})") from None
     if depth(obj) > MAX_DEPTH:
         raise too_deep()
+    if SURROGATE_ESCAPE.search(text):
+        try:  # a lone surrogate cannot be encoded; the parser joins a pair into one character
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyError(400, "invalid_json", "the body's JSON has a lone surrogate (\\ud800-\\udfff), "
+                            "which is not Unicode text") from None
     return obj
 
 

@@ -4,13 +4,13 @@ Every route but the login page and its static files needs a token: ``Authorizati
 Bearer TOKEN`` or the HttpOnly, SameSite=Strict cookie that ``POST /api/login`` sets. A
 wrong or missing token gets 401 (pages redirect to /login) and no data; admin routes need
 an admin account (403 otherwise). POST bodies must be JSON (which a cross-site form cannot
-send) and at most ``MAX_BODY`` bytes. Store work runs in the thread pool, one store
+send) and at most ``MAX_BODY`` bytes, parsed by ``preflab.http_body`` (a body over the limit is
+refused before it is read; NaN and deep nesting are invalid JSON). Store work runs in the thread pool, one store
 connection per thread (SQLite WAL: readers and the single writer do not block each other).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from preflab.annotate.project import load_project
 from preflab.annotate.validate import FLAGS, MAX_BODY, Invalid, parse_order_only
 from preflab.errors import DataError
 from preflab.feedback.store import PreferenceStore
+from preflab.http_body import BodyError, check_length, read_json
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "preflab_token"
@@ -53,17 +54,15 @@ def _token(request: Request) -> str | None:
 async def _json_body(request: Request) -> Any:
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise Invalid("body", "Content-Type must be application/json", 415)
-    size = 0
-    chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise Invalid("body", f"request body is over {MAX_BODY} bytes", 413)
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("body", "is not valid JSON", 400) from None
+        return await read_json(request, MAX_BODY)
+    except BodyError as e:
+        raise Invalid("body", e.message, e.status) from None
+
+
+def _is_id(v: Any) -> bool:
+    """A row id SQLite can hold (a 64-bit integer; JSON true is no id)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63
 
 
 def _task_id(raw: str) -> int:
@@ -92,9 +91,10 @@ def create_app(store_path: str | Path, project_name: str | None = None) -> FastA
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > MAX_BODY):
-            response: Response = _error(Invalid("body", f"request body is over {MAX_BODY} bytes", 413))
+        try:
+            check_length(request.headers, MAX_BODY)
+        except BodyError as e:
+            response: Response = _error(Invalid("body", e.message, e.status))
         else:
             response = await call_next(request)
         response.headers.update(HEADERS)
@@ -205,9 +205,9 @@ def create_app(store_path: str | Path, project_name: str | None = None) -> FastA
         if not isinstance(body, dict):
             raise Invalid("body", "must be a JSON object", 400)
         pid, cids = body.get("prompt_id"), body.get("candidate_ids")
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise Invalid("prompt_id", "must be an integer")
-        if not isinstance(cids, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cids):
+        if not _is_id(pid):
+            raise Invalid("prompt_id", "must be a prompt id (an integer)")
+        if not isinstance(cids, list) or not all(_is_id(c) for c in cids):
             raise Invalid("candidate_ids", "must be a list of candidate ids")
         order = parse_order_only(body, len(cids))
         rid = await run_in_threadpool(lambda: stats.adjudicate(store(), project, acc.name, pid, cids, order))
