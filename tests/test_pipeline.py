@@ -151,3 +151,18 @@ def test_preference_trainers_are_pipeline_steps_with_their_own_run_dirs():
     assert p.stage_configs["dpo"].dpo.beta == 0.3 and p.stage_configs["dpo"].run.out.endswith("/dpo")
     assert p.stage_configs["rs"].models.reward_model.endswith("/rm/model")
     assert p.eval_models == ["base", "sft", "rloo", "dpo", "rs"]
+
+
+def test_rm_ensemble_members_train_with_their_own_seeds_and_reach_the_rl_methods(tmp_path):
+    out = tmp_path / "run"
+    main(["pipeline", "--preset", "tiny", "--out", str(out), "rm_ensemble=2", "rl=[rloo]", "eval.models=[sft,rloo]"])
+    steps = [s["step"] for s in json.loads((out / "pipeline.json").read_text())["steps"]]
+    assert steps[steps.index("rm") + 1] == "rm-2"
+    one, two = (json.loads((out / d / "manifest.json").read_text())["config"] for d in ("rm", "rm-2"))
+    assert two["run"]["seed"] == one["run"]["seed"] + 1 and two["data"] == one["data"]
+    rl = json.loads((out / "rloo/manifest.json").read_text())["config"]["models"]
+    assert rl["reward_model"] == str(out / "rm/model") and rl["reward_ensemble"] == [str(out / "rm-2/model")]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "rm/model/model.safetensors")), load_file(str(out / "rm-2/model/model.safetensors"))
+    assert any(not (a[k] == b[k]).all() for k in a)  # two members, not one model twice

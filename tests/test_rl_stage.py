@@ -211,3 +211,25 @@ def test_rollout_metrics_carry_advantage_and_return_statistics(tmp_path, good_to
     assert row["advantage/mean"] == pytest.approx(0.0, abs=1e-5)  # rloo's are whitened over the batch
     assert row["advantage/std"] == pytest.approx(1.0, abs=1e-3)
     assert row["return/std"] > 0
+
+
+def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
+    """Two reward models: the rollout's score is mean - lambda * std of their (normalised) scores."""
+    calls = []
+
+    def fake_scores(rm, s):
+        calls.append(rm)
+        return torch.full((s.response.shape[0],), 1.0 if len(calls) % 2 else 3.0)
+
+    monkeypatch.setattr(ppo, "reward_scores", fake_scores)
+    loaded = []
+    monkeypatch.setattr(models, "load_reward_model", lambda path, **kw: loaded.append(path) or torch.nn.Identity())
+    cfg = cfg_for(tmp_path, "models.reward_ensemble=[rm-b]", "rewards.ensemble_lambda=0.5", "train.steps=1",
+                  "models.critic=policy_head")
+    fn = ppo.ensemble_reward([torch.nn.Identity(), torch.nn.Identity()], "mean_minus_std", 0.5)
+    from types import SimpleNamespace
+
+    assert fn(SimpleNamespace(response=torch.zeros(4, 2))).tolist() == [1.5] * 4  # mean 2, std 1
+    ppo.train(cfg)
+    assert loaded == ["tiny:", "rm-b"]
+    assert metrics(cfg)[-1]["objective/score"] == pytest.approx(1.5, abs=1e-6)  # the tiny config has no EOS penalty

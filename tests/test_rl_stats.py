@@ -71,3 +71,17 @@ def test_difference_interval_matches_newcombe_1998_example():
     assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
     lo2, hi2 = difference_interval(48, 80, 56, 70)  # the other way round: mirrored
     assert (lo2, hi2) == pytest.approx((-hi, -lo))
+
+
+def test_conservative_reward_against_hand_values():
+    import torch
+
+    from preflab.rl.stats import conservative_reward
+
+    s = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])  # two members, three samples
+    assert conservative_reward(s, "mean").tolist() == [2.0, 2.0, 2.0]
+    assert conservative_reward(s, "mean_minus_std", 0.5).tolist() == [1.5, 2.0, 1.5]  # std (population) 1, 0, 1
+    assert conservative_reward(s, "min").tolist() == [1.0, 2.0, 1.0]
+    assert conservative_reward(s[:1], "mean_minus_std").tolist() == [1.0, 2.0, 3.0]  # one member: its score
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        conservative_reward(s, "max")

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from preflab.cli import main
 from preflab.config import PipelineConfig
 from preflab.errors import ConfigError
+from preflab.evals.report import rounds_table
 from preflab.feedback.store import PreferenceStore
 from preflab.pipeline import PRESETS, Pipeline, deep_merge
-from preflab.rounds import rounds_table
 
 ROUNDS = ["rounds=2", "rl=[rloo]", "round.prompts=8", "round.heldout=4", "eval.models=[sft,rloo]"]
 

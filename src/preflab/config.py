@@ -8,6 +8,7 @@ starts. Each stage gets only the sections it needs (pass a function what it need
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -250,6 +251,9 @@ class RMConfig(Section):
 class PPOModels(Section):
     policy: ModelSection = Field(default_factory=ModelSection)
     reward_model: str = Field(..., description="Reward model directory (from `preflab rm`).")
+    reward_ensemble: list[str] = Field(
+        default_factory=list, description="Further reward models (e.g. the same data, other seeds): with any, the "
+        "reward is `rewards.ensemble` over all of them (the critic still starts from `reward_model`).")
     critic: Literal["reward_model", "policy_head"] = Field(
         "reward_model", description="reward_model: a separate critic initialised from the RM (InstructGPT); "
                                     "policy_head: a value head on the policy trunk (less memory).")
@@ -326,6 +330,11 @@ class RewardFunc(Section):
 class RewardsSection(Section):
     rm_weight: float = Field(1.0, ge=0, description="Weight of the reward model's score (0: reward functions only).")
     funcs: list[RewardFunc] = Field(default_factory=list, description="Programmatic rewards added to the RM score.")
+    ensemble: Literal["mean", "mean_minus_std", "min"] = Field(
+        "mean_minus_std", description="How the scores of `models.reward_model` and `models.reward_ensemble` "
+                                      "combine: mean, mean - ensemble_lambda x std over the members (conservative "
+                                      "where they disagree), or the worst member.")
+    ensemble_lambda: float = Field(1.0, ge=0, description="lambda of mean_minus_std.")
     preset: Literal["none", "protect"] = Field(
         "none", description="Reward functions added to `funcs`: protect = the suite's verifiable constraints "
                             "(preflab.rewards:constraints) and refusal correctness (preflab.rewards:refusals), "
@@ -542,6 +551,10 @@ class PipelineConfig(Section):
                     "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
                     "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")
     eval: EvalSection = Field(default_factory=EvalSection)
+    rm_ensemble: int = Field(1, ge=1, description="Reward models trained on the rankings (RUN/rm, RUN/rm-2, ...; "
+                                                  "seeds seed, seed + 1, ...): with more than one, the online RL "
+                                                  "methods optimise `rewards.ensemble` over them (conservative where "
+                                                  "they disagree). Rounds 2..n refit one RM.")
     rounds: int = Field(1, ge=1, description="Rounds of the recipe: 1 is the graph above; each further round "
                                              "ranks fresh samples of the current policy, refits the RM and "
                                              "trains on (`round`).")
@@ -553,6 +566,14 @@ class PipelineConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 C = TypeVar("C", bound=BaseModel)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base`` key by key (nested dicts merge; anything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

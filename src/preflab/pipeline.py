@@ -15,7 +15,6 @@ store because it writes to a temporary store that is renamed only when complete)
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import click
 
-from preflab.config import RL_METHODS, PipelineConfig, dump_config, validate
+from preflab.config import RL_METHODS, PipelineConfig, deep_merge, dump_config, validate
 from preflab.data.jsonl import atomic_write_text, write_jsonl
 from preflab.errors import ConfigError
 from preflab.registry import STAGES, run_stage
@@ -38,7 +37,9 @@ LABEL_STEPS = ("label", "agreement")
 def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
     """The step names of a pipeline, in order (training steps are named after their run directory;
     rounds 2..n come after the first evaluation, whose SFT samples they reuse)."""
-    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *cfg.rl, *cfg.preference, "eval", *round_steps(cfg), "report")
+    members = tuple(f"rm-{i}" for i in range(2, cfg.rm_ensemble + 1))
+    return (*DATA_STEPS, "sft", *LABEL_STEPS, "rm", *members, *cfg.rl, *cfg.preference, "eval", *round_steps(cfg),
+            "report")
 
 
 STEPS = steps_of(PipelineConfig())  # the default graph
@@ -83,13 +84,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 class Pipeline:
     """Builds each stage's config from the pipeline config and runs the steps in order."""
 
@@ -112,8 +106,13 @@ class Pipeline:
             raise ConfigError(f"eval.models: {', '.join(bad) or 'sft is missing'} (choose from base, sft and the "
                               f"methods of rl: {', '.join(cfg.rl)}; sft is the reference)")
         # Validate every stage config before anything starts (a bad key fails now, not in hour two).
+        self.members = [f"rm-{i}" for i in range(2, cfg.rm_ensemble + 1)]  # RM ensemble members beside rm
         self.stage_names = {name: self.stage_of(name) for name in ("sft", "rm", *trained)}
         self.stage_configs = {name: self._stage_config(name) for name in ("sft", "rm", *trained)}
+        for i, member in enumerate(self.members, start=1):
+            data = deep_merge(self.stage_dict("rm"), {"run": {"out": str(self.out / member), "seed": cfg.seed + i}})
+            self.stage_names[member] = "rm"
+            self.stage_configs[member] = validate(STAGES["rm"].config, data, f"pipeline.{member}")
         self.rounds = Rounds(self)
         if cfg.rounds > 1:
             for step, (stage, data) in self.rounds.stage_dicts().items():
@@ -164,6 +163,7 @@ class Pipeline:
             pol["path"] = policy
         if reward_model and models:
             models["reward_model"] = reward_model
+            models.pop("reward_ensemble", None)  # a round's refit RM stands alone
         if reference and self.stage_of(method) in ("ppo", "dpo"):  # rs has no KL reference
             (models if self.stage_of(method) == "ppo" else pol)["reference"] = reference
         if out:
@@ -195,8 +195,10 @@ class Pipeline:
         section, the method's preset (``config.RL_METHODS``), `ppo_ptx` for ppo_ptx, then
         `rl_overrides[method]`. `preflab compare` starts from the same dict."""
         c = self.cfg
+        members = [str(self.out / m / "model") for m in self.members]
         base = {"models": {"policy": {"path": str(self.out / "sft/model"), **self._model()},
-                           "reward_model": str(self.out / "rm/model")},
+                           "reward_model": str(self.out / "rm/model"),
+                           **({"reward_ensemble": members} if members else {})},
                 "data": {"prompts": str(self.prompts), "split": "ppo", "ptx": str(self.demos_path)},
                 "run": {"out": str(self.out / method), "seed": c.seed, "progress": True}}
         merged = deep_merge(deep_merge(base, c.ppo), RL_METHODS[method])

@@ -26,13 +26,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from preflab.config import deep_merge
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from preflab.pipeline import Pipeline
 
 ROUND_STEPS = ("label", "rm", "onpolicy", "{method}", "eval")
 
@@ -58,7 +56,7 @@ def round_steps(cfg: Any) -> list[str]:
 class Rounds:
     """Paths, stage configs and steps of rounds 2..n of one pipeline run."""
 
-    def __init__(self, pipe: Pipeline):
+    def __init__(self, pipe: Any):  # the pipeline.Pipeline whose rounds these are (it imports this module)
         self.pipe, self.cfg, self.out = pipe, pipe.cfg, pipe.out
         self.method = round_method(self.cfg) if self.cfg.rounds > 1 else None
 
@@ -109,8 +107,6 @@ class Rounds:
             trainer = pipe.method_dict(self.method, policy=str(self.policy(r - 1)), reward_model=str(self.rm(r)),
                                        store=self.store(r), reference=ref, out=d / self.method,
                                        seed=c.seed + 1000 * (r - 1))
-            from preflab.pipeline import deep_merge
-
             out[f"round-{r}/{self.method}"] = (pipe.stage_of(self.method), deep_merge(trainer, c.round.overrides))
         return out
 
@@ -202,38 +198,3 @@ def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: b
                           bf16=bf16)
     del model
     return evaluate(groups, scores, temperature_scaling=False, worst_k=0)
-
-
-def rounds_table(run: Path) -> list[dict[str, Any]]:
-    """One row per round of a run (round 1 from RUN/eval, later rounds from RUN/round-r/eval):
-    gold win-rate against SFT, KL, constraint following, mean words, RM accuracies. For the report."""
-    cfg_path = run / "pipeline_config.json"
-    if not cfg_path.is_file():
-        return []
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("rounds", 1) < 2:
-        return []
-    trained = [*cfg.get("rl", []), *cfg.get("preference", [])]
-    method = (cfg.get("round") or {}).get("method") or (trained[0] if trained else None)
-    rows = []
-    for r in range(1, cfg["rounds"] + 1):
-        res_path = run / ("eval" if r == 1 else f"round-{r}/eval") / "results.json"
-        name = method if r == 1 else f"{method}@{r}"
-        row: dict[str, Any] = {"round": r, "model": name}
-        if res_path.is_file():
-            m = json.loads(res_path.read_text())["models"].get(name)
-            if m:
-                row.update(win_rate=m["win_rate"], kl=m["kl"], words=m["length_words"]["mean"],
-                           follows_constraints=(m.get("metadata") or {}).get("follows_constraints"))
-        onp = run / f"round-{r}/onpolicy.json"
-        if onp.is_file():
-            o = json.loads(onp.read_text())
-            row.update(rm_before=o["rm_before"]["accuracy"], rm_after=(o.get("rm_after") or {}).get("accuracy"),
-                       labelers=(o.get("labeler_agreement") or {}).get("agreement"))
-        rows.append(row)
-    final = run / "final/onpolicy.json"
-    if final.is_file():
-        o = json.loads(final.read_text())
-        rows.append({"round": "final", "model": "final policy", "rm_before": o["rm_before"]["accuracy"],
-                     "labelers": (o.get("labeler_agreement") or {}).get("agreement")})
-    return rows

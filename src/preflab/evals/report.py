@@ -343,11 +343,44 @@ def section_gold_vs_kl(run: Run) -> str:
             'over-optimises the reward model; compare models at their KL.</p>' + _png(fig, "gold score against KL"))
 
 
+def rounds_table(run: Path) -> list[dict[str, Any]]:
+    """One row per round of a run (round 1 from RUN/eval, later rounds from RUN/round-r/eval):
+    gold win-rate against SFT, KL, constraint following, mean words, RM accuracies. For the report."""
+    cfg_path = run / "pipeline_config.json"
+    if not cfg_path.is_file():
+        return []
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("rounds", 1) < 2:
+        return []
+    trained = [*cfg.get("rl", []), *cfg.get("preference", [])]
+    method = (cfg.get("round") or {}).get("method") or (trained[0] if trained else None)
+    rows = []
+    for r in range(1, cfg["rounds"] + 1):
+        res_path = run / ("eval" if r == 1 else f"round-{r}/eval") / "results.json"
+        name = method if r == 1 else f"{method}@{r}"
+        row: dict[str, Any] = {"round": r, "model": name}
+        if res_path.is_file():
+            m = json.loads(res_path.read_text())["models"].get(name)
+            if m:
+                row.update(win_rate=m["win_rate"], kl=m["kl"], words=m["length_words"]["mean"],
+                           follows_constraints=(m.get("metadata") or {}).get("follows_constraints"))
+        onp = run / f"round-{r}/onpolicy.json"
+        if onp.is_file():
+            o = json.loads(onp.read_text())
+            row.update(rm_before=o["rm_before"]["accuracy"], rm_after=(o.get("rm_after") or {}).get("accuracy"),
+                       labelers=(o.get("labeler_agreement") or {}).get("agreement"))
+        rows.append(row)
+    final = run / "final/onpolicy.json"
+    if final.is_file():
+        o = json.loads(final.read_text())
+        rows.append({"round": "final", "model": "final policy", "rm_before": o["rm_before"]["accuracy"],
+                     "labelers": (o.get("labeler_agreement") or {}).get("agreement")})
+    return rows
+
+
 def section_rounds(run: Run) -> str:
     """Rounds 2..n (``rounds``): each round's policy against SFT, and the RM on the current policy's
     held-out samples before and after its refit, beside the labelers' agreement on the same samples."""
-    from preflab.rounds import rounds_table
-
     if not (run.dir / "pipeline_config.json").is_file():
         return _na("pipeline_config.json is missing (not a `preflab pipeline` run)")
     rows = rounds_table(run.dir)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 __all__ = [
     "average_ranks",
@@ -85,6 +86,22 @@ def difference_interval(x1: float, n1: int, x2: float, n2: int, z: float = 1.96)
     l2, u2 = wilson_interval(x2, n2, z)
     d = p1 - p2
     return Interval(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def conservative_reward(scores: torch.Tensor, how: str = "mean_minus_std", lam: float = 1.0) -> torch.Tensor:
+    """One reward per sample from an ensemble's (M, B) scores (Coste et al. 2024): ``mean``;
+    ``mean_minus_std``: mean - lam * std over the members (population std, so one member gives
+    its own score); ``min``: the worst case. Where the members disagree, the reward is lower, so
+    the policy is not paid for going where the reward models are unsure."""
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"expected (members, samples) scores, got {tuple(scores.shape)}")
+    if how == "mean":
+        return scores.mean(0)
+    if how == "mean_minus_std":
+        return scores.mean(0) - lam * scores.std(0, unbiased=False)
+    if how == "min":
+        return scores.min(0).values
+    raise ValueError(f"unknown ensemble combination {how!r} (mean, mean_minus_std, min)")
 
 
 def win_rate(scores_a, scores_b, z: float = 1.96) -> WinRate:

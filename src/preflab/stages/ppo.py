@@ -55,6 +55,7 @@ from preflab.rl.estimators import (
     sequence_rewards,
 )
 from preflab.rl.preference import dpo_loss
+from preflab.rl.stats import conservative_reward
 from preflab.rollout import HFGenerator, Samples, encode_prompts, response_mask_after_stop
 from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
@@ -325,6 +326,14 @@ def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
+def ensemble_reward(rms: list[nn.Module], how: str, lam: float) -> RewardFn:
+    """The reward of one RM, or ``rl.stats.conservative_reward`` over several (each normalised by
+    its own stored gain and bias first)."""
+    if len(rms) == 1:
+        return lambda s: reward_scores(rms[0], s)
+    return lambda s: conservative_reward(torch.stack([reward_scores(rm, s).float() for rm in rms]), how, lam)
+
+
 def load_critic(cfg: PPOConfig) -> nn.Module:
     """The critic initialised from the reward model (InstructGPT), its normalisation folded into the
     head: on a whole sequence it starts out giving the RM's normalised score, the units of the returns."""
@@ -378,11 +387,10 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                                        device=pol.device, dropout_off=True)
         reference.eval().requires_grad_(False)
     if reward_fn is None and cfg.rewards.rm_weight:
-        rm = models.load_reward_model(cfg.models.reward_model, dtype=cfg.models.frozen_dtype,
-                                device=pol.device).eval().requires_grad_(False)
-
-        def reward_fn(s: Samples) -> torch.Tensor:
-            return reward_scores(rm, s)
+        reward_fn = ensemble_reward([models.load_reward_model(path, dtype=cfg.models.frozen_dtype, device=pol.device)
+                                     .eval().requires_grad_(False)
+                                     for path in (cfg.models.reward_model, *cfg.models.reward_ensemble)],
+                                    cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)
 
     steps_per_update = p.epochs * (r.batch_size // p.minibatch_size)
     total_updates = cfg.train.steps * steps_per_update
