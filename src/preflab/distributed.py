@@ -1,14 +1,19 @@
-"""The little of torch.distributed that every loop needs: ranks, reductions, rank-0 writes.
+"""The little of torch.distributed that every loop needs: ranks, reductions, rank-0 writes, and
+the one place a model is wrapped for several ranks (``wrap``: DDP or FSDP2) with the sharded
+checkpoints and full-weight export that FSDP needs.
 
 Launch with ``torchrun --nproc_per_node N``: gloo on CPU, nccl on CUDA. With one process
-everything here is a no-op, so one recipe serves one device or many.
+everything here is a no-op, so one recipe serves one device or many (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,8 @@ def init(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is then this rank's GPU
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -107,3 +114,106 @@ def all_gather_object(obj) -> list:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapping a model for several ranks: DDP or FSDP2
+# ---------------------------------------------------------------------------------------------
+
+
+def wrap(module: torch.nn.Module, parallel: str, bf16: bool) -> torch.nn.Module:
+    """``module`` (a stage's loss module around its model) ready to train on the joined ranks.
+
+    ``ddp``: DistributedDataParallel, a full copy of everything on every rank. ``fsdp``: FSDP2
+    (``fully_shard``) on each decoder layer, then on ``module`` itself, which holds the rest
+    (embeddings, final norm, head): weights, gradients and optimizer state are sharded over the
+    ranks, and a layer's full weights exist only while it runs. ``bf16`` under fsdp: bf16 weights
+    in forward and backward, gradients reduced in fp32 onto the fp32 shards. One process: ``module``.
+    Build the optimizer after this call: FSDP replaces the parameters by sharded DTensors.
+    """
+    if not in_group():
+        return module
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(module)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from preflab.errors import ConfigError
+
+    if any(hasattr(m, "peft_config") for m in module.modules()):
+        raise ConfigError("train.parallel=fsdp with LoRA (model.lora.enabled) is not supported yet; "
+                          "use train.parallel=ddp (LoRA's trainable weights are small)")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in decoder_layers(module):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of the transformers models inside ``module``: the classes their
+    ``_no_split_modules`` name (Llama: ``LlamaDecoderLayer``), one FSDP unit each."""
+    names = {n for m in module.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in module.modules() if type(m).__name__ in names]
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP shards ``module``'s parameters (they are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def grad_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """One micro-batch of an accumulated step: under DDP gradients are all-reduced only when
+    ``sync`` (the last micro-batch). FSDP reduce-scatters every micro-batch, so that no rank ever
+    holds a full gradient; the sum is the same."""
+    if sync or not in_group() or is_sharded(module):
+        yield
+    else:
+        with module.no_sync():
+            yield
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its shards of ``model``'s and ``optimizer``'s state into the directory
+    ``path`` (torch.distributed.checkpoint: one file per rank and a ``.metadata`` index)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Read ``save_sharded``'s directory into ``model`` and ``optimizer``, resharded to this run's
+    ranks (sharded or not: another number of ranks, or one process, reads it too)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def local_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's part of each of ``model``'s tensors (the whole tensor when it is not sharded)."""
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any] | None:
+    """``model``'s full weights on CPU, gathered on rank 0 from a sharded model (every rank must
+    call this; the others get an empty dict); None when ``model`` is not sharded. Tied weights
+    (embeddings and head) come back as one tensor, as in the model, so the export stores it once."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}  # parameter object -> its first name
+    for name, p in model.named_parameters(remove_duplicate=False):
+        source = first.setdefault(id(p), name)
+        if source != name and source in state and name in state:
+            state[name] = state[source]
+    return state

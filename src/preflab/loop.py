@@ -5,6 +5,7 @@ A stage reads top to bottom and calls these where its numbered steps say so::
 
     ctx = loop.start(cfg, "sft", cfg.model, resume)          # threads, device, ranks, seed, run dir
     total = loop.total_steps(len(train), global_batch, cfg.train.epochs, cfg.train.max_steps, source)
+    module = loop.wrap(LossModule(model), cfg.train)           # DDP or FSDP on several ranks
     for j, batch in enumerate(batches):
         with loop.micro_step(module, ctx, j, len(batches), bf16):   # no_sync except the last, autocast
             ...loss.backward()
@@ -27,7 +28,7 @@ import torch
 from preflab import distributed, models
 from preflab.config import dump_config
 from preflab.data.jsonl import atomic_dir
-from preflab.errors import DataError
+from preflab.errors import ConfigError, DataError
 from preflab.optim import clip_grad
 from preflab.run import RunDir, seed_everything
 
@@ -60,11 +61,20 @@ def total_steps(n_examples: int, global_batch: int, epochs: float, max_steps: in
     return max_steps or max(1, math.ceil(epochs * (n_examples // global_batch)))
 
 
+def wrap(module: torch.nn.Module, train: Any) -> torch.nn.Module:
+    """``distributed.wrap`` as the stage's ``train`` section says (``parallel``, ``bf16``); what FSDP
+    does not support yet is refused here, before the first step."""
+    parallel = getattr(train, "parallel", "ddp")
+    if parallel == "fsdp" and distributed.in_group() and getattr(train, "select_best", False):
+        raise ConfigError("train.select_best with train.parallel=fsdp is not supported yet; use train.parallel=ddp")
+    return distributed.wrap(module, parallel, train.bf16)
+
+
 @contextlib.contextmanager
 def micro_step(module: torch.nn.Module, ctx: Context, j: int, n: int, bf16: bool) -> Iterator[None]:
-    """One micro-batch of an accumulated step: DDP syncs gradients only on the last, bf16 autocast."""
-    sync = not ctx.dist.enabled or j == n - 1
-    with (contextlib.nullcontext() if sync else module.no_sync()), \
+    """One micro-batch of an accumulated step: DDP syncs gradients only on the last (FSDP on every
+    one, ``distributed.grad_sync``), bf16 autocast."""
+    with distributed.grad_sync(module, sync=j == n - 1), \
             torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
         yield
 
@@ -82,9 +92,11 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
 
 
 def export(model: torch.nn.Module, tokenizer: Any, out: Path, ctx: Context) -> Path:
-    """A plain Hugging Face directory (LoRA merged), written by rank 0; every rank waits for it."""
+    """A plain Hugging Face directory (LoRA merged), written by rank 0; every rank waits for it.
+    A sharded (FSDP) model's full weights are gathered on rank 0 first."""
+    state = distributed.full_state_dict(model)
     if ctx.dist.is_main:
-        models.save_model(model, tokenizer, out)
+        models.save_model(model, tokenizer, out, state_dict=state)
     distributed.barrier()
     return out
 

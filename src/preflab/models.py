@@ -585,11 +585,14 @@ def wrap_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSA
     return get_peft_model(model, cfg)
 
 
-def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: bool | None = None) -> Path:
+def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: bool | None = None,
+               state_dict: dict[str, Any] | None = None) -> Path:
     """Save a plain Hugging Face directory (LoRA merged) atomically: tmp directory, then rename.
 
     ``reward_model`` (default: whether the model carries the RM stage's normalisation
     ``preflab_reward_gain``) writes the reward-model mark that ``load_reward_model`` checks.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's full
+    weights, from ``distributed.full_state_dict``).
     """
     quiet_transformers()
     out = Path(out)
@@ -602,7 +605,7 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: boo
     if reward_model:
         setattr(model.config, REWARD_MARK, True)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return out
 

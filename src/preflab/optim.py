@@ -71,7 +71,10 @@ def clip_grad(params, max_norm: float | None, *, step: int | None = None,
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(total, "full_tensor"):  # FSDP: each rank's shards give a partial norm; combine them
+        total = total.full_tensor()
+    norm = float(total)
     if not math.isfinite(norm):
         raise non_finite_error(f"gradient norm {norm}", step=step, last_good=last_good)
     if max_norm:

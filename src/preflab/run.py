@@ -8,7 +8,8 @@
       .lock              flock'ed by the one process that writes the run (its pid inside)
 
 A checkpoint holds the model weights, optimizer, scheduler, RNG states and whatever the stage
-adds (e.g. a KL controller). ``--resume`` loads the newest complete one; ``metrics.jsonl`` is cut
+adds (e.g. a KL controller); under train.parallel=fsdp the model and optimizer are every rank's
+shards in ``sharded/`` (torch.distributed.checkpoint), the rest in ``state.pt``. ``--resume`` loads the newest complete one; ``metrics.jsonl`` is cut
 back to that step so a resumed run's log equals an uninterrupted one; a directory without a
 manifest.json is refused (nothing to resume). Two processes never write one run directory: the
 second is refused with the pid of the first (``lock_run_dir``).
@@ -39,6 +40,7 @@ from preflab.data.jsonl import atomic_dir, atomic_write_text, clean_stale_tmp_di
 from preflab.errors import ConfigError, DataError, ModelError, PreflabError
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
+SHARDED = "sharded"  # in a checkpoint of a sharded (FSDP) run: every rank's shards of model and optimizer
 
 
 def _now() -> str:
@@ -597,45 +599,89 @@ class RunDir:
         """
         if not self.writer:
             return None
-        import torch
+        self._refuse_non_finite(step, _non_finite_tensors(state.get("model") or {})
+                                if isinstance(state.get("model"), dict) else [])
+        final = self.ckpt_dir / f"step-{step:06d}"
+        with atomic_dir(final) as tmp:
+            self._write_state(tmp, step, state)
+        self._prune(keep)
+        return final
 
-        bad = _non_finite_tensors(state.get("model") or {}) if isinstance(state.get("model"), dict) else []
+    def save_sharded_checkpoint(self, step: int, model: Any, optimizer: Any, state: dict[str, Any],
+                                keep: int = 1) -> None:
+        """``save_checkpoint`` for a sharded (FSDP) model, called by every rank: each writes its shards
+        of the model and optimizer into the temporary directory's ``sharded/``
+        (torch.distributed.checkpoint), then rank 0 adds ``state`` (the rest) and renames it into
+        place. Every rank must see the run directory (several machines: shared storage)."""
+        from preflab import distributed
+
+        bad = distributed.all_gather_object(_non_finite_tensors(distributed.local_shards(model)))
+        self._refuse_non_finite(step, sorted({k for names in bad for k in names}))
+        final = self.ckpt_dir / f"step-{step:06d}"
+        with atomic_dir(final) if self.writer else contextlib.nullcontext() as tmp:
+            tmp = Path(distributed.broadcast_object(str(tmp)))
+            distributed.save_sharded(model, optimizer, tmp / SHARDED)  # returns on rank 0 once all wrote
+            if self.writer:
+                self._write_state(tmp, step, state)
+        if self.writer:
+            self._prune(keep)
+
+    def _refuse_non_finite(self, step: int, bad: list[str]) -> None:
         if bad:
             from preflab.optim import non_finite_error
 
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise non_finite_error(f"model weights ({shown}); not saved as a checkpoint", step=step,
                                    last_good=self.latest_checkpoint() or "none")
-        final = self.ckpt_dir / f"step-{step:06d}"
-        with atomic_dir(final) as tmp:
-            torch.save(state, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": _now()}))
+
+    @staticmethod
+    def _write_state(tmp: Path, step: int, state: dict[str, Any]) -> None:
+        import torch
+
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": _now()}))
+
+    def _prune(self, keep: int) -> None:
         for _, old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def save_training(self, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int = 1,
                       **extra: Any) -> None:
         """Checkpoint a training loop: model, optimizer, scheduler, RNG states, step and ``extra``
-        objects with ``state_dict()`` (e.g. a KL controller). Every rank waits for rank 0."""
+        objects with ``state_dict()`` (e.g. a KL controller). Every rank waits for rank 0. A sharded
+        (FSDP) model and its optimizer go to ``sharded/``, written by every rank."""
         from preflab import distributed
 
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
+        state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
                  "extra": {k: v.state_dict() for k, v in extra.items()}}
-        self.save_checkpoint(step, state, keep=keep)
+        if distributed.is_sharded(model):
+            self.save_sharded_checkpoint(step, model, optimizer, state, keep=keep)
+        else:
+            state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+            self.save_checkpoint(step, state, keep=keep)
         distributed.barrier()
 
     def resume_training(self, model: Any, optimizer: Any, scheduler: Any, **extra: Any) -> int:
         """Load the newest checkpoint into the given objects; returns its step (0: none).
 
-        Metric rows after that step are dropped: the resumed run logs them again.
+        A sharded checkpoint is resharded to this run's ranks (any number, or one process); a
+        full one cannot be read into a sharded model. Metric rows after that step are dropped:
+        the resumed run logs them again.
         """
-        state = self.load_checkpoint()
-        if state is None:
+        from preflab import distributed
+
+        path = self.latest_checkpoint()
+        if path is None:
             return 0
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = self.load_checkpoint(path)
+        if (path / SHARDED).is_dir():
+            distributed.load_sharded(model, optimizer, path / SHARDED)
+        elif distributed.is_sharded(model):
+            raise ConfigError(f"{path}: a full (train.parallel=ddp or one-process) checkpoint, and this run "
+                              "shards the model (train.parallel=fsdp): resume with train.parallel=ddp")
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for k, v in extra.items():
             v.load_state_dict(state["extra"][k])

@@ -1,8 +1,9 @@
 """Stage A: supervised fine-tuning on demonstrations, loss on response tokens only.
 
 Read top to bottom: 0. set-up, 1. data, 2. model and optimizer, 3. the loop, 4. save.
-Works on one process or under ``torchrun`` (DDP; every rank takes its slice of each global
-batch, the loss is normalised by the step's global token count, rank 0 alone writes).
+Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``; every rank takes its
+slice of each global batch, the loss is normalised by the step's global token count, rank 0 alone
+writes).
 """
 
 from __future__ import annotations
@@ -83,9 +84,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    loss_fn = TokenNLL(model)
-    if dist.enabled:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
+    loss_fn = loop.wrap(TokenNLL(model), cfg.train)  # DDP or FSDP on several ranks; build the optimizer after
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
