@@ -10,7 +10,7 @@ its picks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from preflab.scoring import reward_scores, score_texts
 @dataclass
 class BestOfN:
     """Per prompt, in prompt order: the picked response, its reward and whether it ended with EOS,
-    and all n candidates with their rewards and EOS flags (candidates[i][j]: sample j of prompt i)."""
+    and all n candidates with their rewards and EOS flags (candidates[i][j]: sample j of prompt i);
+    ``picks[i]``: which sample was picked (two samples can share a text, not their EOS or reward)."""
 
     texts: list[str]
     scores: list[float]
@@ -30,6 +31,7 @@ class BestOfN:
     candidates: list[list[str]]
     candidate_scores: list[list[float]]
     candidate_ended: list[list[bool]]
+    picks: list[int] = field(default_factory=list)
 
     @property
     def kl_bound(self) -> float:
@@ -89,7 +91,7 @@ def best_of_n(policy: Any, reward_model: Any, tokenizer: Any, prompts: list, *, 
     picks = [argbest(sc, e, require_eos) for sc, e in zip(scores, ended)]
     picks = [p if p is not None else argbest(sc) for p, sc in zip(picks, scores)]
     return BestOfN([t[p] for t, p in zip(texts, picks)], [sc[p] for sc, p in zip(scores, picks)],
-                   [e[p] for e, p in zip(ended, picks)], texts, scores, ended)
+                   [e[p] for e, p in zip(ended, picks)], texts, scores, ended, picks)
 
 
 def pick_best(reward_model: Any, tokenizer: Any, prompts: list, candidates: list[list[str]], *,

@@ -60,7 +60,7 @@ def sample_and_pick(cfg: RSConfig, policy_spec: str, rm: Any, tokenizer: Any, ro
             s.threshold is None or res.scores[k] >= s.threshold)
         part.append((i, {"id": rows[i].get("id", i), "prompt": rows[i]["prompt"], "candidates": res.candidates[k],
                          "rewards": res.candidate_scores[k], "ended": res.candidate_ended[k],
-                         "pick": res.candidates[k].index(res.texts[k]), "kept": keep}))
+                         "pick": res.picks[k], "kept": keep}))
     merged = dict(kv for p in distributed.all_gather_object(part) for kv in p)
     samples = [merged[i] for i in range(len(rows))]
     picks = [{"id": r["id"], "prompt": r["prompt"], "completion": r["candidates"][r["pick"]],
