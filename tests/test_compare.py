@@ -11,6 +11,7 @@ from preflab.config import PipelineConfig, validate
 from preflab.errors import PreflabError
 from preflab.evals.metrics import seed_summary
 from preflab.pipeline import PRESETS, Pipeline, deep_merge
+from preflab.rl.stats import wilson_interval
 
 REQUIRED = {"method", "seed", "gold_winrate", "gold_ci", "rm_winrate", "kl", "mean_words", "constraint_rate", "seconds"}
 
@@ -39,6 +40,14 @@ def test_compare_table_reuses_the_reference_and_resumes_by_cell(run, capsys):
         lo, hi = r["gold_ci"]
         assert 0 <= lo <= r["gold_winrate"] <= hi <= 1
         assert r["n"] == 16 and r["seconds"] > 0
+        # pinned: the win-rate of the cell's own model against sft, prompt by prompt, from its samples
+        cell = [json.loads(x) for x in (out / "cells" / f"{r['method']}-s0" / "eval/samples.jsonl").open()]
+        gold = {(s["model"], s["id"]): s["gold"]["total"] for s in cell}
+        ids = {s["id"] for s in cell}
+        wins = sum(gold[(r["method"], i)] > gold[("sft", i)] for i in ids)
+        ties = sum(gold[(r["method"], i)] == gold[("sft", i)] for i in ids)
+        assert r["gold_winrate"] == pytest.approx((wins + 0.5 * ties) / len(ids))
+        assert (lo, hi) == pytest.approx(tuple(wilson_interval(wins + 0.5 * ties, len(ids))))
     assert rows_of(out / "summary.json") == json.loads(json.dumps(seed_summary(rows)))
     # The run's SFT samples are the reference of every cell: identical responses, not resampled.
     ref = {json.loads(x)["id"]: json.loads(x)["response"] for x in (run / "eval/generations/sft.jsonl").open()}

@@ -4,6 +4,7 @@ and ``evaluate`` end to end on tiny random models (schema, self-comparison, resu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -212,6 +213,7 @@ def test_mc1_compares_best_true_with_every_false(tiny):
     prompts = [p for p in generate_suite(0, 200) if p.slice == "misconception"][:3]
     out = mc1(model, tok, prompts, batch_size=4)
     assert out["n"] == 3 and 0.0 <= out["mc1"] <= 1.0
+    assert out["mc1"] == sum(r["correct"] for r in out["per_prompt"]) / 3  # pinned: the share of correct prompts
     for p, r in zip(prompts, out["per_prompt"]):
         t = response_logprobs(model, tok, [p.prompt] * len(p.true_answers), list(p.true_answers), eos=False)
         f = response_logprobs(model, tok, [p.prompt] * len(p.false_answers), list(p.false_answers), eos=False)
@@ -282,6 +284,17 @@ def test_self_comparison_is_a_tie_and_kl_zero(evaluated, suite_prompts):
         assert res["models"][name]["kl"] == pytest.approx(0.0, abs=1e-4)
     w = res["models"]["ppo"]["win_rate"]
     assert 0.0 <= w["lo"] <= w["rate"] <= w["hi"] <= 1.0 and w["wins"] + w["ties"] + w["losses"] == n
+    # pinned: the counts from the samples' gold totals, prompt by prompt, and the Wilson interval by hand
+    out, _ = evaluated
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    gold = {(r["model"], r["id"]): r["gold"]["total"] for r in rows}
+    wins = sum(gold[("ppo", p.id)] > gold[("sft", p.id)] for p in suite_prompts)
+    ties = sum(gold[("ppo", p.id)] == gold[("sft", p.id)] for p in suite_prompts)
+    rate, z = (wins + 0.5 * ties) / n, 1.96
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (w["wins"], w["ties"], w["n"]) == (wins, ties, n)
+    assert (w["rate"], w["lo"], w["hi"]) == pytest.approx((rate, centre - half, centre + half), abs=1e-9)
     assert res["models"]["ppo"]["kl"] != 0.0
 
 

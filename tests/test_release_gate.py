@@ -208,7 +208,15 @@ def test_ai_labeler_judge_is_symmetric_in_the_two_sides():
     vc, vi = pairwise_votes(judge, prompts, a, b)
     wc, wi = pairwise_votes(judge, prompts, b, a)
     assert (vc, vi) == (wi, wc)  # both orders asked: swapping the sides swaps the votes
-    assert all(0 <= x + y <= 2 for x, y in zip(vc, vi))
+    # pinned: each vote from the labeler's own logits (order 1: A = a; order 2: A = b; > 0 prefers A)
+    from preflab import models
+    from preflab.feedback.ai_labeler import AILabeler
+
+    lab = AILabeler(models.load_policy("tiny:7"), models.load_tokenizer("tiny:7"))
+    x = lab.answer_logits([lab.comparison_prompt(p, c, i) for p, c, i in zip(prompts, a, b)])
+    y = lab.answer_logits([lab.comparison_prompt(p, i, c) for p, c, i in zip(prompts, a, b)])
+    assert vc == [int(u > 0) + int(v < 0) for u, v in zip(x, y)]
+    assert vi == [int(u < 0) + int(v > 0) for u, v in zip(x, y)]
 
 
 def test_paths_resolve_to_models(tmp_path):
