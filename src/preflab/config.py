@@ -200,6 +200,7 @@ class RMTrain(Section):
     grad_accum: int = Field(1, ge=1)
     bf16: bool = True
     gradient_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values (same loss, about half the tokens for K = 4); "
                                                  "ignored under gradient_checkpointing.")
