@@ -703,6 +703,7 @@ class DPOTrain(Section):
     grad_accum: int = Field(1, ge=1)
     bf16: bool = True
     gradient_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values; ignored under gradient_checkpointing.")
     eval_every: int = Field(0, ge=0, description="Held-out metrics every N steps (0: at the end only).")
