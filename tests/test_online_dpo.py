@@ -5,7 +5,7 @@ policy being trained (not from the SFT model)."""
 import torch
 
 from helpers import letter_reward, ppo_cfg
-from preflab import models
+from preflab import models, rl_update
 from preflab.rl.estimators import online_dpo_pairs
 from preflab.rl.preference import dpo_loss
 from preflab.stages import ppo
@@ -32,7 +32,7 @@ def test_online_dpo_term_is_dpo_on_the_tagged_rows():
     full_ref, full_tags = torch.zeros(4, 2), torch.zeros(4, 2)
     full_ref[order], full_tags[order] = ref, tags
     cfg = ppo_cfg("unused", "algo.estimator=online_dpo", "rollout.samples_per_prompt=2", "algo.dpo_beta=0.5")
-    got = ppo.online_dpo_term(lp, SimpleNamespace(ref_logprobs=full_ref, advantages=full_tags), order, m, cfg)
+    got = rl_update.online_dpo_term(lp, SimpleNamespace(ref_logprobs=full_ref, advantages=full_tags), order, m, cfg)
     r = ((lp - ref) * m).sum(1)  # -0.5, 1.0, -1.0, 1.0
     want = dpo_loss(r[[1, 2]], r[[3, 0]], 0.5, 0.0).sum()  # chosen 1 vs rejected 3 (prompt 0), 2 vs 0 (prompt 1)
     torch.testing.assert_close(got, want)

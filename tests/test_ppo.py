@@ -16,7 +16,7 @@ from helpers import (
     ppo_cfg,
     run_metrics,
 )
-from preflab import models, scoring
+from preflab import models, rl_update, scoring
 from preflab.data.chat import Example
 from preflab.errors import ConfigError, TrainingError
 from preflab.rl import masked_whiten
@@ -83,7 +83,7 @@ def test_global_whiten_equals_masked_whiten_on_one_rank():
     x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
     m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     for shift in (True, False):
-        torch.testing.assert_close(ppo.global_whiten(x, m, shift), masked_whiten(x, m, shift_mean=shift))
+        torch.testing.assert_close(rl_update.global_whiten(x, m, shift), masked_whiten(x, m, shift_mean=shift))
 
 
 def _scored_batch(cfg, good):
@@ -99,7 +99,7 @@ def _scored_batch(cfg, good):
     rows = read_prompts(cfg.data.prompts)[:8]
     samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
                                                 max_new_tokens=6, temperature=1.0)
-    batch = ppo.score_rollout(samples, ac=ac, reference=ref, reward_fn=letter_reward(good), cfg=cfg,
+    batch = rl_update.score_rollout(samples, ac=ac, reference=ref, reward_fn=letter_reward(good), cfg=cfg,
                               kl_coef=0.05, tokenizer=tok, device=torch.device("cpu"), chunk=4)
     return ac, batch
 
@@ -175,8 +175,8 @@ def test_scoring_in_sorted_trimmed_chunks_equals_scoring_each_row_alone(tmp_path
     assert trimmed.query.shape[1] == int(lengths[:2].max()) < samples.query.shape[1]
     kw = dict(ac=ac, reference=models.load_policy("tiny:"), reward_fn=letter_reward(good_tokens), cfg=cfg,
               kl_coef=0.05, tokenizer=tok, device=torch.device("cpu"))
-    chunked = ppo.score_rollout(samples, chunk=4, **kw)
-    alone = ppo.score_rollout(samples, chunk=1, **kw)
+    chunked = rl_update.score_rollout(samples, chunk=4, **kw)
+    alone = rl_update.score_rollout(samples, chunk=1, **kw)
     for name in ("logprobs", "ref_logprobs", "values", "kl", "advantages", "returns"):
         torch.testing.assert_close(getattr(chunked, name), getattr(alone, name), atol=1e-5, rtol=1e-4, msg=name)
     # ... and in rollout order: the whole padded batch in one pass gives the same rows.
@@ -194,8 +194,8 @@ def _update(ac, batch, cfg, dist=None, ptx_rows=None, train_policy=True):
     opt = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     module = torch.nn.parallel.DistributedDataParallel(ac) if dist and dist.enabled else ac
-    ptx = ppo.PtxBatches(ptx_rows, cfg.ptx.batch_size, 0, torch.Generator().manual_seed(3)) if ptx_rows else None
-    return ppo.ppo_update(module, batch, optimizer=opt, scheduler=sched, cfg=cfg, device=torch.device("cpu"),
+    ptx = rl_update.PtxBatches(ptx_rows, cfg.ptx.batch_size, 0, torch.Generator().manual_seed(3)) if ptx_rows else None
+    return rl_update.ppo_update(module, batch, optimizer=opt, scheduler=sched, cfg=cfg, device=torch.device("cpu"),
                           ptx_batches=ptx, generator=torch.Generator().manual_seed(0),
                           dist=dist or distributed.Dist(), train_policy=train_policy)
 
@@ -214,7 +214,7 @@ def test_critic_warmup_update_leaves_the_policy_untouched(good_tokens, tmp_path)
 
 def test_critic_warmup_steps_hold_the_policy_and_its_schedule(good_tokens, tmp_path, monkeypatch):
     seen = []
-    real = ppo.ppo_update
+    real = rl_update.ppo_update
 
     def spy(ac, batch, *, optimizer, **kw):
         seen.append((kw["train_policy"], kw["ptx_batches"] is not None, [g["lr"] for g in optimizer.param_groups]))
@@ -266,7 +266,7 @@ def _update_worker(rank, world, port, path):
     blob = torch.load(path, weights_only=False)
     half = list(range(rank * 4, rank * 4 + 4))
     b = blob["batch"]
-    part = ppo.Scored(b.samples.select(half), *(getattr(b, f)[half] for f in (
+    part = rl_update.Scored(b.samples.select(half), *(getattr(b, f)[half] for f in (
         "mask", "logprobs", "ref_logprobs", "values", "scores", "kl", "rewards", "non_score_reward",
         "advantages", "returns")))
     ac = blob["ac"]
@@ -297,7 +297,7 @@ def test_resume_equals_uninterrupted(tmp_path, good_tokens, monkeypatch):
     full = cfg_for(tmp_path / "full", "train.steps=4")
     w_full = model_weights(ppo.train(full, reward_fn=letter_reward(good_tokens)))
     cut = cfg_for(tmp_path / "cut", "train.steps=4", "train.save_every=2")
-    real = ppo.ppo_update
+    real = rl_update.ppo_update
     calls = {"n": 0}
 
     def dying(*a, **k):

@@ -6,12 +6,11 @@ critic that does not start as the RM)."""
 import pytest
 import torch
 
-from preflab import models, scoring
+from preflab import models, rl_update, scoring
 from preflab.config import PPOConfig, load_config
 from preflab.data.chat import IGNORE, read_lm_rows, read_prompts
 from preflab.rl import gae, masked_whiten, ppo_rewards
 from preflab.rollout import HFGenerator, encode_prompts
-from preflab.stages import ppo
 
 TINY = "configs/ppo_tiny.yaml"
 
@@ -35,7 +34,7 @@ def rollout(cfg, *, seed=0, n=8, value_std=0.1):
     rows = read_prompts(cfg.data.prompts)[:n]
     samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
                                                 max_new_tokens=6, temperature=cfg.rollout.temperature)
-    batch = ppo.score_rollout(samples, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward,
+    batch = rl_update.score_rollout(samples, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward,
                               cfg=cfg, kl_coef=0.1, tokenizer=tok, device=torch.device("cpu"), chunk=4)
     return ac, tok, samples, batch
 
@@ -66,7 +65,7 @@ def _update(cfg, ac, batch, monkeypatch, **kw):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     from preflab import distributed
 
-    return ppo.ppo_update(ac, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg, device=torch.device("cpu"),
+    return rl_update.ppo_update(ac, batch, optimizer=optimizer, scheduler=scheduler, cfg=cfg, device=torch.device("cpu"),
                           generator=torch.Generator().manual_seed(0), dist=distributed.Dist(), **kw)
 
 
@@ -74,13 +73,13 @@ def test_value_loss_is_centred_on_the_rollouts_old_values(tmp_path, monkeypatch)
     cfg = cfg_for(tmp_path, "ppo.epochs=1")
     ac, _, _, b = rollout(cfg)
     seen = []
-    real = ppo.value_loss
+    real = rl_update.value_loss
 
     def spy(values, old_values, returns, mask, clip):
         seen.append((old_values.clone(), returns.clone()))
         return real(values, old_values, returns, mask, clip)
 
-    monkeypatch.setattr(ppo, "value_loss", spy)
+    monkeypatch.setattr(rl_update, "value_loss", spy)
     _update(cfg, ac, b, monkeypatch, ptx_batches=None)
     assert seen
     old = torch.cat([o for o, _ in seen])
@@ -96,14 +95,14 @@ def test_first_minibatch_ratio_is_one_at_any_sampling_temperature(tmp_path, monk
     cfg = cfg_for(tmp_path, "ppo.epochs=1", f"rollout.temperature={temperature}")
     ac, tok, samples, b = rollout(cfg)
     first = []
-    real = ppo.policy_loss
+    real = rl_update.policy_loss
 
     def spy(lp, old, adv, mask, clip):
         out = real(lp, old, adv, mask, clip)
         first.append(out)
         return out
 
-    monkeypatch.setattr(ppo, "policy_loss", spy)
+    monkeypatch.setattr(rl_update, "policy_loss", spy)
     _update(cfg, ac, b, monkeypatch, ptx_batches=None)  # lr 0: every minibatch sees the rollout policy
     for out in first:
         assert float(out.ratio_mean) == pytest.approx(1.0, abs=1e-5)
@@ -129,14 +128,14 @@ def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_p
         assert len(labelled) < len(e.input_ids)
 
     grads = {}
-    real = ppo.clip_grad
+    real = rl_update.clip_grad
 
     def run(coef):
         group = [] if estimator in ("gae", "reinforce_pp") else ["rollout.samples_per_prompt=2"]
         cfg = cfg_for(tmp_path, "ppo.epochs=1", f"ptx.coef={coef}", "ptx.batch_size=2",
                       f"algo.estimator={estimator}", *group)
         ac, _, _, b = rollout(cfg)
-        batches = ppo.PtxBatches(rows, 2, tok.pad_token_id, torch.Generator().manual_seed(3))
+        batches = rl_update.PtxBatches(rows, 2, tok.pad_token_id, torch.Generator().manual_seed(3))
         captured = []
 
         def spy(params, max_norm, **kw):
@@ -144,7 +143,7 @@ def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_p
             captured.append(torch.cat([p.grad.flatten() for p in ac.policy.parameters() if p.grad is not None]))
             return real(params, None, **kw)
 
-        monkeypatch.setattr(ppo, "clip_grad", spy)
+        monkeypatch.setattr(rl_update, "clip_grad", spy)
         _update(cfg, ac, b, monkeypatch, ptx_batches=batches if coef else None)
         grads[coef] = captured[0]
 
@@ -166,7 +165,7 @@ def test_missing_eos_penalty_hits_exactly_the_rows_that_did_not_end(tmp_path):
     response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
     s = Samples(samples.query, samples.query_mask, response, mask, ended, samples.texts)
     assert ended.tolist() == [i in (0, 3, 5) for i in range(8)]
-    b = ppo.score_rollout(s, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward, cfg=cfg,
+    b = rl_update.score_rollout(s, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward, cfg=cfg,
                           kl_coef=0.1, tokenizer=tok, device=torch.device("cpu"), chunk=4)
     torch.testing.assert_close(b.scores[~ended], torch.full_like(b.scores[~ended], -3.5))
     torch.testing.assert_close(b.scores[ended], letter_reward(s)[ended].float())
@@ -211,7 +210,7 @@ def test_critic_from_the_rm_starts_as_the_rms_normalised_score(tmp_path):
     rm.config.preflab_reward_model = True
     models.save_model(rm, tok, rm_dir)
     cfg = cfg_for(tmp_path / "run", "models.critic=reward_model", f"models.reward_model={rm_dir}")
-    critic = ppo.load_critic(cfg)
+    critic = rl_update.load_critic(cfg)
     saved = models.load_scorer(str(rm_dir))
     trunk = dict(saved.model.named_parameters())
     for name, a in critic.model.named_parameters():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import letter_reward, letter_tokens, ppo_cfg, run_metrics
-from preflab import models, rewards, scoring
+from preflab import models, rewards, rl_update, scoring
 from preflab.errors import ConfigError
 from preflab.rl import masked_whiten
 from preflab.rl.estimators import grpo_advantages, rloo_advantages
@@ -34,7 +34,7 @@ def rollout(cfg, good, k):
     samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
                                                 max_new_tokens=6, temperature=1.0, n=k)
     # a different random model as the reference, so the KL terms are not 0
-    batch = ppo.score_rollout(samples, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward(good),
+    batch = rl_update.score_rollout(samples, ac=ac, reference=models.load_policy("tiny:1"), reward_fn=letter_reward(good),
                               cfg=cfg, kl_coef=0.5, tokenizer=tok, device=torch.device("cpu"), chunk=4)
     return samples, batch
 
@@ -188,7 +188,7 @@ def test_reward_functions_add_to_the_rm_score_with_their_weights(tmp_path, good_
         seen.append(prompts)
         return rewards.weighted_sum([(lambda p, r: [1.0] * len(r), 3.0)], prompts, texts)
 
-    b = ppo.score_rollout(samples, ac=scoring.ActorCritic(policy, None, values=False),
+    b = rl_update.score_rollout(samples, ac=scoring.ActorCritic(policy, None, values=False),
                           reference=models.load_policy("tiny:1"), reward_fn=letter_reward(good_tokens), cfg=mixed,
                           kl_coef=0.5, tokenizer=tok, device=torch.device("cpu"), chunk=4, prompt_rewards=fn,
                           rows=[r for r in rows for _ in range(2)])
@@ -199,7 +199,7 @@ def test_reward_functions_add_to_the_rm_score_with_their_weights(tmp_path, good_
 def test_token_stats_over_real_tokens_only():
     x = torch.tensor([[1.0, 2.0, 9.0], [3.0, -7.0, 5.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    got = ppo.token_stats("advantage", x, mask)
+    got = rl_update.token_stats("advantage", x, mask)
     assert got["advantage/mean"] == pytest.approx(2.0)
     assert got["advantage/std"] == pytest.approx((2 / 3) ** 0.5)
 
@@ -221,12 +221,12 @@ def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
         calls.append(rm)
         return torch.full((s.response.shape[0],), 1.0 if len(calls) % 2 else 3.0)
 
-    monkeypatch.setattr(ppo, "reward_scores", fake_scores)
+    monkeypatch.setattr(rl_update, "reward_scores", fake_scores)
     loaded = []
     monkeypatch.setattr(models, "load_reward_model", lambda path, **kw: loaded.append(path) or torch.nn.Identity())
     cfg = cfg_for(tmp_path, "models.reward_ensemble=[rm-b]", "rewards.ensemble_lambda=0.5", "train.steps=1",
                   "models.critic=policy_head")
-    fn = ppo.ensemble_reward([torch.nn.Identity(), torch.nn.Identity()], "mean_minus_std", 0.5)
+    fn = rl_update.ensemble_reward([torch.nn.Identity(), torch.nn.Identity()], "mean_minus_std", 0.5)
     from types import SimpleNamespace
 
     assert fn(SimpleNamespace(response=torch.zeros(4, 2))).tolist() == [1.5] * 4  # mean 2, std 1

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from helpers import ppo_cfg
-from preflab import models
-from preflab.stages import ppo
+from preflab import models, rl_update
 
 # ---------------------------------------------------------------------------------------------
 # The RL stage: the discount reaches the estimator
@@ -24,7 +23,7 @@ def _advantages(tmp_path, estimator, gamma, lam=None):
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.5, -1.0, 2.0, 4.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     values = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.0, 0.5, -0.5, 1.0]]) * mask
-    return ppo.estimate_advantages(cfg, rewards, values, mask, scores=torch.zeros(2), kl=torch.zeros_like(rewards),
+    return rl_update.estimate_advantages(cfg, rewards, values, mask, scores=torch.zeros(2), kl=torch.zeros_like(rewards),
                                    beta=0.0), mask
 
 
