@@ -1,6 +1,7 @@
 """FSDP2 (train.parallel=fsdp) on two gloo ranks on CPU: the same losses and weights as one rank and
 as DDP, a sharded checkpoint that resumes to the uninterrupted result, and an export that plain
-transformers loads."""
+transformers loads; for SFT, the reward model and DPO. Every two-rank run of the module shares one
+start of the two processes (the ``runs`` fixture)."""
 
 import json
 
@@ -9,9 +10,14 @@ import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights, write_demos
 from preflab import distributed, loop, models
-from preflab.config import SFTConfig, load_config
+from preflab.config import DPOConfig, RMConfig, SFTConfig, load_config
 from preflab.lm import TokenNLL
-from preflab.stages import sft
+from preflab.stages import dpo, reward, sft
+from test_dpo import dpo_cfg
+from test_dpo import write_mixed as write_dpo_rankings
+from test_reward import EXACT, rm_cfg, write_mixed
+
+STAGES = {"sft": (sft.train, SFTConfig), "rm": (reward.train, RMConfig), "dpo": (dpo.train, DPOConfig)}
 
 
 def sft_cfg(tmp_path, *overrides):
@@ -41,28 +47,33 @@ def _stop_at_step(step: int | None) -> None:
 
 
 def _worker(rank, world, port, jobs):
-    """Run ``jobs`` (config JSON, resume, stop_at) one after the other on this rank: one start of
-    the two processes for every two-rank run of this module."""
+    """Run ``jobs`` (stage, config JSON, resume, stop_at) one after the other on this rank."""
     join_gloo_env(rank, world, port)
     real = loop.clip_grad
-    for cfg_json, resume, stop_at in jobs:
+    for stage, cfg_json, resume, stop_at in jobs:
+        train, config = STAGES[stage]
         _stop_at_step(stop_at)  # every rank stops in the same step, before its collectives
         try:
-            sft.train(SFTConfig.model_validate_json(cfg_json), resume=resume)
+            train(config.model_validate_json(cfg_json), resume=resume)
         except Stop:
             pass
         loop.clip_grad = real
     end_rank()
 
 
-COMMON = ["train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"]
+# 5 held-out demonstrations: 3 on rank 0 (2 batches of 2), 2 on rank 1 (1 batch) under FSDP.
+COMMON = ["train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1", "data.val_fraction=0.3",
+          "train.eval_every=2"]
+# 4 held-out rankings scored every step (and for the RM's normalisation) by the two ranks together.
+RM_COMMON = ["train.max_steps=2", "data.val_fraction=0.2", "train.eval_every=1"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """4 steps of 8 sequences each: one process (batch 8); two FSDP ranks (2 x 2 accumulated); two
-    DDP ranks (batch 4); the FSDP run again, checkpointed every 2 steps, killed in step 4 and
-    resumed; and one process and two FSDP ranks in bf16."""
+    """SFT, 4 steps of 8 sequences each: one process (batch 8); two FSDP ranks (2 x 2 accumulated);
+    two DDP ranks (batch 4); the FSDP run again, checkpointed every 2 steps, killed in step 4 and
+    resumed; one process and two FSDP ranks in bf16. The reward model and DPO, 2 steps of 8
+    prompts: one process; two FSDP ranks."""
     root = tmp_path_factory.mktemp("fsdp")
     one = sft_cfg(root / "one", *COMMON, "train.batch_size=8")
     fsdp = sft_cfg(root / "fsdp", *COMMON, "train.batch_size=2", "train.grad_accum=2", "train.parallel=fsdp")
@@ -71,17 +82,28 @@ def runs(tmp_path_factory):
                   "run.save_every=2")
     one_bf16 = sft_cfg(root / "one_bf16", *COMMON, "train.batch_size=8", "train.bf16=true")
     fsdp_bf16 = sft_cfg(root / "fsdp_bf16", *COMMON, "train.batch_size=4", "train.parallel=fsdp", "train.bf16=true")
+    rankings = write_mixed(root / "rankings.jsonl", n=20)
+    dpo_rankings = write_dpo_rankings(root / "dpo_rankings.jsonl", n=20)
+    for name in ("rm_one", "rm_fsdp", "dpo_one", "dpo_fsdp"):
+        (root / name).mkdir()
+    rm_one = rm_cfg(root / "rm_one", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
+    rm_fsdp = rm_cfg(root / "rm_fsdp", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4", "train.parallel=fsdp")
+    dpo_one = dpo_cfg(root / "dpo_one", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
+    dpo_fsdp = dpo_cfg(root / "dpo_fsdp", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4",
+                       "train.parallel=fsdp", "eval.kl_prompts=2")
     sft.train(one)
     sft.train(one_bf16)
-    jobs = [(c.model_dump_json(), False, None) for c in (fsdp, ddp, cut, fsdp_bf16)]
-    jobs[2:3] = [(cut.model_dump_json(), False, 4), (cut.model_dump_json(), True, None)]
+    reward.train(rm_one)
+    dpo.train(dpo_one)
+    jobs = [("sft", fsdp, False, None), ("sft", ddp, False, None), ("sft", cut, False, 4), ("sft", cut, True, None),
+            ("sft", fsdp_bf16, False, None), ("rm", rm_fsdp, False, None), ("dpo", dpo_fsdp, False, None)]
+    jobs = [(stage, cfg.model_dump_json(), resume, stop_at) for stage, cfg, resume, stop_at in jobs]
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), jobs), nprocs=2)
-    return {name: root / name / "run" for name in ("one", "fsdp", "ddp", "cut", "one_bf16", "fsdp_bf16")}
+    return {d.name: d / "run" for d in root.iterdir() if d.is_dir()}
 
 
-def losses(run_dir):
-    return [(r["step"], r["train/loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))
-            if "train/loss" in r]
+def losses(run_dir, key="train/loss"):
+    return [(r["step"], r[key]) for r in map(json.loads, open(run_dir / "metrics.jsonl")) if key in r]
 
 
 def test_decoder_layers_are_the_fsdp_units():
@@ -99,6 +121,9 @@ def test_two_ranks_equal_one_rank(runs, name):
     assert [s for s, _ in rows] == [s for s, _ in ref] == [1, 2, 3, 4]
     assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5)
     assert max_param_diff(w_one, model_weights(runs[name] / "model")) < 1e-5
+    val, val_ref = losses(runs[name], "val/loss"), losses(runs["one"], "val/loss")
+    assert [s for s, _ in val] == [s for s, _ in val_ref] == [2, 4, 4]  # eval_every=2, and the final
+    assert [v for _, v in val] == pytest.approx([v for _, v in val_ref], abs=1e-5)
 
 
 def test_fsdp_checkpoint_is_sharded_and_the_export_loads(runs):
@@ -135,3 +160,31 @@ def test_bf16_fsdp_is_within_bf16_tolerance_of_one_rank(runs):
 
     one, fsdp = update(runs["one_bf16"]), update(runs["fsdp_bf16"])
     assert float((fsdp - one).norm() / one.norm()) < 0.05
+
+
+def test_reward_model_two_fsdp_ranks_equal_one_rank(runs):
+    """Training (FSDP runs full sequences where one process shares each prompt's keys and values
+    among its K responses), held-out scoring by both ranks together, the normalisation and the
+    export: as on one process."""
+    assert max_param_diff(model_weights(runs["rm_one"] / "model"), model_weights(runs["rm_fsdp"] / "model")) < 1e-5
+    one, fsdp = (json.loads((runs[n] / "manifest.json").read_text())["final_metrics"] for n in ("rm_one", "rm_fsdp"))
+    for key in ("rm/norm_gain", "rm/norm_bias", "rm/accuracy", "rm/loss"):
+        assert fsdp[key] == pytest.approx(one[key], abs=1e-5), key
+    rows, ref = losses(runs["rm_fsdp"], "rm/loss"), losses(runs["rm_one"], "rm/loss")
+    assert [s for s, _ in rows] == [s for s, _ in ref] == [1, 2]  # eval_every=1, and the final
+    assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5)
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(runs["rm_fsdp"] / "model").config.preflab_reward_model
+
+
+def test_dpo_two_fsdp_ranks_equal_one_rank(runs):
+    """Training, the held-out preference metrics (both ranks together) and the export as on one
+    process; the sampled KL to the reference is skipped under FSDP, and the log says so."""
+    assert max_param_diff(model_weights(runs["dpo_one"] / "model"), model_weights(runs["dpo_fsdp"] / "model")) < 1e-5
+    for key in ("train/loss", "val/loss", "val/rewards/accuracy"):
+        rows, ref = losses(runs["dpo_fsdp"], key), losses(runs["dpo_one"], key)
+        assert [s for s, _ in rows] == [s for s, _ in ref] and rows, key
+        assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5), key
+    assert not losses(runs["dpo_fsdp"], "val/kl")
+    assert "no KL to the reference" in (runs["dpo_fsdp"] / "log.txt").read_text()

@@ -157,10 +157,42 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP shards ``module``'s parameters (they are DTensors)."""
+    """Whether FSDP shards ``module`` or parameters in it."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or \
+        any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered(root: torch.nn.Module) -> Iterator[None]:
+    """Call the model inside ``root`` (``wrap``'s result) directly, not through ``root``'s forward
+    (scoring, evaluation): FSDP gathers ``root``'s own weights (embeddings, final norm, head) for
+    the duration, and each layer gathers its own as it runs. Every rank must run the same number
+    of forwards inside (``even_batches``). Not sharded: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    root._get_fsdp_state()._lazy_init()  # what root's first forward does, in case none ran yet
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def even_batches(batches: list, placeholder: Any, sharded: bool) -> Iterator[tuple[Any, bool]]:
+    """``(batch, True)`` for each of this rank's ``batches``; then, when ``sharded`` (under FSDP
+    every forward is a collective), ``(placeholder, False)`` until this rank has run as many as
+    the rank with the most: run those too and drop their results."""
+    most = max(all_gather_object(len(batches))) if sharded else len(batches)  # before any forward
+    for batch in batches:
+        yield batch, True
+    for _ in range(most - len(batches)):
+        yield placeholder, False
 
 
 @contextlib.contextmanager

@@ -70,6 +70,13 @@ def wrap(module: torch.nn.Module, train: Any) -> torch.nn.Module:
     return distributed.wrap(module, parallel, train.bf16)
 
 
+def share_prompt(train: Any, module: torch.nn.Module) -> bool:
+    """Whether a step runs each prompt once for its K responses (``train.share_prompt``): not under
+    gradient checkpointing, which drops the cache, nor under FSDP, whose units may run only once
+    per forward and backward (the full sequences give the same loss)."""
+    return train.share_prompt and not train.gradient_checkpointing and not distributed.is_sharded(module)
+
+
 @contextlib.contextmanager
 def micro_step(module: torch.nn.Module, ctx: Context, j: int, n: int, bf16: bool) -> Iterator[None]:
     """One micro-batch of an accumulated step: DDP syncs gradients only on the last (FSDP on every

@@ -326,7 +326,8 @@ class Scorer(nn.Module):
 @torch.no_grad()
 def score_ids(model: nn.Module, seqs: list[list[int]], pad_id: int, *, batch_size: int = 16,
               bf16: bool = False, shard: bool = False) -> list[float]:
-    """Raw scores of token sequences, batched by length; ``shard``: each rank scores its slice, all get all."""
+    """Raw scores of token sequences, batched by length; ``shard``: each rank scores its slice, all get all.
+    A sharded (FSDP) model: inside ``distributed.gathered``, with ``shard``."""
     device = next(model.parameters()).device
     d = distributed.current() if shard else distributed.Dist()
     rank, world = d.rank, d.world_size
@@ -335,12 +336,13 @@ def score_ids(model: nn.Module, seqs: list[list[int]], pad_id: int, *, batch_siz
     was_training = model.training
     model.eval()
     out: dict[int, float] = {}
-    for s in range(0, len(mine), batch_size):
-        chunk = mine[s:s + batch_size]
+    chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+    for chunk, counted in distributed.even_batches(chunks, [0], shard and distributed.is_sharded(model)):
         batch = collate_groups([Encoded([seqs[i] for i in chunk], [0] * len(chunk))], pad_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             r = sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out.update(zip(chunk, r.float().cpu().tolist()))
+        if counted:
+            out.update(zip(chunk, r.float().cpu().tolist()))
     model.train(was_training)
     merged: dict[int, float] = {}
     for part in distributed.all_gather_object(out) if shard else [out]:

@@ -9,9 +9,10 @@ never straddle micro-batches or ranks. Each response's log-prob is the sum over 
 (EOS included) of log pi(token | prompt, earlier tokens): the exact sequence ``encode_pair`` gives
 the RM. By default (``train.share_prompt``) a prompt runs once and its K responses read its
 cached keys and values, and the vocabulary projection runs only at response positions.
-Works on one process or under ``torchrun`` (DDP) like ``stages/reward.py``: the loss is
-normalised by the step's global count of prompts, so accumulation and ranks are exact; rank 0
-alone writes.
+Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``) like
+``stages/reward.py``: the loss is normalised by the step's global count of prompts, so accumulation
+and ranks are exact; rank 0 alone writes. Under FSDP the KL to the reference on fresh samples is
+not measured (sampling on sharded weights would need every rank to decode in lockstep).
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                                dropout_off=True)
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
-    share = cfg.train.share_prompt and not cfg.train.gradient_checkpointing  # checkpointing drops the cache
+    share = loop.share_prompt(cfg.train, model)  # not under gradient checkpointing, which drops the cache
 
     # 3. reference log-probs: from the run directory, or computed now from the weights as loaded
     #    (before a resumed checkpoint replaces them) and cached there --------------------------
@@ -373,9 +374,12 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
 
     # 4. optimizer, schedule; resume --------------------------------------------------------------
     model.train()
-    fn: nn.Module = SequenceLogps(model)
-    if dist.enabled:
-        fn = torch.nn.parallel.DistributedDataParallel(fn)
+    fn = loop.wrap(SequenceLogps(model), cfg.train)  # DDP or FSDP on several ranks; build the optimizer after
+    share = loop.share_prompt(cfg.train, fn)  # FSDP: full sequences from here on (the same loss)
+    sharded = distributed.is_sharded(fn)
+    if sharded and kl_prompts:
+        run.log("dpo: no KL to the reference on fresh samples under train.parallel=fsdp (not supported yet)")
+        kl_prompts = []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
@@ -387,12 +391,16 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     def held_out(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if val_ex:
-            sums, mine = Sums(), val_ex[dist.rank::dist.world_size]
+            sums, mine, size = Sums(), val_ex[dist.rank::dist.world_size], cfg.train.batch_prompts
             model.eval()
-            for s in range(0, len(mine), cfg.train.batch_prompts):
-                batch = collate_ranked(mine[s:s + cfg.train.batch_prompts], pad_id, share_prefix=share)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    sums.add(batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg))
+            chunks = [mine[s:s + size] for s in range(0, len(mine), size)]
+            with distributed.gathered(fn):
+                for chunk, counted in distributed.even_batches(chunks, val_ex[:1], sharded):
+                    batch = collate_ranked(chunk, pad_id, share_prefix=share)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        result = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
+                    if counted:
+                        sums.add(result)
             model.train()
             out.update(sums.metrics("val"))
         if kl_prompts:

@@ -10,9 +10,9 @@ the end-of-turn (EOS) token; the score is the head output at that last real toke
 (docs/reference.md), padding ignored. All C(K,2) pairs of a prompt form ONE batch element,
 K forward passes per prompt, tied pairs dropped; by default (``train.share_prompt``) the
 prompt part of those K passes runs once and the K responses read its cached keys and values.
-Works on one process or under ``torchrun`` (DDP), like ``stages/sft.py``: the loss is
-normalised by the step's global count of prompts, so gradient accumulation and ranks are exact;
-rank 0 alone writes.
+Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``), like ``stages/sft.py``:
+the loss is normalised by the step's global count of prompts, so gradient accumulation and ranks
+are exact; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from preflab import distributed, loop, models
 from preflab.config import RMConfig
@@ -93,11 +92,9 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                                  task_type="SEQ_CLS", modules_to_save=["score"])
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
-    share = cfg.train.share_prompt and not cfg.train.gradient_checkpointing  # checkpointing drops the cache
     model.train()  # dropout is off in the config (load_scorer); train() only matters for LoRA dropout
-    scorer: nn.Module = Scorer(model)
-    if dist.enabled:
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer)
+    scorer = loop.wrap(Scorer(model), cfg.train)  # DDP or FSDP on several ranks; build the optimizer after
+    share = loop.share_prompt(cfg.train, scorer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
@@ -106,7 +103,8 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
         run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
 
     def held_out(ex: list[Encoded], groups: list[Group]) -> dict[str, Any]:
-        scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)
+        with distributed.gathered(scorer):
+            scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)
         return evaluate(groups, scores, n_bins=cfg.eval.n_bins, temperature_scaling=cfg.eval.temperature_scaling,
                         worst_k=cfg.eval.worst_k, seed=cfg.run.seed)
 
@@ -178,11 +176,12 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     else:
         demos = [(g.prompt, r) for g in train_g for r, k in zip(g.responses, g.ranks) if k == 0]
         demo_source = "top-ranked training responses (no data.demos)"
-    demo_raw = score_ids(model, [encode_pair(tokenizer, p, r, d.max_length) for p, r in demos], pad_id,
-                         batch_size=micro * 4, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
     pool = val_ex or train_ex  # "held-out policy samples": every response of the held-out rankings
-    policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=micro * 4, bf16=bf16,
-                           shard=True) if cfg.norm.policy_gain_bias else []
+    with distributed.gathered(scorer):
+        demo_raw = score_ids(model, [encode_pair(tokenizer, p, r, d.max_length) for p, r in demos], pad_id,
+                             batch_size=micro * 4, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
+        policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=micro * 4, bf16=bf16,
+                               shard=True) if cfg.norm.policy_gain_bias else []
     gain, bias = normalisation(demo_raw, policy_raw, demos_mean_zero=cfg.norm.demos_mean_zero,
                                policy_gain_bias=cfg.norm.policy_gain_bias)
     unwrap(model).config.preflab_reward_gain = gain

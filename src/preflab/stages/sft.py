@@ -42,11 +42,13 @@ def validation_loss(loss_fn: TokenNLL, examples: list[Example], batch_size: int,
     loss_fn.eval()
     total = torch.zeros(2, dtype=torch.float64)
     mine = examples[dist.rank::dist.world_size]
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    for part, counted in distributed.even_batches(batches, examples[:1], distributed.is_sharded(loss_fn)):
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             nll, count = loss_fn(**batch)
-        total += torch.tensor([nll.item(), count.item()], dtype=torch.float64)
+        if counted:
+            total += torch.tensor([nll.item(), count.item()], dtype=torch.float64)
     loss_fn.train()
     total = distributed.all_reduce_sum(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
