@@ -85,3 +85,26 @@ def ppo_cfg(tmp_path, *overrides):
 
 def run_metrics(cfg) -> list[dict]:
     return [json.loads(line) for line in open(Path(cfg.run.out) / "metrics.jsonl")]
+
+
+def run_cli(args, capsys=None) -> int:
+    """``preflab ARGS`` in-process; its exit status (0 when it returns)."""
+    from preflab.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond()`` every 50 ms until it is true (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False

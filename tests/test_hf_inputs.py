@@ -5,22 +5,14 @@ import json
 
 import pytest
 
+from helpers import run_cli
+
 datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
 
-from preflab.cli import main  # noqa: E402
 from preflab.data.chat import read_demos, read_prompts  # noqa: E402
 from preflab.data.hf import is_hf_source, standard_preference  # noqa: E402
 from preflab.data.jsonl import read_jsonl  # noqa: E402
 from preflab.errors import DataError  # noqa: E402
-
-
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code or 0
-    return 0
-
 
 PAIRS = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
          {"prompt": "Name a bird.", "chosen": "A robin.", "rejected": "A cat."}]

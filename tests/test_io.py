@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from preflab.cli import main
+from helpers import run_cli
 from preflab.data.io import (
     export_hf,
     load_into_store,
@@ -29,12 +29,6 @@ from preflab.feedback.store import PreferenceStore
 FIX = Path(__file__).parent / "fixtures"
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code or 0
-    return 0
 
 
 # -- readers ---------------------------------------------------------------------------------

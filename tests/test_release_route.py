@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import wait_for
 from preflab.release.fake import ThreadServer, fake_backend
 from preflab.release.route import RouteConfig, State, bucket, build_app, pick
 
@@ -38,13 +39,6 @@ def _ask(client: httpx.Client, user: str, **extra) -> httpx.Response:
                                                      **extra})
 
 
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -104,7 +98,7 @@ def test_load_share_stickiness_logging_feedback_queue(tmp_path, two):
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(one, range(300)))
         db = _db(cfg)
-        assert _wait(lambda: db.execute("SELECT COUNT(*) FROM route_feedback WHERE negative = 1 AND task_id IS NULL"
+        assert wait_for(lambda: db.execute("SELECT COUNT(*) FROM route_feedback WHERE negative = 1 AND task_id IS NULL"
                                         ).fetchone()[0] == 0)
     rows = db.execute("SELECT id, user, backend, status, latency_ms, model_version, response FROM route_exchanges"
                       ).fetchall()
@@ -368,14 +362,14 @@ def test_health_shows_a_dead_backend_as_unavailable(tmp_path):
             def available() -> dict:
                 return {n: b["available"] for n, b in c.get("/health").json()["backends"].items()}
 
-            assert _wait(lambda: available() == {"prod": True, "cand": True})
+            assert wait_for(lambda: available() == {"prod": True, "cand": True})
             cand.stop()
-            assert _wait(lambda: available() == {"prod": True, "cand": False})
+            assert wait_for(lambda: available() == {"prod": True, "cand": False})
             backends = c.get("/health").json()["backends"]
             assert "ConnectError" in backends["cand"]["error"] and backends["cand"]["last_checked"] > 0
             again = ThreadServer(fake_backend("cand"), port=cand.port).start()
             try:
-                assert _wait(lambda: available() == {"prod": True, "cand": True})
+                assert wait_for(lambda: available() == {"prod": True, "cand": True})
             finally:
                 again.stop()
 
@@ -413,7 +407,7 @@ def _start(args: list[str], port: int, timeout: float = 120.0):
 
     proc = subprocess.Popen([sys.executable, "-m", "preflab.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ok = _wait(lambda: _healthy(port) or proc.poll() is not None, timeout)
+    ok = wait_for(lambda: _healthy(port) or proc.poll() is not None, timeout)
     if not ok or proc.poll() is not None:
         proc.kill()
         raise RuntimeError(f"{args[0]} did not start: {proc.stderr.read().decode()[-2000:]}")
@@ -437,7 +431,7 @@ def _write_cfg(cfg: RouteConfig, path: Path) -> Path:
 def test_real_serve_behind_the_router(tmp_path):
     """A real `preflab serve` (tiny model) as the incumbent: completions and streams pass through,
     its 400 for an oversized prompt reaches the client, and a thumbs-down task gets its sample."""
-    from helpers import free_port
+    from helpers import free_port, wait_for
 
     port = free_port()
     serve = _start(["serve", "--model", "tiny:7", "--name", "prod", "--port", str(port), "--max-new-tokens", "4",
@@ -462,7 +456,7 @@ def test_real_serve_behind_the_router(tmp_path):
                 f = c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "down", "note": "gibberish"})
                 assert f.status_code == 200
                 db = _db(cfg)
-                assert _wait(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None, 60)
+                assert wait_for(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None, 60)
                 assert [tuple(r) for r in db.execute("SELECT status, http_status FROM route_exchanges WHERE "
                                                      "status != 'ok'")] == [("rejected", 400)] * 2
                 versions = {row[0] for row in db.execute("SELECT model_version FROM route_exchanges "
@@ -488,7 +482,7 @@ def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
     code = ("import uvicorn; from preflab.release.fake import fake_backend; "
             f"uvicorn.run(fake_backend('cand'), host='127.0.0.1', port={cport}, log_level='error')")
     cand = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
-    assert _wait(lambda: _healthy(cport), 60)
+    assert wait_for(lambda: _healthy(cport), 60)
     with ThreadServer(fake_backend("prod")) as inc:
         cfg = _cfg(tmp_path, inc.url, f"http://127.0.0.1:{cport}", share=0.3)
         path = _write_cfg(cfg, tmp_path / "route.yaml")
@@ -524,12 +518,12 @@ def test_kill9_of_candidate_and_router_loses_nothing_acknowledged(tmp_path):
         for t in threads:
             t.start()
         try:
-            assert _wait(lambda: len(fb_acked) >= 30, 60)
+            assert wait_for(lambda: len(fb_acked) >= 30, 60)
             os.kill(cand.pid, signal.SIGKILL)
             cand.wait()
-            assert _wait(lambda: json.loads(cfg.state_path.read_text())["shares"]["cand"] == 0.0, 30)
+            assert wait_for(lambda: json.loads(cfg.state_path.read_text())["shares"]["cand"] == 0.0, 30)
             n = len(fb_acked)
-            assert _wait(lambda: len(fb_acked) >= n + 30, 60)
+            assert wait_for(lambda: len(fb_acked) >= n + 30, 60)
             os.kill(router.pid, signal.SIGKILL)
             router.wait()
         finally:
@@ -580,7 +574,7 @@ def test_thumbs_down_reaches_the_labeling_app_and_the_rm_data(tmp_path, two):
         assert c.post("/v1/feedback", json={"id": r.json()["id"], "thumbs": "down", "flags": ["hallucination"],
                                             "note": "made up"}).status_code == 200
         db = _db(cfg)
-        assert _wait(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None)
+        assert wait_for(lambda: db.execute("SELECT task_id FROM route_feedback").fetchone()[0] is not None)
     with PreferenceStore(cfg.store) as store:
         token = create_account(store, "alice")
     app = TestClient(create_app(cfg.store, "feedback"))

@@ -12,21 +12,12 @@ import sys
 import pytest
 import torch
 
-from helpers import write_demos
+from helpers import run_cli, write_demos
 from preflab import loop
-from preflab.cli import main
 from preflab.config import PipelineConfig, PPOConfig, SFTConfig, load_config
 from preflab.errors import ConfigError, DataError, ModelError, PreflabError, TrainingError
 from preflab.optim import clip_and_step, clip_grad
 from preflab.run import RunDir, check_config_change, dead_owner, read_manifest, session
-
-
-def run_cli(args, capsys=None):
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code or 0
-    return 0
 
 
 def sft_args(tmp_path, *extra):

@@ -2,21 +2,12 @@
 for an exchange; a thumbs-up on the same exchange, before or after, stays unlinked."""
 
 import sqlite3
-import time
 
 import httpx
 
+from helpers import wait_for
 from preflab.release.fake import ThreadServer, fake_backend
 from preflab.release.route import RouteConfig, build_app
-
-
-def _wait(cond, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_thumbs_up_is_not_linked_to_the_thumbs_downs_task(tmp_path):
@@ -41,10 +32,10 @@ def test_a_thumbs_up_is_not_linked_to_the_thumbs_downs_task(tmp_path):
 
             feedback("up-before", "up")
             feedback("down-1", "down")
-            assert _wait(lambda: rows()["down-1"] is not None)
+            assert wait_for(lambda: rows()["down-1"] is not None, 20.0)
             task = rows()["down-1"]
             feedback("up-after", "up")
             feedback("down-2", "down")  # a second thumbs-down of the exchange joins its task
-            assert _wait(lambda: rows()["down-2"] is not None)
+            assert wait_for(lambda: rows()["down-2"] is not None, 20.0)
     assert rows() == {"up-before": None, "down-1": task, "up-after": None, "down-2": task}
     assert db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 1

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from helpers import write_demos
-from preflab.cli import main
+from helpers import run_cli, write_demos
 from preflab.errors import PreflabError
 from preflab.run import LOCK_FILE, RunDir, lock_run_dir, read_manifest, unlock_run_dir
 
@@ -19,12 +18,6 @@ HOLDER = ("import sys, time; from preflab.run import lock_run_dir; lock_run_dir(
           "print('locked', flush=True); time.sleep(120)")
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code or 0
-    return 0
 
 
 def sft_args(tmp_path, out, *extra):
