@@ -74,6 +74,21 @@ def content_text(content: Any) -> str:
 TextContent = Annotated[str, BeforeValidator(content_text)]  # a message's content field, as text
 
 
+def chat_request(body: Any, schema: type, served: str, server: str) -> tuple[Any, Any]:
+    """``(request, None)`` for a chat body that ``schema`` validates and that names the ``served``
+    model, else ``(None, the error response)``: 400 ``invalid_value`` naming the field, or 404
+    ``model_not_found`` (``server`` says who answers, e.g. "this server" or "the router")."""
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        return None, error_response(400, msg, param=param, code="invalid_value")
+    if req.model != served:
+        return None, error_response(404, f"the model {req.model!r} does not exist here; {server} serves {served!r}",
+                                    param="model", code="model_not_found")
+    return req, None
+
+
 def validation_message(err: ValidationError) -> tuple[str, str | None]:
     """The first error of a request's validation, in words, and the field it names (OpenAI's ``param``)."""
     e = err.errors()[0]

@@ -56,6 +56,7 @@ from preflab.release.common import (
     atomic_write,
     bearer_ok,
     body_error_response,
+    chat_request,
     check_bind,
     error_response,
     json_object,
@@ -494,14 +495,9 @@ def build_app(cfg: RouteConfig, *, admin_token: str | None = None, token: str | 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_json(request)
-        try:
-            req = ChatBody.model_validate(body)
-        except ValidationError as e:
-            msg, param = validation_message(e)
-            return error_response(400, msg, param=param, code="invalid_value")
-        if req.model != cfg.model:
-            return error_response(404, f"the model {req.model!r} does not exist here; the router serves "
-                                       f"{cfg.model!r}", param="model", code="model_not_found")
+        req, refused = chat_request(body, ChatBody, cfg.model, "the router")
+        if refused:
+            return refused
         body["messages"] = [m.model_dump() for m in req.messages]  # list-of-parts content as text
         user = body.get("user") if isinstance(body.get("user"), str) else request.headers.get("x-user-id")
         state = router.state

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 try:
     from fastapi import Request
@@ -38,11 +38,11 @@ from preflab.release.common import (
     TextContent,
     bearer_ok,
     body_error_response,
+    chat_request,
     check_bind,
     error_response,
     json_object,
     model_hash,
-    validation_message,
 )
 
 MAX_BODY = 1 << 20  # bytes of one request body (--max-body-bytes)
@@ -170,15 +170,9 @@ def build_app(model: LocalModel, *, token: str | None = None, max_body: int = MA
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await json_object(request, max_body)
-        try:
-            req = ChatRequest.model_validate(body)
-        except ValidationError as e:
-            msg, param = validation_message(e)
-            return error_response(400, msg, param=param, code="invalid_value")
-        if req.model != model.name:
-            return error_response(404, f"the model {req.model!r} does not exist here; this server serves "
-                                       f"{model.name!r}", param="model", code="model_not_found")
+        req, refused = chat_request(await json_object(request, max_body), ChatRequest, model.name, "this server")
+        if refused:
+            return refused
         try:
             ids = await run_in_threadpool(model.encode, [m.model_dump() for m in req.messages])
         except PromptTooLong as e:
