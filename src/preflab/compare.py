@@ -150,7 +150,9 @@ class Comparison:
 
     def stage_of(self, method: str) -> str | None:
         """The registry stage that trains ``method`` (None: best-of-N trains nothing)."""
-        return {"dpo": "dpo", "ipo": "dpo", "rs": "rs", "best_of_n": None}.get(method, "ppo")
+        from preflab.registry import stage_of
+
+        return None if method == "best_of_n" else stage_of(method)
 
     def base_config(self, method: str) -> dict[str, Any]:
         """What the method trains from this run, before the command's overrides."""

@@ -27,7 +27,7 @@ import click
 from preflab.config import RL_METHODS, PipelineConfig, deep_merge, dump_config, validate
 from preflab.data.jsonl import atomic_write_text, write_jsonl
 from preflab.errors import ConfigError
-from preflab.registry import STAGES, run_stage
+from preflab.registry import STAGES, run_stage, stage_of
 from preflab.rounds import Rounds, round_steps
 
 DATA_STEPS = ("suite", "demos")
@@ -119,10 +119,7 @@ class Pipeline:
                 self.stage_names[step] = stage
                 self.stage_configs[step] = validate(STAGES[stage].config, data, f"pipeline.{step}")
 
-    @staticmethod
-    def stage_of(step: str) -> str:
-        """The registry stage that trains ``step`` (every RL method is the online RL stage)."""
-        return {"sft": "sft", "rm": "rm", "dpo": "dpo", "ipo": "dpo", "rs": "rs"}.get(step, "ppo")
+    stage_of = staticmethod(stage_of)  # the registry's method -> stage table
 
     # -- stage configs -----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preflab.config import DPOConfig, PPOConfig, RMConfig, RSConfig, Section, SFTConfig
+from preflab.config import RL_METHODS, DPOConfig, PPOConfig, RMConfig, RSConfig, Section, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "Rejection-sampling fine-tuning: n samples per prompt, the reward model keeps the best, SFT on the picks.",
           "preflab rs --config configs/rs_tiny.yaml run.out=runs/rs"),
 )}
+
+
+# The methods the pipeline, `preflab compare` and rounds train, and the stage that trains each: every
+# online RL method is the RL stage with its preset (``config.RL_METHODS``); ipo is the DPO stage.
+METHODS: dict[str, str] = {"sft": "sft", "rm": "rm", **dict.fromkeys(RL_METHODS, "ppo"), "dpo": "dpo", "ipo": "dpo",
+                           "rs": "rs"}
+
+
+def stage_of(method: str) -> str:
+    """The registry stage that trains ``method`` (a KeyError names an unknown one)."""
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
 
 
 def run_stage(name: str, cfg: Any, resume: bool = False) -> Path:
