@@ -218,3 +218,14 @@ def test_alignment_tax_against_hand_counts(tmp_path):
     section = _section(render_report(run), "alignment-tax")
     assert "75.0% vs 25.0%" not in section and "25.0% vs 75.0%: -50.0 pts" in section
     assert "50.0% vs 0.0%: +50.0 pts" in section
+
+
+def test_rl_curves_name_only_trained_methods_without_metrics(tmp_path):
+    """A run that trained rloo alone: its curves are drawn and no untrained method is 'not available'."""
+    run = make_run(tmp_path)
+    (run / "pipeline_config.json").write_text(json.dumps({"seed": 3, "rl": ["rloo", "grpo"]}))
+    (run / "rloo").mkdir()
+    (run / "rloo" / "metrics.jsonl").write_text((run / "ppo" / "metrics.jsonl").read_text())
+    section = _section(render_report(run), "ppo-curves")
+    assert "<img" in section and "not available" not in section
+    assert "grpo: no metrics.jsonl" in section and "ppo_ptx" not in section and "ppo:" not in section
