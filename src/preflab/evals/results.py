@@ -210,6 +210,8 @@ class IFEvalModel(_Block):
     spec: str | None = None  # the model that answered
     mean_words: float | None = None  # answer length (metrics.count_words), beside the accuracy
 
+    OPTIONAL = frozenset({"spec", "mean_words"})  # results written before they were recorded
+
 
 class IFEvalSettings(_Block):
     max_new_tokens: int | None = None
