@@ -1,9 +1,14 @@
 """FSDP2 (train.parallel=fsdp) on two gloo ranks on CPU: the same losses and weights as one rank and
 as DDP, a sharded checkpoint that resumes to the uninterrupted result, and an export that plain
 transformers loads; for SFT, the reward model and DPO. Every two-rank run of the module shares one
-start of the two processes (the ``runs`` fixture)."""
+start of the two processes (the ``runs`` fixture). Two torchrun launches joined by a c10d
+rendezvous (two "machines") give the single launch's result."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +193,24 @@ def test_dpo_two_fsdp_ranks_equal_one_rank(runs):
         assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5), key
     assert not losses(runs["dpo_fsdp"], "val/kl")
     assert "no KL to the reference" in (runs["dpo_fsdp"] / "log.txt").read_text()
+
+
+def test_two_launches_joined_by_rendezvous_equal_one_launch(runs, tmp_path):
+    """Two "machines" on this one: two ``torchrun --nnodes 2 --nproc_per_node 1`` launches that meet
+    at a c10d rendezvous run the fixture's two-rank FSDP SFT run again, to the same losses and
+    weights; rank 0 alone writes the run directory, both write their checkpoint shards into it."""
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps(json.loads((runs["fsdp"] / "manifest.json").read_text())["config"]))
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-launches",
+           "-m", "preflab.cli", "sft", "--config", str(config), f"run.out={out}"]
+    launches = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=os.environ | {"OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert [v for _, v in losses(out)] == pytest.approx([v for _, v in losses(runs["fsdp"])], abs=1e-6)
+    assert max_param_diff(model_weights(runs["fsdp"] / "model"), model_weights(out / "model")) < 1e-6
+    assert sorted(p.name for p in (out / "checkpoints/step-000004/sharded").iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]

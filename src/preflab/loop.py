@@ -41,9 +41,11 @@ class Context:
 
 
 def start(cfg: Any, stage: str, model: Any, resume: bool) -> Context:
-    """Threads and device from ``model`` (a ModelSection), join the ranks, seed each rank
-    (seed + 100003 x rank), open the run directory (rank 0 writes)."""
-    models.set_threads(model.threads)
+    """Threads and device from ``model`` (a ModelSection; the allocator keeps freed blocks except
+    under train.parallel=fsdp), join the ranks, seed each rank (seed + 100003 x rank), open the
+    run directory (rank 0 writes)."""
+    fsdp = getattr(getattr(cfg, "train", None), "parallel", "ddp") == "fsdp"
+    models.set_threads(model.threads, keep_blocks=not fsdp)
     device = models.pick_device(model.device)
     dist = distributed.init(device)
     seed_everything(cfg.run.seed + 100003 * dist.rank)

@@ -255,14 +255,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, keep_blocks: bool = True) -> None:
     """Set torch's intra-op threads (None: one per core that other processes leave free,
-    ``free_cores``) and tune the allocator for training."""
+    ``free_cores``) and tune the allocator for training (``keep_blocks``: ``keep_large_blocks``;
+    not under FSDP, whose gathered layers, freed one after another, would then stay resident)."""
     import torch
 
     torch.set_num_threads(threads or free_cores())
     bound_primitive_cache()
-    keep_large_blocks()
+    if keep_blocks:
+        keep_large_blocks()
 
 
 def busy_cores_of_others(window: float = 0.1) -> float:

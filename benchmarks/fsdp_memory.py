@@ -1,0 +1,107 @@
+"""Peak resident memory of an SFT rank under DDP and under FSDP (two gloo ranks on CPU).
+
+A random Llama (``--hidden``, ``--layers``; the default has 90.4M parameters, with the tiny
+byte-level tokenizer) is saved to a temporary directory, then trained ``--steps`` steps by
+``torchrun --nproc_per_node 2 -m preflab.cli sft`` once with ``train.parallel=ddp`` and once with
+``train.parallel=fsdp``: fp32 weights and AdamW, no bf16, 2 sequences of about 70 tokens per rank
+per step, no checkpoint before the last step. The figure is rank 0's peak RSS (``ru_maxrss``,
+the ``perf/peak_rss_mb`` of the last step's metrics row, before the final checkpoint and export),
+beside the model state the arithmetic expects per rank: 16 bytes per parameter (fp32 weights,
+gradients, Adam's two moments), divided by the ranks under FSDP. Peak RSS also holds what every
+process has (torch, transformers, the data; ``baseline_mb``: a one-process run of the tiny model).
+
+    .venv/bin/python benchmarks/fsdp_memory.py --out benchmarks/results/fsdp_memory.json
+    .venv/bin/python benchmarks/fsdp_memory.py --layers 2                     # brief
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from machine import describe, load_1m  # benchmarks/ is on sys.path for its scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_model(where: Path, hidden: int, layers: int) -> int:
+    """A random Llama with the tiny tokenizer in ``where``; returns its parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from preflab import models
+
+    tok = models.load_tokenizer("tiny:")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(where)
+    tok.save_pretrained(where)
+    return sum(p.numel() for p in model.parameters())
+
+
+def last_peak_rss(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "perf/peak_rss_mb" in r][-1]["perf/peak_rss_mb"]
+
+
+def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None) -> float:
+    """Rank 0's peak RSS in MiB of ``preflab sft`` (``parallel``: two ranks; None: one process)."""
+    args = ["sft", f"model.path={model}", f"data.train={demos}", "data.val_fraction=0", "data.max_length=96",
+            f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false", "model.threads=1",
+            "run.save_every=0", "run.progress=false", f"run.out={out}"]
+    if parallel:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "preflab.cli", *args, f"train.parallel={parallel}"]
+    else:
+        cmd = [sys.executable, "-m", "preflab.cli", *args]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True)
+    return last_peak_rss(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n = make_model(tmp / "model", a.hidden, a.layers)
+        demos = tmp / "demos.jsonl"
+        demos.write_text("".join(json.dumps({"prompt": f"Please say the number {i} in words, then stop.",
+                                             "response": f"The number is {i}; that is all I have to say."}) + "\n"
+                                 for i in range(64)))
+        state_mb = 16 * n / 2**20
+        result = {
+            "date": dt.date.today().isoformat(), "machine": describe(), "torch": torch.__version__,
+            "parameters": n, "world_size": 2, "steps": a.steps,
+            "baseline_mb": sft("tiny:", demos, tmp / "base", 1, None),
+            "ddp": {"peak_rss_mb": sft(tmp / "model", demos, tmp / "ddp", a.steps, "ddp"),
+                    "model_state_mb": state_mb},
+            "fsdp": {"peak_rss_mb": sft(tmp / "model", demos, tmp / "fsdp", a.steps, "fsdp"),
+                     "model_state_mb": state_mb / 2},
+        }
+    result["load_1m_after"] = load_1m()
+    result["fsdp_over_ddp"] = result["fsdp"]["peak_rss_mb"] / result["ddp"]["peak_rss_mb"]
+    result["fsdp_over_ddp_above_baseline"] = ((result["fsdp"]["peak_rss_mb"] - result["baseline_mb"])
+                                              / (result["ddp"]["peak_rss_mb"] - result["baseline_mb"]))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
