@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import loop, models
+from preflab import dpo_update, loop, models, scoring
 from preflab.config import DPOConfig, load_config
 from preflab.data import rankings
 from preflab.stages import dpo
@@ -80,7 +80,7 @@ def test_encode_ranked_marks_the_response_including_a_truncated_prompt(tiny):
     _, tok = tiny
     g = rankings.Group("word " * 60, ["a short answer", "x " * 40], [0, 1])
     for max_length in (384, 48):
-        ex = dpo.encode_ranked(tok, [g], max_length)[0]
+        ex = dpo_update.encode_ranked(tok, [g], max_length)[0]
         for seq, p, r in zip(ex.ids, ex.prompt_len, g.responses):
             assert seq == rankings.encode_pair(tok, g.prompt, r, max_length)
             resp = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -98,7 +98,7 @@ def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
               rankings.Group("A much longer prompt, with several clauses, to force left padding",
                              ["No.", "Yes, surely."], [1, 0]),
               rankings.Group("x", ["The cat sat.", "The cat ran off.", "The dog.", "A bird flew"], [3, 2, 1, 0])]
-    ex = dpo.encode_ranked(tok, groups, 256)
+    ex = dpo_update.encode_ranked(tok, groups, 256)
 
     def run(share):
         torch.manual_seed(0)
@@ -109,8 +109,8 @@ def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
                         p.normal_(0, 0.1)
-        batch = dpo.collate_ranked(ex, tok.pad_token_id, share_prefix=share)
-        flat = dpo.SequenceLogps(model)(**dpo.model_inputs(batch, torch.device("cpu")))
+        batch = dpo_update.collate_ranked(ex, tok.pad_token_id, share_prefix=share)
+        flat = dpo_update.SequenceLogps(model)(**dpo_update.model_inputs(batch, torch.device("cpu")))
         flat.sum().backward()
         grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
         return flat.detach(), grads, batch, model
@@ -123,7 +123,7 @@ def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
     assert g_full.keys() == g_shared.keys() and len(g_full) > 2
     for name in g_full:
         torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert dpo.batch_tokens(b_shared) < 0.7 * dpo.batch_tokens(b_full)
+    assert scoring.batch_tokens(b_shared) < 0.7 * scoring.batch_tokens(b_full)
     assert b_full["lengths"].tolist() == [e_len for e in ex for e_len in e.lengths]
 
 
@@ -157,7 +157,7 @@ def test_nll_coef_adds_the_best_responses_nll_to_the_first_loss(tmp_path):
     dpo.train(cfg)
     first = [r for r in metrics(tmp_path / "run") if "train/loss" in r][0]["train/loss"]
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["train"]
-    ex = dpo.encode_ranked(models.load_tokenizer("tiny:"), rankings.read_groups(str(data)), 96)
+    ex = dpo_update.encode_ranked(models.load_tokenizer("tiny:"), rankings.read_groups(str(data)), 96)
     nll = []
     for e, lps in zip(ex, cache):
         top = [i for i, r in enumerate(e.ranks) if r == min(e.ranks)]
@@ -178,7 +178,7 @@ def test_simpo_needs_no_reference_and_its_first_loss_matches_the_formula(tmp_pat
     tok = models.load_tokenizer("tiny:")
     model = models.load_policy("tiny:")
     want = []
-    for g, e in zip(rankings.read_groups(str(data)), dpo.encode_ranked(tok, rankings.read_groups(str(data)), 96)):
+    for g, e in zip(rankings.read_groups(str(data)), dpo_update.encode_ranked(tok, rankings.read_groups(str(data)), 96)):
         avg = [naive_logps(model, s, p) / n for s, p, n in zip(e.ids, e.prompt_len, e.lengths)]
         pairs = [simpo_loss(torch.tensor(avg[w]), torch.tensor(avg[v]), 2.0, 0.5).item() for w, v in g.pairs()]
         want.append(sum(pairs) / len(pairs))
@@ -194,7 +194,7 @@ def test_reference_cache_holds_the_initial_policys_logps(tmp_path):
     model = models.load_policy("tiny:")
     train_g, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
     for name, groups in (("train", train_g), ("val", val_g)):
-        ex = dpo.encode_ranked(tok, groups, 96)
+        ex = dpo_update.encode_ranked(tok, groups, 96)
         want = [[naive_logps(model, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
         got = cache["logps"][name]
         assert len(got) == len(want) > 0
@@ -202,7 +202,7 @@ def test_reference_cache_holds_the_initial_policys_logps(tmp_path):
             assert a == pytest.approx(b, abs=1e-4)
     # a different reference model would give different numbers
     other = models.load_policy(str(tmp_path / "run/model"))  # the trained policy
-    e = dpo.encode_ranked(tok, train_g[:1], 96)[0]
+    e = dpo_update.encode_ranked(tok, train_g[:1], 96)[0]
     assert naive_logps(other, e.ids[0], e.prompt_len[0]) != pytest.approx(cache["logps"]["train"][0][0], abs=1e-3)
 
 
@@ -231,7 +231,7 @@ def test_learns_a_marker_preference_and_kl_grows_from_zero(tmp_path):
     ref = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["val"]
     _, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
     wins = 0
-    for g, e, r in zip(val_g, dpo.encode_ranked(tok, val_g, 96), ref):
+    for g, e, r in zip(val_g, dpo_update.encode_ranked(tok, val_g, 96), ref):
         ratio = [naive_logps(trained, s, p) - x for s, p, x in zip(e.ids, e.prompt_len, r)]
         wins += max(range(len(ratio)), key=ratio.__getitem__) == g.ranks.index(0)
         assert "zebra" in g.responses[g.ranks.index(0)]
@@ -244,14 +244,14 @@ def test_kl_is_zero_before_training_and_uses_the_reference(tmp_path, tiny):
     _, tok = tiny
     cfg = dpo_cfg(tmp_path, "unused", "model.lora.enabled=true", "model.lora.r=4")
     model = models.load_policy("tiny:", lora=models.LoraOptions(r=4))
-    ref = dpo.Reference(model, cfg)
-    kl0, n = dpo.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
+    ref = dpo_update.Reference(model, cfg)
+    kl0, n = dpo_update.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
     assert n == 2 and kl0 == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    kl1, _ = dpo.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
+    kl1, _ = dpo_update.sampled_kl(model, ref, tok, ["Hi", "Tell me"], max_new_tokens=6, batch_size=2, bf16=False, seed=0)
     assert kl1 > 1e-3
 
 
@@ -263,7 +263,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
                   "train.max_steps=3", "optim.lr=1e-2", "data.val_fraction=0.25", "eval.kl_prompts=2",
                   "eval.max_new_tokens=6")
     calls = []
-    real = dpo.compute_reference_logps
+    real = dpo_update.compute_reference_logps
 
     def spy(policy, cfg_, sets, pad_id, share):
         calls.append(sum(1 for n, _ in policy.named_modules() if "lora_A" in n))
@@ -279,16 +279,16 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
                     p.zero_()
         return out
 
-    dpo.compute_reference_logps, saved = spy, dpo.compute_reference_logps
+    dpo_update.compute_reference_logps, saved = spy, dpo_update.compute_reference_logps
     try:
         out = dpo.train(cfg)
     finally:
-        dpo.compute_reference_logps = saved
+        dpo_update.compute_reference_logps = saved
     assert calls and calls[0] > 0  # it was handed the LoRA-wrapped policy
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())
     tok, base = models.load_tokenizer("tiny:"), models.load_policy("tiny:")
     train_g, _ = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
-    e = dpo.encode_ranked(tok, train_g[:1], 96)[0]
+    e = dpo_update.encode_ranked(tok, train_g[:1], 96)[0]
     assert cache["logps"]["train"][0] == pytest.approx([naive_logps(base, s, p) for s, p in zip(e.ids, e.prompt_len)],
                                                        abs=1e-4)
     assert metrics(tmp_path / "run")[-1]["val/kl"] > 0
@@ -350,7 +350,7 @@ def test_resume_reuses_the_cached_reference_and_reaches_the_same_parameters(tmp_
     def no_recompute(*a, **k):
         raise AssertionError("resume recomputed the reference log-probs")
 
-    monkeypatch.setattr(dpo, "compute_reference_logps", no_recompute)
+    monkeypatch.setattr(dpo_update, "compute_reference_logps", no_recompute)
     w_cut = model_weights(dpo.train(cut, resume=True))
     assert cache.read_text() == before
     assert max_param_diff(w_full, w_cut) < 1e-6

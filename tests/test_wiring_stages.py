@@ -73,30 +73,30 @@ def _dpo_cfg(tmp_path, *over):
 
 
 def _one_pair_batch(ref):
-    from preflab.stages import dpo
+    from preflab import dpo_update
 
-    ex = dpo.Ranked(ids=[[1, 2, 3], [1, 2, 4, 5]], prompt_len=[2, 2], ranks=[0, 1], ref=list(ref))
-    return dpo.collate_ranked([ex], pad_id=0)
+    ex = dpo_update.Ranked(ids=[[1, 2, 3], [1, 2, 4, 5]], prompt_len=[2, 2], ranks=[0, 1], ref=list(ref))
+    return dpo_update.collate_ranked([ex], pad_id=0)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_cdpo_loss_uses_the_configured_label_smoothing(tmp_path, eps):
-    from preflab.stages import dpo
+    from preflab import dpo_update
 
     cfg = _dpo_cfg(tmp_path, "dpo.loss=cdpo", f"dpo.label_smoothing={eps}", "dpo.beta=0.5")
     batch = _one_pair_batch([-5.0, -6.0])
     flat = torch.tensor([-3.0, -7.0])  # chosen up by 2, rejected down by 1: margin 3, h = 0.5 * 3
     h = 0.5 * ((-3.0 + 5.0) - (-7.0 + 6.0))
     want = -(1 - eps) * math.log(1 / (1 + math.exp(-h))) - eps * math.log(1 / (1 + math.exp(h)))
-    parts = dpo.batch_loss(flat, batch, cfg)
+    parts = dpo_update.batch_loss(flat, batch, cfg)
     assert float(parts.total) == pytest.approx(want, abs=1e-5)
 
 
 def test_label_smoothing_raises_the_loss_of_a_correct_margin_and_only_for_cdpo(tmp_path):
-    from preflab.stages import dpo
+    from preflab import dpo_update
 
     batch, flat = _one_pair_batch([-5.0, -6.0]), torch.tensor([-3.0, -7.0])
-    loss = {(name, eps): float(dpo.batch_loss(flat, batch, _dpo_cfg(tmp_path, f"dpo.loss={name}",
+    loss = {(name, eps): float(dpo_update.batch_loss(flat, batch, _dpo_cfg(tmp_path, f"dpo.loss={name}",
                                                                    f"dpo.label_smoothing={eps}")).total)
             for name in ("dpo", "cdpo") for eps in (0.0, 0.2)}
     assert loss[("cdpo", 0.2)] > loss[("cdpo", 0.0)] == pytest.approx(loss[("dpo", 0.0)])
@@ -126,17 +126,18 @@ def _naive_logps(model, seq, prompt_len):
 def test_a_configured_dpo_reference_model_gives_the_cached_reference_logps(tmp_path):
     """model.reference = tiny:3 (the policy is tiny:): the cached reference log-probs are tiny:3's,
     not the policy's, and the first loss is no longer log 2 (policy != reference)."""
+    from preflab import dpo_update
     from preflab.data import rankings
     from preflab.stages import dpo
 
     _write_rankings(tmp_path / "r.jsonl")
     cfg = _dpo_cfg(tmp_path, "model.reference=tiny:3", "train.batch_prompts=6", "train.max_steps=1")
-    assert dpo.reference_fingerprint(cfg, {}) != dpo.reference_fingerprint(_dpo_cfg(tmp_path), {})
+    assert dpo_update.reference_fingerprint(cfg, {}) != dpo_update.reference_fingerprint(_dpo_cfg(tmp_path), {})
     dpo.train(cfg)
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["train"]
     tok = models.load_tokenizer("tiny:")
     ref, policy = models.load_policy("tiny:3"), models.load_policy("tiny:")
-    ex = dpo.encode_ranked(tok, rankings.read_groups(str(tmp_path / "r.jsonl")), 96)
+    ex = dpo_update.encode_ranked(tok, rankings.read_groups(str(tmp_path / "r.jsonl")), 96)
     want = [[_naive_logps(ref, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
     own = [[_naive_logps(policy, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
     assert len(cache) == len(want) == 6
