@@ -105,5 +105,10 @@ def test_reinforce_pp_with_k1_rewards_matches_the_sequence_kl_return_at_the_firs
 
 def test_registry_names_the_critic_and_group_needs():
     assert ESTIMATORS["gae"].needs_critic and not ESTIMATORS["gae"].group
-    assert {n for n, e in ESTIMATORS.items() if e.group} == {"rloo", "grpo"}
+    assert {n for n, e in ESTIMATORS.items() if e.group} == {"rloo", "grpo", "online_dpo"}
     assert not any(e.needs_critic for n, e in ESTIMATORS.items() if n != "gae")
+
+
+def test_whitening_is_what_the_registry_says():
+    """rloo, gae and reinforce_pp are whitened over the batch by the stage; grpo and online DPO's tags are not."""
+    assert {n for n, e in ESTIMATORS.items() if e.whiten} == {"gae", "rloo", "reinforce_pp"}
