@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ import torch
 from preflab import distributed, models
 from preflab.config import dump_config
 from preflab.data.jsonl import atomic_dir
-from preflab.errors import ConfigError, DataError
+from preflab.errors import ConfigError, DataError, TrainingError
 from preflab.optim import clip_grad
-from preflab.run import RunDir, seed_everything
+from preflab.run import RunDir, peak_rss_mb, seed_everything
 
 
 @dataclass
@@ -140,3 +140,29 @@ class BestWeights:
         with torch.no_grad():
             for k, v in weights.items():
                 params[k].copy_(v)
+
+
+def lora_options(model: Any) -> models.LoraOptions | None:
+    """The LoRA options of a config's model section (None: LoRA off)."""
+    return models.LoraOptions(**model.lora.model_dump(exclude={"enabled"})) if model.lora.enabled else None
+
+
+def ensure_finite(values: float | Iterable[float], what: str, step: int, run: RunDir) -> None:
+    """A non-finite ``what`` after step ``step + 1`` stops the run before the update, naming the last
+    good checkpoint (the one ``--resume`` continues from)."""
+    if not all(math.isfinite(v) for v in ([values] if isinstance(values, float | int) else values)):
+        raise TrainingError(f"non-finite {what} at step {step + 1}; last good checkpoint: "
+                            f"{run.latest_checkpoint() or 'none'}")
+
+
+def log_step(run: RunDir, every: int, done: int, total: int, metrics: dict[str, Any]) -> None:
+    """``metrics.jsonl`` every ``run.log_every`` steps and at the last one, with the peak resident memory."""
+    if done % every == 0 or done == total:
+        metrics.setdefault("perf/peak_rss_mb", peak_rss_mb())
+        run.log_metrics(done, metrics)
+
+
+def save_due(done: int, every: int, total: int) -> bool:
+    """Whether step ``done`` writes a checkpoint (every ``every`` steps; the last is saved after the loop)."""
+    return bool(every) and done % every == 0 and done < total
+

@@ -18,7 +18,6 @@ not measured (sampling on sharded weights would need every rank to decode in loc
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,10 @@ from preflab.dpo_update import (
     reference_logps,
     sampled_kl,
 )
-from preflab.errors import TrainingError
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.preference import REFERENCE_FREE
-from preflab.run import Progress, peak_rss_mb
+from preflab.run import Progress
 from preflab.scoring import batch_tokens
 
 __all__ = ["REFERENCE_CACHE", "train"]
@@ -74,7 +72,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                 "no KL to the reference")
 
     # 2. the policy --------------------------------------------------------------------------
-    lora = models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    lora = loop.lora_options(cfg.model)
     model = models.load_policy(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, lora=lora,
                                dropout_off=True)
     if cfg.train.gradient_checkpointing:
@@ -147,9 +145,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                     (parts.total * scale).backward()
                 sums.add(parts)
             metrics = sums.metrics("train")
-            if not math.isfinite(metrics["train/loss"]):
-                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                    f"{run.latest_checkpoint() or 'none'}")
+            loop.ensure_finite(metrics["train/loss"], "loss", step, run)
             grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
@@ -159,11 +155,9 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                             "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt})
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
                 metrics.update(held_out(done))
-            if done % cfg.run.log_every == 0 or done == total_steps:
-                metrics["perf/peak_rss_mb"] = peak_rss_mb()
-                run.log_metrics(done, metrics)
+            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
             bar.update(metrics)
-            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+            if loop.save_due(done, cfg.run.save_every, total_steps):
                 checkpoint(done)
     checkpoint(total_steps)
 

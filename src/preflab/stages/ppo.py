@@ -17,7 +17,6 @@ variance after returns are computed, dropout off, a penalty score without EOS, a
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from preflab import loop, models, rewards
 from preflab.config import PPOConfig
 from preflab.data.chat import read_lm_rows, read_prompts
 from preflab.data.order import rank_slice, step_indices
-from preflab.errors import ConfigError, DataError, TrainingError
+from preflab.errors import ConfigError, DataError
 from preflab.optim import adamw, schedule
 from preflab.rl import AdaptiveKLController, FixedKLController, explained_variance
 from preflab.rl.estimators import ESTIMATORS
@@ -84,7 +83,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
 
     # 2. models: trainable policy and critic; frozen reference and reward model ---------------
     pol = cfg.models.policy
-    lora = models.LoraOptions(**pol.lora.model_dump(exclude={"enabled"})) if pol.lora.enabled else None
+    lora = loop.lora_options(pol)
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
     critic = load_critic(cfg) if cfg.models.critic == "reward_model" and estimator.needs_critic else None
     ac = ActorCritic(policy, critic, values=estimator.needs_critic).to(device)
@@ -196,13 +195,10 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
                 * dist.world_size / (t_train - t0),
                 "perf/peak_rss_mb": peak_rss_mb(),
             }
-            if not all(math.isfinite(v) for k, v in metrics.items() if k != "value/explained_variance"):
-                raise TrainingError(f"non-finite metrics at step {step + 1}; last good checkpoint: "
-                                    f"{run.latest_checkpoint() or 'none'}")
+            loop.ensure_finite([v for k, v in metrics.items() if k != "value/explained_variance"], "metrics", step, run)
             kl_ctl.update(kl_mean, n_steps=global_batch * k)
             done = step + 1
-            if done % cfg.run.log_every == 0 or done == cfg.train.steps:
-                run.log_metrics(done, metrics)
+            loop.log_step(run, cfg.run.log_every, done, cfg.train.steps, metrics)
             if dist.is_main:
                 with open(samples_path, "a", encoding="utf-8") as f:
                     for i, text, score in zip(episodes, samples.texts, batch.scores.tolist()):
@@ -211,8 +207,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
             if select and (done % cfg.select.every == 0 or done == cfg.train.steps):
                 run.log_metrics(done, {"select/score": select.offer(done, policy)})
             bar.update(metrics)
-            save_every = cfg.train.save_every or cfg.run.save_every
-            if save_every and done % save_every == 0 and done < cfg.train.steps:
+            if loop.save_due(done, cfg.train.save_every or cfg.run.save_every, cfg.train.steps):
                 checkpoint(done)
 
     # 8. save the policy (and critic) as Hugging Face directories ---------------------------------

@@ -18,7 +18,6 @@ are exact; rank 0 alone writes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
 from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair, read_train_val
-from preflab.errors import TrainingError
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.ranking import ranking_loss
-from preflab.run import Progress, peak_rss_mb
+from preflab.run import Progress
 from preflab.scoring import Scorer, batch_tokens, collate_groups, score_groups, score_ids, scorer_inputs
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +86,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     # 2. model (scalar head on the SFT trunk), optimizer, schedule; resume ----------------------
     model = models.load_scorer(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
     if cfg.model.lora.enabled:
-        model = models.wrap_lora(model, models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})),
+        model = models.wrap_lora(model, loop.lora_options(cfg.model),
                                  task_type="SEQ_CLS", modules_to_save=["score"])
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
@@ -136,9 +134,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                 sums += torch.tensor([parts.total.item(), parts.n_pairs, parts.n_correct], dtype=torch.float64)
             sums = distributed.all_reduce_sum(sums)
             loss = float(sums[0]) / max(1, n_prompts)
-            if not math.isfinite(loss):
-                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                    f"{run.latest_checkpoint() or 'none'}")
+            loop.ensure_finite(loss, "loss", step, run)
             grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
@@ -151,11 +147,9 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
                 rep = held_out(val_ex, val_g)
                 metrics.update({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]})
                 best.offer(done, rep["loss"], model)
-            if done % cfg.run.log_every == 0 or done == total_steps:
-                metrics["perf/peak_rss_mb"] = peak_rss_mb()
-                run.log_metrics(done, metrics)
+            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
             bar.update(metrics)
-            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+            if loop.save_due(done, cfg.run.save_every, total_steps):
                 checkpoint(done)
     checkpoint(total_steps)
     final: dict[str, Any] = {}

@@ -8,7 +8,6 @@ writes).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from preflab import distributed, loop, models
 from preflab.config import SFTConfig
 from preflab.data.chat import IGNORE, Example, collate, pack, read_demos, tokenize_conversation
 from preflab.data.order import rank_slice, step_indices
-from preflab.errors import TrainingError
 from preflab.lm import TokenNLL
 from preflab.optim import make_optimizer
-from preflab.run import Progress, peak_rss_mb
+from preflab.run import Progress
 
 
 def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -81,7 +79,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     run.log(f"sft: {len(train_ex)} train / {len(val_ex)} val examples, {total_steps} steps")
 
     # 2. model, optimizer, schedule; resume from the newest checkpoint --------------------------
-    lora = models.LoraOptions(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    lora = loop.lora_options(cfg.model)
     model = models.load_policy(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, lora=lora)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -119,9 +117,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                     (nll * scale).backward()
                 loss_sum += nll.detach().double().cpu()
             loss = float(distributed.all_reduce_sum(loss_sum)) / max(1, int(n_tokens))
-            if not math.isfinite(loss):
-                raise TrainingError(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                    f"{run.latest_checkpoint() or 'none'}")
+            loop.ensure_finite(loss, "loss", step, run)
             grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
             done = step + 1
@@ -135,11 +131,9 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
                                                       device, bf16, dist)
                 best.offer(done, metrics["val/loss"], model)
                 last_val = metrics["val/loss"] if done == total_steps else None
-            if done % cfg.run.log_every == 0 or done == total_steps:
-                metrics["perf/peak_rss_mb"] = peak_rss_mb()
-                run.log_metrics(done, metrics)
+            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
             bar.update(metrics)
-            if cfg.run.save_every and done % cfg.run.save_every == 0 and done < total_steps:
+            if loop.save_due(done, cfg.run.save_every, total_steps):
                 checkpoint(done)
 
     # 4. final validation and a plain Hugging Face checkpoint -----------------------------------
