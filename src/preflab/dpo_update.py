@@ -27,7 +27,7 @@ from preflab.rl.preference import REFERENCE_FREE, preference_loss
 from preflab.rl.ranking import pad_rewards
 from preflab.rollout import HFGenerator, left_pad
 from preflab.run import RunDir
-from preflab.scoring import response_logits, row_hidden, shared_prefix
+from preflab.scoring import padded_ranks, response_logits, row_hidden, shared_prefix
 
 REFERENCE_CACHE = "reference_logps.json"
 
@@ -89,12 +89,7 @@ def collate_ranked(batch: list[Ranked], pad_id: int, share_prefix: bool = False)
         input_ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
         resp[i, start:len(r)] = True
-    kmax = max(len(g.ids) for g in batch)
-    ranks = torch.zeros((len(batch), kmax), dtype=torch.long)
-    valid = torch.zeros((len(batch), kmax), dtype=torch.bool)
-    for p, g in enumerate(batch):
-        ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
-        valid[p, :len(g.ranks)] = True
+    ranks, valid = padded_ranks(batch)
     out = {"input_ids": input_ids, "attention_mask": mask, "response_mask": resp, "ranks": ranks, "valid": valid,
            "lengths": torch.tensor([n for g in batch for n in g.lengths], dtype=torch.long)}
     if all(g.ref for g in batch):

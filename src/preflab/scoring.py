@@ -212,6 +212,18 @@ def shared_prefix(seqs: list[list[int]]) -> int:
     return max(0, n)
 
 
+def padded_ranks(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Kmax) ranks of each prompt's responses (0 best) and the mask of real ones, from items
+    with ``.ranks`` (``Encoded``, ``dpo_update.Ranked``)."""
+    kmax = max(len(g.ranks) for g in batch)
+    ranks = torch.zeros((len(batch), kmax), dtype=torch.long)
+    valid = torch.zeros((len(batch), kmax), dtype=torch.bool)
+    for p, g in enumerate(batch):
+        ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
+        valid[p, :len(g.ranks)] = True
+    return ranks, valid
+
+
 def collate_groups(batch: list[Encoded], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Prompts of any K -> rows (sum K, T) right-padded, and (P, Kmax) ranks and validity mask.
 
@@ -228,12 +240,7 @@ def collate_groups(batch: list[Encoded], pad_id: int, share_prefix: bool = False
     for i, r in enumerate(rows):
         input_ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    kmax = max(len(g.ids) for g in batch)
-    ranks = torch.zeros((len(batch), kmax), dtype=torch.long)
-    valid = torch.zeros((len(batch), kmax), dtype=torch.bool)
-    for p, g in enumerate(batch):
-        ranks[p, :len(g.ranks)] = torch.tensor(g.ranks)
-        valid[p, :len(g.ranks)] = True
+    ranks, valid = padded_ranks(batch)
     out = {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
     if share_prefix:  # collate_groups' keys other than ranks and valid are Scorer's arguments
         out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
