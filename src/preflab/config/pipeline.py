@@ -1,0 +1,136 @@
+"""`preflab pipeline`: the main job and its rounds."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from preflab.config.base import Section
+from preflab.config.rl import RLMethod
+
+
+class SuiteSection(Section):
+    prompts: str | None = Field(None, description="Your own prompt JSONL in the suite format (None: built-in suite).")
+    seed: int = 0
+    n: int = Field(3200, ge=100, description="Prompts in the built-in suite.")
+
+
+class DemosSection(Section):
+    mode: Literal["mixed", "best_of_n", "reference"] = Field(
+        "reference", description="reference: constraint-satisfying templated answers (and templated refusals); "
+                                 "best_of_n: the gold judge's best of n base-model samples; mixed: best of n, "
+                                 "reference when no sample is good enough.")
+    limit: int = Field(400, ge=8, description="SFT-split prompts that get a demonstration.")
+    n: int = Field(4, ge=1, description="Samples per prompt for best_of_n/mixed.")
+    extra: str | None = Field(None, description="Your own demonstrations JSONL, added to the generated ones.")
+
+
+class LabelingSection(Section):
+    k: int = Field(4, ge=2, le=9, description="Samples per RM prompt (InstructGPT: 4 to 9).")
+    limit: int = Field(300, ge=8, description="RM-split prompts to rank (300 x C(4,2) = 1,800 comparisons, "
+                                              "2,340 with the overlap slice's extra rankings).")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    overlap: float = Field(0.15, ge=0, le=1, description="Fraction ranked by three labelers (agreement slice).")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate() call (K samples of a prompt together).")
+    bf16: bool = Field(True, description="bf16 autocast while sampling.")
+
+
+class EvalSection(Section):
+    limit: int = Field(300, ge=4, description="Held-out eval-split prompts.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    batch_size: int = Field(32, ge=1, description="Sequences per generate() and scoring call.")
+    bf16: bool = Field(True, description="bf16 weights and autocast for sampling and scoring (about 2x faster "
+                                         "on CPU; log-softmax stays fp32).")
+    models: list[str] | None = Field(
+        None, description="Models to evaluate: base, sft and trained RL methods (None: base, sft and every "
+                          "method of `rl`). SFT is the reference.")
+    ifeval: str | None = Field(
+        None, description="An IFEval-format prompt file (e.g. the 541 public IFEval prompts): every evaluated model "
+                          "also answers these, greedy, and the report shows strict/loose accuracy and answer "
+                          "length beside the suite's numbers (needs the ifeval extra; None: off).")
+    ifeval_max_new_tokens: int = Field(512, ge=1, description="Token budget of an IFEval answer.")
+
+
+class RoundsSection(Section):
+    """Rounds 2..n of the main job (InstructGPT's iteration): rank fresh samples of the current policy,
+    refit the RM on every ranking so far, train the policy a little further from where it is."""
+
+    method: str | None = Field(None, description="Trainer of rounds 2..n: a method of `rl` or `preference` (None: "
+                                                 "the first of `rl`, else of `preference`).")
+    prompts: int = Field(150, ge=8, description="Fresh RM-split prompts ranked per round (never ranked before), "
+                                                "K samples each from the current policy.")
+    heldout: int = Field(40, ge=0, description="Further fresh prompts per round ranked by three labelers and kept "
+                                               "out of the RM: its on-policy accuracy and the labelers' agreement "
+                                               "on the same samples (0: off).")
+    kl_anchor: Literal["sft", "previous"] = Field(
+        "sft", description="KL reference of a round's trainer: the SFT model (the leash never moves, so the "
+                           "total drift stays bounded) or the previous round's policy (a trust region per round).")
+    rm_init: Literal["sft", "previous"] = Field(
+        "sft", description="A round's RM starts from the SFT model (every ranking weighs the same) or from the "
+                           "previous round's RM (warm start).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the round trainer's config in rounds 2..n, applied after "
+                                          "`rl_overrides` (e.g. train.steps).")
+
+
+class PipelineConfig(Section):
+    """`preflab pipeline`: base -> demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> eval -> report.
+
+    The ``sft``, ``rm``, ``ppo`` and ``ppo_ptx`` sections are overrides of those stages' own
+    configs (same keys as `preflab sft` etc.); the pipeline fills in models, data and run
+    directories. They are validated against the stage configs before anything starts.
+    """
+
+    base_model: str = Field("bundled:smollm2-135m-instruct", description="The pretrained policy to post-train.")
+    threads: int | None = Field(None, ge=1, description="torch threads for every stage (None: auto, one per core "
+                                                        "that other processes leave free, checked at each step's "
+                                                        "start, with a warning when the machine is busy).")
+    seed: int = 0
+    keep_checkpoints: bool = Field(False, description="Keep each training stage's checkpoints after it has finished "
+                                                      "and exported its model (the demo's hold ~9 GiB of optimizer "
+                                                      "state; only an unfinished stage needs them, to resume).")
+    suite: SuiteSection = Field(default_factory=SuiteSection)
+    demos: DemosSection = Field(default_factory=DemosSection)
+    labeling: LabelingSection = Field(default_factory=LabelingSection)
+    rl: list[RLMethod] = Field(
+        ["ppo_ptx", "rloo"], description="Online RL methods trained after the RM, each its own step and run directory "
+        "(RUN/<method>). The demo trains InstructGPT's PPO-ptx and RLOO (k = 4 samples per prompt, no critic), "
+        "which beat SFT on the gold judge in the measurements in the README.")
+    preference: list[Literal["dpo", "ipo", "rs"]] = Field(
+        [], description="Offline preference trainers run after the RL methods, each its own step and run directory: "
+                        "dpo, ipo (on the store's rankings), rs (rejection-sampling fine-tuning with the RM).")
+    rl_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-method overrides of the RL stage config, applied after `ppo`, the "
+                                          "method's preset and (for ppo_ptx) `ppo_ptx`.")
+    # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
+    sft: dict[str, Any] = Field(
+        default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.25, "batch_size": 8},
+                                 "data": {"max_length": 320}},
+        description="Overrides of the SFT config.")
+    rm: dict[str, Any] = Field(
+        default_factory=lambda: {"train": {"batch_prompts": 8}, "optim": {"lr": 5e-5}, "data": {"max_length": 320}},
+        description="Overrides of the RM config (lr 5e-5, not InstructGPT's 9e-6: 30 steps, not thousands).")
+    ppo: dict[str, Any] = Field(
+        default_factory=lambda: {"train": {"steps": 15}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
+                                 "ppo": {"epochs": 1, "minibatch_size": 8}, "kl": {"coef": 0.02},
+                                 "optim": {"lr": 2e-5, "warmup_steps": 4}},
+        description="Overrides of the PPO config (InstructGPT: beta 0.02, one PPO epoch).")
+    ppo_ptx: dict[str, Any] = Field(
+        default_factory=lambda: {"ptx": {"coef": 1.0, "batch_size": 2}},
+        description="Overrides of the PPO config for PPO-ptx (applied after `ppo`). gamma is 1 here, not "
+                    "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
+                    "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")
+    eval: EvalSection = Field(default_factory=EvalSection)
+    rm_ensemble: int = Field(1, ge=1, description="Reward models trained on the rankings (RUN/rm, RUN/rm-2, ...; "
+                                                  "seeds seed, seed + 1, ...): with more than one, the online RL "
+                                                  "methods optimise `rewards.ensemble` over them (conservative where "
+                                                  "they disagree). Rounds 2..n refit one RM.")
+    rounds: int = Field(1, ge=1, description="Rounds of the recipe: 1 is the graph above; each further round "
+                                             "ranks fresh samples of the current policy, refits the RM and "
+                                             "trains on (`round`).")
+    round: RoundsSection = Field(default_factory=RoundsSection)
+
+__all__ = ["SuiteSection", "DemosSection", "LabelingSection", "EvalSection", "RoundsSection", "PipelineConfig"]
