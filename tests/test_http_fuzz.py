@@ -116,7 +116,8 @@ def test_serve_survives_bad_input(serve_url):
 
 
 def test_route_survives_bad_input(serve_url, tmp_path):
-    from preflab.release.route import RouteConfig, build_app
+    from preflab.release.route import RouteConfig
+    from preflab.release.route_app import build_app
 
     with ThreadServer(fake_backend("cand")) as cand:
         cfg = RouteConfig.model_validate({

@@ -13,7 +13,8 @@ import pytest
 
 from helpers import wait_for
 from preflab.release.fake import ThreadServer, fake_backend
-from preflab.release.route import RouteConfig, State, bucket, build_app, pick
+from preflab.release.route import RouteConfig, State, bucket, pick
+from preflab.release.route_app import build_app
 
 ADMIN = "admin-secret"
 

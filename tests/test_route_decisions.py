@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from preflab.release.route import Canary, RouteConfig, Router, State, Thresholds, bucket, build_app, pick
+from preflab.release.route import Canary, RouteConfig, Router, State, Thresholds, bucket, pick
+from preflab.release.route_app import build_app
 
 
 def _cfg(tmp_path, shares=None, **thresholds):

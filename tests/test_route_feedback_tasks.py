@@ -7,7 +7,8 @@ import httpx
 
 from helpers import wait_for
 from preflab.release.fake import ThreadServer, fake_backend
-from preflab.release.route import RouteConfig, build_app
+from preflab.release.route import RouteConfig
+from preflab.release.route_app import build_app
 
 
 def test_a_thumbs_up_is_not_linked_to_the_thumbs_downs_task(tmp_path):

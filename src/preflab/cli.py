@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("preflab.annotate.cli:annotate", "Labeling web app: people rank K responses into the store."),
     "serve": ("preflab.release.serve:cli", "Serve one model behind an OpenAI-compatible API (chat, streaming)."),
     "gate": ("preflab.release.gate:cli", "Release gate: candidate vs incumbent on a frozen prompt replay; exit 0/1."),
-    "route": ("preflab.release.route:cli", "Canary router over OpenAI-compatible back ends: feedback, rollback."),
+    "route": ("preflab.release.route_cli:cli", "Canary router over OpenAI-compatible back ends: feedback, rollback."),
     "repro": ("preflab.release.repro:cli", "Reproducibility package of a run: pack, and verify by re-evaluating."),
 }
 
