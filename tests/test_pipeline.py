@@ -13,6 +13,7 @@ from preflab.cli import main
 from preflab.config import PipelineConfig, load_config
 from preflab.errors import ConfigError
 from preflab.pipeline import PRESETS, STEPS, Pipeline, deep_merge
+from preflab.rl.stats import wilson_interval
 
 
 def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -41,9 +42,14 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
     results = json.loads((out / "eval/results.json").read_text())
     assert set(results["models"]) == {"base", "sft", "ppo_ptx", "rloo"}
-    for name in ("base", "ppo_ptx", "rloo"):
+    samples = [json.loads(x) for x in (out / "eval/samples.jsonl").read_text().splitlines()]
+    gold = {(r["model"], r["id"]): r["gold"]["total"] for r in samples}
+    ids = [r["id"] for r in samples if r["model"] == "sft"]
+    for name in ("base", "ppo_ptx", "rloo"):  # each model's win-rate, recomputed prompt by prompt against SFT
         wr = results["models"][name]["win_rate"]
-        assert 0.0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1.0
+        wins = sum(gold[name, i] > gold["sft", i] for i in ids) + 0.5 * sum(gold[name, i] == gold["sft", i] for i in ids)
+        assert wr["n"] == len(ids) == 16 and wr["rate"] == pytest.approx(wins / len(ids))
+        assert (wr["lo"], wr["hi"]) == pytest.approx(tuple(wilson_interval(wins, len(ids))))
     html = (out / "report.html").read_text()
     assert "ppo_ptx" in html and "<img" in html
     ptx_rows = [json.loads(x) for x in (out / "ppo_ptx/metrics.jsonl").read_text().splitlines()]
