@@ -352,8 +352,10 @@ def rounds_table(run: Path) -> list[dict[str, Any]]:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("rounds", 1) < 2:
         return []
-    trained = [*cfg.get("rl", []), *cfg.get("preference", [])]
-    method = (cfg.get("round") or {}).get("method") or (trained[0] if trained else None)
+    from preflab.config import PipelineConfig
+    from preflab.rounds import round_method
+
+    method = round_method(PipelineConfig.model_validate(cfg))  # the pipeline's own rule, not a copy of it
     rows = []
     for r in range(1, cfg["rounds"] + 1):
         res_path = run / ("eval" if r == 1 else f"round-{r}/eval") / "results.json"
