@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import click
 import torch
 
+from preflab.generation.engine import per_prompt
 from preflab.lm import unwrap
 
 
@@ -107,9 +108,10 @@ def response_mask_after_stop(response: torch.Tensor, stop_id: int, start: int = 
 class Generator(Protocol):
     """A sampling back end: HF generate now; vLLM or another engine can stand here later."""
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float,
                  top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
-        """``n`` samples per prompt, as contiguous rows: prompt p owns rows p*n .. p*n + n - 1."""
+        """``n`` samples per prompt, as contiguous rows: prompt p owns rows p*n .. p*n + n - 1.
+        ``max_new_tokens``: one budget, or one per prompt (``data.chat.token_budgets``)."""
         ...
 
 
@@ -175,7 +177,7 @@ class HFGenerator:
         """``make_generator`` under the name the RL stage imports."""
         return make_generator(model, tokenizer, bf16=bf16, backend=backend)
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float,
                  top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   min_new_tokens=min_new_tokens, n=n)
@@ -184,7 +186,8 @@ class HFGenerator:
                 self._fallback = HFGenerateGenerator(self.model, self.tokenizer, bf16=self.bf16)
             return self._fallback.generate(prompts, **kw)
         rows, response = self.engine.generate(prompts, **kw)
-        return samples_from_tokens(rows, response, self.tokenizer, device=self.engine.weights().device)
+        return samples_from_tokens(rows, response, self.tokenizer, device=self.engine.weights().device,
+                                   budgets=per_prompt(max_new_tokens, len(prompts)), n=n)
 
 
 BACKENDS = ("hf", "vllm")
@@ -210,21 +213,36 @@ class TokenEngineGenerator:
     def __init__(self, engine: Any, tokenizer: Any, device: torch.device | str = "cpu"):
         self.engine, self.tokenizer, self.device = engine, tokenizer, device
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float,
                  top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
-        rows, response = self.engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        budgets = per_prompt(max_new_tokens, len(prompts))
+        rows, response = self.engine.generate(prompts, max_new_tokens=max(budgets, default=1), temperature=temperature,
                                               top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, n=n)
-        return samples_from_tokens(rows, response, self.tokenizer, device=self.device)
+        return samples_from_tokens(rows, response, self.tokenizer, device=self.device, budgets=budgets, n=n)
+
+
+def response_mask_in_budget(response: torch.Tensor, eos_id: int, budgets: list[int] | None = None,
+                            n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_mask_after_stop`` with each row of prompt p (``n`` rows each) also cut at
+    ``budgets[p]``: what a back end sampled past a row's budget does not count, an EOS there
+    included (the row is unfinished)."""
+    if budgets is None:
+        return response_mask_after_stop(response, eos_id)
+    limit = torch.tensor([b for b in budgets for _ in range(n)], device=response.device)
+    inside = torch.arange(response.shape[1], device=response.device)[None, :] < limit[:, None]
+    mask, ended = response_mask_after_stop(torch.where(inside, response, torch.full_like(response, -1)), eos_id)
+    return mask * inside, ended
 
 
 def samples_from_tokens(rows: list[list[int]], response: torch.Tensor, tokenizer: Any,
-                        device: torch.device | str = "cpu") -> Samples:
+                        device: torch.device | str = "cpu", budgets: list[int] | None = None,
+                        n: int = 1) -> Samples:
     """``Samples`` of prompts ``rows`` (token lists) and their responses (R, W) (EOS included when
-    sampled; anything after the first EOS is replaced by padding)."""
+    sampled; anything after the first EOS, or past the row's prompt's budget, is replaced by padding)."""
     query, query_mask = left_pad(rows, tokenizer.pad_token_id)
     if response.shape[1] == 0:
         response = torch.full((len(rows), 1), tokenizer.pad_token_id, dtype=torch.long)
-    mask, ended = response_mask_after_stop(response, tokenizer.eos_token_id)
+    mask, ended = response_mask_in_budget(response, tokenizer.eos_token_id, budgets, n)
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
     return Samples(query.to(device), query_mask.to(device), response.to(device), mask.to(device), ended.to(device),
@@ -241,10 +259,12 @@ class HFGenerateGenerator:
         self.bf16 = bf16
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float,
                  top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> Samples:
         from transformers import LogitsProcessorList
 
+        budgets = per_prompt(max_new_tokens, len(prompts))
+        max_new_tokens = max(budgets, default=1)
         prompts = [p for p in prompts for _ in range(n)]  # k contiguous rows per prompt
         tok = self.tokenizer
         model = unwrap(self.model) if not hasattr(self.model, "disable_adapter") else self.model
@@ -266,7 +286,7 @@ class HFGenerateGenerator:
         response = out[:, query.shape[1]:]
         if response.shape[1] == 0:
             response = torch.full((len(prompts), 1), tok.pad_token_id, dtype=torch.long, device=device)
-        mask, ended = response_mask_after_stop(response, tok.eos_token_id)
+        mask, ended = response_mask_in_budget(response, tok.eos_token_id, budgets, n)
         response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
         return Samples(query, query_mask, response, mask, ended, texts)
@@ -306,10 +326,11 @@ def encode_prompts(tokenizer: Any, prompts: list[str | list[dict[str, str]]], ma
     return out
 
 
-def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int = 128,
+def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int | list[int] = 128,
                    temperature: float = 0.7, batch_size: int = 16, bf16: bool = True,
                    progress: bool = False, cache: Path | None = None, seed: int = 0, cache_key: str = "") -> list[str]:
     """Sample one response per prompt, in batches; returns decoded texts in prompt order.
+    ``max_new_tokens``: one budget, or one per prompt.
 
     ``cache``: a JSONL file each finished batch is appended to, so a killed call resumes at the
     first unfinished batch. Each batch then draws from its own seed (``seed`` and its position),
@@ -323,10 +344,12 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
 
     gen = HFGenerator(model, tokenizer, bf16=bf16)
     ids = encode_prompts(tokenizer, prompts)
+    budgets = per_prompt(max_new_tokens, len(ids))
     # Similar lengths together: less padding, faster batches; results go back in input order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts: list[str] = [""] * len(ids)
-    done = _batch_cache(cache, json.dumps([ids, max_new_tokens, temperature, batch_size, seed, cache_key]))
+    key = max_new_tokens if isinstance(max_new_tokens, int) else budgets  # an int keeps old caches valid
+    done = _batch_cache(cache, json.dumps([ids, key, temperature, batch_size, seed, cache_key]))
     with Progress(len(ids), "generate", enabled=progress) as bar, \
             (open(cache, "a", encoding="utf-8") if cache is not None else contextlib.nullcontext()) as log:
         for s in range(0, len(order), batch_size):
@@ -336,7 +359,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
                 with torch.random.fork_rng(devices=[]) if log else contextlib.nullcontext():
                     if log:  # each cached batch from its own seed: a resumed call equals an uninterrupted one
                         torch.manual_seed(seed * 1_000_003 + s)
-                    out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens,
+                    out_texts = gen.generate([ids[i] for i in chunk], max_new_tokens=[budgets[i] for i in chunk],
                                              temperature=temperature).texts
                 if log:
                     log.write(json.dumps({"start": s, "texts": out_texts}) + "\n")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from preflab import loop
+from preflab.data.chat import token_budget
 
 
 class Selection:
@@ -35,7 +36,8 @@ class Selection:
         s, r = cfg.select, cfg.rollout
         self.by, self.seed = s.by, cfg.run.seed + 101
         self.rows, self.ids, self.gen = dev_rows, dev_ids, generator
-        self.sample_kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+        self.sample_kw = dict(max_new_tokens=[token_budget(row, r.max_new_tokens) for row in dev_rows],
+                              temperature=r.temperature, top_k=r.top_k,
                               top_p=r.top_p, min_new_tokens=r.min_new_tokens)
         self.score_samples = score_samples
         self.best = loop.BestWeights(Path(cfg.run.out) / "selected", enabled=enabled)

@@ -142,11 +142,37 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     return rows
 
 
+MAX_TOKEN_BUDGET = 4096
+
+
+def check_token_budget(value: Any) -> int | None:
+    """A prompt row's ``max_new_tokens`` (None: the caller's default); raises ValueError if invalid."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKEN_BUDGET:
+        raise ValueError(f"'max_new_tokens' must be an integer from 1 to {MAX_TOKEN_BUDGET}, got {value!r}")
+    return value
+
+
+def token_budget(row: Any, default: int) -> int:
+    """How many new tokens to sample for one prompt row (a dict or a ``SuitePrompt``): its own
+    ``max_new_tokens`` when it has one (long-form tasks), else ``default``."""
+    own = row.get("max_new_tokens") if isinstance(row, dict) else getattr(row, "max_new_tokens", None)
+    return own or default
+
+
+def token_budgets(rows: list[Any], default: int) -> int | list[int]:
+    """``token_budget`` of each row; the plain ``default`` when no row has its own."""
+    budgets = [token_budget(row, default) for row in rows]
+    return budgets if any(b != default for b in budgets) else default
+
+
 def parse_prompt_row(obj: Any) -> dict[str, Any]:
     """A prompt row: ``{"prompt": str}``, ``{"prompt": [messages]}`` (TRL) or ``{"messages": [...]}`` plus
-    any metadata (id, split, ...)."""
+    any metadata (id, split, ``max_new_tokens``: its own sampling budget, ...)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    check_token_budget(obj.get("max_new_tokens"))
     if isinstance(obj.get("prompt"), str):
         if not obj["prompt"].strip():
             raise ValueError("'prompt' is empty")

@@ -114,6 +114,7 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[SuitePrompt], path: 
     are reused and new ones are appended batch by batch."""
     import torch
 
+    from preflab.data.chat import token_budget
     from preflab.rollout import HFGenerator, encode_prompts
     from preflab.run import Progress
 
@@ -130,7 +131,8 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[SuitePrompt], path: 
     with Progress(len(todo), f"generate {label}", enabled=progress) as bar, path.open("a", encoding="utf-8") as f:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            out = gen.generate([ids[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
+            out = gen.generate([ids[i] for i in chunk], max_new_tokens=[token_budget(todo[i], max_new_tokens)
+                                                                        for i in chunk], temperature=temperature)
             for j, i in enumerate(chunk):
                 token_ids = out.response[j][out.response_mask[j].bool()].tolist()
                 row = {"id": todo[i].id, "response": out.texts[j], "ended": bool(out.ended[j]),

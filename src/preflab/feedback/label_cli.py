@@ -110,6 +110,7 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
     import torch
 
     from preflab import models
+    from preflab.data.chat import token_budgets
     from preflab.data.schema import Prompt
     from preflab.data.suite.schema import SuitePrompt
     from preflab.feedback.labelers import default_panel
@@ -122,7 +123,8 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
     # 1. sample K candidates per prompt
     tokenizer = models.load_tokenizer(model_spec)
     model = models.load_policy(model_spec)
-    flat = generate_texts(model, tokenizer, [p.prompt for p in prompts for _ in range(k)], max_new_tokens=max_new_tokens,
+    flat = generate_texts(model, tokenizer, [p.prompt for p in prompts for _ in range(k)],
+                          max_new_tokens=token_budgets([p for p in prompts for _ in range(k)], max_new_tokens),
                           temperature=temperature, batch_size=batch_size, bf16=bf16, progress=True,
                           cache=samples_cache, seed=seed, cache_key=model_spec)
 

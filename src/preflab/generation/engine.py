@@ -304,6 +304,19 @@ def forward(w: Snapshot, ids: torch.Tensor, pos: torch.Tensor, cache: Cache, cos
 # ---------------------------------------------------------------------------------------------
 
 
+def per_prompt(max_new_tokens: int | list[int], n_prompts: int) -> list[int]:
+    """One token budget per prompt from one budget for all or a list of them (checked)."""
+    if isinstance(max_new_tokens, int):
+        budgets = [max_new_tokens] * n_prompts
+    else:
+        budgets = [int(b) for b in max_new_tokens]
+        if len(budgets) != n_prompts:
+            raise ValueError(f"{len(budgets)} token budgets for {n_prompts} prompts")
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"token budgets must be >= 1, got {min(budgets)}")
+    return budgets
+
+
 class Engine:
     """preflab's decode loop (see the module docstring); ``rollout.HFGenerator`` wraps it.
 
@@ -338,21 +351,25 @@ class Engine:
         return self.weights() is not None
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0, min_new_tokens: int = 0, n: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
+                 n: int = 1) -> tuple[list[list[int]], torch.Tensor]:
         """``n`` samples per prompt: (rows, tokens). ``rows[r]`` is the prompt of output row ``r``
         (prompt ``r // n``); ``tokens`` (rows, W) holds each response up to and including its EOS,
-        pad after it, W the longest response. Raises ``Unsupported`` for models it cannot run."""
+        pad after it, W the longest response. ``max_new_tokens``: one budget for all, or one per
+        prompt (a row stops at its own budget). Raises ``Unsupported`` for models it cannot run."""
         w = self.weights()
         if w is None:
             raise Unsupported(self.fallback_reason)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         rows = [list(p) for p in prompts for _ in range(n)]  # output row r = prompt r // n, sample r % n
+        budget = torch.tensor([b for b in per_prompt(max_new_tokens, len(prompts)) for _ in range(n)],
+                              dtype=torch.long)
         seed = sampling.new_seed() if temperature > 0 else 0
-        tokens = torch.full((len(rows), max_new_tokens), pad, dtype=torch.long)
+        tokens = torch.full((len(rows), int(budget.max()) if len(rows) else 1), pad, dtype=torch.long)
         lengths = torch.zeros(len(rows), dtype=torch.long)
         # Buckets: rows sorted by prompt length (identical prompts adjacent), whole groups per batch.
-        order = sorted(range(len(rows)), key=lambda r: (len(rows[r]), rows[r]))
+        order = sorted(range(len(rows)), key=lambda r: (len(rows[r]), rows[r], int(budget[r])))
         groups: list[list[int]] = []
         for r in order:
             if self.share_prefix and groups and rows[groups[-1][0]] == rows[r]:
@@ -360,7 +377,7 @@ class Engine:
             else:
                 groups.append([r])
         batch: list[list[int]] = []
-        args = (tokens, lengths, seed, max_new_tokens, temperature, top_k, top_p, min_new_tokens, pad, eos)
+        args = (tokens, lengths, seed, budget, temperature, top_k, top_p, min_new_tokens, pad, eos)
         for g in groups:
             if batch and sum(map(len, batch)) + len(g) > self.max_batch:
                 self._decode(w, rows, batch, *args)
@@ -371,10 +388,12 @@ class Engine:
         return rows, tokens[:, :max(1, int(lengths.max()))]
 
     def _decode(self, w: Snapshot, rows: list[list[int]], groups: list[list[int]], tokens: torch.Tensor,
-                lengths: torch.Tensor, seed: int, max_new: int, temperature: float, top_k: int, top_p: float,
+                lengths: torch.Tensor, seed: int, budget: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 min_new: int, pad: int, eos: int) -> None:
-        """Prefill the distinct prompts of ``groups`` once, expand to one row per sample, decode."""
+        """Prefill the distinct prompts of ``groups`` once, expand to one row per sample, decode
+        until each row's EOS or its ``budget``."""
         dev = w.device
+        max_new = int(budget[[r for g in groups for r in g]].max())
         heads = [rows[g[0]] for g in groups]
         Tp = max(len(h) for h in heads)
         ids = torch.tensor([[pad] * (Tp - len(h)) + h for h in heads], dtype=torch.long)
@@ -409,7 +428,7 @@ class Engine:
             nxt_cpu = nxt.cpu()
             tokens[out_rows[alive], t] = nxt_cpu[alive]
             lengths[out_rows[alive]] = t + 1
-            alive &= nxt_cpu != eos
+            alive &= (nxt_cpu != eos) & (budget[out_rows] > t + 1)
             n_alive = int(alive.sum())
             if n_alive == 0 or t == max_new - 1:
                 break

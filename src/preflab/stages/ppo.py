@@ -24,7 +24,7 @@ import torch
 
 from preflab import loop, models, rewards
 from preflab.config import PPOConfig
-from preflab.data.chat import read_lm_rows, read_prompts
+from preflab.data.chat import read_lm_rows, read_prompts, token_budget
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError
 from preflab.optim import adamw, schedule
@@ -151,7 +151,8 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
         for step in range(start, cfg.train.steps):
             t0 = time.perf_counter()
             idx = rank_slice(step_indices(step, len(rows), global_batch, cfg.run.seed), dist.rank, dist.world_size)
-            samples = gen.generate([prompt_ids[i] for i in idx], max_new_tokens=r.max_new_tokens,
+            samples = gen.generate([prompt_ids[i] for i in idx],
+                                   max_new_tokens=[token_budget(rows[i], r.max_new_tokens) for i in idx],
                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                    min_new_tokens=r.min_new_tokens, n=k).to(device)
             episodes = [i for i in idx for _ in range(k)]  # k contiguous samples per prompt

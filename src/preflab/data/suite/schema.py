@@ -10,10 +10,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from preflab.feedback.constraints import validate_constraint
+from preflab.data.chat import check_token_budget
 from preflab.data.jsonl import read_jsonl
 from preflab.data.suite.templates import CATEGORIES
 from preflab.errors import DataError
-from preflab.feedback.constraints import validate_constraint
 
 SPLITS: tuple[str, ...] = ("sft", "rm", "ppo", "eval")
 SLICES: tuple[str, ...] = ("ordinary", "harmful", "alarming_harmless", "misconception")
@@ -40,6 +41,8 @@ class SuitePrompt:
         true_answers, false_answers: misconception slice: phrases a truthful answer asserts,
             and phrases that assert the misconception.
         source: the passage embedded in the prompt, if any.
+        max_new_tokens: the prompt's own sampling budget (long-form tasks); None: the
+            sampler's default.
     """
 
     id: str
@@ -57,6 +60,7 @@ class SuitePrompt:
     true_answers: tuple[str, ...] = ()
     false_answers: tuple[str, ...] = ()
     source: str | None = None
+    max_new_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __hash__(self) -> int:  # ids are unique within a file; constraints (dicts) are not hashable
@@ -70,6 +74,8 @@ class SuitePrompt:
                 d[k] = list(v)
         if not d["extra"]:
             del d["extra"]
+        if d["max_new_tokens"] is None:  # most rows have none: keep files as they were
+            del d["max_new_tokens"]
         return d
 
     @classmethod
@@ -121,7 +127,8 @@ class SuitePrompt:
             constraints=tuple(dict(c) for c in constraints), template=opt_str("template"), topic=opt_str("topic"),
             paraphrase_group=opt_str("paraphrase_group"), keywords=strs("keywords"), answer=opt_str("answer"),
             answer_keywords=strs("answer_keywords"), true_answers=strs("true_answers"),
-            false_answers=strs("false_answers"), source=opt_str("source"), extra=extra,
+            false_answers=strs("false_answers"), source=opt_str("source"),
+            max_new_tokens=check_token_budget(obj.get("max_new_tokens")), extra=extra,
         )
 
 
