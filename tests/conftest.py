@@ -35,3 +35,28 @@ def tiny():
 
     torch.manual_seed(0)
     return models.load_policy("tiny:"), models.load_tokenizer("tiny:")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server (tests/pg_server.py); the test is skipped where none can start."""
+    from pg_server import start_or_skip
+
+    server = start_or_skip()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A new empty database on that server, as a postgresql:// URL."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_spec(request, tmp_path):
+    """Where a new preference store lives: a SQLite file, then a PostgreSQL database (skipped where
+    PostgreSQL cannot run). A test that takes it runs on both back ends."""
+    if request.param == "sqlite":
+        return tmp_path / "prefs.db"
+    return request.getfixturevalue("postgres_url")

@@ -1,17 +1,21 @@
+"""The preference store. Every test that takes ``store`` or ``store_spec`` runs on both back ends:
+a SQLite file, then a PostgreSQL database (skipped where PostgreSQL cannot run; tests/pg_server.py)."""
+
 import multiprocessing as mp
 import sqlite3
+import time
 
 import pytest
 
 from preflab.data.schema import Demonstration, Prompt
 from preflab.errors import DataError
 from preflab.feedback import store as store_mod
-from preflab.feedback.store import PreferenceStore
+from preflab.feedback.store import PreferenceStore, is_url
 
 
 @pytest.fixture
-def store(tmp_path):
-    with PreferenceStore(tmp_path / "prefs.db") as s:
+def store(store_spec):
+    with PreferenceStore(store_spec) as s:
         yield s
 
 
@@ -131,22 +135,24 @@ def test_queue_assigns_each_task_once_and_completes(store):
     assert (c["rankings"], c["queue_done"], c["queue_assigned"]) == (1, 1, 1)
 
 
-def test_schema_version_recorded_and_reopen(tmp_path):
-    path = tmp_path / "s.db"
+def test_schema_version_recorded_and_reopen(store_spec):
+    path = store_spec
     with PreferenceStore(path) as s:
         assert s.schema_version() == len(store_mod.MIGRATIONS) == 1
         pid, cids = _prompt_with(s)
         s.add_ranking(pid, cids, [[0], [1], [2], [3]], "alice")
     with PreferenceStore(path) as s:
         assert s.schema_version() == 1 and s.counts()["rankings"] == 1
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT version, description FROM schema_version").fetchall()[0][0] == 1
-    conn.close()
+        assert [tuple(r) for r in s.query("SELECT version FROM schema_version")] == [(1,)]
+    if not is_url(path):
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version, description FROM schema_version").fetchall()[0][0] == 1
+        conn.close()
 
 
-def test_pending_migration_applied_in_order(tmp_path, monkeypatch):
-    path = tmp_path / "s.db"
+def test_pending_migration_applied_in_order(store_spec, monkeypatch):
+    path = store_spec
     with PreferenceStore(path) as s:
         pid, cids = _prompt_with(s)
     applied = []
@@ -173,8 +179,8 @@ def _writer(path, pid, cids, labeler, n, barrier):
             s.add_ranking(pid, cids, [[i % 4], [(i + 1) % 4, (i + 2) % 4], [(i + 3) % 4]], labeler, time_s=float(i))
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    path = tmp_path / "s.db"
+def test_two_processes_writing_at_once_lose_nothing(store_spec):
+    path = store_spec
     with PreferenceStore(path) as s:
         pid, cids = _prompt_with(s)
     ctx = mp.get_context("spawn")
@@ -198,8 +204,8 @@ def _opener(path, barrier):
         s.add_prompts([f"prompt {i}" for i in range(20)])
 
 
-def test_processes_creating_a_new_store_at_once(tmp_path):
-    path = tmp_path / "fresh.db"
+def test_processes_creating_a_new_store_at_once(store_spec):
+    path = store_spec  # a new file, or an empty database
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_opener, args=(path, barrier)) for _ in range(4)]
@@ -217,3 +223,113 @@ def test_numpy_ids_and_orders_accepted(store):
     pid, cids = _prompt_with(store, k=3)
     rid = store.add_ranking(np.int64(pid), np.array(cids), [np.array([2]), np.array([0, 1])], "alice")
     assert store.rankings()[0].id == rid and store.rankings()[0].order == [[2], [0, 1]]
+
+
+def _taker(path, labelers, barrier, out):
+    """Take and complete tasks in turn for ``labelers`` until none of them gets one."""
+    got = []
+    with PreferenceStore(path) as s:
+        barrier.wait(30)
+        idle = 0
+        for turn in range(10_000):
+            lab = labelers[turn % len(labelers)]
+            task = s.next_task(lab, "rm")
+            if task is None:
+                idle += 1
+                if idle == len(labelers):
+                    break
+                continue
+            idle = 0
+            s.complete(task.id, [[0], [1], [2], [3]], lab)
+            got.append((task.id, task.prompt_id, lab))
+            time.sleep(0.002)  # a labeler's pause: the other process gets the SQLite write lock too
+    out.put(got)
+
+
+def test_two_processes_taking_tasks_never_get_the_same_one(store_spec):
+    """Two processes, three labelers each, take every task of a queue (two copies per prompt) at once:
+    each task goes to one labeler, once, and no labeler gets both copies of a prompt."""
+    with PreferenceStore(store_spec) as s:
+        for i in range(40):
+            pid, cids = _prompt_with(s, text=f"prompt {i}")
+            s.enqueue("rm", pid, cids, copies=2)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_taker, args=(store_spec, [f"p{j}-{i}" for i in range(3)], barrier, out))
+             for j in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    taken = [t for got in results for t in got]
+    assert all(results)  # both processes took tasks
+    assert len(taken) == 80 and len({task for task, _, _ in taken}) == 80
+    assert len({(prompt, lab) for _, prompt, lab in taken}) == 80
+    with PreferenceStore(store_spec) as s:
+        assert s.queue_counts("rm") == {"pending": 0, "assigned": 0, "done": 80}
+        assert sorted(r.meta["task_id"] for r in s.rankings()) == sorted(task for task, _, _ in taken)
+
+
+# -- the PostgreSQL back end ------------------------------------------------------------------
+
+
+def test_postgres_sql_translation():
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
+    from preflab.feedback.store_pg import redact, translate
+
+    assert translate("SELECT id FROM t WHERE a = ? AND b LIKE '%?%' AND \"o?\" = ?") == (
+        "SELECT id FROM t WHERE a = %s AND b LIKE '%%?%%' AND \"o?\" = %s")
+    assert translate("CREATE TABLE x (id INTEGER PRIMARY KEY, n INTEGER, t REAL, s TEXT DEFAULT 'INTEGER')") == (
+        "CREATE TABLE x (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, n BIGINT, t DOUBLE PRECISION, "
+        "s TEXT DEFAULT 'INTEGER')")
+    assert translate("SELECT 'REAL', 1 AS integer_count") == "SELECT 'REAL', 1 AS integer_count"
+    assert redact("postgresql://ann:s3cret@db.example:5432/prefs") == "postgresql://ann:***@db.example:5432/prefs"
+    assert redact("postgres://ann@db/prefs?password=x&sslmode=require") == "postgres://ann@db/prefs?password=***&sslmode=require"
+
+
+def test_postgres_store_errors_name_the_problem(postgres_server, monkeypatch):
+    missing = postgres_server.url("no_such_db")
+    with pytest.raises(DataError, match=r"postgresql://preflab@127.0.0.1:\d+/no_such_db: cannot open the store "
+                                        r'\(.*"no_such_db" does not exist'):
+        PreferenceStore(missing)
+    import preflab.feedback
+
+    monkeypatch.setitem(__import__("sys").modules, "psycopg", None)  # as if psycopg were not installed
+    monkeypatch.delitem(__import__("sys").modules, "preflab.feedback.store_pg")
+    monkeypatch.delattr(preflab.feedback, "store_pg")
+    with pytest.raises(DataError, match=r"needs psycopg: pip install 'preflab\[postgres\]'"):
+        PreferenceStore(missing)
+
+
+def test_postgres_connection_dropped_between_transactions_is_reopened(postgres_url):
+    import psycopg
+
+    with PreferenceStore(postgres_url) as s:
+        pid, cids = _prompt_with(s)
+        (backend,) = s.query("SELECT pg_backend_pid()")[0]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        assert s.counts()["candidates"] == 4  # a read reconnects
+        s.add_ranking(pid, cids, [[0], [1], [2], [3]], "alice")
+        (backend,) = s.query("SELECT pg_backend_pid()")[0]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        s.add_ranking(pid, cids, [[3], [2], [1], [0]], "bob")  # so does a write transaction's BEGIN
+        assert [r.labeler for r in s.rankings()] == ["alice", "bob"]
+
+
+def test_postgres_next_task_skips_a_task_another_transaction_holds(postgres_url):
+    """While one connection has claimed a task and not committed, another takes the next one at once
+    (FOR UPDATE SKIP LOCKED) rather than waiting for it or taking the same."""
+    with PreferenceStore(postgres_url) as a, PreferenceStore(postgres_url, timeout_s=5) as b:
+        for i in range(2):
+            pid, cids = _prompt_with(a, text=f"prompt {i}")
+            a.enqueue("rm", pid, cids)
+        with a.transaction(exclusive=False):
+            held = a.next_task("alice")
+            other = b.next_task("bob")
+            assert other is not None and other.id != held.id
+            assert b.next_task("carol") is None
+        assert a.queue_counts("rm") == {"pending": 0, "assigned": 2, "done": 0}

@@ -1,10 +1,10 @@
 """The preference store: prompts, candidate responses, rankings, demonstrations and
-labeling queues in one SQLite file.
+labeling queues in one SQLite file, or in a PostgreSQL database that several machines share.
 
-Ids: every row gets an **integer** id assigned by SQLite (``INTEGER PRIMARY KEY``), and
-every API takes and returns those ints. A prompt may also carry ``uid``, an optional
-unique string key from its source (e.g. the suite's prompt id); ``add_prompts`` with an
-existing uid returns the existing id instead of adding a copy.
+Ids: every row gets an **integer** id assigned by SQLite (``INTEGER PRIMARY KEY``; on
+PostgreSQL a 64-bit identity column), and every API takes and returns those ints. A prompt
+may also carry ``uid``, an optional unique string key from its source (e.g. the suite's
+prompt id); ``add_prompts`` with an existing uid returns the existing id instead of adding a copy.
 
 Rankings store ``candidate_ids`` (a JSON list of candidate ids) and ``order`` (JSON tiers
 of positions into that list, ties inside a tier; see preflab.data.schema). Validation
@@ -16,6 +16,14 @@ web app, the pipeline) can write at once; each process opens its own PreferenceS
 
 Schema changes are migrations: ``MIGRATIONS[i]`` takes the file from version i to i+1;
 opening a store applies the pending ones in order and records each in ``schema_version``.
+
+``PreferenceStore("postgresql://user@host:port/db")`` (or ``postgres://``; needs psycopg, the
+``postgres`` extra) keeps the same tables in a PostgreSQL database. The SQL is written once:
+``store_pg`` translates it, and ``Dialect`` holds what differs in transactions and locks. A write
+transaction takes a store-wide advisory lock, so writers take turns as they do on SQLite, except
+on the labeling queue's hot path (``transaction(exclusive=False)``: taking, completing and
+releasing tasks), which locks only the rows it changes: ``next_task`` claims a task with
+``SELECT ... FOR UPDATE SKIP LOCKED``, so labelers on several servers never get the same task.
 """
 
 from __future__ import annotations
@@ -39,6 +47,39 @@ from preflab.data.schema import Demonstration, KWay, Prompt, Ranking, validate_o
 from preflab.errors import DataError
 
 QUEUE_STATUSES = ("pending", "assigned", "done")
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(spec: object) -> bool:
+    """True for a PostgreSQL store (``postgresql://...`` or ``postgres://...``); else a SQLite file path."""
+    return isinstance(spec, str) and spec.startswith(URL_SCHEMES)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the back ends in transactions and locks (the SQL itself is shared)."""
+
+    name: str
+    begin: str  # starts a write transaction
+    write_lock: str | None  # then, in an exclusive transaction: the store-wide lock (writers take turns)
+    labeler_lock: str | None  # next_task: one labeler's requests take turns (argument: the labeler)
+    for_update: str  # after a SELECT of a row the transaction will change
+    skip_locked: str  # after next_task's SELECT: claim a row no other transaction holds
+    table_exists: str  # rows when the table (argument) exists
+
+
+SQLITE = Dialect(
+    "sqlite", "BEGIN IMMEDIATE", None, None, "", "",  # BEGIN IMMEDIATE: one writer at a time, nothing more to lock
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+)
+_LOCK_KEY = 0x70726566  # "pref": the advisory lock keys of a store database
+POSTGRES = Dialect(
+    "postgresql", "BEGIN",
+    f"SELECT pg_advisory_xact_lock({_LOCK_KEY})",
+    f"SELECT pg_advisory_xact_lock({_LOCK_KEY}, hashtext(?))",
+    " FOR UPDATE", " FOR UPDATE SKIP LOCKED",
+    "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = ?",
+)
 
 _SCHEMA_V1 = """
 CREATE TABLE prompts (
@@ -147,12 +188,19 @@ class Task:
 
 
 class PreferenceStore:
-    """SQLite preference store. ``PreferenceStore(path)`` creates the file (and parent dir) if needed.
+    """The preference store. ``PreferenceStore(path)`` creates the SQLite file (and parent dir) if needed;
+    ``PreferenceStore("postgresql://user@host:port/db")`` opens that database (which must exist) and
+    creates the tables there. ``path`` is the file's Path, or the URL without its password.
 
     Use as a context manager or call ``close()``. Not shareable across processes: open one per process.
     """
 
     def __init__(self, path: str | os.PathLike, *, timeout_s: float = 60.0):
+        self._depth = 0
+        if is_url(path):
+            self._open_postgres(str(path), timeout_s)
+            return
+        self.dialect = SQLITE
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; ``_tx`` issues BEGIN IMMEDIATE itself.
@@ -160,7 +208,6 @@ class PreferenceStore:
             raise DataError(f"{self.path}: is a directory, not a SQLite preference store")
         self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
-        self._depth = 0
         c = self._conn
         try:
             c.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
@@ -181,6 +228,21 @@ class PreferenceStore:
             raise
 
     # -- plumbing -------------------------------------------------------------------------
+
+    def _open_postgres(self, url: str, timeout_s: float) -> None:
+        try:
+            from preflab.feedback import store_pg
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("psycopg"):
+                raise
+            raise DataError("a postgresql:// store needs psycopg: pip install 'preflab[postgres]'") from None
+        self.dialect, self.path = POSTGRES, store_pg.redact(url)
+        self._conn = store_pg.Connection(url, timeout_s)
+        try:
+            self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def _set_wal(self, timeout_s: float) -> str:
         # Switching a fresh file to WAL needs an exclusive lock and SQLite does not call the
@@ -206,10 +268,14 @@ class PreferenceStore:
         self.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, exclusive: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``: takes the write lock up front, so two
         writers queue on busy_timeout instead of failing to upgrade). Nested uses join the
-        outer transaction; any exception rolls the whole thing back."""
+        outer transaction; any exception rolls the whole thing back.
+
+        On PostgreSQL an ``exclusive`` transaction takes the store-wide lock the same way; with
+        ``exclusive=False`` it does not, and the caller locks the rows it reads to change
+        (``dialect.for_update``). SQLite has one writer at a time either way."""
         if self._depth:
             self._depth += 1
             try:
@@ -217,9 +283,11 @@ class PreferenceStore:
             finally:
                 self._depth -= 1
             return
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute(self.dialect.begin)
         self._depth = 1
         try:
+            if exclusive and self.dialect.write_lock:
+                self._conn.execute(self.dialect.write_lock)
             yield self._conn
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -553,17 +621,21 @@ class PreferenceStore:
                 for _ in range(copies)
             ]
 
-    def next_task(self, labeler: str, queue: str | None = None) -> Task | None:
+    def next_task(self, labeler: str, queue: str | None = None, *, where: str = "",
+                  where_args: Sequence[Any] = ()) -> Task | None:
         """Assign the next task to ``labeler`` and return it, or None when nothing is left.
 
         A task the labeler already holds (assigned, not done) comes back first, so a reload
         resumes it. Otherwise the oldest pending task whose prompt this labeler has not yet
-        been given in that queue. Atomic: two labelers never get the same task.
+        been given in that queue (and that meets ``where``: an SQL condition on the task ``q``,
+        with ``where_args``). Atomic: two labelers never get the same task.
         """
         if not isinstance(labeler, str) or not labeler.strip():
             raise DataError(f"labeler must be a non-empty string, got {labeler!r}")
         qfilter, qargs = ("AND q.queue = ?", [queue]) if queue is not None else ("", [])
-        with self._tx() as c:
+        with self._tx(exclusive=False) as c:
+            if self.dialect.labeler_lock:
+                c.execute(self.dialect.labeler_lock, (labeler,))
             row = c.execute(
                 f"SELECT q.id FROM queue q WHERE q.status = 'assigned' AND q.labeler = ? {qfilter} ORDER BY q.id LIMIT 1",
                 [labeler, *qargs],
@@ -572,8 +644,8 @@ class PreferenceStore:
                 row = c.execute(
                     f"SELECT q.id FROM queue q WHERE q.status = 'pending' {qfilter} AND NOT EXISTS ("
                     "SELECT 1 FROM queue o WHERE o.queue = q.queue AND o.prompt_id = q.prompt_id AND o.labeler = ?) "
-                    "ORDER BY q.id LIMIT 1",
-                    [*qargs, labeler],
+                    f"{where} ORDER BY q.id LIMIT 1{self.dialect.skip_locked}",
+                    [*qargs, labeler, *where_args],
                 ).fetchone()
                 if row is None:
                     return None
@@ -598,8 +670,8 @@ class PreferenceStore:
                  time_s: float | None = None, flags: Sequence[str] = (), meta: dict | None = None) -> int:
         """Record the labeler's ranking for an assigned task and mark it done; return the ranking id.
         The task must be assigned to ``labeler``; the order indexes the task's candidates."""
-        with self._tx() as c:
-            r = c.execute("SELECT * FROM queue WHERE id = ?", (task_id,)).fetchone()
+        with self._tx(exclusive=False) as c:
+            r = c.execute(f"SELECT * FROM queue WHERE id = ?{self.dialect.for_update}", (task_id,)).fetchone()
             if r is None:
                 raise DataError(f"unknown task id {task_id}")
             if r["status"] != "assigned" or r["labeler"] != labeler:
@@ -611,9 +683,12 @@ class PreferenceStore:
 
     def release(self, task_id: int) -> None:
         """Put an assigned (not done) task back to pending, e.g. when a labeler abandons it."""
-        with self._tx() as c:
+        with self._tx(exclusive=False) as c:
             c.execute("UPDATE queue SET status = 'pending', labeler = NULL, assigned_at = NULL "
                       "WHERE id = ? AND status = 'assigned'", (task_id,))
+
+    def has_table(self, name: str) -> bool:
+        return bool(self._conn.execute(self.dialect.table_exists, (name,)).fetchall())
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Rows of one read-only statement, outside any write lock. For modules that keep their own
