@@ -11,9 +11,15 @@ retries counted apart), throughput, the restart time, and the checks.
     .venv/bin/python benchmarks/annotate_load.py                       # 20 labelers, 1,000 rankings
     .venv/bin/python benchmarks/annotate_load.py --out load.json       # + JSON
     .venv/bin/python benchmarks/annotate_load.py --no-kill             # latency without the kill
+    .venv/bin/python benchmarks/annotate_load.py --store postgresql://USER@HOST:PORT/DB --servers 2
 
-Everything stays on 127.0.0.1; the store and the server log go to --workdir (a new temporary
-folder by default, removed afterwards unless --keep). Exit code 1 if a check fails.
+With --store postgresql://... (an empty database: the project is created there) --servers
+servers share the database; each labeler sends its requests to them in turn and moves to the
+next when one does not answer, and the first server is the one killed.
+
+Everything stays on 127.0.0.1; the store (a SQLite file unless --store) and the server logs go
+to --workdir (a new temporary folder by default, removed afterwards unless --keep). Exit code 1
+if a check fails.
 """
 
 from __future__ import annotations
@@ -39,17 +45,22 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="Keep the workdir (store and server log).")
     ap.add_argument("--out", type=Path, default=None, help="Also write the results as JSON.")
+    ap.add_argument("--store", default=None, help="postgresql://USER@HOST:PORT/DB of an empty database "
+                    "(default: a SQLite file in --workdir).")
+    ap.add_argument("--servers", type=int, default=1, help="Servers on the store (more than 1 needs --store).")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="annotate-load-"))
     try:
         res = run_load(workdir, labelers=args.labelers, rankings=args.rankings,
-                       kill_at=None if args.no_kill else args.kill_at, timeout_s=args.timeout)
+                       kill_at=None if args.no_kill else args.kill_at, timeout_s=args.timeout, store=args.store,
+                       servers=args.servers)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     sub, task = res["latency_ms"]["submit"], res["latency_ms"]["next_task"]
     print(f"{res['acknowledged']} rankings acknowledged by {res['labelers']} concurrent labelers in {res['wall_s']} s "
-          f"({res['rankings_per_s']}/s)")
+          f"({res['rankings_per_s']}/s); {res['servers']} server(s) on a {res['store']} store, acknowledged per "
+          f"server: {res['acknowledged_by_server']}")
     print(f"submit latency p50 {sub['p50']} ms, p95 {sub['p95']} ms, max {sub['max']} ms; "
           f"next task p50 {task['p50']} ms, p95 {task['p95']} ms")
     if res["kill9"]:

@@ -27,10 +27,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
-def proj(tmp_path):
-    path = tmp_path / "s.sqlite"
-    project, tokens = make_project(path)
-    with PreferenceStore(path) as store:
+def proj(store_spec):
+    """A project in a SQLite store, then in a PostgreSQL one (skipped where PostgreSQL cannot run)."""
+    project, tokens = make_project(store_spec)
+    with PreferenceStore(store_spec) as store:
         yield store, project, tokens
 
 

@@ -6,7 +6,8 @@ wrong or missing token gets 401 (pages redirect to /login) and no data; admin ro
 an admin account (403 otherwise). POST bodies must be JSON (which a cross-site form cannot
 send) and at most ``MAX_BODY`` bytes, parsed by ``preflab.http_body`` (a body over the limit is
 refused before it is read; NaN and deep nesting are invalid JSON). Store work runs in the thread pool, one store
-connection per thread (SQLite WAL: readers and the single writer do not block each other).
+connection per thread (SQLite WAL: readers and the single writer do not block each other; on a PostgreSQL
+store several servers share the database).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from preflab.annotate.markdown import render
 from preflab.annotate.project import load_project
 from preflab.annotate.validate import FLAGS, MAX_BODY, Invalid, parse_order_only
 from preflab.errors import DataError
-from preflab.feedback.store import PreferenceStore
+from preflab.feedback.store import PreferenceStore, is_url
 from preflab.http_body import BodyError, check_length, read_json
 
 STATIC = Path(__file__).parent / "static"
@@ -72,9 +73,9 @@ def _task_id(raw: str) -> int:
 
 
 def create_app(store_path: str | Path, project_name: str | None = None) -> FastAPI:
-    """The app for one project of the store at ``store_path``."""
-    store_path = Path(store_path)
-    if not store_path.is_file():
+    """The app for one project of the store at ``store_path`` (a SQLite file or a postgresql:// URL)."""
+    store_path = store_path if is_url(store_path) else Path(store_path)
+    if isinstance(store_path, Path) and not store_path.is_file():
         raise DataError(f"{store_path}: store not found (create a project first: `preflab annotate create`)")
     local = threading.local()
 

@@ -8,15 +8,18 @@ from pathlib import Path
 import click
 
 from preflab.errors import PreflabError
+from preflab.feedback.store import is_url
+from preflab.feedback.store_option import HELP, StoreParam
 
-STORE = click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-                     help="Preference store (SQLite): the file `preflab rm` reads as data.train=store:PATH.")
+STORE = click.option("--store", "store_path", required=True, type=StoreParam(),
+                     help=f"Preference store ({HELP}): what `preflab rm` reads as data.train=store:PATH.")
 PROJECT = click.option("--project", default=None, help="Project name (default: the store's only project).")
 
 
-def existing_store(path: Path) -> Path:
-    """``path`` if the store exists; only `annotate create` makes one (a mistyped --store is an error)."""
-    if not path.is_file():
+def existing_store(path: Path | str) -> Path | str:
+    """``path`` if the store exists; only `annotate create` makes one (a mistyped --store is an error).
+    A URL names a database: opening it says whether it exists."""
+    if not is_url(path) and not path.is_file():
         raise PreflabError(f"{path}: store does not exist (only `preflab annotate create` makes one; check --store)")
     return path
 
@@ -50,7 +53,7 @@ def annotate() -> None:
 @click.option("--guidelines", "guidelines_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Markdown file shown in the labeling page's guidelines panel.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds sampling, the overlap draw and task order.")
-def create(store_path: Path, name: str, responses_path: Path | None, prompts_path: Path | None, model_spec: str | None,
+def create(store_path: Path | str, name: str, responses_path: Path | None, prompts_path: Path | None, model_spec: str | None,
            split: str, limit: int | None, k: int, max_new_tokens: int, temperature: float, gold_path: Path | None,
            overlap: float, overlap_labelers: int, gold_copies: int, guidelines_path: Path | None, seed: int) -> None:
     """Create a project: prompts with K candidates each, as tasks of the store's labeling queue."""
@@ -74,16 +77,17 @@ def create(store_path: Path, name: str, responses_path: Path | None, prompts_pat
                            gold_copies=gold_copies, guidelines=read_guidelines(guidelines_path),
                            split=None if split == "any" else split, seed=seed)
         n = store.queue_counts(p.queue)["pending"]
-    click.echo(f"project {p.name!r} in {store_path}: {len(items)} prompts + {len(gold)} gold items, K={p.k}, "
+        where = store.path  # a URL without its password
+    click.echo(f"project {p.name!r} in {where}: {len(items)} prompts + {len(gold)} gold items, K={p.k}, "
                f"{n} tasks (overlap {overlap:g} x {overlap_labelers} labelers, gold x {gold_copies})")
-    click.echo(f"next: preflab annotate user --store {store_path} NAME   (--admin for an admin)")
+    click.echo(f"next: preflab annotate user --store {where} NAME   (--admin for an admin)")
 
 
 @annotate.command()
 @STORE
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="An admin: sees the admin page (progress, agreement, adjudication).")
-def user(store_path: Path, name: str, admin: bool) -> None:
+def user(store_path: Path | str, name: str, admin: bool) -> None:
     """Create an account and print its token (shown once; the store keeps only its hash)."""
     from preflab.annotate.accounts import create_account
     from preflab.feedback.store import PreferenceStore
@@ -97,7 +101,7 @@ def user(store_path: Path, name: str, admin: bool) -> None:
 @annotate.command()
 @STORE
 @click.argument("name")
-def token(store_path: Path, name: str) -> None:
+def token(store_path: Path | str, name: str) -> None:
     """Replace an account's token (the old one stops working) and print the new one."""
     from preflab.annotate.accounts import new_token
     from preflab.feedback.store import PreferenceStore
@@ -112,7 +116,7 @@ def token(store_path: Path, name: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--allow-public", is_flag=True, help="Allow a non-loopback --host (put TLS in front of it).")
-def serve(store_path: Path, project: str | None, host: str, port: int, allow_public: bool) -> None:
+def serve(store_path: Path | str, project: str | None, host: str, port: int, allow_public: bool) -> None:
     """Serve the labeling page (/) and the admin page (/admin)."""
     from preflab.annotate.server import serve as run
 
@@ -124,7 +128,7 @@ def serve(store_path: Path, project: str | None, host: str, port: int, allow_pub
 @PROJECT
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the numbers to this JSON file.")
-def stats(store_path: Path, project: str | None, json_out: Path | None) -> None:
+def stats(store_path: Path | str, project: str | None, json_out: Path | None) -> None:
     """Print progress, per-labeler gold accuracy and agreement (what the admin page shows)."""
     from preflab.annotate.project import load_project
     from preflab.annotate.stats import project_stats

@@ -1,4 +1,4 @@
-"""The annotation app's own tables, kept in the preference store's SQLite file.
+"""The annotation app's own tables, kept in the preference store (its SQLite file or PostgreSQL database).
 
 They sit beside the store's tables (prompts, candidates, rankings, queue) and reference
 them; created with ``CREATE TABLE IF NOT EXISTS`` on first use, so a store made before the
@@ -66,5 +66,4 @@ def ensure_tables(store: PreferenceStore) -> None:
 
 
 def has_tables(store: PreferenceStore) -> bool:
-    rows = store.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'annotate_projects'")
-    return bool(rows)
+    return store.has_table("annotate_projects")

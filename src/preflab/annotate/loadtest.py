@@ -7,6 +7,11 @@ acknowledged it kills the server with SIGKILL and starts it again; clients retry
 failed (a retried submit is idempotent). At the end every acknowledged ranking must be in
 the store exactly once. `benchmarks/annotate_load.py` runs it at full size; the test suite
 runs a small one.
+
+With ``store`` a postgresql:// URL (an empty database) and ``servers`` > 1, that many servers
+share the database: each labeler sends its requests to them in turn (a task taken from one is
+submitted to the next) and moves to the next server when one does not answer; the first server
+is the one killed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 from preflab.annotate.accounts import create_account
 from preflab.annotate.project import Item, create_project, load_project
 from preflab.annotate.stats import project_rankings
-from preflab.feedback.store import PreferenceStore
+from preflab.feedback.store import PreferenceStore, is_url
 
 
 def free_port() -> int:
@@ -40,7 +45,7 @@ def free_port() -> int:
 class Server:
     """`python -m preflab.annotate serve` as a child process on a loopback port."""
 
-    def __init__(self, store_path: Path, port: int, log_path: Path):
+    def __init__(self, store_path: Path | str, port: int, log_path: Path):
         self.store_path, self.port, self.log_path = store_path, port, log_path
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{port}"
@@ -81,7 +86,7 @@ class Server:
                 self.proc.wait()
 
 
-def build(store_path: Path, *, labelers: int, rankings: int, k: int = 4, overlap: float = 0.1,
+def build(store_path: Path | str, *, labelers: int, rankings: int, k: int = 4, overlap: float = 0.1,
           overlap_labelers: int = 3, seed: int = 0) -> tuple[list[str], str, int]:
     """A project with at least ``rankings`` tasks, ``labelers`` accounts and one admin.
     Returns (labeler tokens, admin token, number of tasks)."""
@@ -105,6 +110,7 @@ class Tally:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.acks: dict[int, int] = {}  # task id -> ranking id
+        self.acks_by_server: Counter[int] = Counter()  # server index -> submits it acknowledged
         self.duplicates = 0
         self.retries = 0
         self.submit_ms: list[float] = []
@@ -112,14 +118,18 @@ class Tally:
         self.errors: list[str] = []
 
 
-def _call(client: Any, method: str, path: str, tally: Tally, deadline: float, **kw: Any) -> tuple[Any, float]:
-    """One request, retried on connection errors (the server may be down); (json, ms) of the answer."""
+def _call(clients: list[Any], turn: list[int], method: str, path: str, tally: Tally, deadline: float,
+          **kw: Any) -> tuple[Any, float, str]:
+    """One request to ``clients[turn[0]]``, then the turn passes to the next server. A connection error
+    (the server may be down) is retried on the next server. (json, ms, server index) of the answer."""
     import httpx
 
     while True:
+        server = turn[0] % len(clients)
+        turn[0] += 1
         t0 = time.perf_counter()
         try:
-            r = client.request(method, path, **kw)
+            r = clients[server].request(method, path, **kw)
         except httpx.TransportError:
             with tally.lock:
                 tally.retries += 1
@@ -130,33 +140,39 @@ def _call(client: Any, method: str, path: str, tally: Tally, deadline: float, **
         ms = (time.perf_counter() - t0) * 1000
         if r.status_code != 200:
             raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:200]}")
-        return r.json(), ms
+        return r.json(), ms, server
 
 
-def _labeler(url: str, token: str, seed: int, tally: Tally, deadline: float) -> None:
+def _labeler(urls: list[str], token: str, seed: int, tally: Tally, deadline: float) -> None:
     import httpx
 
     rng = random.Random(seed)
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-        try:
-            while time.monotonic() < deadline:
-                got, ms = _call(client, "GET", "/api/task", tally, deadline)
-                task = got["task"]
-                if task is None:
-                    return
-                perm = list(range(task["k"]))
-                rng.shuffle(perm)
-                order = [[perm[0], perm[1]], *[[x] for x in perm[2:]]] if rng.random() < 0.2 else [[x] for x in perm]
-                body = {"order": order, "scores": [rng.randint(1, 7) for _ in perm], "time_s": rng.uniform(5, 60)}
-                res, sms = _call(client, "POST", f"/api/tasks/{task['task_id']}/submit", tally, deadline, json=body)
-                with tally.lock:
-                    tally.task_ms.append(ms)
-                    tally.submit_ms.append(sms)
-                    tally.acks[task["task_id"]] = res["ranking_id"]
-                    tally.duplicates += bool(res["duplicate"])
-        except Exception as e:  # reported in the result
+    clients = [httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) for url in urls]
+    turn = [seed % len(urls)]  # labelers start on different servers
+    try:
+        while time.monotonic() < deadline:
+            got, ms, _ = _call(clients, turn, "GET", "/api/task", tally, deadline)
+            task = got["task"]
+            if task is None:
+                return
+            perm = list(range(task["k"]))
+            rng.shuffle(perm)
+            order = [[perm[0], perm[1]], *[[x] for x in perm[2:]]] if rng.random() < 0.2 else [[x] for x in perm]
+            body = {"order": order, "scores": [rng.randint(1, 7) for _ in perm], "time_s": rng.uniform(5, 60)}
+            res, sms, server = _call(clients, turn, "POST", f"/api/tasks/{task['task_id']}/submit", tally, deadline,
+                                     json=body)
             with tally.lock:
-                tally.errors.append(f"{type(e).__name__}: {e}")
+                tally.task_ms.append(ms)
+                tally.submit_ms.append(sms)
+                tally.acks[task["task_id"]] = res["ranking_id"]
+                tally.acks_by_server[server] += 1
+                tally.duplicates += bool(res["duplicate"])
+    except Exception as e:  # reported in the result
+        with tally.lock:
+            tally.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _pct(xs: list[float]) -> dict[str, float | int]:
@@ -167,7 +183,7 @@ def _pct(xs: list[float]) -> dict[str, float | int]:
             "max": round(float(a.max()), 2)}
 
 
-def verify(store_path: Path, tally: Tally) -> dict[str, Any]:
+def verify(store_path: Path | str, tally: Tally) -> dict[str, Any]:
     """Every acknowledged ranking stored exactly once, with the id the client was given."""
     with PreferenceStore(store_path) as store:
         project = load_project(store, "load")
@@ -183,22 +199,28 @@ def verify(store_path: Path, tally: Tally) -> dict[str, Any]:
 
 
 def run_load(workdir: str | Path, *, labelers: int = 20, rankings: int = 1000, k: int = 4, kill_at: float | None = 0.4,
-             seed: int = 0, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run the load test in ``workdir`` (a new store there); return the figures and checks."""
+             seed: int = 0, timeout_s: float = 600.0, store: str | None = None, servers: int = 1) -> dict[str, Any]:
+    """Run the load test in ``workdir`` (a new store there, or ``store``: a postgresql:// URL of an
+    empty database) with ``servers`` servers on it; return the figures and checks."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    store_path = workdir / "load.sqlite"
-    if store_path.exists():
+    if servers > 1 and not is_url(store):
+        raise ValueError("several servers share a PostgreSQL store: give store=postgresql://...")
+    store_path: Path | str = store if is_url(store) else workdir / "load.sqlite"
+    if isinstance(store_path, Path) and store_path.exists():
         raise FileExistsError(f"{store_path} exists: give an empty --workdir")
     tokens, admin, n_tasks = build(store_path, labelers=labelers, rankings=rankings, k=k, seed=seed)
-    server = Server(store_path, free_port(), workdir / "server.log")
+    pool = [Server(store_path, free_port(), workdir / ("server.log" if servers == 1 else f"server-{i}.log"))
+            for i in range(servers)]
+    server = pool[0]  # the one killed
     tally = Tally()
     kill: dict[str, Any] = {}
     try:
-        startup_s = server.start(admin)
+        startup_s = max(s.start(admin) for s in pool)
         deadline = time.monotonic() + timeout_s
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=_labeler, args=(server.url, tok, seed * 1000 + i, tally, deadline))
+        urls = [s.url for s in pool]
+        threads = [threading.Thread(target=_labeler, args=(urls, tok, seed * 1000 + i, tally, deadline))
                    for i, tok in enumerate(tokens)]
         for t in threads:
             t.start()
@@ -213,13 +235,16 @@ def run_load(workdir: str | Path, *, labelers: int = 20, rankings: int = 1000, k
             t.join()
         wall = time.perf_counter() - t0
     finally:
-        server.stop()
+        for s in pool:
+            s.stop()
     check = verify(store_path, tally)
     if kill:
-        with PreferenceStore(store_path) as store:
-            ids = {r.id for r in project_rankings(store, load_project(store, "load"))}
+        with PreferenceStore(store_path) as s:
+            ids = {r.id for r in project_rankings(s, load_project(s, "load"))}
         kill["acknowledged_before_kill_lost"] = sum(1 for rid in before.values() if rid not in ids)
-    return {"labelers": labelers, "k": k, "tasks": n_tasks, "acknowledged": len(tally.acks), "wall_s": round(wall, 2),
+    return {"store": "postgresql" if is_url(store_path) else "sqlite", "servers": servers,
+            "acknowledged_by_server": [tally.acks_by_server[i] for i in range(servers)],
+            "labelers": labelers, "k": k, "tasks": n_tasks, "acknowledged": len(tally.acks), "wall_s": round(wall, 2),
             "rankings_per_s": round(len(tally.acks) / wall, 1), "server_startup_s": round(startup_s, 2),
             "latency_ms": {"submit": _pct(tally.submit_ms), "next_task": _pct(tally.task_ms)},
             "retried_requests": tally.retries, "duplicate_acks": tally.duplicates, "kill9": kill or None,

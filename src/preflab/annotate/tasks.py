@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 from typing import Any, NamedTuple
 
 from preflab.annotate.db import now
@@ -20,6 +19,10 @@ from preflab.annotate.project import Project
 from preflab.annotate.validate import Invalid, parse_submission
 from preflab.feedback.labelers import stable_seed
 from preflab.feedback.store import PreferenceStore
+
+# A task of a prompt the labeler skipped is not offered to them again (store.next_task's ``where``).
+NOT_SKIPPED = ("AND NOT EXISTS (SELECT 1 FROM annotate_skips s JOIN queue o ON o.id = s.task_id "
+               "WHERE s.labeler = ? AND o.queue = q.queue AND o.prompt_id = q.prompt_id)")
 
 
 class Submitted(NamedTuple):
@@ -44,22 +47,9 @@ def next_task(store: PreferenceStore, project: Project, labeler: str) -> dict[st
     A task they hold comes back first (a reload resumes it); otherwise the oldest pending task
     of a prompt they have neither been given nor skipped. Atomic: a task goes to one labeler.
     """
-    with store.transaction() as c:
-        row = c.execute("SELECT id FROM queue WHERE queue = ? AND status = 'assigned' AND labeler = ? "
-                        "ORDER BY id LIMIT 1", (project.queue, labeler)).fetchone()
-        if row is None:
-            row = c.execute(
-                "SELECT q.id FROM queue q WHERE q.queue = ? AND q.status = 'pending' "
-                "AND NOT EXISTS (SELECT 1 FROM queue o WHERE o.queue = q.queue AND o.prompt_id = q.prompt_id "
-                "                AND o.labeler = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM annotate_skips s JOIN queue o ON o.id = s.task_id "
-                "                WHERE s.labeler = ? AND o.queue = q.queue AND o.prompt_id = q.prompt_id) "
-                "ORDER BY q.id LIMIT 1", (project.queue, labeler, labeler)).fetchone()
-            if row is None:
-                return None
-            c.execute("UPDATE queue SET status = 'assigned', labeler = ?, assigned_at = ? WHERE id = ?",
-                      (labeler, now(), row[0]))
-        task = store.task(int(row[0]))
+    task = store.next_task(labeler, project.queue, where=NOT_SKIPPED, where_args=(labeler,))
+    if task is None:
+        return None
     perm = display_order(project, labeler, task.id, len(task.candidates))
     return {"task_id": task.id, "prompt": task.prompt, "k": len(perm),
             "responses": [task.candidates[p] for p in perm]}
@@ -93,8 +83,9 @@ def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int,
         scores[p], flags[p] = sub.scores[d], sub.flags[d]
     answers = {"scores": scores, "response_flags": flags, "note": sub.note}
     union = sorted({f for fl in flags for f in fl})
-    with store.transaction() as c:
-        row = c.execute("SELECT status, labeler, ranking_id FROM queue WHERE id = ?", (task_id,)).fetchone()
+    with store.transaction(exclusive=False) as c:  # the task's row is locked: one submission at a time
+        row = c.execute(f"SELECT status, labeler, ranking_id FROM queue WHERE id = ?{store.dialect.for_update}",
+                        (task_id,)).fetchone()
         if row["labeler"] != labeler:
             raise Invalid("task_id", f"task {task_id} is not assigned to you", 403)
         if row["status"] == "done":
@@ -103,7 +94,7 @@ def submit(store: PreferenceStore, project: Project, labeler: str, task_id: int,
         return Submitted(store.complete(task_id, order, labeler, time_s=sub.time_s, flags=union, meta=meta), False)
 
 
-def _resubmit(c: sqlite3.Connection, task_id: int, ranking_id: int, order: list[list[int]],
+def _resubmit(c: Any, task_id: int, ranking_id: int, order: list[list[int]],
               answers: dict[str, Any], flags: list[str]) -> Submitted:
     """A submitted task sent again: the same order with the same answers writes nothing; with other
     scores, flags or note it updates the stored ranking (its time_s stays the first submission's,
@@ -127,11 +118,11 @@ def skip(store: PreferenceStore, project: Project, labeler: str, task_id: int) -
     row = _own_task(store, project, labeler, task_id)
     if row["status"] == "done":
         raise Invalid("task_id", f"task {task_id} is already submitted", 409)
-    with store.transaction() as c:
-        c.execute("INSERT OR IGNORE INTO annotate_skips(task_id, labeler, created_at) VALUES (?, ?, ?)",
-                  (task_id, labeler, now()))
+    with store.transaction(exclusive=False) as c:  # the UPDATE first: it locks the task's row
         c.execute("UPDATE queue SET status = 'pending', labeler = NULL, assigned_at = NULL "
                   "WHERE id = ? AND status = 'assigned' AND labeler = ?", (task_id, labeler))
+        c.execute("INSERT INTO annotate_skips(task_id, labeler, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                  (task_id, labeler, now()))
 
 
 def done_count(store: PreferenceStore, project: Project, labeler: str) -> int:
