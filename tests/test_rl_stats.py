@@ -85,3 +85,28 @@ def test_conservative_reward_against_hand_values():
     assert conservative_reward(s[:1], "mean_minus_std").tolist() == [1.0, 2.0, 3.0]  # one member: its score
     with pytest.raises(ValueError, match="unknown ensemble"):
         conservative_reward(s, "max")
+
+
+def test_ensemble_spread_is_the_members_mean_and_population_std_as_conservative_reward_uses():
+    import torch
+
+    from preflab.rl.stats import conservative_reward, ensemble_spread
+
+    s = [[1.0, 2.0, 0.0], [3.0, 2.0, 4.0], [2.0, 2.0, -1.0]]  # three members, three samples
+    mean, std = ensemble_spread(s)
+    assert mean.tolist() == pytest.approx([2.0, 2.0, 1.0])
+    assert std.tolist() == pytest.approx([math.sqrt(2 / 3), 0.0, math.sqrt(14 / 3)])  # divided by M, not M - 1
+    # mean_minus_std with lambda 1 is exactly mean - this std
+    cons = conservative_reward(torch.tensor(s, dtype=torch.float64), "mean_minus_std", 1.0)
+    assert cons.tolist() == pytest.approx((mean - std).tolist())
+    assert ensemble_spread([[5.0, 6.0]])[1].tolist() == [0.0, 0.0]  # one member: no disagreement
+    with pytest.raises(ValueError, match="members, samples"):
+        ensemble_spread([1.0, 2.0])
+
+
+def test_most_uncertain_is_the_largest_first_ties_by_position():
+    from preflab.rl.stats import most_uncertain
+
+    u = [0.3, 0.9, 0.1, 0.9, 0.5]
+    assert most_uncertain(u, 3) == [1, 3, 4]
+    assert most_uncertain(u, 10) == [1, 3, 4, 0, 2] and most_uncertain(u, 0) == []

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -366,6 +368,47 @@ def score_texts(model: nn.Module, tokenizer, prompts: list, responses: list[str]
         return raw
     gain, bias = reward_norm(model)
     return [gain * s + bias for s in raw]
+
+
+def ensemble_text_scores(members: list[str], prompts: list, responses: list[str], *, max_length: int = 384,
+                         batch_size: int = 16, bf16: bool = False) -> list[list[float]]:
+    """(M, N) normalised scores (``score_texts(normalise=True)``) of (prompt, response) pairs by each
+    reward model of ``members``, loaded one at a time; ``rl.stats.ensemble_spread`` turns them into
+    each pair's mean and uncertainty."""
+    from preflab import models
+
+    out = []
+    for spec in members:
+        rm = models.load_reward_model(spec, dtype="bf16" if bf16 else "fp32").eval()
+        out.append(score_texts(rm, models.load_tokenizer(spec), prompts, responses, max_length=max_length,
+                               batch_size=batch_size, bf16=bf16, normalise=True))
+        del rm
+    return out
+
+
+def add_ensemble_uncertainty(rows: list[dict[str, Any]], members: list[str], **kw: Any) -> None:
+    """Each sample row (``prompt``, ``response``; an evaluation's samples.jsonl) gets each member's
+    normalised reward (``rm_ensemble_scores``), their mean (``rm_ensemble_mean``) and their std, the
+    ensemble's uncertainty (``rm_ensemble_std``). ``kw``: ``ensemble_text_scores``' settings."""
+    from preflab.rl.stats import ensemble_spread
+
+    scores = ensemble_text_scores(members, [r["prompt"] for r in rows], [r["response"] for r in rows], **kw)
+    mean, std = ensemble_spread(scores)
+    for j, r in enumerate(rows):
+        r.update(rm_ensemble_scores=[float(m[j]) for m in scores], rm_ensemble_mean=float(mean[j]),
+                 rm_ensemble_std=float(std[j]))
+
+
+def run_reward_ensemble(run: str | Path) -> list[str]:
+    """The reward models of a pipeline run trained with ``rm_ensemble`` >= 2: RUN/rm/model, RUN/rm-2/model,
+    ... as far as they exist; [] when the run has a single RM (or ``run`` is no run directory)."""
+    found = []
+    for name in itertools.chain(["rm"], (f"rm-{i}" for i in itertools.count(2))):
+        model = Path(run) / name / "model"
+        if not (model / "config.json").is_file():
+            break
+        found.append(str(model))
+    return found if len(found) > 1 else []
 
 
 def score_groups(model, encoded: list[Encoded], pad_id: int, *, batch_size: int, bf16: bool,

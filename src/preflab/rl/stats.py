@@ -15,7 +15,8 @@ import torch
 
 __all__ = [
     "average_ranks",
-    "spearman","Interval", "WinRate", "bootstrap_ci", "win_rate", "wilson_interval"]
+    "spearman","Interval", "WinRate", "bootstrap_ci", "ensemble_spread", "most_uncertain", "win_rate",
+    "wilson_interval"]
 
 
 class Interval(NamedTuple):
@@ -102,6 +103,22 @@ def conservative_reward(scores: torch.Tensor, how: str = "mean_minus_std", lam: 
     if how == "min":
         return scores.min(0).values
     raise ValueError(f"unknown ensemble combination {how!r} (mean, mean_minus_std, min)")
+
+
+def ensemble_spread(scores) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (mean, std) over an ensemble's (M, N) scores. The std over the members (population
+    std, as in ``conservative_reward``: one member gives 0) is the ensemble's uncertainty about a sample:
+    how far reward models trained on the same rankings disagree on it."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] < 1:
+        raise ValueError(f"expected (members, samples) scores, got shape {s.shape}")
+    return s.mean(0), s.std(0)
+
+
+def most_uncertain(uncertainty, n: int) -> list[int]:
+    """Indices of the ``n`` largest values of ``uncertainty``, largest first (equal values by position)."""
+    u = np.asarray(uncertainty, dtype=np.float64).ravel()
+    return [int(i) for i in np.argsort(-u, kind="stable")[:max(n, 0)]]
 
 
 def win_rate(scores_a, scores_b, z: float = 1.96) -> WinRate:
