@@ -1,6 +1,7 @@
 """``preflab audit RUN_DIR``: is the policy winning on the reward model or on the task?
 
-Four checks, written to ``RUN_DIR/audit/audit.json`` and the report's audit section:
+Four checks (five with a reward-model ensemble), written to ``RUN_DIR/audit/audit.json`` and the
+report's audit section:
 
 1. **Top RM-scored responses** of the trained policies with their gold scores and flags
    (``rm_high_gold_low``: in the RM's top quartile and the gold judge's bottom quartile; degenerate;
@@ -17,6 +18,10 @@ Four checks, written to ``RUN_DIR/audit/audit.json`` and the report's audit sect
    restating the question, wrapping the answer in quotation marks. Both judges score both; an
    exploit is **flagged** when the RM prefers it to the normal answer on more prompts than the gold
    judge does, and on at least half of them.
+5. **The reward-model ensemble's uncertainty**, where the run has one (``rm_ensemble`` >= 2:
+   RUN/rm, RUN/rm-2, ...): each evaluated sample's std over the members' normalised rewards, its
+   mean per model, and the most uncertain samples (where the reward the policy was paid is least
+   agreed on).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from preflab.compare import reference_results
 from preflab.data.jsonl import atomic_write_text, read_jsonl
 from preflab.errors import PreflabError
 from preflab.evals.results import load as load_results
-from preflab.rl.stats import spearman, wilson_interval
+from preflab.rl.stats import most_uncertain, spearman, wilson_interval
 
 TOP_N = 10
 PROBE_PROMPTS = 60
@@ -158,6 +163,21 @@ def probe_exploits(prompts: list[Any], answers: list[str], rm_spec: str, *, batc
     return out
 
 
+def uncertainty_summary(rows: list[dict[str, Any]], members: list[str], n: int = TOP_N) -> dict[str, Any]:
+    """Rows scored by ``scoring.add_ensemble_uncertainty``: the mean uncertainty per model and the
+    ``n`` most uncertain samples, highest first."""
+    by_model = []
+    for model in sorted({r["model"] for r in rows}):
+        std = [r["rm_ensemble_std"] for r in rows if r["model"] == model]
+        by_model.append({"model": model, "n": len(std), "mean_std": float(np.mean(std)), "max_std": float(max(std))})
+    top = [rows[i] for i in most_uncertain([r["rm_ensemble_std"] for r in rows], n)]
+    return {"members": members, "by_model": by_model,
+            "most_uncertain": [{"model": r["model"], "id": r["id"], "prompt": r["prompt"], "response": r["response"],
+                                "std": r["rm_ensemble_std"], "mean": r["rm_ensemble_mean"],
+                                "scores": r["rm_ensemble_scores"], "rm_score": r.get("rm_score"),
+                                "gold_total": (r.get("gold") or {}).get("total")} for r in top]}
+
+
 def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size: int = 16,
           bf16: bool = True) -> dict[str, Any]:
     run = Path(run_dir)
@@ -173,6 +193,7 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
     for _, path in _sample_sets(run)[1:]:
         rows += [r for r in read_jsonl(path, lambda o: o) if r["model"] != reference]
     from preflab.data.suite import load_prompts
+    from preflab.scoring import add_ensemble_uncertainty, run_reward_ensemble
 
     prompts_by_id = {p.id: p for p in load_prompts(run / "data" / "prompts.jsonl")}
     ref_rows = [r for r in rows if r["model"] == reference and r["id"] in prompts_by_id][:probe_prompts]
@@ -181,6 +202,10 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
     report = {"reference": reference, "reward_model": results.reward_model,
               "top_responses": top_responses(rows, reference), "correlations": correlations(run, reference),
               "exploits": probes, "flagged": [p["exploit"] for p in probes if p["flagged"]]}
+    members = run_reward_ensemble(run)
+    if members:
+        add_ensemble_uncertainty(rows, members, batch_size=batch_size, bf16=bf16)
+        report["uncertainty"] = uncertainty_summary(rows, members)
     atomic_write_text(run / "audit" / "audit.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -194,7 +219,8 @@ def audit(run_dir: str | Path, *, probe_prompts: int = PROBE_PROMPTS, batch_size
 def cli(run_dir, probe_prompts, batch_size, fp32):
     """Reward-hacking audit of a run: top RM-scored responses with gold scores and flags, RM-gold
     and reward-length rank correlations at each KL point (the run's models and every `preflab compare`
-    cell), and code-built exploit probes scored by both judges. Writes RUN_DIR/audit/audit.json.
+    cell), code-built exploit probes scored by both judges and, where the run has a reward-model
+    ensemble (RUN/rm-2, ...), each sample's uncertainty. Writes RUN_DIR/audit/audit.json.
 
     \b
     Example:
@@ -207,4 +233,6 @@ def cli(run_dir, probe_prompts, batch_size, fp32):
     for c in report["correlations"]:
         click.echo(f"{c['source']:>24} {c['model']:>10}: KL {c['kl']:.2f}  rho(RM,gold) {c['rho_rm_gold']:.2f}  "
                    f"rho(RM,len) {c['rho_rm_length']:.2f}  rho(gold,len) {c['rho_gold_length']:.2f}")
+    for m in report.get("uncertainty", {}).get("by_model", []):
+        click.echo(f"{'ensemble uncertainty':>24} {m['model']:>10}: mean std {m['mean_std']:.3f}  max {m['max_std']:.3f}")
     click.echo(f"wrote {Path(run_dir) / 'audit' / 'audit.json'}")

@@ -732,7 +732,21 @@ def render_audit(report: Any) -> str:
                  [[t["model"], t["prompt"], t["response"], _fmt(t["rm_score"]), _fmt(t["gold_total"]),
                    ", ".join(t["flags"])] for t in report.get("top_responses", [])], text_cols=(0, 1, 2, 5))
     return (head + "<h3>Exploit probes</h3>" + ex + "<h3>Rank correlations on policy samples, by KL</h3>" + corr
-            + "<h3>Top RM-scored policy responses</h3>" + top)
+            + "<h3>Top RM-scored policy responses</h3>" + top + _render_uncertainty(report.get("uncertainty")))
+
+
+def _render_uncertainty(u: Any) -> str:
+    """The audit's reward-model ensemble part: mean uncertainty per model, the most uncertain samples."""
+    if not isinstance(u, dict):
+        return ""
+    per_model = _table(["model", "n", "mean std", "max std"],
+                       [[m["model"], m["n"], _fmt(m["mean_std"]), _fmt(m["max_std"])] for m in u["by_model"]])
+    top = _table(["model", "prompt", "response", "std", "mean", "RM", "gold"],
+                 [[t["model"], t["prompt"], t["response"], _fmt(t["std"]), _fmt(t["mean"]), _fmt(t["rm_score"]),
+                   _fmt(t["gold_total"])] for t in u["most_uncertain"]], text_cols=(0, 1, 2))
+    return (f'<h3>Reward-model ensemble: uncertainty</h3><p class="note">Std over the {len(u["members"])} reward '
+            "models of the normalised reward, per evaluated sample: where they disagree, the reward a policy is "
+            "paid is least agreed on.</p>" + per_model + "<h4>Most uncertain samples</h4>" + top)
 
 
 def section_audit(run: Run) -> str:

@@ -1,6 +1,8 @@
 """Reward-model evaluation: held-out pairwise accuracy (overall, per category and slice), ECE
 with the reliability table, temperature scaling, the most confidently wrong pairs, and the
-labelers' own agreement on the same prompts (the ceiling RM accuracy reads against).
+labelers' own agreement on the same prompts (the ceiling RM accuracy reads against). Of an
+ensemble (several reward models): the same of the members' mean, and each response's uncertainty
+(``ensemble_report``).
 
 Used by ``stages/reward.py`` after training and by ``preflab rm-eval``.
 """
@@ -21,7 +23,7 @@ from preflab.data.jsonl import atomic_write_text
 from preflab.errors import DataError
 from preflab.rl.calibration import expected_calibration_error, fit_temperature, reliability_by_margin
 from preflab.rl.ranking import batched_kway_ranking_loss
-from preflab.rl.stats import wilson_interval
+from preflab.rl.stats import ensemble_spread, most_uncertain, wilson_interval
 
 if TYPE_CHECKING:
     from preflab.data.rankings import Group
@@ -129,6 +131,42 @@ def evaluate(groups: list[Group], scores: list[list[float]], *, n_bins: int = 10
     return report
 
 
+def ensemble_report(groups: list[Group], member_scores: list[list[list[float]]], members: list[str], *,
+                    top_k: int = 20) -> dict[str, Any]:
+    """An ensemble on a held-out set, from each member's normalised scores (``member_scores[m][g][i]``:
+    member m, group g, response i). Per response: the members' mean and std, the std being the
+    uncertainty. Overall: accuracy of the mean and of each member, the mean uncertainty, and the
+    accuracy of the mean on the most and on the least uncertain half of the pairs (a pair's uncertainty
+    is the mean of its two responses'; with an odd count the middle pair is in neither half). An
+    ensemble whose disagreement flags its errors is less accurate on the uncertain half."""
+    flat = np.array([[x for g in m for x in g] for m in member_scores], dtype=np.float64)  # (M, responses)
+    mean, std = ensemble_spread(flat)
+    start = np.cumsum([0] + [len(g.responses) for g in groups])
+    pairs = [(start[gi] + w, start[gi] + v) for gi, g in enumerate(groups) for w, v in g.pairs()]
+    if not pairs:
+        raise DataError("the held-out set has no untied pair to evaluate")
+    win, lose = (np.array(c) for c in zip(*pairs))
+    correct = mean[win] > mean[lose]
+    order = most_uncertain((std[win] + std[lose]) / 2, len(pairs))
+    half = len(pairs) // 2
+    where = [(gi, i) for gi, g in enumerate(groups) for i in range(len(g.responses))]
+
+    def sample(j: int) -> dict[str, Any]:
+        gi, i = where[j]
+        return {"group": gi, "response": i, "mean": float(mean[j]), "std": float(std[j]),
+                "scores": flat[:, j].tolist()}
+
+    return {"members": list(members), "n_members": len(members), **_accuracy(correct),
+            "member_accuracy": [float((m[win] > m[lose]).mean()) for m in flat],
+            "mean_uncertainty": float(std.mean()),
+            "most_uncertain_half": _accuracy(correct[order[:half]]),
+            "least_uncertain_half": _accuracy(correct[order[len(order) - half:]]),
+            "most_uncertain": [{**sample(j), "prompt": groups[where[j][0]].prompt,
+                                "text": groups[where[j][0]].responses[where[j][1]]}
+                               for j in most_uncertain(std, top_k)],
+            "samples": [sample(j) for j in range(len(where))]}
+
+
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The flat ``rm/...`` metrics of an ``evaluate`` report (for metrics.jsonl)."""
     m = {"rm/accuracy": report["accuracy"], "rm/loss": report["loss"], "rm/pairs": report["n_pairs"],
@@ -168,6 +206,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
         summary.add_row("labeler agreement (ceiling)", f"{la['agreement']:.3f} on {la['n_pairs']} pairs")
         summary.add_row("RM accuracy, same prompts", f"{la['rm_accuracy']:.3f}")
     console.print(summary)
+    if "ensemble" in report:
+        print_ensemble(report["ensemble"], console)
     for attr in ("category", "slice"):
         if f"by_{attr}" in report:
             t = Table(title=f"accuracy by {attr}")
@@ -197,38 +237,83 @@ def print_report(report: dict[str, Any], console=None) -> None:
         console.print(t)
 
 
+def print_ensemble(ens: dict[str, Any], console) -> None:
+    """The ensemble's summary (accuracy of the mean and of each member, uncertainty, the accuracy of the
+    mean on the most and least uncertain half of the pairs) and its most uncertain responses."""
+    from rich.table import Table
+
+    t = Table(title=f"reward-model ensemble: {ens['n_members']} members, uncertainty = std of the normalised reward")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("accuracy of the mean", f"{ens['accuracy']:.3f}")
+    t.add_row("accuracy of each member", " ".join(f"{a:.3f}" for a in ens["member_accuracy"]))
+    t.add_row("mean uncertainty", f"{ens['mean_uncertainty']:.4f}")
+    for key, label in (("most_uncertain_half", "most"), ("least_uncertain_half", "least")):
+        h = ens[key]
+        t.add_row(f"accuracy, {label} uncertain half", f"{h['accuracy']:.3f} of {h['n_pairs']} pairs")
+    console.print(t)
+    if ens["most_uncertain"]:
+        t = Table(title="most uncertain responses")
+        for col in ("std", "mean", "prompt", "response"):
+            t.add_column(col, overflow="fold", justify="right" if col in ("std", "mean") else "left")
+        for u in ens["most_uncertain"]:
+            t.add_row(f"{u['std']:.3f}", f"{u['mean']:.3f}", str(u["prompt"])[:80], str(u["text"])[:80])
+        console.print(t)
+
+
+def member_scores(spec: str, groups: list[Group], max_length: int, batch_size: int, bf16: bool, *,
+                  normalise: bool) -> list[list[float]]:
+    """One reward model's scores of every response of ``groups`` (raw, or with its stored gain and bias)."""
+    from preflab import models
+    from preflab.data.rankings import encode_groups
+    from preflab.scoring import reward_norm, score_groups
+
+    tokenizer = models.load_tokenizer(spec)
+    model = models.load_reward_model(spec)
+    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
+                          batch_size=batch_size, bf16=bf16)
+    gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
+    return [[gain * x + bias for x in s] for s in scores]
+
+
 @click.command("rm-eval")
-@click.option("--model", "model_spec", required=True, help="Reward model directory (from `preflab rm`).")
+@click.option("--model", "model_specs", required=True, multiple=True,
+              help="Reward model directory (from `preflab rm`); repeat it for an ensemble (the members' mean is "
+                   "evaluated, with each response's uncertainty: the std of the members' normalised rewards).")
 @click.option("--data", required=True, help="Held-out grouped K-way or pairs JSONL, or store:PATH.")
 @click.option("--split", default=None, help="Store split (store: sources only; default: all).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--max-length", default=384, show_default=True, type=click.IntRange(16))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--n-bins", default=10, show_default=True, type=click.IntRange(2))
-@click.option("--worst-k", default=20, show_default=True, type=click.IntRange(0))
+@click.option("--worst-k", default=20, show_default=True, type=click.IntRange(0),
+              help="Most confidently wrong pairs listed (and, of an ensemble, most uncertain responses).")
 @click.option("--temperature-scaling/--no-temperature-scaling", default=True, show_default=True)
 @click.option("--bf16/--no-bf16", default=False, show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1))
-def cli(model_spec, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
+def cli(model_specs, data, split, out_path, max_length, batch_size, n_bins, worst_k, temperature_scaling,
         bf16, threads):
     """Held-out accuracy (overall, per category and slice), ECE, reliability, temperature scaling,
-    the most confidently wrong pairs and labeler agreement of a reward model; prints tables.
+    the most confidently wrong pairs and labeler agreement of a reward model, or of an ensemble's
+    mean with each response's uncertainty and the accuracy on the most and least uncertain half of
+    the pairs; prints tables.
 
     \b
-    Example:
+    Examples:
       preflab rm-eval --model runs/demo/rm/model --data store:runs/demo/store.sqlite --split rm
+      preflab rm-eval --model runs/demo/rm/model --model runs/demo/rm-2/model --data held.jsonl --out e.json
     """
     from preflab import models
-    from preflab.data.rankings import encode_groups, read_groups
-    from preflab.scoring import score_groups
+    from preflab.data.rankings import read_groups
 
     models.set_threads(threads)
     groups = [g for g in read_groups(data, None, split) if g.pairs()]
-    tokenizer = models.load_tokenizer(model_spec)
-    model = models.load_reward_model(model_spec)
-    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
-                          batch_size=batch_size, bf16=bf16)
+    ensemble = len(model_specs) > 1  # an ensemble is read in normalised rewards, one model in raw scores
+    members = [member_scores(spec, groups, max_length, batch_size, bf16, normalise=ensemble) for spec in model_specs]
+    scores = [list(np.mean([m[g] for m in members], axis=0)) for g in range(len(groups))] if ensemble else members[0]
     report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)
+    if ensemble:
+        report["ensemble"] = ensemble_report(groups, members, list(model_specs), top_k=worst_k)
     print_report(report)
     if out_path:
         atomic_write_text(out_path, json.dumps(report, indent=2, default=str))
