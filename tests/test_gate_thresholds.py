@@ -290,3 +290,112 @@ def test_own_prompts_win_rate_counts_the_candidates_votes(tmp_path, monkeypatch)
     # per prompt the side with more votes wins: a and b won, c tied: (2 + 0.5) / 4
     assert v["name"] == "win_rate" and v["value"] == 0.625 and tuple(v["interval"]) == (lo, hi)
     assert v["passed"] is (lo >= 0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The uncertainty trigger: the reward-model ensemble's disagreement on the candidate's samples
+# ---------------------------------------------------------------------------------------------
+
+
+def with_std(samples, stds):
+    return [{**r, "rm_ensemble_std": s} for r, s in zip(samples, stds)]
+
+
+@pytest.mark.parametrize("limit,passed", [(0.5 + 1e-9, True), (0.5, True), (0.5 - 1e-9, False), (0.0, False)])
+def test_uncertainty_max_just_under_and_just_over(limit, passed):
+    # candidate stds 0.25 and 0.75: mean 0.5, exactly
+    s = with_std(rows("candidate", "ordinary", 0, 2), [0.25, 0.75]) + with_std(rows("incumbent", "ordinary", 0, 2),
+                                                                              [0.1, 0.1])
+    v = verdict(s, uncertainty_max=limit)
+    assert (v.name, v.passed, v.value) == ("uncertainty", passed, 0.5)
+    half = 1.96 * math.sqrt(((0.25 - 0.5) ** 2 + (0.75 - 0.5) ** 2) / 1) / math.sqrt(2)
+    assert v.interval == pytest.approx((0.5 - half, 0.5 + half)) and "incumbent 0.100" in v.detail
+
+
+def test_uncertainty_reads_the_candidates_samples_not_the_incumbents():
+    calm, unsure = [0.2] * 4, [3.0] * 4
+    s = with_std(rows("candidate", "ordinary", 0, 4), calm) + with_std(rows("incumbent", "ordinary", 0, 4), unsure)
+    v = verdict(s, uncertainty_max=1.0)
+    assert v.passed and v.value == pytest.approx(0.2)
+    swapped = with_std(rows("candidate", "ordinary", 0, 4), unsure) + with_std(rows("incumbent", "ordinary", 0, 4), calm)
+    v = verdict(swapped, uncertainty_max=1.0)
+    assert not v.passed and v.value == pytest.approx(3.0)
+
+
+def test_uncertainty_is_not_tested_without_an_ensemble():
+    out = criteria_verdicts(results(), rows("candidate", "ordinary", 0, 4) + rows("incumbent", "ordinary", 0, 4),
+                            Criteria(**{**OFF, "uncertainty_max": 0.0}), WIN)
+    assert out == []
+    with pytest.raises(ValueError, match="two or more"):
+        G.Policy.model_validate({"reward_ensemble": ["tiny:1"]})
+
+
+def _save_rm(path, seed):
+    import torch
+
+    from preflab import models
+
+    torch.manual_seed(seed)
+    rm = models.load_scorer(f"tiny:{seed}")
+    models.save_model(rm, models.load_tokenizer("tiny:"), path, reward_model=True)
+    return str(path)
+
+
+def _fake_evaluate(specs, prompts, *, reference, out_dir, **kw):
+    """evaluate() without models: the candidate and the incumbent answer each prompt differently."""
+    out = [{"model": name, "id": p.id, "prompt": p.prompt, "slice": p.slice, "toxic": False, "kl": 0.0,
+            "gold": {"total": 0.5}, "response": f"{name} says {j} " * (1 + 3 * (name == "candidate"))}
+           for name in specs for j, p in enumerate(prompts)]
+    (out_dir / "generations").mkdir(parents=True, exist_ok=True)
+    for name in specs:
+        (out_dir / "generations" / f"{name}.jsonl").write_text("")
+    (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+    wr = {"rate": 0.5, "wins": 0, "ties": len(prompts), "losses": 0, "n": len(prompts), "lo": 0.4, "hi": 0.6}
+    return {"models": {n: {"kl": 0.0, "length_words": {"mean": 5.0}, "win_rate": wr} for n in specs}}
+
+
+def test_gate_scores_both_sides_with_the_ensemble_and_judges_the_candidates(tmp_path, monkeypatch):
+    """gate() with a policy's reward_ensemble: every replay sample is scored by each member (normalised),
+    and the criterion's value is the mean std of the candidate's samples, recomputed here member by member."""
+    import shutil
+    import statistics
+
+    import preflab.evals.evaluate as ev
+    from preflab import models, scoring
+
+    monkeypatch.setattr(ev, "evaluate", _fake_evaluate)
+    members = [_save_rm(tmp_path / "rm1", 1), _save_rm(tmp_path / "rm2", 2)]
+    policy = G.Policy.model_validate({"prompts_per_slice": 2, "cache_dir": str(tmp_path / "cache"),
+                                      "criteria": {**OFF, "uncertainty_max": 100.0}, "reward_ensemble": members})
+    report = G.gate("tiny:5", "tiny:6", policy=policy, prompts_path=None, out_dir=tmp_path / "o")
+    samples = [json.loads(x) for x in (tmp_path / "o/replay/samples.jsonl").read_text().splitlines()]
+    std = {}
+    for model in ("candidate", "incumbent"):
+        mine = [r for r in samples if r["model"] == model]
+        scores = [scoring.score_texts(models.load_reward_model(m), models.load_tokenizer(m), [r["prompt"] for r in mine],
+                                      [r["response"] for r in mine], normalise=True) for m in members]
+        std[model] = statistics.fmean(statistics.pstdev(pair) for pair in zip(*scores))
+    (v,) = report["criteria"]
+    assert v["name"] == "uncertainty" and v["passed"]
+    assert v["value"] == pytest.approx(std["candidate"], abs=1e-4)
+    assert abs(std["candidate"] - std["incumbent"]) > 1e-3  # the sides differ, so reading the other one shows
+    assert f"incumbent {std['incumbent']:.3f}" in v["detail"]
+    assert report["reward_ensemble"] == members
+    unc = [json.loads(x) for x in (tmp_path / "o/replay/uncertainty.jsonl").read_text().splitlines()]
+    assert len(unc) == len(samples) == 16 and all(len(u["rm_ensemble_scores"]) == 2 for u in unc)
+    # a threshold just under the candidate's value fails
+    policy.criteria.uncertainty_max = v["value"] - 1e-6
+    assert G.gate("tiny:5", "tiny:6", policy=policy, prompts_path=None, out_dir=tmp_path / "o2")["passed"] is False
+
+    # a candidate given as its pipeline run brings the run's ensemble (RUN/rm, RUN/rm-2) when the policy names none
+    run = tmp_path / "run"
+    shutil.copytree(models.ensure_tiny("tiny:5"), run / "sft" / "model")
+    shutil.copytree(tmp_path / "rm1", run / "rm" / "model")
+    shutil.copytree(tmp_path / "rm2", run / "rm-2" / "model")
+    policy = G.Policy.model_validate({"prompts_per_slice": 2, "cache_dir": str(tmp_path / "cache"),
+                                      "criteria": {**OFF, "uncertainty_max": 100.0}})
+    report = G.gate(str(run), "tiny:6", policy=policy, prompts_path=None, out_dir=tmp_path / "o3")
+    assert report["reward_ensemble"] == [str(run / "rm/model"), str(run / "rm-2/model")]
+    assert report["criteria"][0]["value"] == pytest.approx(v["value"], abs=1e-4)  # the same two members
+    # and a model without a run around it has no ensemble: the criterion is not tested
+    assert G.gate("tiny:5", "tiny:6", policy=policy, prompts_path=None, out_dir=tmp_path / "o4")["criteria"] == []
