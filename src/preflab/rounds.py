@@ -6,9 +6,12 @@ Round 1 is the pipeline's graph (SFT samples ranked, RM, the trainers). Each fur
                       labeler panel through the store's queue; the store of round r-1 plus these
                       rankings becomes RUN/round-r/store.sqlite (split ``rm``). A further
                       ``round.heldout`` prompts are ranked by three labelers each and stored under
-                      split ``heldout-r``: never trained on.
+                      split ``heldout-r``: never trained on. With ``round.select: uncertainty`` the
+                      ranked prompts are those of a ``round.pool`` times larger pool whose samples
+                      the previous round's reward-model ensemble disagrees on most.
     round-r/rm        the RM refit on every ``rm`` ranking so far (from SFT, or warm from the
-                      previous RM: ``round.rm_init``).
+                      previous RM: ``round.rm_init``); with ``round.select: uncertainty``, also
+                      ``round-r/rm-2``, ... (the ensemble's other members; not in the last round).
     round-r/onpolicy  the RM before and after the refit scored on ``heldout-r`` (the current
                       policy's samples), beside the labelers' pairwise agreement on the same samples.
     round-r/METHOD    the round's trainer from the current policy, against the new RM, with its KL
@@ -44,12 +47,25 @@ def round_method(cfg: Any) -> str:
     return method
 
 
+def refit_members(cfg: Any, r: int) -> list[str]:
+    """The ensemble members beside the RM that round ``r`` refits (rm-2, ...): with ``round.select:
+    uncertainty``, for the next round's pick; none in the last round (no round after it picks)."""
+    if cfg.round.select != "uncertainty" or r >= cfg.rounds:
+        return []
+    return [f"rm-{i}" for i in range(2, cfg.rm_ensemble + 1)]
+
+
 def round_steps(cfg: Any) -> list[str]:
     """The steps of rounds 2..n and the final on-policy check (none when ``rounds`` is 1)."""
     if cfg.rounds < 2:
         return []
     method = round_method(cfg)
-    steps = [f"round-{r}/{s.format(method=method)}" for r in range(2, cfg.rounds + 1) for s in ROUND_STEPS]
+    steps = []
+    for r in range(2, cfg.rounds + 1):
+        for s in ROUND_STEPS:
+            steps.append(f"round-{r}/{s.format(method=method)}")
+            if s == "rm":
+                steps += [f"round-{r}/{m}" for m in refit_members(cfg, r)]
     return steps + (["final/label", "final/onpolicy"] if cfg.round.heldout else [])
 
 
@@ -59,6 +75,10 @@ class Rounds:
     def __init__(self, pipe: Any):  # the pipeline.Pipeline whose rounds these are (it imports this module)
         self.pipe, self.cfg, self.out = pipe, pipe.cfg, pipe.out
         self.method = round_method(self.cfg) if self.cfg.rounds > 1 else None
+        if self.cfg.rounds > 1 and self.cfg.round.select == "uncertainty" and self.cfg.rm_ensemble < 2:
+            raise ConfigError(f"round.select: uncertainty picks prompts by the reward-model ensemble's disagreement "
+                              f"and needs rm_ensemble >= 2 (it is {self.cfg.rm_ensemble}); set rm_ensemble: 2 or "
+                              "more, or round.select: random")
 
     # -- where each round's pieces live ---------------------------------------------------------
 
@@ -72,21 +92,28 @@ class Rounds:
     def rm(self, r: int) -> Path:
         return (self.out if r == 1 else self.dir(r)) / "rm" / "model"
 
+    def members(self, r: int) -> list[Path]:
+        """The reward-model ensemble after round ``r``: RUN/rm, RUN/rm-2, ... (round 1), or the round's refits."""
+        base = self.out if r == 1 else self.dir(r)
+        return [self.rm(r), *(base / m / "model" for m in self.pipe.members)]
+
     def store(self, r: int) -> Path:
         return self.pipe.store if r == 1 else self.dir(r) / "store.sqlite"
 
     def fresh_prompts(self, r: int) -> tuple[list, list]:
-        """Round ``r``'s (train, heldout) RM-split prompts: the ones after every earlier round's.
-        ``r = rounds + 1`` is the final check (held-out prompts only)."""
+        """Round ``r``'s (train, heldout) RM-split prompts: the ones after every earlier round's; with
+        ``round.select: uncertainty`` train is the pool the round picks from. ``r = rounds + 1`` is
+        the final check (held-out prompts only)."""
         c = self.cfg
-        per_round = c.round.prompts + c.round.heldout
-        start = c.labeling.limit + (r - 2) * per_round
+        pool = c.round.prompts * (c.round.pool if c.round.select == "uncertainty" else 1)
+        start = c.labeling.limit + (r - 2) * (pool + c.round.heldout)
         rows = self.pipe._split("rm")
-        n_train = c.round.prompts if r <= c.rounds else 0
+        n_train = pool if r <= c.rounds else 0
         need = start + n_train + c.round.heldout
         if need > len(rows):
+            lower = "round.prompts/round.heldout" + ("/round.pool" if pool > c.round.prompts else "")
             raise ConfigError(f"rounds: round {r if r <= c.rounds else 'final'} needs {need} RM-split prompts and "
-                              f"the suite has {len(rows)} (raise suite.n, or lower round.prompts/round.heldout)")
+                              f"the suite has {len(rows)} (raise suite.n, or lower {lower})")
         return rows[start:start + n_train], rows[start + n_train:need]
 
     # -- stage configs (dicts; the pipeline validates them before anything runs) ----------------
@@ -97,12 +124,15 @@ class Rounds:
         pipe, c = self.pipe, self.cfg
         for r in range(2, c.rounds + 1):
             d = self.dir(r)
-            rm_init = str(pipe.out / "sft/model") if c.round.rm_init == "sft" else str(self.rm(r - 1))
-            rm = pipe.stage_dict("rm")
-            rm["model"]["path"] = rm_init
-            rm["data"]["train"] = f"store:{self.store(r)}"
-            rm["run"]["out"] = str(d / "rm")
-            out[f"round-{r}/rm"] = ("rm", rm)
+            for i, name in enumerate(["rm", *refit_members(c, r)]):  # member i: round 1's seed, seed + i
+                rm = pipe.stage_dict("rm")
+                rm["model"]["path"] = str(pipe.out / "sft/model") if c.round.rm_init == "sft" else str(
+                    self.members(r - 1)[i])
+                rm["data"]["train"] = f"store:{self.store(r)}"
+                rm["run"]["out"] = str(d / name)
+                if i:
+                    rm["run"]["seed"] = c.seed + i
+                out[f"round-{r}/{name}"] = ("rm", rm)
             ref = str(pipe.out / "sft/model") if c.round.kl_anchor == "sft" else str(self.policy(r - 1))
             trainer = pipe.method_dict(self.method, policy=str(self.policy(r - 1)), reward_model=str(self.rm(r)),
                                        store=self.store(r), reference=ref, out=d / self.method,
@@ -116,6 +146,8 @@ class Rounds:
         """Run ``round-r/WHAT`` or ``final/WHAT`` (the final check is round ``rounds + 1``)."""
         where, _, what = step.partition("/")
         r = self.cfg.rounds + 1 if where == "final" else int(where.removeprefix("round-"))
+        if what in self.pipe.members:  # a refit ensemble member
+            return self.pipe.train(step)
         steps = {"label": self.step_label, "rm": self.step_rm, "onpolicy": self.step_onpolicy,
                  "eval": self.step_eval, self.method: self.step_train}
         steps[what](r)
@@ -137,13 +169,43 @@ class Rounds:
         seed = self.cfg.seed + 1000 * (r - 1)
         common = dict(model_spec=policy, store_path=tmp, k=lab.k, max_new_tokens=lab.max_new_tokens,
                       temperature=lab.temperature, batch_size=lab.batch_size, bf16=lab.bf16, seed=seed)
-        if train:
+        if train and self.cfg.round.select == "uncertainty":
+            train, candidates = self.pick_uncertain(r, train, d, seed)
+            collect_rankings(prompts=train, split="rm", overlap=lab.overlap, candidates=candidates, **common)
+        elif train:
             collect_rankings(prompts=train, split="rm", overlap=lab.overlap,
                              samples_cache=d / "label_samples.jsonl", **common)
         if heldout:
             collect_rankings(prompts=heldout, split=f"heldout-{r}", overlap=1.0,
                              samples_cache=d / "heldout_samples.jsonl", **common)
         tmp.rename(dest)
+
+    def pick_uncertain(self, r: int, pool: list, d: Path, seed: int) -> tuple[list, list[str]]:
+        """Of round ``r``'s pool, the ``round.prompts`` prompts whose K samples of the current policy
+        the previous round's ensemble disagrees on most (the members' std of the normalised reward,
+        averaged over the K samples), in pool order, with their samples (the candidates labeled).
+        Writes RUN/round-r/selection.json: every pool prompt's disagreement and whether it was picked."""
+        from preflab import models
+        from preflab.feedback.label_cli import sample_candidates
+        from preflab.rl.stats import ensemble_spread, most_uncertain
+        from preflab.scoring import ensemble_text_scores
+
+        lab, k, policy = self.cfg.labeling, self.cfg.labeling.k, str(self.policy(r - 1))
+        flat = sample_candidates(models.load_policy(policy), models.load_tokenizer(policy), pool, k=k,
+                                 max_new_tokens=lab.max_new_tokens, temperature=lab.temperature,
+                                 batch_size=lab.batch_size, bf16=lab.bf16, cache=d / "pool_samples.jsonl", seed=seed,
+                                 cache_key=policy)
+        members = [str(m) for m in self.members(r - 1)]
+        scores = ensemble_text_scores(members, [p.prompt for p in pool for _ in range(k)], flat,
+                                      max_length=self.pipe.stage_configs["rm"].data.max_length,
+                                      batch_size=lab.batch_size, bf16=lab.bf16)
+        disagreement = ensemble_spread(scores)[1].reshape(len(pool), k).mean(1)
+        picked = sorted(most_uncertain(disagreement, self.cfg.round.prompts))
+        atomic_write_text(d / "selection.json", json.dumps({
+            "round": r, "policy": policy, "members": members, "k": k, "picked": len(picked),
+            "pool": [{"id": p.id, "disagreement": float(u), "picked": i in picked}
+                     for i, (p, u) in enumerate(zip(pool, disagreement))]}, indent=2))
+        return [pool[i] for i in picked], [t for i in picked for t in flat[i * k:(i + 1) * k]]
 
     def step_rm(self, r: int) -> None:
         self.pipe.train(f"round-{r}/rm")

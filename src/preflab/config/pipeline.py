@@ -71,6 +71,15 @@ class RoundsSection(Section):
     rm_init: Literal["sft", "previous"] = Field(
         "sft", description="A round's RM starts from the SFT model (every ranking weighs the same) or from the "
                            "previous round's RM (warm start).")
+    select: Literal["random", "uncertainty"] = Field(
+        "random", description="Which fresh RM-split prompts a round ranks. random: the next `round.prompts` of the "
+                              "suite. uncertainty: of the next `round.pool` x `round.prompts`, the ones whose K samples "
+                              "of the current policy the reward-model ensemble disagrees on most (the members' std of "
+                              "the normalised reward, averaged over the K samples); needs rm_ensemble >= 2, and every "
+                              "member is refit each round.")
+    pool: int = Field(3, ge=1, description="With select: uncertainty, the prompts scored per round, in multiples of "
+                                           "`round.prompts` (the pool's unpicked prompts are never ranked, and no "
+                                           "later round draws them).")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the round trainer's config in rounds 2..n, applied after "
                                           "`rl_overrides` (e.g. train.steps).")
@@ -127,7 +136,8 @@ class PipelineConfig(Section):
     rm_ensemble: int = Field(1, ge=1, description="Reward models trained on the rankings (RUN/rm, RUN/rm-2, ...; "
                                                   "seeds seed, seed + 1, ...): with more than one, the online RL "
                                                   "methods optimise `rewards.ensemble` over them (conservative where "
-                                                  "they disagree). Rounds 2..n refit one RM.")
+                                                  "they disagree). Rounds 2..n refit one RM (each member with "
+                                                  "`round.select: uncertainty`).")
     rounds: int = Field(1, ge=1, description="Rounds of the recipe: 1 is the graph above; each further round "
                                              "ranks fresh samples of the current policy, refits the RM and "
                                              "trains on (`round`).")

@@ -98,24 +98,38 @@ def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: 
                      labelers_kind=labelers_kind, ai_model=ai_model, batch_size=batch_size, seed=seed)
 
 
+def sample_candidates(model: Any, tokenizer: Any, prompts: list, *, k: int, max_new_tokens: int, temperature: float,
+                      batch_size: int, bf16: bool, cache: Path | None, seed: int, cache_key: str) -> list[str]:
+    """K samples of each prompt (its own token budget where it has one), prompt after prompt: the
+    candidates ``collect_rankings`` ranks; ``cache``: ``generate_texts``' resumable batch cache."""
+    from preflab.data.chat import token_budgets
+    from preflab.rollout import generate_texts
+
+    rows = [p for p in prompts for _ in range(k)]
+    return generate_texts(model, tokenizer, [p.prompt for p in rows], max_new_tokens=token_budgets(rows, max_new_tokens),
+                          temperature=temperature, batch_size=batch_size, bf16=bf16, progress=True, cache=cache,
+                          seed=seed, cache_key=cache_key)
+
+
 def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split: str = "rm", k: int = LABELING.k,
                      max_new_tokens: int = LABELING.max_new_tokens, temperature: float = LABELING.temperature,
                      overlap: float = LABELING.overlap, labelers_kind: str = "panel", ai_model: str | None = None,
                      batch_size: int = LABELING.batch_size, seed: int = 0,
-                     bf16: bool = LABELING.bf16, samples_cache: Path | None = None) -> dict[str, Any]:
+                     bf16: bool = LABELING.bf16, samples_cache: Path | None = None,
+                     candidates: list[str] | None = None) -> dict[str, Any]:
     """The labeling flow of `preflab data label` as a function (the pipeline calls it); returns store counts.
 
     ``samples_cache``: the candidates are appended there batch by batch (``generate_texts``), so a
-    killed call samples only what is missing when it is called again with the same arguments."""
+    killed call samples only what is missing when it is called again with the same arguments.
+    ``candidates``: the K candidates of each prompt, prompt after prompt, already sampled from
+    ``model_spec`` (``sample_candidates``); nothing is sampled then."""
     import torch
 
     from preflab import models
-    from preflab.data.chat import token_budgets
     from preflab.data.schema import Prompt
     from preflab.data.suite.schema import SuitePrompt
     from preflab.feedback.labelers import default_panel
     from preflab.feedback.store import PreferenceStore
-    from preflab.rollout import generate_texts
     from preflab.run import Progress
 
     torch.manual_seed(seed)
@@ -123,10 +137,11 @@ def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split:
     # 1. sample K candidates per prompt
     tokenizer = models.load_tokenizer(model_spec)
     model = models.load_policy(model_spec)
-    flat = generate_texts(model, tokenizer, [p.prompt for p in prompts for _ in range(k)],
-                          max_new_tokens=token_budgets([p for p in prompts for _ in range(k)], max_new_tokens),
-                          temperature=temperature, batch_size=batch_size, bf16=bf16, progress=True,
-                          cache=samples_cache, seed=seed, cache_key=model_spec)
+    flat = candidates if candidates is not None else sample_candidates(
+        model, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+        bf16=bf16, cache=samples_cache, seed=seed, cache_key=model_spec)
+    if len(flat) != k * len(prompts):
+        raise ValueError(f"{len(flat)} candidates for {len(prompts)} prompts x k = {k}")
 
     # 2. the labelers
     if labelers_kind == "ai":
