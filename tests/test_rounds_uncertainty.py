@@ -8,12 +8,12 @@ import random
 import shutil
 
 import pytest
-from test_rounds import _cfg
 
 from preflab import models, scoring
 from preflab.errors import ConfigError
 from preflab.feedback.store import PreferenceStore
 from preflab.pipeline import Pipeline
+from test_rounds import _cfg
 
 
 def test_uncertainty_needs_an_ensemble_named_by_its_key(tmp_path):
@@ -32,7 +32,7 @@ def test_every_member_is_refit_each_round_but_the_last(tmp_path, rm_init):
     at = steps.index("round-2/rm")
     assert steps[at:at + 4] == ["round-2/rm", "round-2/rm-2", "round-2/rm-3", "round-2/onpolicy"]
     assert "round-3/rm" in steps and not any(s.startswith("round-3/rm-") for s in steps)  # no round 4 picks
-    for i, name in enumerate(["rm", "rm-2", "rm-3"]):
+    for name in ("rm", "rm-2", "rm-3"):
         c = pipe.stage_configs[f"round-2/{name}"]
         assert c.run.out == str(tmp_path / "round-2" / name) and c.run.seed == pipe.stage_configs[name].run.seed
         assert c.data.train == f"store:{tmp_path / 'round-2/store.sqlite'}"
