@@ -313,6 +313,27 @@ def test_cli_create_to_rm(tmp_path, capsys):
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+def test_cli_on_a_postgres_store(tmp_path, capsys, postgres_url):
+    """The commands take a postgresql:// URL as --store: create, user, stats; the rankings are in the database."""
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"prompt": f"Describe item {i}.", "responses": ["a", "b", "c"]}) + "\n"
+                                 for i in range(4)))
+    assert run(["annotate", "create", "--store", postgres_url, "--name", "demo", "--responses", str(responses),
+                "--overlap", "0"]) == 0
+    assert f"project 'demo' in {postgres_url}: 4 prompts + 0 gold items, K=3, 4 tasks" in capsys.readouterr().out
+    assert run(["annotate", "user", "--store", postgres_url, "ann"]) == 0
+    token = capsys.readouterr().out.split("token ")[1].split()[0]
+    with PreferenceStore(postgres_url) as store:
+        assert authenticate(store, token).name == "ann"
+        project = load_project(store)
+        t = tasks.next_task(store, project, "ann")
+        tasks.submit(store, project, "ann", t["task_id"], body_for(project, "ann", t, [[2], [0], [1]]))
+    assert run(["annotate", "stats", "--store", postgres_url]) == 0
+    assert "1/4 tasks done" in capsys.readouterr().out
+    assert run(["annotate", "user", "--store", postgres_url.rsplit("/", 1)[0] + "/no_such_db", "bob"]) == 2
+    assert 'database "no_such_db" does not exist' in capsys.readouterr().err
+
+
 def test_cli_create_samples_candidates_from_a_model(tmp_path, capsys):
     db = tmp_path / "s.sqlite"
     assert run(["annotate", "create", "--store", str(db), "--name", "sampled", "--prompts",
