@@ -57,6 +57,9 @@ def test_buckets_are_sticky_and_shares_cumulative():
     with pytest.raises(ValueError, match="incumbent"):
         RouteConfig.model_validate({"store": "x", "backends": [{"name": "a", "url": "u", "model": "a"},
                                                                {"name": "b", "url": "u", "model": "b"}]})
+    with pytest.raises(ValueError, match="SQLite store file; a postgresql:// store is not supported"):
+        RouteConfig.model_validate({"store": "postgresql://u@db/prefs", "backends": [
+            {"name": "a", "url": "u", "model": "a", "role": "incumbent"}, {"name": "b", "url": "u", "model": "b"}]})
 
 
 def test_load_share_stickiness_logging_feedback_queue(tmp_path, two):

@@ -104,6 +104,11 @@ class RouteConfig(_Strict):
             raise ValueError("exactly one back end needs role: incumbent")
         if sum(b.share for b in self.backends if b.role == "candidate") > 1:
             raise ValueError("the candidates' shares add up to more than 1")
+        from preflab.feedback.store import is_url
+
+        if is_url(self.store):
+            raise ValueError("store: the router keeps its log in a SQLite store file; a postgresql:// store "
+                             "is not supported here")
         return self
 
     @property
