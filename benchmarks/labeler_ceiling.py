@@ -28,9 +28,10 @@ def main() -> None:
 
     from rich.table import Table
 
-    from preflab.data.rankings import read_groups, split_val
+    from preflab.data.rankings import split_val
     from preflab.data.suite.schema import load_prompts
     from preflab.feedback.labelers import agreement_summary, default_panel, panel_groups
+    from preflab.feedback.ranking_sources import read_groups
     from preflab.run import table_console
 
     groups = [g for g in read_groups(f"store:{a.run / 'store.sqlite'}", None, "rm") if g.pairs()]

@@ -63,19 +63,19 @@ def prepare() -> tuple[Path, Path]:
 
 
 def run_preflab(epochs: int, steps: int, critic: str = "reward_model") -> dict:
-    from preflab.config import PPOConfig, load_config
-    from preflab.stages import ppo
+    from preflab.config import RLConfig, load_config
+    from preflab.stages import rl as rl_stage
 
     rm_dir, prompts = prepare()
     out = WORK / f"preflab-e{epochs}-{os.getpid()}"
-    cfg = load_config(PPOConfig, None, [
+    cfg = load_config(RLConfig, None, [
         f"models.policy.path={MODEL}", f"models.policy.threads={THREADS}", f"models.reward_model={rm_dir}",
         f"data.prompts={prompts}", "data.split=null", f"rollout.batch_size={N_PROMPTS}",
         f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=0.7",
         "rollout.missing_eos_penalty=null", f"ppo.minibatch_size={MINIBATCH}", f"ppo.grad_accum={MICRO_ACCUM}", f"ppo.epochs={epochs}",
         "kl.coef=0.05", "optim.lr=3e-6", f"train.steps={steps}", f"run.out={out}", "run.progress=false",
         f"models.critic={critic}"])
-    ppo.train(cfg)
+    rl_stage.train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # drop warm-up
     shutil.rmtree(out, ignore_errors=True)  # checkpoints with optimizer state: ~3 GiB a run
     med = {k: statistics.median(r[k] for r in rows) for k in ("perf/step_s", "perf/gen_s", "perf/score_s", "perf/train_s")}

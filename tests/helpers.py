@@ -56,7 +56,7 @@ def end_rank() -> None:
 
 # The tiny RL stage's tests (test_ppo.py, test_rl_stage.py) share a config, a programmatic reward
 # and the metrics reader.
-PPO_TINY = "configs/ppo_tiny.yaml"
+RL_TINY = "configs/rl_tiny.yaml"
 
 
 def letter_tokens() -> torch.Tensor:
@@ -78,9 +78,9 @@ def letter_reward(good):
 
 
 def ppo_cfg(tmp_path, *overrides):
-    from preflab.config import PPOConfig, load_config
+    from preflab.config import RLConfig, load_config
 
-    return load_config(PPOConfig, PPO_TINY, [f"run.out={tmp_path}", *overrides])
+    return load_config(RLConfig, RL_TINY, [f"run.out={tmp_path}", *overrides])
 
 
 def run_metrics(cfg) -> list[dict]:

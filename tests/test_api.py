@@ -11,7 +11,7 @@ def test_api_names_resolve_lazily_and_match_the_modules():
     from preflab import config, registry
 
     assert preflab.SFTConfig is config.SFTConfig and preflab.load_config is config.load_config
-    assert preflab.STAGES is registry.STAGES and {"sft", "rm", "ppo"} <= set(preflab.STAGES)
+    assert preflab.STAGES is registry.STAGES and {"sft", "rm", "rl"} <= set(preflab.STAGES)
     code = "import sys, preflab; preflab.SFTConfig; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

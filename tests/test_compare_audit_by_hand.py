@@ -86,7 +86,7 @@ def test_each_compare_cell_evaluates_the_model_its_training_returned(run, tmp_pa
 
     def fake_run_stage(stage, cfg, resume=False):
         key = (cfg.algo.estimator, cfg.run.seed)
-        assert stage == "ppo" and key not in trained
+        assert stage == "rl" and key not in trained
         trained[key] = (str(models.ensure_tiny(seeds_of[key])), cfg.run.out)
         return Path(trained[key][0])
 

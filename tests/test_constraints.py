@@ -2,7 +2,7 @@
 
 import pytest
 
-from preflab.feedback.constraints import (
+from preflab.constraints import (
     CONSTRAINT_TYPES,
     check,
     compatible,

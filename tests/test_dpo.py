@@ -157,7 +157,7 @@ def test_nll_coef_adds_the_best_responses_nll_to_the_first_loss(tmp_path):
     dpo.train(cfg)
     first = [r for r in metrics(tmp_path / "run") if "train/loss" in r][0]["train/loss"]
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["train"]
-    ex = dpo_update.encode_ranked(models.load_tokenizer("tiny:"), rankings.read_groups(str(data)), 96)
+    ex = dpo_update.encode_ranked(models.load_tokenizer("tiny:"), rankings.read_group_file(str(data)), 96)
     nll = []
     for e, lps in zip(ex, cache):
         top = [i for i, r in enumerate(e.ranks) if r == min(e.ranks)]
@@ -178,7 +178,7 @@ def test_simpo_needs_no_reference_and_its_first_loss_matches_the_formula(tmp_pat
     tok = models.load_tokenizer("tiny:")
     model = models.load_policy("tiny:")
     want = []
-    for g, e in zip(rankings.read_groups(str(data)), dpo_update.encode_ranked(tok, rankings.read_groups(str(data)), 96)):
+    for g, e in zip(rankings.read_group_file(str(data)), dpo_update.encode_ranked(tok, rankings.read_group_file(str(data)), 96)):
         avg = [naive_logps(model, s, p) / n for s, p, n in zip(e.ids, e.prompt_len, e.lengths)]
         pairs = [simpo_loss(torch.tensor(avg[w]), torch.tensor(avg[v]), 2.0, 0.5).item() for w, v in g.pairs()]
         want.append(sum(pairs) / len(pairs))
@@ -192,7 +192,7 @@ def test_reference_cache_holds_the_initial_policys_logps(tmp_path):
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())
     tok = models.load_tokenizer("tiny:")
     model = models.load_policy("tiny:")
-    train_g, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    train_g, val_g = rankings.split_val(rankings.read_group_file(str(data)), 0.25, 0)
     for name, groups in (("train", train_g), ("val", val_g)):
         ex = dpo_update.encode_ranked(tok, groups, 96)
         want = [[naive_logps(model, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
@@ -229,7 +229,7 @@ def test_learns_a_marker_preference_and_kl_grows_from_zero(tmp_path):
     # response the data ranks first (the marker) above the others' on held-out prompts.
     tok, trained = models.load_tokenizer("tiny:"), models.load_policy(str(tmp_path / "run/model"))
     ref = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["val"]
-    _, val_g = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    _, val_g = rankings.split_val(rankings.read_group_file(str(data)), 0.25, 0)
     wins = 0
     for g, e, r in zip(val_g, dpo_update.encode_ranked(tok, val_g, 96), ref):
         ratio = [naive_logps(trained, s, p) - x for s, p, x in zip(e.ids, e.prompt_len, r)]
@@ -287,7 +287,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
     assert calls and calls[0] > 0  # it was handed the LoRA-wrapped policy
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())
     tok, base = models.load_tokenizer("tiny:"), models.load_policy("tiny:")
-    train_g, _ = rankings.split_val(rankings.read_groups(str(data)), 0.25, 0)
+    train_g, _ = rankings.split_val(rankings.read_group_file(str(data)), 0.25, 0)
     e = dpo_update.encode_ranked(tok, train_g[:1], 96)[0]
     assert cache["logps"]["train"][0] == pytest.approx([naive_logps(base, s, p) for s, p in zip(e.ids, e.prompt_len)],
                                                        abs=1e-4)

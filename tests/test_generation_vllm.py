@@ -81,7 +81,7 @@ def sampling_params(**kw):
 
 def test_vllm_is_not_imported_unless_chosen():
     code = ("import sys, torch; from preflab import models; from preflab.rollout import make_generator, encode_prompts;"
-            "import preflab.stages.ppo, preflab.generation.vllm;"
+            "import preflab.stages.rl, preflab.generation.vllm;"
             "m, t = models.load_policy('tiny:'), models.load_tokenizer('tiny:');"
             "make_generator(m, t, backend='hf').generate(encode_prompts(t, ['hi']), max_new_tokens=2, temperature=1.0);"
             "assert 'vllm' not in sys.modules, 'vllm imported'")

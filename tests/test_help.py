@@ -30,11 +30,11 @@ def test_every_command_help_has_an_example():
         assert "Example" in r.output, f"preflab {' '.join(path)} --help has no example"
         assert f"preflab {' '.join(path)}" in r.output.split("Example", 1)[1], path
         names.append(" ".join(path))
-    assert {"sft", "rm", "ppo", "eval", "generate", "report", "rm-eval", "data import", "model prepare"} <= set(names)
+    assert {"sft", "rm", "rl", "eval", "generate", "report", "rm-eval", "data import", "model prepare"} <= set(names)
 
 
 @pytest.mark.parametrize("stage, required", [("sft", []), ("rm", ["data.train"]),
-                                             ("ppo", ["models.reward_model", "data.prompts"])])
+                                             ("rl", ["models.reward_model", "data.prompts"])])
 def test_print_config_without_a_config_shows_the_defaults(stage, required):
     r = CliRunner().invoke(app, [stage, "--print-config"])
     assert r.exit_code == 0, r.output

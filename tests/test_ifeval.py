@@ -102,8 +102,8 @@ def test_eval_command_writes_ifeval_results(tmp_path, capsys):
 
 def test_ifeval_reports_answer_length_and_a_rerun_samples_nothing(tmp_path, monkeypatch):
     from preflab import rollout
+    from preflab.constraints import count_words
     from preflab.evals.ifeval import evaluate_ifeval
-    from preflab.feedback.constraints import count_words
 
     rows = read_ifeval(write(tmp_path, ROWS))
     answers = ["one two three", "a b", "x", "four words right here"]

@@ -279,7 +279,7 @@ def _pair(chosen, rejected, prompt="Which is best?", **extra):
 
 
 def test_cyclic_pairs_of_one_prompt_are_one_error_naming_the_lines(tmp_path):
-    from preflab.data.rankings import read_groups
+    from preflab.feedback.ranking_sources import read_groups
 
     cyclic = _pairs_file(tmp_path / "pairs.jsonl", [_pair("A", "B"), _pair("B", "C"), _pair("x", "y", prompt="other"),
                                                     _pair("C", "A")])
@@ -298,7 +298,7 @@ def test_cyclic_pairs_of_one_prompt_are_one_error_naming_the_lines(tmp_path):
 
 
 def test_pairs_that_order_their_responses_are_read(tmp_path):
-    from preflab.data.rankings import read_groups
+    from preflab.feedback.ranking_sources import read_groups
 
     consistent = [_pair("A", "B"), _pair("B", "C"), _pair("A", "C"), _pair("C", "A", prompt="another prompt")]
     assert len(read_groups(_pairs_file(tmp_path / "ok.jsonl", consistent))) == 4
@@ -338,7 +338,7 @@ def test_exported_pairs_keep_their_labelers_so_people_may_disagree(store, tmp_pa
     out = tmp_path / "pairs.jsonl"
     write_pairs(out, flatten_pairs(rankings_to_pairs(store.rankings())))
     assert [(r["chosen"], r["labeler"]) for r in read_jsonl(out)] == [("A", "ann"), ("B", "bob")]
-    from preflab.data.rankings import read_groups
+    from preflab.feedback.ranking_sources import read_groups
 
     assert [g.labeler for g in read_groups(str(out))] == ["ann", "bob"]  # a disagreement, not a cycle
     assert [r.labeler for r in read_preferences(out, "trl").rankings] == ["ann", "bob"]

@@ -8,7 +8,7 @@ from helpers import letter_reward, ppo_cfg
 from preflab import models, rl_update
 from preflab.rl.estimators import online_dpo_pairs
 from preflab.rl.preference import dpo_loss
-from preflab.stages import ppo
+from preflab.stages import rl as rl_stage
 
 
 def test_pairs_are_each_prompts_best_and_worst():
@@ -42,19 +42,19 @@ def test_online_dpo_term_is_dpo_on_the_tagged_rows():
 
 def test_samples_come_from_the_policy_being_trained(tmp_path, monkeypatch):
     seen = []
-    real = ppo.HFGenerator.generate
+    real = rl_stage.HFGenerator.generate
 
     def spy(self, prompts, **kw):
         name, param = next((n, q) for n, q in self.model.named_parameters() if n.endswith("q_proj.weight"))
         seen.append((name, param.detach().clone()))
         return real(self, prompts, **kw)
 
-    monkeypatch.setattr(ppo.HFGenerator, "generate", spy)
+    monkeypatch.setattr(rl_stage.HFGenerator, "generate", spy)
     cfg = ppo_cfg(tmp_path, "algo.estimator=online_dpo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
                   "ppo.minibatch_size=4", "train.steps=2", "train.save_every=1", "run.keep_checkpoints=3")
     tok = models.load_tokenizer("tiny:")
     good = torch.tensor([tok.convert_tokens_to_ids(c) for c in "aeiou"])
-    ppo.train(cfg, reward_fn=letter_reward(good))
+    rl_stage.train(cfg, reward_fn=letter_reward(good))
     (name, at1), (_, at2) = seen
     after1 = torch.load(tmp_path / "checkpoints/step-000001/state.pt", weights_only=False)["model"][f"policy.{name}"]
     sft = models.load_policy("tiny:").state_dict()[name]

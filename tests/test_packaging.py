@@ -40,7 +40,7 @@ def _values(node):
 def test_shipped_configs_live_in_the_package_and_point_nowhere_into_the_repo():
     assert (ROOT / "configs").resolve() == PACKAGED.resolve()  # the README's configs/ paths still work
     names = sorted(p.name for p in PACKAGED.glob("*.yaml"))
-    assert {"sft.yaml", "rm.yaml", "pipeline.yaml", "sft_tiny.yaml", "rm_tiny.yaml", "ppo_tiny.yaml"} <= set(names)
+    assert {"sft.yaml", "rm.yaml", "pipeline.yaml", "sft_tiny.yaml", "rm_tiny.yaml", "rl_tiny.yaml"} <= set(names)
     for path in PACKAGED.glob("*.yaml"):
         for v in _values(yaml.safe_load(path.read_text())):
             assert not (isinstance(v, str) and ("tests/" in v or "fixtures" in v)), (path.name, v)

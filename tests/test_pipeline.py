@@ -153,7 +153,7 @@ def test_preference_trainers_are_pipeline_steps_with_their_own_run_dirs():
                                                                  "rl_overrides": {"dpo": {"dpo": {"beta": 0.3}}}}))
     p = Pipeline(cfg, "/nonexistent/never-created")
     assert p.steps[p.steps.index("rm"):] == ("rm", "rloo", "dpo", "rs", "eval", "report")
-    assert p.stage_of("dpo") == "dpo" and p.stage_of("rs") == "rs" and p.stage_of("rloo") == "ppo"
+    assert p.stage_of("dpo") == "dpo" and p.stage_of("rs") == "rs" and p.stage_of("rloo") == "rl"
     assert p.stage_configs["dpo"].dpo.beta == 0.3 and p.stage_configs["dpo"].run.out.endswith("/dpo")
     assert p.stage_configs["rs"].models.reward_model.endswith("/rm/model")
     assert p.eval_models == ["base", "sft", "rloo", "dpo", "rs"]

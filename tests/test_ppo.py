@@ -20,7 +20,7 @@ from preflab import models, rl_update, scoring
 from preflab.data.chat import Example
 from preflab.errors import ConfigError, TrainingError
 from preflab.rl import masked_whiten
-from preflab.stages import ppo
+from preflab.stages import rl as rl_stage
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ cfg_for, metrics = ppo_cfg, run_metrics
 
 def test_ppo_raises_the_reward_and_beta_controls_kl(tmp_path, good_tokens):
     free = cfg_for(tmp_path / "free", "train.steps=25", "kl.coef=0")
-    ppo.train(free, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(free, reward_fn=letter_reward(good_tokens))
     rows = metrics(free)
     first = sum(r["objective/score"] for r in rows[:3]) / 3
     last = sum(r["objective/score"] for r in rows[-3:]) / 3
@@ -46,7 +46,7 @@ def test_ppo_raises_the_reward_and_beta_controls_kl(tmp_path, good_tokens):
         assert key in rows[-1], key
 
     leashed = cfg_for(tmp_path / "leashed", "train.steps=25", "kl.coef=2.0")
-    ppo.train(leashed, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(leashed, reward_fn=letter_reward(good_tokens))
     assert max(r["objective/kl"] for r in metrics(leashed)) < 2.0
     # The saved policy loads in plain transformers.
     from transformers import AutoModelForCausalLM
@@ -56,7 +56,7 @@ def test_ppo_raises_the_reward_and_beta_controls_kl(tmp_path, good_tokens):
 
 def test_adaptive_controller_moves_beta(tmp_path, good_tokens):
     cfg = cfg_for(tmp_path, "train.steps=6", "kl.coef=0.1", "kl.adaptive=true", "kl.target=0.01", "kl.horizon=80")
-    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
     coefs = [r["objective/kl_coef"] for r in metrics(cfg)]
     assert coefs[0] == pytest.approx(0.1)
     assert coefs[-1] > coefs[0]  # KL above a tiny target: beta grows
@@ -220,11 +220,11 @@ def test_critic_warmup_steps_hold_the_policy_and_its_schedule(good_tokens, tmp_p
         seen.append((kw["train_policy"], kw["ptx_batches"] is not None, [g["lr"] for g in optimizer.param_groups]))
         return real(ac, batch, optimizer=optimizer, **kw)
 
-    monkeypatch.setattr(ppo, "ppo_update", spy)
+    monkeypatch.setattr(rl_stage, "ppo_update", spy)
     cfg = cfg_for(tmp_path, "train.steps=3", "ppo.critic_warmup_steps=2", "ptx.coef=0.5",
                   "data.ptx=builtin:examples", "optim.lr=1e-3", "optim.warmup_steps=2",
                   "optim.warmup_start=0.1", "rollout.batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")
-    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
     # Two warm-up rollouts (one update each): the critic's LR warms up, the policy's waits; then
     # the policy starts its own warm-up at 0.1 x lr, with the pretraining mix.
     assert [(t, x) for t, x, _ in seen] == [(False, False), (False, False), (True, True)]
@@ -232,7 +232,7 @@ def test_critic_warmup_steps_hold_the_policy_and_its_schedule(good_tokens, tmp_p
     assert seen[1][2] == pytest.approx([1e-4, 5.5e-4])
     assert seen[2][2] == pytest.approx([1e-4, 1e-3])
     with pytest.raises(ConfigError, match="critic_warmup_steps"):
-        ppo.train(cfg_for(tmp_path / "bad", "train.steps=2", "ppo.critic_warmup_steps=2"),
+        rl_stage.train(cfg_for(tmp_path / "bad", "train.steps=2", "ppo.critic_warmup_steps=2"),
                   reward_fn=letter_reward(good_tokens))
 
 
@@ -295,7 +295,7 @@ def test_two_gloo_ranks_equal_one_rank(good_tokens, tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path, good_tokens, monkeypatch):
     full = cfg_for(tmp_path / "full", "train.steps=4")
-    w_full = model_weights(ppo.train(full, reward_fn=letter_reward(good_tokens)))
+    w_full = model_weights(rl_stage.train(full, reward_fn=letter_reward(good_tokens)))
     cut = cfg_for(tmp_path / "cut", "train.steps=4", "train.save_every=2")
     real = rl_update.ppo_update
     calls = {"n": 0}
@@ -306,11 +306,11 @@ def test_resume_equals_uninterrupted(tmp_path, good_tokens, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ppo, "ppo_update", dying)
+    monkeypatch.setattr(rl_stage, "ppo_update", dying)
     with pytest.raises(KeyboardInterrupt):
-        ppo.train(cut, reward_fn=letter_reward(good_tokens))
+        rl_stage.train(cut, reward_fn=letter_reward(good_tokens))
     monkeypatch.undo()
-    w_cut = model_weights(ppo.train(cut, resume=True, reward_fn=letter_reward(good_tokens)))
+    w_cut = model_weights(rl_stage.train(cut, resume=True, reward_fn=letter_reward(good_tokens)))
     assert max_param_diff(w_full, w_cut) < 1e-6
     a = [r["objective/score"] for r in metrics(full)]
     b = [r["objective/score"] for r in metrics(cut)]
@@ -328,7 +328,7 @@ def test_nan_stops_with_a_clear_error_and_checkpoint_intact(tmp_path, good_token
         return out * float("nan") if calls["n"] == 3 else out
 
     with pytest.raises(TrainingError, match="non-finite"):
-        ppo.train(cfg, reward_fn=reward)
+        rl_stage.train(cfg, reward_fn=reward)
     state = torch.load(tmp_path / "checkpoints/step-000002/state.pt", weights_only=False)
     assert state["step"] == 2
 
@@ -338,7 +338,7 @@ def test_lora_reference_is_the_adapter_free_policy_and_ptx_runs(tmp_path, good_t
     exactly (B = 0 at init). The ptx term is computed on the built-in demonstrations."""
     cfg = cfg_for(tmp_path, "train.steps=2", "models.policy.lora.enabled=true", "models.policy.lora.r=4",
                   "ptx.coef=1.0", "data.ptx=builtin:examples", "ptx.batch_size=2")
-    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
     rows = metrics(cfg)
     assert rows[0]["objective/kl"] == 0.0
     assert rows[1]["objective/kl"] != 0.0
@@ -347,7 +347,7 @@ def test_lora_reference_is_the_adapter_free_policy_and_ptx_runs(tmp_path, good_t
 
 def test_critic_initialised_from_the_reward_model(tmp_path):
     cfg = cfg_for(tmp_path, "train.steps=2", "models.critic=reward_model")
-    ppo.train(cfg)  # the tiny scorer is the reward model too
+    rl_stage.train(cfg)  # the tiny scorer is the reward model too
     assert (tmp_path / "critic/config.json").is_file()
     rows = metrics(cfg)
     assert len(rows) == 2 and all(r["value/clipfrac"] >= 0 for r in rows)

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from preflab import models, rl_update, scoring
-from preflab.config import PPOConfig, load_config
+from preflab.config import RLConfig, load_config
 from preflab.data.chat import IGNORE, read_lm_rows, read_prompts
 from preflab.rl import gae, masked_whiten, ppo_rewards
 from preflab.rollout import HFGenerator, encode_prompts
 
-TINY = "configs/ppo_tiny.yaml"
+TINY = "configs/rl_tiny.yaml"
 
 
 def cfg_for(tmp_path, *overrides):
-    return load_config(PPOConfig, TINY, [f"run.out={tmp_path}", *overrides])
+    return load_config(RLConfig, TINY, [f"run.out={tmp_path}", *overrides])
 
 
 def letter_reward(s):

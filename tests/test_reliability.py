@@ -14,7 +14,7 @@ import torch
 
 from helpers import run_cli, write_demos
 from preflab import loop
-from preflab.config import PipelineConfig, PPOConfig, SFTConfig, load_config
+from preflab.config import PipelineConfig, RLConfig, SFTConfig, load_config
 from preflab.errors import ConfigError, DataError, ModelError, PreflabError, TrainingError
 from preflab.optim import clip_and_step, clip_grad
 from preflab.run import RunDir, check_config_change, dead_owner, read_manifest, session
@@ -232,10 +232,10 @@ def test_non_finite_numbers_are_rejected_by_key(override):
 
 
 def test_non_finite_numbers_are_rejected_in_free_form_sections():
-    with pytest.raises(ConfigError, match=r"ppo: Value error, kl\.coef must be a finite number, got inf"):
-        load_config(PipelineConfig, None, ["ppo.kl.coef=.inf"])
+    with pytest.raises(ConfigError, match=r"rl_stage: Value error, kl\.coef must be a finite number, got inf"):
+        load_config(PipelineConfig, None, ["rl_stage.kl.coef=.inf"])
     with pytest.raises(ConfigError, match=r"rollout\.temperature: Input should be a finite number"):
-        load_config(PPOConfig, None, ["models.reward_model=x", "data.prompts=y", "rollout.temperature=-inf"])
+        load_config(RLConfig, None, ["models.reward_model=x", "data.prompts=y", "rollout.temperature=-inf"])
     assert load_config(SFTConfig, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
 
 

@@ -15,6 +15,7 @@ from preflab.data import rankings
 from preflab.data.chat import render_prompt
 from preflab.errors import DataError
 from preflab.evals import rm_eval
+from preflab.feedback import ranking_sources
 from preflab.rl import ranking
 from preflab.rl.ranking import bradley_terry_loss
 from preflab.stages import reward
@@ -313,7 +314,7 @@ def test_labeler_agreement_and_store_source(tmp_path):
             store.add_ranking(pid, cids, [[0], [1], [2]], "ann")
             if split == "eval":
                 store.add_ranking(pid, cids, [[0], [2], [1]], "bob")
-    held = rankings.read_groups(f"store:{path}", split="eval")
+    held = ranking_sources.read_groups(f"store:{path}", split="eval")
     assert len(held) == 4 and {g.labeler for g in held} == {"ann", "bob"} and held[0].category == "c"
     agreement = rm_eval.labeler_agreement(held)
     assert agreement["agreement"] == pytest.approx(2 / 3) and agreement["n_prompts"] == 2
@@ -323,7 +324,7 @@ def test_labeler_agreement_and_store_source(tmp_path):
     assert report["labelers"]["agreement"] == pytest.approx(2 / 3) and report["n_groups"] == 4
     assert report["by_slice"]["s1"]["n_pairs"] == 12
     with pytest.raises(DataError, match="not found"):
-        rankings.read_groups(f"store:{tmp_path / 'none.sqlite'}")
+        ranking_sources.read_groups(f"store:{tmp_path / 'none.sqlite'}")
 
 
 def test_lora_trains_the_head_and_saves_merged(tmp_path):
@@ -474,17 +475,17 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     good = '{"prompt": "p", "responses": ["a", "b"], "order": [[1], [0]]}\n'
     f.write_text(good + '{"prompt": "p", "responses": ["a", "b"], "order": [[0], [0]]}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:2: .*ranked twice"):
-        rankings.read_groups(str(f))
+        rankings.read_group_file(str(f))
     f.write_text(good + good + '{"prompt": "p", "responses": ["a", "b"]}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:3: missing key 'order'"):
-        rankings.read_groups(str(f))
+        rankings.read_group_file(str(f))
     f.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:1: missing key 'rejected'"):
-        rankings.read_groups(str(f), "pairs")
+        rankings.read_group_file(str(f), "pairs")
     f.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(DataError, match=r"r\.jsonl:1: .*data\.format is kway"):
-        rankings.read_groups(str(f), "kway")
-    assert rankings.read_groups(str(f))[0].ranks == [0, 1]
+        rankings.read_group_file(str(f), "kway")
+    assert rankings.read_group_file(str(f))[0].ranks == [0, 1]
     f.write_text(good + "{not json\n")
     with pytest.raises(DataError, match=r"r\.jsonl:2: invalid JSON"):
         reward.train(rm_cfg(tmp_path, f))

@@ -10,7 +10,7 @@ from preflab import models, rewards, rl_update, scoring
 from preflab.errors import ConfigError
 from preflab.rl import masked_whiten
 from preflab.rl.estimators import grpo_advantages, rloo_advantages
-from preflab.stages import ppo
+from preflab.stages import rl as rl_stage
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_group_estimators_need_k_of_two_and_the_error_names_the_key(tmp_path, es
     with pytest.raises(ConfigError, match="ppo.minibatch_size"):
         cfg_for(tmp_path, f"algo.estimator={estimator}", "rollout.samples_per_prompt=3", "ppo.minibatch_size=5")
     with pytest.raises(ConfigError, match="critic_warmup_steps needs a critic"):
-        ppo.train(cfg_for(tmp_path, f"algo.estimator={estimator}", "rollout.samples_per_prompt=2",
+        rl_stage.train(cfg_for(tmp_path, f"algo.estimator={estimator}", "rollout.samples_per_prompt=2",
                           "ppo.critic_warmup_steps=1"))
 
 
@@ -94,7 +94,7 @@ def test_reinforce_pp_stage_whitens_the_reward_to_go_over_the_batch(tmp_path, go
 def test_critic_free_estimators_raise_the_reward_without_a_critic(tmp_path, good_tokens, estimator, k):
     cfg = cfg_for(tmp_path, f"algo.estimator={estimator}", f"rollout.samples_per_prompt={k}",
                   f"rollout.batch_size={8 // k}", "train.steps=20", "kl.coef=0", "ppo.minibatch_size=4")
-    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
     rows = metrics(cfg)
     first = sum(r["objective/score"] for r in rows[:3]) / 3
     last = sum(r["objective/score"] for r in rows[-3:]) / 3
@@ -108,10 +108,10 @@ def test_kl_loss_term_pulls_towards_the_reference(tmp_path, good_tokens):
     """Same seed and data; beta in the loss: the KL stays far below the run without a leash."""
     free = cfg_for(tmp_path / "free", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
                    "train.steps=15", "kl.coef=0")
-    ppo.train(free, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(free, reward_fn=letter_reward(good_tokens))
     held = cfg_for(tmp_path / "held", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
                    "train.steps=15", "kl.coef=3.0", "algo.kl_in=loss")
-    ppo.train(held, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(held, reward_fn=letter_reward(good_tokens))
     kl_free, kl_held = metrics(free)[-1]["objective/kl"], metrics(held)[-1]["objective/kl"]
     assert metrics(held)[-1]["loss/kl"] > 0
     assert kl_held < 0.5 * kl_free, (kl_held, kl_free)
@@ -147,7 +147,7 @@ def test_protect_preset_adds_the_constraint_and_refusal_rewards(tmp_path, monkey
     monkeypatch.setattr(rewards, "weighted_sum", fake_sum)
     cfg = cfg_for(tmp_path, "rewards.preset=protect", "rewards.funcs=[{fn: 'preflab.rewards:constraints', weight: 0.5}]",
                   "train.steps=1")
-    ppo.train(cfg, reward_fn=lambda s: torch.zeros(s.response.shape[0]))
+    rl_stage.train(cfg, reward_fn=lambda s: torch.zeros(s.response.shape[0]))
     assert seen["funcs"] == [("constraints", 1.0), ("refusals", 1.0), ("constraints", 0.5)]
 
 
@@ -206,7 +206,7 @@ def test_token_stats_over_real_tokens_only():
 
 def test_rollout_metrics_carry_advantage_and_return_statistics(tmp_path, good_tokens):
     cfg = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2", "train.steps=1")
-    ppo.train(cfg, reward_fn=letter_reward(good_tokens))
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
     row = metrics(cfg)[-1]
     assert row["advantage/mean"] == pytest.approx(0.0, abs=1e-5)  # rloo's are whitened over the batch
     assert row["advantage/std"] == pytest.approx(1.0, abs=1e-3)
@@ -230,6 +230,6 @@ def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     assert fn(SimpleNamespace(response=torch.zeros(4, 2))).tolist() == [1.5] * 4  # mean 2, std 1
-    ppo.train(cfg)
+    rl_stage.train(cfg)
     assert loaded == ["tiny:", "rm-b"]
     assert metrics(cfg)[-1]["objective/score"] == pytest.approx(1.5, abs=1e-6)  # the tiny config has no EOS penalty

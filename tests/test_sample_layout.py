@@ -11,7 +11,7 @@ from helpers import ppo_cfg
 from preflab import models, rewards
 from preflab.generation import engine, sampling
 from preflab.rollout import HFGenerateGenerator, HFGenerator, InverseCDFSampler, encode_prompts
-from preflab.stages import ppo
+from preflab.stages import rl as rl_stage
 
 PROMPTS = ["hi", "a much longer prompt with many more words in it", "mid size one", "x", "another prompt"]
 
@@ -201,7 +201,7 @@ def test_rl_episodes_map_to_the_prompts_they_were_sampled_from(tmp_path, tok, mo
     cfg = ppo_cfg(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.batch_size=4",
                   "ppo.minibatch_size=4", "ppo.epochs=1", "train.steps=1", "rollout.max_new_tokens=3",
                   "rewards.funcs=[{fn: 'preflab.rewards:constraints', weight: 1.0}]")
-    ppo.train(cfg, reward_fn=reward_fn)
+    rl_stage.train(cfg, reward_fn=reward_fn)
     from preflab.data.chat import read_prompts
 
     rows = read_prompts(cfg.data.prompts, cfg.data.split)

@@ -9,23 +9,23 @@ from safetensors.torch import load_file
 from helpers import ppo_cfg, run_metrics
 from preflab import selection
 from preflab.data.suite import generate_suite
-from preflab.stages import ppo
+from preflab.stages import rl as rl_stage
 
 
 def test_exports_the_step_the_scripted_dev_scores_favour(tmp_path, monkeypatch):
     scripted = iter([0.1, 0.9, 0.3])  # steps 0, 2, 4: step 2 is best
     monkeypatch.setattr(selection.Selection, "score", lambda self: next(scripted))
     trained_on = []
-    real_generate = ppo.HFGenerator.generate
+    real_generate = rl_stage.HFGenerator.generate
 
     def spy(self, prompts, **kw):
         trained_on.append(prompts)
         return real_generate(self, prompts, **kw)
 
-    monkeypatch.setattr(ppo.HFGenerator, "generate", spy)
+    monkeypatch.setattr(rl_stage.HFGenerator, "generate", spy)
     cfg = ppo_cfg(tmp_path, "train.steps=4", "select.every=2", "select.n=4", "select.by=reward",
                   "train.save_every=2", "run.keep_checkpoints=5")
-    out = ppo.train(cfg, reward_fn=lambda s: s.response_mask.sum(1).float())
+    out = rl_stage.train(cfg, reward_fn=lambda s: s.response_mask.sum(1).float())
     rows = run_metrics(cfg)
     assert [(r["step"], r["select/score"]) for r in rows if "select/score" in r] == [(0, 0.1), (2, 0.9), (4, 0.3)]
     assert rows[-1]["select/best_step"] == 2
@@ -47,7 +47,7 @@ def test_exports_the_step_the_scripted_dev_scores_favour(tmp_path, monkeypatch):
 
 def test_without_selection_the_last_step_is_exported(tmp_path):
     cfg = ppo_cfg(tmp_path, "train.steps=2")
-    ppo.train(cfg, reward_fn=lambda s: s.response_mask.sum(1).float())
+    rl_stage.train(cfg, reward_fn=lambda s: s.response_mask.sum(1).float())
     assert not any("select/score" in r for r in run_metrics(cfg))
 
 

@@ -165,12 +165,12 @@ def budget_prompts(tmp_path, n=8):
 
 def test_rl_stage_samples_each_prompt_to_its_budget(tmp_path, monkeypatch):
     from helpers import letter_reward, letter_tokens, ppo_cfg
-    from preflab.stages import ppo
+    from preflab.stages import rl as rl_stage
 
     path, _ = budget_prompts(tmp_path)
     cfg = ppo_cfg(tmp_path / "run", f"data.prompts={path}", "train.steps=1", "rollout.max_new_tokens=6")
     spy = BudgetSpy(monkeypatch)
-    ppo.train(cfg, reward_fn=letter_reward(letter_tokens()))
+    rl_stage.train(cfg, reward_fn=letter_reward(letter_tokens()))
     assert spy.budgets() == [3] * 4 + [6] * 4
 
 

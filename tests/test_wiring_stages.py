@@ -137,7 +137,7 @@ def test_a_configured_dpo_reference_model_gives_the_cached_reference_logps(tmp_p
     cache = json.loads((tmp_path / "run" / dpo.REFERENCE_CACHE).read_text())["logps"]["train"]
     tok = models.load_tokenizer("tiny:")
     ref, policy = models.load_policy("tiny:3"), models.load_policy("tiny:")
-    ex = dpo_update.encode_ranked(tok, rankings.read_groups(str(tmp_path / "r.jsonl")), 96)
+    ex = dpo_update.encode_ranked(tok, rankings.read_group_file(str(tmp_path / "r.jsonl")), 96)
     want = [[_naive_logps(ref, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
     own = [[_naive_logps(policy, s, p) for s, p in zip(e.ids, e.prompt_len)] for e in ex]
     assert len(cache) == len(want) == 6

@@ -5,7 +5,7 @@ The Python API is what the CLI calls::
     import preflab
 
     cfg = preflab.load_config(preflab.SFTConfig, "configs/sft_tiny.yaml", ["run.out=runs/sft"])
-    model_dir = preflab.train("sft", cfg)            # any stage of the registry: sft, rm, ppo, dpo, ...
+    model_dir = preflab.train("sft", cfg)            # any stage of the registry: sft, rm, rl, dpo, rs
     run_dir = preflab.run_pipeline("runs/tiny", preset="tiny")    # the whole recipe, resumable
 
 Importing the package is cheap on purpose: torch and transformers load only when a stage runs
@@ -23,7 +23,7 @@ try:  # one place for the version: pyproject.toml, as installed
 except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
-_CONFIGS = ("SFTConfig", "RMConfig", "PPOConfig", "PipelineConfig", "load_config")
+_CONFIGS = ("SFTConfig", "RMConfig", "RLConfig", "PipelineConfig", "load_config")
 __all__ = ["STAGES", "__version__", "run_pipeline", "train", *_CONFIGS]
 
 
@@ -51,7 +51,7 @@ def run_pipeline(out: str = "runs/demo", *, preset: str | None = None, config: s
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CONFIGS:
+    if name in _CONFIGS or name == "PPOConfig":  # PPOConfig: RLConfig's old name, with a DeprecationWarning
         from preflab import config
 
         return getattr(config, name)

@@ -1,19 +1,18 @@
 """The face of preflab: ``preflab <command>``.
 
-Commands are loaded lazily (``LazyGroup``), so ``preflab --help`` and ``import preflab``
-never import torch. Each command parses its options, loads a config and calls one
+Commands are loaded lazily (``command_group.LazyGroup``), so ``preflab --help`` and ``import
+preflab`` never import torch. Each command parses its options, loads a config and calls one
 function of a stage; errors the user can fix (``PreflabError``) print as one line.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
 from preflab import __version__
-from preflab.errors import PreflabError
+from preflab.command_group import CONTEXT_SETTINGS, LazyGroup, run
 
 # name -> (module:attribute, one-line help). The module is imported only when the command runs.
 # The training stages come from the stage registry (``preflab.registry.STAGES``).
@@ -24,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("preflab.rollout:generate_cli", "Sample responses from a model for a prompt file."),
     "eval": ("preflab.evals.cli:eval_cli", "Evaluate models on held-out prompts against the SFT model."),
     "report": ("preflab.evals.report:cli", "Write RUN_DIR/report.html."),
-    "pipeline": ("preflab.pipeline:cli", "The main job: demonstrations -> SFT -> RM -> PPO -> eval -> report."),
+    "pipeline": ("preflab.pipeline:cli", "The main job: demonstrations -> SFT -> RM -> online RL -> eval -> report."),
     "compare": ("preflab.compare:cli", "Re-run a run's RL stage with several methods and seeds; one table."),
     "audit": ("preflab.evals.audit:cli", "Reward-hacking audit: exploit probes, RM-gold correlation by KL."),
     "model": ("preflab.models:cli", "Prepare and inspect models (e.g. convert the bundled SmolLM2)."),
@@ -36,64 +35,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
-    """A click group whose commands live in other modules, imported only when run."""
+class PreflabGroup(LazyGroup):
+    """``preflab``: the lazy command table plus one command per registry stage (``stage_command``).
 
-    def __init__(self, *args, commands: dict[str, tuple[str, str]] | None = None, stages: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lazy = COMMANDS if commands is None else commands
-        self.stages = {}
-        if stages:
-            from preflab.registry import STAGES
+    A renamed stage's old name (``registry.RENAMED``: ``preflab ppo``) still runs the new one, with
+    one line on stderr and a DeprecationWarning; it is not listed."""
 
-            self.stages = STAGES
+    def __init__(self, *args, **kwargs):
+        from preflab.registry import STAGES
+
+        super().__init__(*args, commands=COMMANDS, **kwargs)
+        self.stages = STAGES
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*self.lazy, *self.stages])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from preflab.registry import RENAMED, stage_name
+
+        if name in RENAMED:
+            click.secho(f"note: `preflab {name}` is now `preflab {RENAMED[name]}`; the old name will be removed",
+                        fg="yellow", err=True)
+            name = stage_name(name)
         if name in self.stages:
             return stage_command(self.stages[name])
-        if name not in self.lazy:
-            return None
-        target, _ = self.lazy[name]
-        module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("preflab"):
-                raise click.ClickException(f"command {name!r} is not available in this build ({e})") from None
-            raise
-        return getattr(module, attr)
+        return super().get_command(ctx, name)
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Help text comes from the table, so listing commands imports nothing heavy.
-        with formatter.section("Commands"):
-            helps = {**{n: h for n, (_, h) in self.lazy.items()}, **{n: s.help for n, s in self.stages.items()}}
-            formatter.write_dl(sorted(helps.items()))
+    def command_helps(self) -> dict[str, str]:
+        return {**super().command_helps(), **{n: s.help for n, s in self.stages.items()}}
 
 
-@click.group(cls=LazyGroup, stages=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PreflabGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="preflab")
 def app() -> None:
-    """preflab: SFT, a K-way reward model and PPO-ptx, with a data engine and evaluation you can trust."""
+    """preflab: SFT, a K-way reward model and online RL (PPO-ptx, RLOO, ...), with a data engine and evaluation
+    you can trust."""
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one clear line and exit code 2."""
-    try:
-        rv = app.main(args=argv, prog_name="preflab", standalone_mode=False)
-        if isinstance(rv, int) and rv:
-            sys.exit(rv)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except PreflabError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(2)
+    run(app, argv)
 
 
 def stage_command(stage) -> click.Command:

@@ -38,11 +38,18 @@ from typing import Any
 import click
 
 from preflab import models
-from preflab.config import RL_METHODS, PipelineConfig, apply_overrides, parse_override, validate
+from preflab.config import (
+    RL_METHODS,
+    PipelineConfig,
+    apply_overrides,
+    parse_override,
+    renamed_sections,
+    validate,
+)
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
 from preflab.evals.metrics import seed_summary
-from preflab.evals.results import EvalResults
+from preflab.evals.results import EvalResults, reference_results
 
 # Beside the online RL methods (config.RL_METHODS): the preference trainers and best-of-N, built
 # from the same run (its SFT model, its store's rankings, its RM). Their presets are overridable
@@ -53,14 +60,6 @@ BEST_OF_N = 4
 ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n", "rm_winrate", "kl", "mean_words",
             "constraint_rate", "refuses_harmful", "over_refusal", "gold_score", "rm_score", "seconds",
             "train_seconds", "eval_seconds")
-
-
-def reference_results(run: Path) -> Path:
-    """The run's evaluation of its SFT model: its eval step's, or (that step not run yet) the one a
-    ``preflab compare`` made under it (``RUN/DIR/reference/results.json``)."""
-    own = run / "eval" / "results.json"
-    made = sorted(run.glob("*/reference/results.json"))
-    return made[0] if made and not own.is_file() else own
 
 
 def result_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,7 +116,8 @@ class Comparison:
         cfg_path = self.run / "pipeline_config.json"
         if not cfg_path.is_file():
             raise PreflabError(f"{self.run}: not a pipeline run (no pipeline_config.json)")
-        self.pipeline = Pipeline(validate(PipelineConfig, json.loads(cfg_path.read_text()), str(cfg_path)), self.run)
+        saved, _ = renamed_sections(json.loads(cfg_path.read_text()))  # a run begun before 0.3.0 said `ppo`
+        self.pipeline = Pipeline(validate(PipelineConfig, saved, str(cfg_path)), self.run)
         for need in (self.run / "sft" / "model", self.run / "rm" / "model"):
             if not need.exists():
                 raise PreflabError(f"{self.run}: {need.relative_to(self.run)} is missing; run the pipeline's "

@@ -3,7 +3,8 @@
     suite -> demos -> sft -> label -> agreement -> rm -> RL methods (`rl`) -> eval -> report
 
 The training steps are stages of the registry (``registry.STAGES``: sft, rm, and the online RL
-stage once per method of ``rl``, e.g. ppo and ppo_ptx, or rloo); the others are the data engine's
+stage ``rl`` once per method of the config's ``rl`` list, e.g. ppo and ppo_ptx, or rloo, each from
+the ``rl_stage`` section and the method's preset); the others are the data engine's
 steps and the evaluation. The configs of every training step are built and validated before
 anything runs.
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import click
 
-from preflab.config import RL_METHODS, PipelineConfig, deep_merge, dump_config, validate
+from preflab.config import RL_METHODS, PipelineConfig, deep_merge, dump_config, renamed_sections, validate
 from preflab.data.jsonl import atomic_write_text, write_jsonl
 from preflab.errors import ConfigError
 from preflab.registry import STAGES, run_stage, stage_of
@@ -55,8 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"train": {"max_steps": 6, "batch_size": 8, "bf16": False}, "optim": {"lr": 1e-3},
                 "data": {"max_length": 192}},
         "rm": {"train": {"batch_prompts": 4, "bf16": False}, "optim": {"lr": 1e-3}, "data": {"max_length": 192}},
-        "ppo": {"train": {"steps": 2, "bf16": False}, "rollout": {"batch_size": 8, "max_new_tokens": 8, "bf16": False},
-                "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-4, "warmup_steps": 0}},
+        "rl_stage": {"train": {"steps": 2, "bf16": False},
+                     "rollout": {"batch_size": 8, "max_new_tokens": 8, "bf16": False},
+                     "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-4, "warmup_steps": 0}},
         "ppo_ptx": {"ptx": {"coef": 1.0, "batch_size": 2}},
         "eval": {"limit": 16, "max_new_tokens": 8, "bf16": False},
     },
@@ -77,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"train": {"epochs": 2.0}, "run": {"save_every": 40}},
         "rm": {"train": {"epochs": 2.0, "eval_every": 64, "select_best": True}, "run": {"save_every": 32}},
         "rl": ["rloo"],
-        "ppo": {"train": {"steps": 100, "save_every": 10}, "rollout": {"max_new_tokens": 64}},
+        "rl_stage": {"train": {"steps": 100, "save_every": 10}, "rollout": {"max_new_tokens": 64}},
         "rl_overrides": {"rloo": {"rollout": {"batch_size": 8, "samples_per_prompt": 4}, "kl": {"coef": 0.2}}},
         "eval": {"limit": 500},
     },
@@ -161,8 +163,8 @@ class Pipeline:
         if reward_model and models:
             models["reward_model"] = reward_model
             models.pop("reward_ensemble", None)  # a round's refit RM stands alone
-        if reference and self.stage_of(method) in ("ppo", "dpo"):  # rs has no KL reference
-            (models if self.stage_of(method) == "ppo" else pol)["reference"] = reference
+        if reference and self.stage_of(method) in ("rl", "dpo"):  # rs has no KL reference
+            (models if self.stage_of(method) == "rl" else pol)["reference"] = reference
         if out:
             data["run"]["out"] = str(out)
         if seed is not None:
@@ -188,8 +190,8 @@ class Pipeline:
         return deep_merge(data, self.cfg.rl_overrides.get(method, {}))
 
     def rl_config(self, method: str) -> dict[str, Any]:
-        """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's `ppo`
-        section, the method's preset (``config.RL_METHODS``), `ppo_ptx` for ppo_ptx, then
+        """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's
+        `rl_stage` section, the method's preset (``config.RL_METHODS``), `ppo_ptx` for ppo_ptx, then
         `rl_overrides[method]`. `preflab compare` starts from the same dict."""
         c = self.cfg
         members = [str(self.out / m / "model") for m in self.members]
@@ -198,7 +200,7 @@ class Pipeline:
                            **({"reward_ensemble": members} if members else {})},
                 "data": {"prompts": str(self.prompts), "split": "ppo", "ptx": str(self.demos_path)},
                 "run": {"out": str(self.out / method), "seed": c.seed, "progress": True}}
-        merged = deep_merge(deep_merge(base, c.ppo), RL_METHODS[method])
+        merged = deep_merge(deep_merge(base, c.rl_stage), RL_METHODS[method])
         if method == "ppo_ptx":
             merged = deep_merge(merged, c.ppo_ptx)
         return deep_merge(merged, c.rl_overrides.get(method, {}))
@@ -332,7 +334,8 @@ class Pipeline:
         cfg_path = self.out / "pipeline_config.json"
         new = dump_config(self.cfg)
         if cfg_path.is_file() and self.done():
-            changes, _ = check_config_change(json.loads(cfg_path.read_text()), new, force=force, where=cfg_path)
+            saved, _ = renamed_sections(json.loads(cfg_path.read_text()))  # a run begun before 0.3.0 said `ppo`
+            changes, _ = check_config_change(saved, new, force=force, where=cfg_path)
             if changes:
                 st = self.state()
                 st.setdefault("config_changes", []).append(
@@ -386,7 +389,7 @@ def cli(config_path, preset, out, restart, force, print_config, overrides):
       preflab pipeline --out runs/rloo 'rl=[rloo]'         # RLOO instead of PPO and PPO-ptx
       preflab pipeline --print-config > pipeline.yaml      # every key with its default
     """
-    from preflab.config import apply_overrides, load_yaml
+    from preflab.config import RENAMED_SECTIONS, apply_overrides, load_yaml
     from preflab.run import clear_run_dir, session
 
     # Defaults, then the preset, the YAML file and the overrides, merged key by key (a YAML that
@@ -395,6 +398,10 @@ def cli(config_path, preset, out, restart, force, print_config, overrides):
     if config_path:
         data = deep_merge(data, load_yaml(config_path))
     apply_overrides(data, list(overrides))
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            click.secho(f"note: the pipeline section `{old}` is now `{new}`; the old name will be removed",
+                        fg="yellow", err=True)
     cfg = validate(PipelineConfig, data, config_path or "pipeline")
     if print_config:
         import yaml

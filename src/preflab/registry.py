@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preflab.config import RL_METHODS, DPOConfig, PPOConfig, RMConfig, RSConfig, Section, SFTConfig
+from preflab.config import RL_METHODS, DPOConfig, RLConfig, RMConfig, RSConfig, Section, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("rm", RMConfig, "preflab.stages.reward:train", ("model", "metrics.jsonl", "eval/rm_eval.json"),
           "Train a reward model on K-way rankings.",
           "preflab rm --config configs/rm_tiny.yaml run.out=runs/rm"),
-    Stage("ppo", PPOConfig, "preflab.stages.ppo:train", ("model", "metrics.jsonl", "samples.jsonl"),
-          "Online RL against a reward model with a per-token KL penalty: PPO(-ptx), RLOO, GRPO, REINFORCE++.",
-          "preflab ppo --config configs/ppo_tiny.yaml run.out=runs/ppo"),
+    Stage("rl", RLConfig, "preflab.stages.rl:train", ("model", "metrics.jsonl", "samples.jsonl"),
+          "Online RL against a reward model with a KL penalty: PPO(-ptx), RLOO, GRPO, REINFORCE++, online DPO.",
+          "preflab rl --config configs/rl_tiny.yaml run.out=runs/rl"),
     Stage("dpo", DPOConfig, "preflab.stages.dpo:train", ("model", "metrics.jsonl", "reference_logps.json"),
           "Train the policy directly on K-way rankings: DPO, conservative DPO, IPO or SimPO (no reward model).",
           "preflab dpo --config configs/dpo_tiny.yaml run.out=runs/dpo"),
@@ -50,10 +50,24 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
+# Old stage names that still run, with one DeprecationWarning (`preflab ppo` prints a note too).
+RENAMED: dict[str, str] = {"ppo": "rl"}
+
 # The methods the pipeline, `preflab compare` and rounds train, and the stage that trains each: every
 # online RL method is the RL stage with its preset (``config.RL_METHODS``); ipo is the DPO stage.
-METHODS: dict[str, str] = {"sft": "sft", "rm": "rm", **dict.fromkeys(RL_METHODS, "ppo"), "dpo": "dpo", "ipo": "dpo",
+METHODS: dict[str, str] = {"sft": "sft", "rm": "rm", **dict.fromkeys(RL_METHODS, "rl"), "dpo": "dpo", "ipo": "dpo",
                            "rs": "rs"}
+
+
+def stage_name(name: str) -> str:
+    """``name``, or the current name of a renamed stage (``ppo`` -> ``rl``, with a DeprecationWarning)."""
+    if name in RENAMED:
+        import warnings
+
+        warnings.warn(f"the stage {name!r} is now {RENAMED[name]!r} (`preflab {RENAMED[name]}`); the old name will "
+                      f"be removed", DeprecationWarning, stacklevel=3)
+        return RENAMED[name]
+    return name
 
 
 def stage_of(method: str) -> str:
@@ -65,6 +79,7 @@ def stage_of(method: str) -> str:
 
 def run_stage(name: str, cfg: Any, resume: bool = False) -> Path:
     """Run stage ``name`` with a validated config; returns its exported model directory."""
+    name = stage_name(name)
     stage = STAGES[name]
     if not isinstance(cfg, stage.config):
         raise TypeError(f"stage {name!r} takes a {stage.config.__name__}, got {type(cfg).__name__}")

@@ -54,7 +54,7 @@ def constraints(prompts: list[dict[str, Any]], responses: list[str]) -> list[flo
     JSON, ...) the response satisfies; 0 for a prompt without constraints (the reward then adds
     nothing). The same checks the gold judge uses, so this is a verifiable reward in the sense of
     Tulu 3's RLVR: it rewards what the prompt states, not what the RM has learned."""
-    from preflab.feedback.constraints import check_all
+    from preflab.constraints import check_all
 
     out = []
     for row, text in zip(prompts, responses):

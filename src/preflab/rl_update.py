@@ -1,4 +1,4 @@
-"""One iteration of online RL after sampling, as functions the RL stage (``stages/ppo.py``) calls:
+"""One iteration of online RL after sampling, as functions the RL stage (``stages/rl.py``) calls:
 score a rollout (old log-probs, values, the reference, the reward) and turn it into advantages
 for the configured estimator (4-5), then update the policy and critic over minibatches (6): the
 clipped surrogate and value loss, GRPO's k3 KL term, online DPO's pair loss, the pretraining mix.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from preflab import distributed, models
-from preflab.config import PPOConfig
+from preflab.config import RLConfig
 from preflab.data.chat import IGNORE, Example, collate
 from preflab.optim import clip_grad, non_finite_error
 from preflab.rl import (
@@ -90,7 +90,7 @@ def global_mean(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | None, reward_fn: RewardFn | None,
-                  cfg: PPOConfig, kl_coef: float, tokenizer, device: torch.device, chunk: int,
+                  cfg: RLConfig, kl_coef: float, tokenizer, device: torch.device, chunk: int,
                   prompt_rewards: PromptRewards | None = None, rows: list[dict] | None = None) -> Scored:
     """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages.
 
@@ -133,7 +133,7 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
                   rw.non_score_reward, advantages, returns)
 
 
-def estimate_advantages(cfg: PPOConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+def estimate_advantages(cfg: RLConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
                         scores: torch.Tensor, kl: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), both (B, Tr), 0 at padding, for ``algo.estimator``.
 
@@ -185,7 +185,7 @@ class PtxBatches:
                 for chunk in torch.tensor_split(idx, n_parts)]
 
 
-def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: PPOConfig, device: torch.device,
+def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: RLConfig, device: torch.device,
                ptx_batches: Callable[[int], list[dict[str, torch.Tensor] | None]] | None, generator: torch.Generator,
                dist: distributed.Dist, train_policy: bool = True, kl_coef: float = 0.0, step: int | None = None,
                last_good: str | None = None) -> dict[str, float]:
@@ -287,7 +287,7 @@ def token_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, f
     return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(max(0.0, float(s2 / n.clamp(min=1)) - mean * mean))}
 
 
-def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
     """The sum over this micro-batch's prompts of DPO's loss on their (chosen, rejected) pair:
     -log sigmoid(beta * ((log pi - log pi_ref)(y_w) - (log pi - log pi_ref)(y_l))), sequence log-probs
     at the sampling temperature, from the tags ``estimate_advantages`` put in ``batch.advantages``.
@@ -317,7 +317,7 @@ def ensemble_reward(rms: list[nn.Module], how: str, lam: float) -> RewardFn:
     return lambda s: conservative_reward(torch.stack([reward_scores(rm, s).float() for rm in rms]), how, lam)
 
 
-def load_critic(cfg: PPOConfig) -> nn.Module:
+def load_critic(cfg: RLConfig) -> nn.Module:
     """The critic initialised from the reward model (InstructGPT), its normalisation folded into the
     head: on a whole sequence it starts out giving the RM's normalised score, the units of the returns."""
     return models.apply_reward_norm(models.load_reward_model(cfg.models.reward_model, device=cfg.models.policy.device))

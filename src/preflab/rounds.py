@@ -31,20 +31,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from preflab.config import deep_merge
+from preflab.config import deep_merge, round_method
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import ConfigError
 
 ROUND_STEPS = ("label", "rm", "onpolicy", "{method}", "eval")
-
-
-def round_method(cfg: Any) -> str:
-    """The trainer of rounds 2..n: ``round.method``, else the first of ``rl``, else of ``preference``."""
-    trained = (*cfg.rl, *cfg.preference)
-    method = cfg.round.method or (trained[0] if trained else None)
-    if method is None or method not in trained:
-        raise ConfigError(f"round.method: {method!r} is not among the trained methods ({', '.join(trained) or 'none'})")
-    return method
 
 
 def refit_members(cfg: Any, r: int) -> list[str]:
@@ -249,8 +240,9 @@ class Rounds:
 def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: bool) -> dict[str, Any]:
     """``evals.rm_eval.evaluate`` of a reward model on a store split (pairs of every ranking)."""
     from preflab import models
-    from preflab.data.rankings import encode_groups, read_groups
+    from preflab.data.rankings import encode_groups
     from preflab.evals.rm_eval import evaluate
+    from preflab.feedback.ranking_sources import read_groups
     from preflab.scoring import score_groups
 
     groups = [g for g in read_groups(source, None, split) if g.pairs()]

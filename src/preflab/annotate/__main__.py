@@ -1,8 +1,9 @@
 """``python -m preflab.annotate ...``: the same commands as ``preflab annotate ...``."""
 
-from preflab.cli import main
-
 if __name__ == "__main__":
     import sys
 
-    main(["annotate", *sys.argv[1:]])
+    from preflab.annotate.cli import annotate
+    from preflab.command_group import run
+
+    run(annotate, sys.argv[1:], prog_name="preflab annotate")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from preflab.config.base import Section
+from preflab.config.base import Section, deep_merge
 from preflab.config.rl import RLMethod
+from preflab.errors import ConfigError
 
 
 class SuiteSection(Section):
@@ -85,12 +87,34 @@ class RoundsSection(Section):
                                           "`rl_overrides` (e.g. train.steps).")
 
 
-class PipelineConfig(Section):
-    """`preflab pipeline`: base -> demonstrations -> SFT -> rankings -> RM -> PPO, PPO-ptx -> eval -> report.
+# Sections of 0.2 that have a new name: `ppo` held the RL stage's settings, but `rl` was already the
+# list of RL methods, so the settings became `rl_stage` (like `sft` and `rm`, named after their stage).
+RENAMED_SECTIONS: dict[str, str] = {"ppo": "rl_stage"}
 
-    The ``sft``, ``rm``, ``ppo`` and ``ppo_ptx`` sections are overrides of those stages' own
-    configs (same keys as `preflab sft` etc.); the pipeline fills in models, data and run
-    directories. They are validated against the stage configs before anything starts.
+
+def renamed_sections(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with the old section names of ``RENAMED_SECTIONS`` moved to the new ones (an old
+    section merged over a new one that is also there, as the defaults are), and the old names found."""
+    old = [k for k in RENAMED_SECTIONS if k in data]
+    if not old:
+        return data, []
+    data = dict(data)
+    for k in old:
+        new, value = RENAMED_SECTIONS[k], data.pop(k)
+        both = isinstance(value, dict) and isinstance(data.get(new), dict)
+        data[new] = deep_merge(data[new], value) if both else value
+    return data, old
+
+
+class PipelineConfig(Section):
+    """`preflab pipeline`: base -> demonstrations -> SFT -> rankings -> RM -> RL methods -> eval -> report.
+
+    The ``sft``, ``rm`` and ``rl_stage`` sections are overrides of those stages' own configs (same
+    keys as `preflab sft`, `preflab rm`, `preflab rl`), ``ppo_ptx`` and ``rl_overrides`` of single
+    RL methods; the pipeline fills in models, data and run directories. They are validated
+    against the stage configs before anything starts. ``rl`` is the list of RL methods, which
+    is why the RL stage's settings are ``rl_stage`` (``ppo`` before 0.3.0, still read, with a
+    DeprecationWarning).
     """
 
     base_model: str = Field("bundled:smollm2-135m-instruct", description="The pretrained policy to post-train.")
@@ -112,8 +136,8 @@ class PipelineConfig(Section):
         [], description="Offline preference trainers run after the RL methods, each its own step and run directory: "
                         "dpo, ipo (on the store's rankings), rs (rejection-sampling fine-tuning with the RM).")
     rl_overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-method overrides of the RL stage config, applied after `ppo`, the "
-                                          "method's preset and (for ppo_ptx) `ppo_ptx`.")
+        default_factory=dict, description="Per-method overrides of the RL stage config, applied after `rl_stage`, "
+                                          "the method's preset and (for ppo_ptx) `ppo_ptx`.")
     # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
     sft: dict[str, Any] = Field(
         default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.25, "batch_size": 8},
@@ -122,14 +146,15 @@ class PipelineConfig(Section):
     rm: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"batch_prompts": 8}, "optim": {"lr": 5e-5}, "data": {"max_length": 320}},
         description="Overrides of the RM config (lr 5e-5, not InstructGPT's 9e-6: 30 steps, not thousands).")
-    ppo: dict[str, Any] = Field(
+    rl_stage: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"steps": 15}, "rollout": {"batch_size": 16, "max_new_tokens": 64},
                                  "ppo": {"epochs": 1, "minibatch_size": 8}, "kl": {"coef": 0.02},
                                  "optim": {"lr": 2e-5, "warmup_steps": 4}},
-        description="Overrides of the PPO config (InstructGPT: beta 0.02, one PPO epoch).")
+        description="Overrides of the RL stage config (`preflab rl`) every method of `rl` starts from "
+                    "(InstructGPT: beta 0.02, one PPO epoch). Called `ppo` before 0.3.0.")
     ppo_ptx: dict[str, Any] = Field(
         default_factory=lambda: {"ptx": {"coef": 1.0, "batch_size": 2}},
-        description="Overrides of the PPO config for PPO-ptx (applied after `ppo`). gamma is 1 here, not "
+        description="Overrides of the RL stage config for PPO-ptx (applied after `rl_stage`). gamma is 1 here, not "
                     "InstructGPT's 27.8: the mix is the demonstrations (the per-token NLL, ~1 nat) against "
                     "a per-token PPO loss of ~0.01-0.1, so 27.8 would drown the PPO signal.")
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -143,4 +168,28 @@ class PipelineConfig(Section):
                                              "trains on (`round`).")
     round: RoundsSection = Field(default_factory=RoundsSection)
 
-__all__ = ["SuiteSection", "DemosSection", "LabelingSection", "EvalSection", "RoundsSection", "PipelineConfig"]
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, old = renamed_sections(data)
+        for k in old:
+            warnings.warn(f"the pipeline section `{k}` is now `{RENAMED_SECTIONS[k]}`; the old name will be removed",
+                          DeprecationWarning, stacklevel=2)
+        return data
+
+
+
+def round_method(cfg: PipelineConfig) -> str:
+    """The trainer of rounds 2..n: ``round.method``, else the first of ``rl``, else of ``preference``.
+    Here, beside the config, so that the rounds (``rounds.py``) and the report read one rule."""
+    trained = (*cfg.rl, *cfg.preference)
+    method = cfg.round.method or (trained[0] if trained else None)
+    if method is None or method not in trained:
+        raise ConfigError(f"round.method: {method!r} is not among the trained methods ({', '.join(trained) or 'none'})")
+    return method
+
+
+__all__ = ["SuiteSection", "DemosSection", "LabelingSection", "EvalSection", "RoundsSection", "PipelineConfig",
+           "RENAMED_SECTIONS", "renamed_sections", "round_method"]

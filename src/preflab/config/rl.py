@@ -1,4 +1,11 @@
-"""`preflab ppo`: the online RL stage (PPO-ptx, RLOO, GRPO, REINFORCE++, online DPO), and its methods."""
+"""`preflab rl`: the online RL stage (PPO-ptx, RLOO, GRPO, REINFORCE++, online DPO), and its methods.
+
+The stage was called `ppo` before 0.3.0; its config classes were ``PPOConfig``, ``PPOModels``,
+``PPOData``, ``PPOOptim``, ``PPOTrain`` and ``PPORun``. Those names still import, with a
+``DeprecationWarning`` (``RENAMED``). ``PPOHyper`` keeps its name: the ``ppo`` section holds
+PPO's own hyper-parameters (epochs, minibatches, clipping, GAE), which the group estimators
+read too.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from pydantic import Field, model_validator
 from preflab.config.base import ModelSection, OptimSection, RunSection, Section
 
 
-class PPOModels(Section):
+class RLModels(Section):
     policy: ModelSection = Field(default_factory=ModelSection)
     reward_model: str = Field(..., description="Reward model directory (from `preflab rm`).")
     reward_ensemble: list[str] = Field(
@@ -25,7 +32,7 @@ class PPOModels(Section):
                             "what bf16 autocast feeds the matmuls anyway; the trained models stay fp32.")
 
 
-class PPOData(Section):
+class RLData(Section):
     prompts: str = Field(..., description="Prompt JSONL (suite format, {prompt} or {messages}).")
     split: str | None = Field("ppo", description="Keep rows whose `split` equals this (None: all).")
     max_prompt_tokens: int = Field(256, ge=8)
@@ -125,7 +132,7 @@ class SelectSection(Section):
                              "on the dev prompts; reward: the mean reward of dev samples.")
 
 
-class PPOOptim(OptimSection):
+class RLOptim(OptimSection):
     lr: float = Field(3e-6, gt=0)
     eps: float = Field(1e-5, gt=0, description="Adam eps (lm-human-preferences: 1e-5).")
     schedule: Literal["cosine", "constant", "linear"] = Field("constant")
@@ -133,21 +140,22 @@ class PPOOptim(OptimSection):
     warmup_start: float = Field(0.1, ge=0, le=1)
 
 
-class PPOTrain(Section):
+class RLTrain(Section):
     steps: int = Field(20, ge=1, description="Rollout + update iterations.")
     bf16: bool = True
     save_every: int = Field(0, ge=0)
 
 
-class PPORun(RunSection):
-    out: str = Field("runs/ppo", description="Run directory.")
+class RLRun(RunSection):
+    out: str = Field("runs/rl", description="Run directory.")
 
 
-class PPOConfig(Section):
-    """`preflab ppo`: PPO(-ptx) against a reward model with a per-token KL penalty to the SFT model."""
+class RLConfig(Section):
+    """`preflab rl`: online RL against a reward model with a KL penalty to the SFT model: PPO(-ptx) with
+    GAE, or RLOO, GRPO, REINFORCE++, online DPO (``algo.estimator``)."""
 
-    models: PPOModels
-    data: PPOData
+    models: RLModels
+    data: RLData
     rollout: Rollout = Field(default_factory=Rollout)
     algo: AlgoSection = Field(default_factory=AlgoSection)
     rewards: RewardsSection = Field(default_factory=RewardsSection)
@@ -155,12 +163,12 @@ class PPOConfig(Section):
     kl: KLSection = Field(default_factory=KLSection)
     ptx: PTXSection = Field(default_factory=PTXSection)
     select: SelectSection = Field(default_factory=SelectSection)
-    optim: PPOOptim = Field(default_factory=PPOOptim)
-    train: PPOTrain = Field(default_factory=PPOTrain)
-    run: PPORun = Field(default_factory=PPORun)
+    optim: RLOptim = Field(default_factory=RLOptim)
+    train: RLTrain = Field(default_factory=RLTrain)
+    run: RLRun = Field(default_factory=RLRun)
 
     @model_validator(mode="after")
-    def _episodes_fit(self) -> PPOConfig:
+    def _episodes_fit(self) -> RLConfig:
         k, est = self.rollout.samples_per_prompt, self.algo.estimator
         if est == "online_dpo" and (self.ppo.minibatch_size % k or (self.ppo.minibatch_size // self.ppo.grad_accum) % k):
             raise ValueError(f"algo.estimator=online_dpo pairs a prompt's samples within a micro-batch: "
@@ -176,7 +184,7 @@ class PPOConfig(Section):
 
 
 # The online RL methods the pipeline and `preflab compare` know: overrides of the RL stage config
-# on top of the pipeline's `ppo` section (ppo_ptx also gets the pipeline's `ppo_ptx` section). The
+# on top of the pipeline's `rl_stage` section (ppo_ptx also gets the pipeline's `ppo_ptx` section). The
 # group methods keep PPO's episodes per update: 4 prompts x k = 4 samples = 16.
 RL_METHODS: dict[str, dict[str, Any]] = {
     "ppo": {"ptx": {"coef": 0.0}},
@@ -192,4 +200,29 @@ RL_METHODS: dict[str, dict[str, Any]] = {
 }
 RLMethod = Literal["ppo", "ppo_ptx", "rloo", "grpo", "reinforce_pp", "online_dpo"]
 
-__all__ = ["PPOModels", "PPOData", "Rollout", "PPOHyper", "AlgoSection", "RewardFunc", "RewardsSection", "KLSection", "PTXSection", "SelectSection", "PPOOptim", "PPOTrain", "PPORun", "PPOConfig", "RL_METHODS", "RLMethod"]
+# The names of 0.2 (when the stage was `preflab ppo`): importable, with one DeprecationWarning each.
+RENAMED: dict[str, str] = {"PPOConfig": "RLConfig", "PPOModels": "RLModels", "PPOData": "RLData",
+                           "PPOOptim": "RLOptim", "PPOTrain": "RLTrain", "PPORun": "RLRun"}
+
+
+def renamed(module_globals: dict[str, Any], name: str) -> Any:
+    """The new class an old name stands for, with a DeprecationWarning the first time; the name is
+    then bound here and in ``module_globals`` (``preflab.config``), so the warning comes once
+    however it is imported (``from m import X`` alone looks the name up twice)."""
+    import warnings
+
+    if name not in RENAMED:
+        raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")
+    if name not in globals():
+        warnings.warn(f"preflab.config.{name} is now {RENAMED[name]} (the online RL stage is `preflab rl`); "
+                      f"the old name will be removed", DeprecationWarning, stacklevel=3)
+        globals()[name] = globals()[RENAMED[name]]
+    module_globals[name] = value = globals()[name]
+    return value
+
+
+def __getattr__(name: str) -> Any:
+    return renamed(globals(), name)
+
+
+__all__ = ["RLModels", "RLData", "Rollout", "PPOHyper", "AlgoSection", "RewardFunc", "RewardsSection", "KLSection", "PTXSection", "SelectSection", "RLOptim", "RLTrain", "RLRun", "RLConfig", "RL_METHODS", "RLMethod"]

@@ -1,7 +1,8 @@
 """K-way rankings as the RM and the preference trainers read them: rows -> ``Group`` -> token ids.
 
-Sources: grouped K-way JSONL (``{prompt, responses, order}``), TRL pairs (``{prompt, chosen,
-rejected}``, K = 2) or the preference store (``store:PATH``). ``encode_pair`` gives exactly the
+Files: grouped K-way JSONL (``{prompt, responses, order}``) or TRL pairs (``{prompt, chosen,
+rejected}``, K = 2); the preference store (``store:PATH``) is read one layer up, by
+``feedback.ranking_sources``, which the trainers call. ``encode_pair`` gives exactly the
 sequence a rollout gives the reward model: chat-rendered prompt, response, EOS.
 """
 
@@ -10,13 +11,11 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from preflab.data.chat import render_prompt
 from preflab.data.jsonl import read_jsonl_lines
 from preflab.data.schema import check_pair_cycles, ranks_from_order, validate_order
-from preflab.errors import DataError
 
 
 @dataclass
@@ -69,30 +68,13 @@ def parse_group(obj: Any, fmt: str | None = None) -> Group:
     return Group(prompt, list(responses), ranks, **pick)
 
 
-def read_groups(source: str, fmt: str | None = None, split: str | None = None) -> list[Group]:
+def read_group_file(path: str, fmt: str | None = None) -> list[Group]:
     """Every group of a JSONL file (bad row: DataError ``file:line: reason``; pairs, K = 2, of one
-    prompt and labeler that form a cycle: DataError naming their lines) or of ``store:PATH`` (the
-    preference store's rankings of ``split``, with the prompts' category and slice)."""
-    if not source.startswith("store:"):
-        rows = read_jsonl_lines(source, lambda obj: parse_group(obj, fmt))
-        check_pair_cycles(source, [(g.prompt, g.labeler, g.responses[w], g.responses[v], line)
-                                   for line, g in rows if len(g.responses) == 2 for w, v in g.pairs()])
-        return [g for _, g in rows]
-    path = Path(source.removeprefix("store:"))
-    if not path.is_file():  # PreferenceStore() would create an empty store
-        raise DataError(f"{path}: preference store not found")
-    from preflab.feedback.store import PreferenceStore
-
-    with PreferenceStore(path) as store:
-        rows = store.grouped_kway(split=split)
-        prompts = {p.id: p for p in store.prompts(split=split)}
-    out = []
-    for row in rows:
-        p = prompts.get(row["meta"].get("prompt_id"))
-        out.append(Group(row["prompt"], list(row["responses"]), ranks_from_order(row["order"]),
-                         category=p.category if p else None, slice=p.slice if p else None,
-                         labeler=_text_or_none(row["meta"].get("labeler"))))
-    return out
+    prompt and labeler that form a cycle: DataError naming their lines)."""
+    rows = read_jsonl_lines(path, lambda obj: parse_group(obj, fmt))
+    check_pair_cycles(path, [(g.prompt, g.labeler, g.responses[w], g.responses[v], line)
+                             for line, g in rows if len(g.responses) == 2 for w, v in g.pairs()])
+    return [g for _, g in rows]
 
 
 def split_val(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
@@ -129,15 +111,3 @@ class Encoded:
 def encode_groups(tokenizer, groups: list[Group], max_length: int) -> list[Encoded]:
     return [Encoded([encode_pair(tokenizer, g.prompt, r, max_length) for r in g.responses], list(g.ranks))
             for g in groups]
-
-
-def read_train_val(d: Any, seed: int) -> tuple[list[Group], list[Group], int]:
-    """Training and held-out groups of a ``config.RankingData`` section, all-tied rankings dropped:
-    ``d.val`` when given, else ``d.val_fraction`` of the training prompts. Returns (train, val,
-    number of all-tied training rankings dropped). Every source is parsed before training starts."""
-    train = read_groups(d.train, d.format, d.split)
-    val = read_groups(d.val, d.format, d.val_split) if d.val else []
-    if not d.val:
-        train, val = split_val(train, d.val_fraction, seed)
-    kept = [g for g in train if g.pairs()]
-    return kept, [g for g in val if g.pairs()], len(train) - len(kept)

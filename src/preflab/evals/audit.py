@@ -35,10 +35,10 @@ from typing import Any
 import click
 import numpy as np
 
-from preflab.compare import reference_results
 from preflab.data.jsonl import atomic_write_text, read_jsonl
 from preflab.errors import PreflabError
 from preflab.evals.results import load as load_results
+from preflab.evals.results import reference_results
 from preflab.rl.stats import most_uncertain, spearman, wilson_interval
 
 TOP_N = 10

@@ -194,8 +194,8 @@ def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str 
     import torch
 
     from preflab import models as loader
+    from preflab.constraints import count_words
     from preflab.data.jsonl import atomic_write_text, write_jsonl
-    from preflab.feedback.constraints import count_words
     from preflab.rollout import generate_texts
 
     _registry()

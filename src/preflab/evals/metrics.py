@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from preflab.feedback.constraints import count_words
+from preflab.constraints import count_words
 from preflab.feedback.rubric import REFUSAL_PHRASES, is_refusal
 from preflab.rl.stats import win_rate
 

@@ -352,8 +352,7 @@ def rounds_table(run: Path) -> list[dict[str, Any]]:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("rounds", 1) < 2:
         return []
-    from preflab.config import PipelineConfig
-    from preflab.rounds import round_method
+    from preflab.config import PipelineConfig, round_method
 
     method = round_method(PipelineConfig.model_validate(cfg))  # the pipeline's own rule, not a copy of it
     rows = []

@@ -28,7 +28,7 @@ from preflab.errors import DataError
 
 __all__ = ["VERSION", "EvalResults", "EvalSettings", "Example", "ExampleResponse", "FailureBin", "GoldMeans",
            "Histogram", "IFEvalModel", "IFEvalResults", "LengthStats", "MC1", "Metadata", "ModelResults", "Rate",
-           "Refusal", "Thresholds", "WinRate", "load"]
+           "Refusal", "Thresholds", "WinRate", "load", "reference_results"]
 
 VERSION = 1
 
@@ -322,3 +322,13 @@ def load(path: str | Path, *, partial: bool = False) -> EvalResults:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     return EvalResults.from_dict(data, str(path), partial=partial)
+
+
+def reference_results(run: str | Path) -> Path:
+    """A pipeline run's evaluation of its SFT model (the reference every comparison is judged
+    against): its eval step's ``RUN/eval/results.json``, or (that step not run yet) the one a
+    ``preflab compare`` made under it (``RUN/DIR/reference/results.json``). The path may not exist."""
+    run = Path(run)
+    own = run / "eval" / "results.json"
+    made = sorted(run.glob("*/reference/results.json"))
+    return made[0] if made and not own.is_file() else own

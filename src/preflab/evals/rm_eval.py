@@ -304,7 +304,7 @@ def cli(model_specs, data, split, out_path, max_length, batch_size, n_bins, wors
       preflab rm-eval --model runs/demo/rm/model --model runs/demo/rm-2/model --data held.jsonl --out e.json
     """
     from preflab import models
-    from preflab.data.rankings import read_groups
+    from preflab.feedback.ranking_sources import read_groups
 
     models.set_threads(threads)
     groups = [g for g in read_groups(data, None, split) if g.pairs()]

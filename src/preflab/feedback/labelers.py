@@ -35,10 +35,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from preflab.constraints import count_words
 from preflab.data.schema import Order
 from preflab.data.suite.reference import reference_answer, templated_refusal
 from preflab.data.suite.schema import SuitePrompt, as_prompt
-from preflab.feedback.constraints import count_words
 from preflab.feedback.rubric import is_refusal, judge
 
 NoiseKind = Literal["gaussian", "gumbel"]

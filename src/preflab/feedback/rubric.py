@@ -35,9 +35,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from preflab.constraints import CONSTRAINT_TYPES, check_all
 from preflab.data.suite.reference import reference_answer, templated_refusal
 from preflab.data.suite.schema import SuitePrompt, as_prompt
-from preflab.feedback.constraints import CONSTRAINT_TYPES, check_all
 
 __all__ = [
     "REFUSAL_PHRASES", "Judgement", "WEIGHTS", "is_refusal", "judge", "judge_batch", "reference_answer",

@@ -27,7 +27,6 @@ import torch
 from preflab import distributed, loop, models
 from preflab.config import DPOConfig
 from preflab.data.order import rank_slice, step_indices
-from preflab.data.rankings import read_train_val
 from preflab.dpo_update import (
     REFERENCE_CACHE,
     Reference,
@@ -40,6 +39,7 @@ from preflab.dpo_update import (
     reference_logps,
     sampled_kl,
 )
+from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.preference import REFERENCE_FREE

@@ -1,9 +1,10 @@
 """Stage B: a scalar reward model trained on K-way rankings (InstructGPT Eq. 1).
 
 Read ``train`` top to bottom: 0. set-up, 1. data, 2. model and optimizer, 3. the loop,
-4. normalisation, 5. evaluation, 6. save. The rankings are read by ``data/rankings.py``, scored by
-``scoring.py`` (head at the last real token, K-way prompt sharing), the loss is
-``rl/ranking.ranking_loss`` and the held-out report ``evals/rm_eval.py``.
+4. normalisation, 5. evaluation, 6. save. The rankings are read by ``feedback/ranking_sources.py``
+(a file through ``data/rankings.py``, or the store), scored by ``scoring.py`` (head at the last
+real token, K-way prompt sharing), the loss is ``rl/ranking.ranking_loss`` and the held-out
+report ``evals/rm_eval.py``.
 
 The RM reads exactly what PPO's rollouts give it: the chat-rendered prompt, the response and
 the end-of-turn (EOS) token; the score is the head output at that last real token
@@ -30,8 +31,9 @@ from preflab.config import RMConfig
 from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.order import rank_slice, step_indices
-from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair, read_train_val
+from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
+from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.ranking import ranking_loss

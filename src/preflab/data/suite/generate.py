@@ -26,6 +26,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from preflab.constraints import CONSTRAINT_TYPES, compatible, describe
 from preflab.data.suite.reference import number_answer, reference_with_score
 from preflab.data.suite.schema import SPLITS, SuitePrompt
 from preflab.data.suite.templates import (
@@ -41,7 +42,6 @@ from preflab.data.suite.templates import (
     Template,
 )
 from preflab.data.suite.topics import DOMAINS, TOPICS, Topic
-from preflab.feedback.constraints import CONSTRAINT_TYPES, compatible, describe
 
 SPLIT_FRACTIONS: dict[str, float] = {"sft": 0.25, "rm": 0.30, "ppo": 0.25, "eval": 0.20}
 SLICE_FRACTIONS: dict[str, float] = {"harmful": 0.08, "alarming_harmless": 0.05, "misconception": 0.07}

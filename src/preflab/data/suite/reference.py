@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from preflab.constraints import check_all, count_phrase
 from preflab.data.suite.schema import SuitePrompt, as_prompt
 from preflab.data.suite.templates import ALARMING, MISCONCEPTIONS
 from preflab.data.suite.topics import TOPICS
-from preflab.feedback.constraints import check_all, count_phrase
 
 TOPIC_BY_ID = {t.id: t for t in TOPICS}
 ALARMING_BY_ID = {f"alarm_{a.id}": a for a in ALARMING}

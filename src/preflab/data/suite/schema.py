@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from preflab.feedback.constraints import validate_constraint
+from preflab.constraints import validate_constraint
 from preflab.data.chat import check_token_budget
 from preflab.data.jsonl import read_jsonl
 from preflab.data.suite.templates import CATEGORIES

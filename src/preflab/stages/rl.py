@@ -1,5 +1,6 @@
-"""Stage C: online RL against a reward model with a KL leash to the SFT model: PPO(-ptx) with a
-critic (GAE), or the critic-free estimators RLOO, GRPO (Dr. GRPO) and REINFORCE++ (``algo.estimator``).
+"""Stage C, ``preflab rl``: online RL against a reward model with a KL leash to the SFT model: PPO(-ptx)
+with a critic (GAE), or the critic-free estimators RLOO, GRPO (Dr. GRPO), REINFORCE++ and online DPO
+(``algo.estimator``). Before 0.3.0 this stage was ``preflab ppo`` (``stages/ppo.py``).
 
 Read top to bottom: 0. set-up, 1. data, 2. models, then per iteration 3. generate (k samples per
 prompt), 4. score, 5. rewards and advantages, 6. update (clipped surrogate + value loss for GAE,
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from preflab import loop, models, rewards
-from preflab.config import PPOConfig
+from preflab.config import RLConfig
 from preflab.data.chat import read_lm_rows, read_prompts, token_budget
 from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError
@@ -47,14 +48,14 @@ from preflab.scoring import ActorCritic
 from preflab.selection import Selection
 
 
-def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
-    """Run PPO(-ptx) as configured; returns the saved policy directory.
+def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
+    """Run the online RL stage as configured (PPO(-ptx), RLOO, GRPO, ...); returns the saved policy directory.
 
     ``reward_fn`` replaces the reward model with a programmatic reward (tests, rule rewards);
     the critic is still initialised from ``models.reward_model``.
     """
     # 0. set-up ----------------------------------------------------------------------------------
-    ctx = loop.start(cfg, "ppo", cfg.models.policy, resume)
+    ctx = loop.start(cfg, "rl", cfg.models.policy, resume)
     device, dist, run = ctx.device, ctx.dist, ctx.run
     r, p = cfg.rollout, cfg.ppo
     k, estimator = r.samples_per_prompt, ESTIMATORS[cfg.algo.estimator]
@@ -147,7 +148,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     # 3-7. iterate: generate, score, advantages, update, control KL, log --------------------------
     samples_path = Path(cfg.run.out) / "samples.jsonl"
     keys = ("objective/score", "objective/kl", "objective/kl_coef", "response/length_mean")
-    with Progress(cfg.train.steps, "ppo", enabled=cfg.run.progress and dist.is_main, start=start, keys=keys) as bar:
+    with Progress(cfg.train.steps, "rl", enabled=cfg.run.progress and dist.is_main, start=start, keys=keys) as bar:
         for step in range(start, cfg.train.steps):
             t0 = time.perf_counter()
             idx = rank_slice(step_indices(step, len(rows), global_batch, cfg.run.seed), dist.rank, dist.world_size)
@@ -216,7 +217,7 @@ def train(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     if select:
         chosen = select.finish(policy, cfg.train.steps)
         run.log_metrics(cfg.train.steps, {"select/best_step": chosen})
-        run.log(f"ppo: exporting the policy of step {chosen} (best dev score by {cfg.select.by})")
+        run.log(f"rl: exporting the policy of step {chosen} (best dev score by {cfg.select.by})")
     if critic is not None:
         loop.export(critic, tokenizer, Path(cfg.run.out) / "critic", ctx)
     out = loop.export(policy, tokenizer, Path(cfg.run.out) / "model", ctx)
