@@ -147,8 +147,9 @@ def test_bad_label_studio_task_names_task_index(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    with PreferenceStore(tmp_path / "s.db") as s:
+def store(store_spec):
+    """A SQLite store, then a PostgreSQL one (skipped where PostgreSQL cannot run)."""
+    with PreferenceStore(store_spec) as s:
         yield s
 
 
@@ -227,8 +228,8 @@ def test_export_hf_with_datasets(tmp_path, monkeypatch):
 # -- CLI -------------------------------------------------------------------------------------
 
 
-def test_cli_import_export_stats(tmp_path, capsys):
-    db = str(tmp_path / "s.db")
+def test_cli_import_export_stats(tmp_path, capsys, store_spec):
+    db = str(store_spec)  # a SQLite file, then a postgresql:// URL
     assert run_cli(["data", "import", "--format", "hh-rlhf", "--store", db, str(FIX / "hh_rlhf.jsonl")]) == 0
     assert run_cli(["data", "import", "--format", "ultrafeedback", "--store", db, "--split", "eval",
                     str(FIX / "ultrafeedback.jsonl")]) == 0
@@ -250,6 +251,18 @@ def test_cli_import_export_stats(tmp_path, capsys):
     assert run_cli(["data", "stats", "--file", str(FIX / "trl_pref.jsonl")]) == 0
     out = capsys.readouterr().out
     assert "pairs" in out and "phone" in out
+
+
+def test_trainers_read_the_same_groups_from_a_postgres_store(tmp_path, postgres_url):
+    """`store:postgresql://...` as data.train (read_groups): the groups of a SQLite store with the same imports."""
+    from preflab.feedback.ranking_sources import read_groups
+
+    for spec in (tmp_path / "s.db", postgres_url):
+        with PreferenceStore(spec) as s:
+            for fmt, fixture in (("ultrafeedback", "ultrafeedback.jsonl"), ("hh-rlhf", "hh_rlhf.jsonl")):
+                load_into_store(s, read_preferences(FIX / fixture, fmt).rankings, split="rm")
+    want = read_groups(f"store:{tmp_path / 's.db'}", None, "rm")
+    assert len(want) == 5 and read_groups(f"store:{postgres_url}", None, "rm") == want
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

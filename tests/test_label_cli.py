@@ -25,8 +25,8 @@ def prompts(tmp_path_factory):
     return path
 
 
-def test_label_then_agreement_then_export(prompts, tmp_path, capsys):
-    db = tmp_path / "prefs.sqlite"
+def test_label_then_agreement_then_export(prompts, tmp_path, capsys, store_spec):
+    db = store_spec  # a SQLite file, then a postgresql:// URL (skipped where PostgreSQL cannot run)
     run(["data", "label", "--model", "tiny:", "--prompts", str(prompts), "--store", str(db), "--split", "rm",
          "--k", "4", "--limit", "6", "--max-new-tokens", "8", "--overlap", "0.34", "--seed", "1"])
     out = capsys.readouterr().out

@@ -18,6 +18,7 @@ from preflab.data.io import (
     write_rankings,
 )
 from preflab.errors import DataError, PreflabError
+from preflab.feedback.store_option import HELP, StoreParam
 
 EXPORT_FORMATS = ("rankings", "pairs", "kway", "hf")
 
@@ -41,8 +42,8 @@ def _table(title: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...] = (
 
 @click.command("import")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Format of FILE.")
-@click.option("--store", "store_path", type=click.Path(dir_okay=False), required=True,
-              help="Preference store (SQLite file; created if missing).")
+@click.option("--store", "store_path", type=StoreParam(), required=True,
+              help=f"Preference store ({HELP}; a file is created if missing).")
 @click.option("--split", default="train", show_default=True, help="Split given to new prompts.")
 @click.option("--labeler", default=None, help="Labeler name to record (default: the source's name).")
 @click.option("--score", default=None,
@@ -51,7 +52,7 @@ def _table(title: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...] = (
 @click.option("--near-dup-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="Report prompt pairs with character 5-gram Jaccard at or above this.")
 @click.argument("file", type=click.Path())
-def import_cmd(fmt: str, store_path: str, split: str, labeler: str | None, score: str | None, no_scrub: bool,
+def import_cmd(fmt: str, store_path: Path | str, split: str, labeler: str | None, score: str | None, no_scrub: bool,
                near_dup_threshold: float, file: str) -> None:
     """Import HH-RLHF, UltraFeedback, TRL or Label Studio preferences from FILE into the store.
 
@@ -91,15 +92,15 @@ def import_cmd(fmt: str, store_path: str, split: str, labeler: str | None, score
 
 
 @click.command("export")
-@click.option("--store", "store_path", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Preference store (SQLite file).")
+@click.option("--store", "store_path", type=StoreParam(exists=True), required=True,
+              help=f"Preference store ({HELP}).")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="rankings: one ranking per line; pairs: TRL {prompt, chosen, rejected}; "
                    "kway: grouped K-way for the RM; hf: the pairs as a datasets directory.")
 @click.option("--out", type=click.Path(), required=True, help="Output file (a directory for hf).")
 @click.option("--split", default=None, help="Only prompts of this split.")
 @click.option("--labeler", default=None, help="Only this labeler's rankings.")
-def export_cmd(store_path: str, fmt: str, out: str, split: str | None, labeler: str | None) -> None:
+def export_cmd(store_path: Path | str, fmt: str, out: str, split: str | None, labeler: str | None) -> None:
     """Export rankings, pairs or grouped K-way JSONL (or a HF dataset) from the store.
 
     \b
@@ -157,12 +158,12 @@ def _response_texts(kind: str, r: dict) -> list[str]:
 
 
 @click.command("stats")
-@click.option("--store", "store_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Preference store (SQLite file).")
+@click.option("--store", "store_path", type=StoreParam(exists=True), default=None,
+              help=f"Preference store ({HELP}).")
 @click.option("--file", "file_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A JSONL file: prompts, rankings, pairs or grouped K-way.")
 @click.option("--near-dup-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True)
-def stats(store_path: str | None, file_path: str | None, near_dup_threshold: float) -> None:
+def stats(store_path: Path | str | None, file_path: str | None, near_dup_threshold: float) -> None:
     """Counts per split, category and labeler, duplicate prompts and PII found, for a store or a file.
 
     \b

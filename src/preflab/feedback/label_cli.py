@@ -17,6 +17,7 @@ import click
 
 from preflab.config import LabelingSection
 from preflab.errors import DataError, PreflabError
+from preflab.feedback.store_option import HELP, StoreParam
 
 LABELING = LabelingSection()  # the pipeline's labeling section: `data label` samples as `preflab pipeline` does
 
@@ -60,8 +61,8 @@ def _overlap_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
 @click.option("--model", "model_spec", required=True, help="Model that writes the candidates (dir, hub id, bundled:, tiny:).")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Prompt file (the suite's prompts.jsonl or your own).")
-@click.option("--store", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Preference store (SQLite; created if missing).")
+@click.option("--store", "store_path", required=True, type=StoreParam(),
+              help=f"Preference store ({HELP}; a file is created if missing).")
 @click.option("--split", default="rm", show_default=True, help="Only prompts of this split ('any': all).")
 @click.option("--k", "k", default=LABELING.k, show_default=True, type=click.IntRange(2, 9),
               help="Candidates per prompt (InstructGPT: 4..9).")
@@ -77,7 +78,7 @@ def _overlap_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
 @click.option("--batch-size", default=LABELING.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds sampling and the labelers' noise.")
 @click.option("--threads", default=None, type=click.IntRange(1))
-def label(model_spec: str, prompts_path: Path, store_path: Path, split: str, k: int, limit: int | None,
+def label(model_spec: str, prompts_path: Path, store_path: Path | str, split: str, k: int, limit: int | None,
           max_new_tokens: int, temperature: float, overlap: float, labelers_kind: str, ai_model: str | None,
           batch_size: int, seed: int, threads: int | None) -> None:
     """Sample K responses per prompt from a model, store them, and rank them through the labeling queue.
@@ -111,7 +112,7 @@ def sample_candidates(model: Any, tokenizer: Any, prompts: list, *, k: int, max_
                           seed=seed, cache_key=cache_key)
 
 
-def collect_rankings(*, model_spec: str, prompts: list, store_path: Path, split: str = "rm", k: int = LABELING.k,
+def collect_rankings(*, model_spec: str, prompts: list, store_path: Path | str, split: str = "rm", k: int = LABELING.k,
                      max_new_tokens: int = LABELING.max_new_tokens, temperature: float = LABELING.temperature,
                      overlap: float = LABELING.overlap, labelers_kind: str = "panel", ai_model: str | None = None,
                      batch_size: int = LABELING.batch_size, seed: int = 0,
@@ -263,7 +264,7 @@ def store_groups(store: Any, split: str | None = None) -> list:
     return out
 
 
-def store_agreement(store_path: Path, split: str | None = None) -> dict[str, Any]:
+def store_agreement(store_path: Path | str, split: str | None = None) -> dict[str, Any]:
     """Agreement metrics of the rankings in a store (JSON-ready; NaN as None)."""
     from preflab.feedback.labelers import agreement_summary
     from preflab.feedback.store import PreferenceStore
@@ -323,8 +324,8 @@ def _jsonable(v: Any) -> Any:
 
 
 @click.command()
-@click.option("--store", "store_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Measure the rankings in this store (candidates ranked by >= 2 labelers).")
+@click.option("--store", "store_path", default=None, type=StoreParam(exists=True),
+              help=f"Measure the rankings in this store ({HELP}; candidates ranked by >= 2 labelers).")
 @click.option("--split", default=None, help="With --store: only prompts of this split. With --panel: default rm.")
 @click.option("--panel", "panel_mode", is_flag=True,
               help="Measure the default simulated panel on a fixed synthetic candidate set (no model).")
@@ -335,7 +336,7 @@ def _jsonable(v: Any) -> Any:
 @click.option("--seed", default=0, show_default=True, type=int, help="With --panel: candidate set and noise seed.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics to this JSON file.")
-def agreement(store_path: Path | None, split: str | None, panel_mode: bool, prompts_path: Path | None, limit: int,
+def agreement(store_path: Path | str | None, split: str | None, panel_mode: bool, prompts_path: Path | None, limit: int,
               k: int, seed: int, json_out: Path | None) -> None:
     """Labeler-labeler agreement: pairwise (with and without ties), leave-one-out majority,
     Fleiss' kappa, Krippendorff's alpha, Kendall's W, and agreement with the gold judge.

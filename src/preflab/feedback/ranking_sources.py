@@ -19,15 +19,16 @@ from preflab.errors import DataError
 def read_groups(source: str, fmt: str | None = None, split: str | None = None) -> list[Group]:
     """Every group of a JSONL file (bad row: DataError ``file:line: reason``; pairs, K = 2, of one
     prompt and labeler that form a cycle: DataError naming their lines) or of ``store:PATH`` (the
-    preference store's rankings of ``split``, with the prompts' category and slice)."""
+    preference store's rankings of ``split``, with the prompts' category and slice; ``PATH`` may be
+    a postgresql:// URL)."""
     if not source.startswith("store:"):
         return read_group_file(source, fmt)
-    path = Path(source.removeprefix("store:"))
-    if not path.is_file():  # PreferenceStore() would create an empty store
-        raise DataError(f"{path}: preference store not found")
-    from preflab.feedback.store import PreferenceStore
+    from preflab.feedback.store import PreferenceStore, is_url
 
-    with PreferenceStore(path) as store:
+    spec = source.removeprefix("store:")
+    if not is_url(spec) and not Path(spec).is_file():  # PreferenceStore() would create an empty store
+        raise DataError(f"{Path(spec)}: preference store not found")
+    with PreferenceStore(spec) as store:
         rows = store.grouped_kway(split=split)
         prompts = {p.id: p for p in store.prompts(split=split)}
     out = []
