@@ -133,3 +133,45 @@ def test_cli_writes_suite_and_prints_table(tmp_path, capsys):
     assert len(rows) == 400
     out = capsys.readouterr().out
     assert "extraction" in out and "harmful" in out and "eval" in out
+
+
+def test_long_form_off_leaves_the_suite_as_it_was(rows):
+    assert all(p.max_new_tokens is None for p in rows)
+    assert [p.to_dict() for p in generate_suite(seed=0, n=400, long_form=0.0)] == \
+        [p.to_dict() for p in generate_suite(seed=0, n=400)]
+
+
+def test_long_form_tasks_ask_for_words_and_carry_their_budget():
+    from preflab.constraints import check_all, count_words
+    from preflab.data.suite.generate import LONG_FORM_CATEGORIES, LONG_WORDS, words_budget
+    from preflab.data.suite.reference import reference_answer
+    from preflab.feedback.rubric import judge
+
+    suite = generate_suite(seed=0, n=1600, long_form=0.3)
+    long = [p for p in suite if p.max_new_tokens is not None]
+    assert len(long) > 40 and {p.split for p in long} == set(SPLITS)
+    assert {p.category for p in long} <= set(LONG_FORM_CATEGORIES) and all(p.slice == "ordinary" for p in long)
+    for p in long:
+        n = [c["n"] for c in p.constraints if c["type"] == "min_words"]
+        assert len(n) == 1 and n[0] in LONG_WORDS
+        assert p.max_new_tokens == words_budget(n[0]) >= 1.5 * n[0]
+        assert not any(c["type"] in ("max_words", "max_sentences") for c in p.constraints)  # one length slot
+        ref = reference_answer(p)
+        assert all(check_all(list(p.constraints), ref)) and n[0] <= count_words(ref) <= 200
+        assert judge(p, ref).total > 0.9  # no long-answer penalty for the witness either
+    assert words_budget(80) == 192 and words_budget(100) == 224 and words_budget(120) == 256
+    with pytest.raises(ValueError, match="long_form"):
+        generate_suite(seed=0, n=400, long_form=1.5)
+
+
+def test_long_form_cli_and_pipeline_setting(tmp_path):
+    from preflab.config import PipelineConfig, load_config
+
+    try:
+        main(["data", "suite", "--out", str(tmp_path), "--n", "400", "--long-form", "0.5"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    rows = load_prompts(tmp_path / "prompts.jsonl")
+    assert any(p.max_new_tokens for p in rows)
+    cfg = load_config(PipelineConfig, None, ["suite.long_form=0.2"])
+    assert cfg.suite.long_form == 0.2

@@ -228,7 +228,7 @@ class Pipeline:
         if self.cfg.suite.prompts:
             write_jsonl(self.prompts, [p.to_dict() for p in load_prompts(self.cfg.suite.prompts)])
         else:
-            write_suite(self.prompts, seed=self.cfg.suite.seed, n=self.cfg.suite.n)
+            write_suite(self.prompts, seed=self.cfg.suite.seed, n=self.cfg.suite.n, long_form=self.cfg.suite.long_form)
 
     def _split(self, split: str, limit: int | None = None):
         from preflab.data.suite import load_prompts

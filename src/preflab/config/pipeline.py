@@ -16,6 +16,10 @@ class SuiteSection(Section):
     prompts: str | None = Field(None, description="Your own prompt JSONL in the suite format (None: built-in suite).")
     seed: int = 0
     n: int = Field(3200, ge=100, description="Prompts in the built-in suite.")
+    long_form: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the built-in suite's generation, open-QA and chat requests that "
+        "ask for at least 80-120 words and carry their own token budget (192-256), which labeling, rollouts and "
+        "evaluation use instead of their default (0: none).")
 
 
 class DemosSection(Section):

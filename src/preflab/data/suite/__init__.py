@@ -16,9 +16,9 @@ from preflab.data.suite.schema import SLICES, SPLITS, SuitePrompt, as_prompt, lo
 from preflab.data.suite.templates import CATEGORIES
 
 
-def write_suite(path: str | os.PathLike, seed: int = 0, n: int = 3200) -> list[SuitePrompt]:
+def write_suite(path: str | os.PathLike, seed: int = 0, n: int = 3200, long_form: float = 0.0) -> list[SuitePrompt]:
     """Generate the suite and write it atomically to ``path`` (JSONL); returns the rows."""
-    rows = generate_suite(seed=seed, n=n)
+    rows = generate_suite(seed=seed, n=n, long_form=long_form)
     write_jsonl(path, (p.to_dict() for p in rows))
     return rows
 

@@ -17,7 +17,10 @@ from preflab.data.suite.templates import CATEGORIES
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives the same file.")
 @click.option("--n", "n", default=3200, show_default=True, type=click.IntRange(min=40),
               help="Number of prompts (split ~25/30/25/20 into sft/rm/ppo/eval).")
-def suite(out_dir: Path, seed: int, n: int) -> None:
+@click.option("--long-form", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of generation, open-QA and chat requests that ask for 80-120 words, with their own "
+                   "token budget.")
+def suite(out_dir: Path, seed: int, n: int, long_form: float) -> None:
     """Write the built-in task suite (OUT/prompts.jsonl) and print counts per category, slice and split.
 
     Splits never share a template or a topic, so the eval split measures generalisation.
@@ -32,7 +35,7 @@ def suite(out_dir: Path, seed: int, n: int) -> None:
     from preflab.data.suite import write_suite
 
     path = out_dir / "prompts.jsonl"
-    rows = write_suite(path, seed=seed, n=n)
+    rows = write_suite(path, seed=seed, n=n, long_form=long_form)
     counts = Counter((p.split, p.category) for p in rows)
     slice_counts = Counter((p.split, p.slice) for p in rows)
     table = Table(title=f"{len(rows)} prompts -> {path}")

@@ -21,6 +21,7 @@ The same seed gives the same rows, byte for byte once written.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import replace
@@ -68,6 +69,18 @@ TYPE_WEIGHTS: dict[str, float] = {
     "end_with": 2.0, "json_output": 1.0, "title": 1.0, "no_commas": 1.0, "postscript": 1.0, "quoted": 1.0,
     "keyword_frequency": 1.0,
 }
+# Long-form tasks (``long_form`` > 0): that share of the ordinary requests of these categories asks
+# for at least LONG_WORDS words, and carries the token budget such an answer needs.
+LONG_FORM_CATEGORIES = ("generation", "open_qa", "chat")
+LONG_WORDS = (80, 100, 120)
+
+
+def words_budget(n_words: int) -> int:
+    """New tokens to sample for an answer of at least ``n_words`` words: 1.5 tokens a word (English
+    prose with SmolLM2's tokenizer is about 1.3) plus 48 for titles and line breaks, in steps of 32."""
+    return 32 * math.ceil((1.5 * n_words + 48) / 32)
+
+
 # How many constraints an ordinary prompt gets (0..3), and a special-slice prompt (0..2).
 N_CONSTRAINTS_ORDINARY = (0.15, 0.35, 0.30, 0.20)
 N_CONSTRAINTS_SPECIAL = (0.5, 0.35, 0.15)
@@ -171,9 +184,11 @@ def _params(rng: random.Random, ctype: str, keywords: list[str]) -> dict[str, An
     return c
 
 
-def sample_constraints(rng: random.Random, k: int, keywords: list[str]) -> list[dict[str, Any]]:
-    """Up to ``k`` mutually compatible constraints; keyword types only when ``keywords`` is given."""
-    chosen: list[dict[str, Any]] = []
+def sample_constraints(rng: random.Random, k: int, keywords: list[str],
+                       first: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
+    """Up to ``k`` mutually compatible constraints (``first`` among them); keyword types only when
+    ``keywords`` is given."""
+    chosen: list[dict[str, Any]] = list(first)
     while len(chosen) < k:
         pool = [t for t in CONSTRAINT_TYPES if all(compatible(t, c["type"]) for c in chosen)
                 and (keywords or t not in ("include_keywords", "keyword_frequency"))]
@@ -369,6 +384,7 @@ class _Request:
             answer_keywords=tuple(self.extra.get("answer_keywords", ())),
             true_answers=tuple(self.extra.get("true_answers", ())),
             false_answers=tuple(self.extra.get("false_answers", ())), source=self.extra.get("source"),
+            max_new_tokens=words_budget(self.extra["long_words"]) if "long_words" in self.extra else None,
         )
 
 
@@ -389,7 +405,7 @@ def _satisfiable(p: SuitePrompt) -> bool:
 
 
 def _make_request(rng: random.Random, split: str, slice_: str, category: str | None,
-                  pools: dict[str, Any]) -> tuple[_Request, list[int]]:
+                  pools: dict[str, Any], long_form: float = 0.0) -> tuple[_Request, list[int]]:
     """Draw one request; returns it and the form indices available for paraphrases."""
     if slice_ == "ordinary":
         template = rng.choice(pools["templates"][split][category])
@@ -401,7 +417,11 @@ def _make_request(rng: random.Random, split: str, slice_: str, category: str | N
             task = passage_task(rng, template, topic)
             extra |= {"source": task["source"], "answer": task["answer"], "answer_keywords": task["answer_keywords"]}
             fmt |= task["slots"]
-        cons = sample_constraints(rng, k, list(topic.keywords))
+        first: tuple[dict[str, Any], ...] = ()
+        if long_form and category in LONG_FORM_CATEGORIES and rng.random() < long_form:  # no draw when off
+            extra["long_words"] = rng.choice(LONG_WORDS)
+            first, k = ({"type": "min_words", "n": extra["long_words"]},), max(k, 1)
+        cons = sample_constraints(rng, k, list(topic.keywords), first)
         req = _Request(rng, split, slice_, category, template.id, topic.id, list(template.forms), fmt, cons, extra)
         return req, list(range(len(template.forms)))
     wrapper_ids = [i for i, s in enumerate(_TEMPLATE_PATTERN) if s == split]
@@ -453,10 +473,14 @@ def _pools() -> dict[str, Any]:
     return pools
 
 
-def generate_suite(seed: int = 0, n: int = 3200) -> list[SuitePrompt]:
-    """The suite: ``n`` prompts split ~25/30/25/20 into sft/rm/ppo/eval; deterministic in ``seed``."""
+def generate_suite(seed: int = 0, n: int = 3200, long_form: float = 0.0) -> list[SuitePrompt]:
+    """The suite: ``n`` prompts split ~25/30/25/20 into sft/rm/ppo/eval; deterministic in ``seed``.
+    ``long_form``: the share of ordinary generation, open-QA and chat requests that
+    ask for at least 80-120 words and carry the token budget for it (0: none, the suite as before)."""
     if n < 40:
         raise ValueError(f"n must be at least 40 to fill every split, slice and category, got {n}")
+    if not 0.0 <= long_form <= 1.0:
+        raise ValueError(f"long_form must be in [0, 1], got {long_form}")
     rng = random.Random(seed)
     pools = _pools()
     seen: set[str] = set()
@@ -479,7 +503,7 @@ def generate_suite(seed: int = 0, n: int = 3200) -> list[SuitePrompt]:
                 tries += 1
                 if tries > 200 * count + 1000:
                     raise RuntimeError(f"cannot fill {split}/{slice_}/{cat}: too few distinct prompts")
-                req, form_ids = _make_request(rng, split, slice_, cat, pools)
+                req, form_ids = _make_request(rng, split, slice_, cat, pools, long_form)
                 size = 1
                 if split == "eval" and len(form_ids) > 1 and rng.random() < PARAPHRASE_RATE:
                     size = min(len(form_ids), rng.choice((2, 3)), count - made)

@@ -63,6 +63,37 @@ IDEAS: dict[str, tuple[str, ...]] = {
                 "A class about {k2}.", "A puzzle about {k3}."),
 }
 
+# A long-form reference answer's sentence on each of the topic's keywords.
+LONG_KEYWORD_NOTES = ("People enjoy learning about {w}.", "There is always more to discover about {w}.",
+                      "Books and museums have much to say about {w}.", "Ask a friend what they know about {w}.")
+# Closing sentences of a long-form reference answer, per topic domain (after the topic's facts).
+DOMAIN_NOTES: dict[str, tuple[str, ...]] = {
+    "science": ("Scientists test ideas about {topic} with careful experiments and measurements.",
+                "Each new finding about {topic} raises fresh questions to explore.",
+                "Learning the science of {topic} helps us understand the world around us."),
+    "nature": ("Nature shows many ways in which living things depend on each other.",
+               "Watching {topic} up close teaches patience and respect for wild places.",
+               "Protecting habitats keeps {topic} part of our world for future generations."),
+    "food": ("Food connects people across cultures, families and generations.",
+             "Trying {topic} yourself is one of the best ways to learn about it.",
+             "Good ingredients and simple steps make a big difference in the kitchen."),
+    "technology": ("Technology changes quickly, so ideas about {topic} keep improving.",
+                   "Engineers build on earlier designs to make {topic} faster and safer.",
+                   "Learning how {topic} works makes it easier to use it wisely."),
+    "history": ("History helps us see how people lived and why things changed.",
+                "Old records, objects and stories tell us about {topic}.",
+                "Lessons from {topic} still shape the way we think today."),
+    "health": ("Small daily habits can add up to better health over time.",
+               "A doctor or nurse can answer questions about {topic} for a particular person.",
+               "Reliable information about {topic} helps people make good choices."),
+    "sports": ("Sports build strength, teamwork and a sense of fair play.",
+               "Practice and patience help anyone improve at {topic}.",
+               "Fans and players share the excitement of {topic} around the world."),
+    "arts": ("Art lets people share feelings and ideas in ways words cannot.",
+             "Studying {topic} trains the eye and the imagination.",
+             "Anyone can start exploring {topic} with simple tools and curiosity."),
+}
+
 PS_TEXT = "I hope this helps you enjoy {topic}."
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -99,7 +130,12 @@ def content_items(p: SuitePrompt) -> list[str] | None:
             return [f"The passage is about {name}."] + src
         return src
     opener = OPENERS.get(p.template or "", "Here is what I know about {topic}.")
-    return [_fill(opener, name, topic.keywords)] + facts
+    items = [_fill(opener, name, topic.keywords)] + facts
+    if p.max_new_tokens is not None:  # a long-form task: room for the words it asks for
+        items += [LONG_KEYWORD_NOTES[i % len(LONG_KEYWORD_NOTES)].format(w=w) for i, w in enumerate(topic.keywords)]
+        items += [s.format(topic=name) for s in DOMAIN_NOTES[topic.domain]]
+        items.append(f"That is a short tour of {name}, and there is much more to learn.")
+    return items
 
 
 def _topic_name(p: SuitePrompt) -> str:
