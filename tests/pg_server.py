@@ -44,13 +44,13 @@ def _free_port() -> int:
 class PgServer:
     def __init__(self, bin_dir: Path):
         self.bin = bin_dir
+        nobody = pwd.getpwnam("nobody") if os.geteuid() == 0 else None  # postgres will not run as root
         self.root = Path(tempfile.mkdtemp(prefix="preflab-pg-"))
         self.data = self.root / "data"
         self.port = 0
         self._names = itertools.count()
         self.as_user: list[str] = []
-        if os.geteuid() == 0:  # postgres will not run as root
-            nobody = pwd.getpwnam("nobody")
+        if nobody is not None:
             os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
             self.as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
 
@@ -101,10 +101,12 @@ def start_or_skip() -> PgServer:
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL tests: no initdb/pg_ctl found (install PostgreSQL or set PREFLAB_PG_BIN)")
-    server = PgServer(bin_dir)
+    server = None
     try:
+        server = PgServer(bin_dir)
         server.start()
     except (RuntimeError, OSError, KeyError, subprocess.TimeoutExpired) as e:
-        server.stop()
-        pytest.skip(f"PostgreSQL tests: the server could not start ({e})")
+        if server is not None:
+            server.stop()
+        pytest.skip(f"PostgreSQL tests: the server could not start ({type(e).__name__}: {e})")
     return server
