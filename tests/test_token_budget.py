@@ -80,8 +80,12 @@ def test_engine_stops_each_row_at_its_budget(varied):
 def test_engine_budgets_per_prompt_with_n_samples(varied):
     model, tok = varied
     ids = encode_prompts(tok, PROMPTS[:2])
+    torch.manual_seed(0)
     s = HFGenerator(model, tok).generate(ids, max_new_tokens=[2, 6], temperature=1.0, n=3)
-    assert s.lengths.tolist() == [2, 2, 2, 6, 6, 6]  # rows p*n .. p*n+n-1 belong to prompt p
+    budget = torch.tensor([2, 2, 2, 6, 6, 6])  # rows p*n .. p*n+n-1 belong to prompt p
+    assert (s.lengths <= budget).all()
+    assert torch.equal(s.lengths[~s.ended], budget[~s.ended])  # a row that did not end ran to its own budget
+    assert int(s.lengths[3:].max()) > 2
 
 
 def test_sampled_draws_do_not_depend_on_other_rows_budgets(varied):
