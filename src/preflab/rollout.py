@@ -328,9 +328,11 @@ def encode_prompts(tokenizer: Any, prompts: list[str | list[dict[str, str]]], ma
 
 def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int | list[int] = 128,
                    temperature: float = 0.7, batch_size: int = 16, bf16: bool = True,
-                   progress: bool = False, cache: Path | None = None, seed: int = 0, cache_key: str = "") -> list[str]:
+                   progress: bool = False, cache: Path | None = None, seed: int = 0, cache_key: str = "",
+                   generator: Generator | None = None) -> list[str]:
     """Sample one response per prompt, in batches; returns decoded texts in prompt order.
-    ``max_new_tokens``: one budget, or one per prompt.
+    ``max_new_tokens``: one budget, or one per prompt. ``generator``: another back end than
+    preflab's engine over ``model`` (e.g. ``generation.llamacpp``; ``model`` is then unused).
 
     ``cache``: a JSONL file each finished batch is appended to, so a killed call resumes at the
     first unfinished batch. Each batch then draws from its own seed (``seed`` and its position),
@@ -342,7 +344,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens:
 
     from preflab.run import Progress
 
-    gen = HFGenerator(model, tokenizer, bf16=bf16)
+    gen = generator or HFGenerator(model, tokenizer, bf16=bf16)
     ids = encode_prompts(tokenizer, prompts)
     budgets = per_prompt(max_new_tokens, len(ids))
     # Similar lengths together: less padding, faster batches; results go back in input order.
@@ -407,8 +409,15 @@ def _batch_cache(cache: Path | None, key_text: str) -> dict[int, list[str]]:
 @click.option("--threads", default=None, type=click.IntRange(1))
 @click.option("--id-field", default="id", show_default=True,
               help="The prompt rows' id key (e.g. `key` for IFEval files).")
+@click.option("--backend", type=click.Choice(["hf", "llamacpp"]), default="hf", show_default=True,
+              help="hf: preflab's engine (fastest at large batches); llamacpp: llama.cpp (the llamacpp extra, "
+                   "faster at a few rows per batch) on the bundled GGUF, or on a GGUF exported once from a saved "
+                   "Llama-style model. See docs/performance.md.")
+@click.option("--gguf-type", type=click.Choice(["q8_0", "q4_0", "q4_1", "bf16", "f16", "f32"]), default="q8_0",
+              show_default=True, help="llamacpp: the matrix type of an exported GGUF (q4_0: llama.cpp's fastest on "
+                                      "x86, furthest from the weights); bundled: models run their own GGUF.")
 def generate_cli(model_spec, prompts_path, out_path, max_new_tokens, temperature, seed, batch_size, limit, threads,
-                 id_field):
+                 id_field, backend, gguf_type):
     """Sample one response per prompt from a model and write JSONL {id, response}.
 
     Example: preflab generate --model runs/demo/sft/model --prompts prompts.jsonl --out responses.jsonl
@@ -445,9 +454,17 @@ def generate_cli(model_spec, prompts_path, out_path, max_new_tokens, temperature
     models.set_threads(threads)
     torch.manual_seed(seed)
     tokenizer = models.load_tokenizer(model_spec)
-    model = models.load_policy(model_spec)
+    model, generator = None, None
+    if backend == "llamacpp":  # fixed weights from a GGUF; the torch model is not loaded
+        from preflab.generation import llamacpp
+
+        engine = llamacpp.LlamaCppEngine(llamacpp.gguf_for(model_spec, gguf_type), tokenizer,
+                                         threads=torch.get_num_threads(), max_batch=batch_size)
+        generator = TokenEngineGenerator(engine, tokenizer)
+    else:
+        model = models.load_policy(model_spec)
     t0 = time.time()
     texts = generate_texts(model, tokenizer, [p for _, p in rows], max_new_tokens=max_new_tokens,
-                           temperature=temperature, batch_size=batch_size, progress=True)
+                           temperature=temperature, batch_size=batch_size, progress=True, generator=generator)
     write_jsonl(Path(out_path), [{"id": i, "response": t} for (i, _), t in zip(rows, texts)])
     click.echo(f"wrote {len(rows)} responses to {out_path} in {time.time() - t0:.1f}s")
