@@ -15,6 +15,10 @@ optimizer step:
   instead of preflab's ``models.PRIMITIVE_CACHE`` (every other mode runs with preflab's).
 
     .venv/bin/python benchmarks/allocator.py --run runs/demo --out benchmarks/results/allocator.json
+    .venv/bin/python benchmarks/allocator.py --smoke   # the tiny model on 8 made-up rankings, 2 steps
+
+``--smoke`` needs no run: the tiny random model and a few rankings written to a temporary folder.
+No outside peer: the modes are glibc's and oneDNN's settings against preflab's.
 
 The reference log-probs are computed by the first process and copied to the others (the first
 process's resident set includes that pass). Read step times as a ratio within one run (the
@@ -28,13 +32,24 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
+
 MODES = ("tuned", "onednn-1024", "untuned", "tuned+trim5")
+SMOKE = {"steps": 2, "batch_prompts": 2, "modes": "tuned,untuned"}
+
+
+def smoke_data(where: Path) -> Path:
+    """8 K = 2 rankings of made-up responses (the smoke setting's data; the model is ``tiny:``)."""
+    path = where / "rankings.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Name a number near {i}.", "responses": [f"{i + 1}.", f"{i}0, no"],
+                                        "order": [[0], [1]]}) + "\n" for i in range(8)))
+    return path
 
 
 def rss_mb() -> float:
@@ -45,7 +60,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def one(mode: str, run: Path, out: Path, steps: int, batch_prompts: int) -> dict:
+def one(mode: str, model: str, data: str, out: Path, steps: int, batch_prompts: int, threads: int | None) -> dict:
     """One mode in this process: the DPO stage, the resident set after each optimizer step."""
     if mode == "untuned":
         os.environ["PREFLAB_MALLOC_TUNE"] = "0"
@@ -69,12 +84,12 @@ def one(mode: str, run: Path, out: Path, steps: int, batch_prompts: int) -> dict
 
         register_optimizer_step_post_hook(trim)
     cfg = load_config(DPOConfig, None, [
-        f"model.path={run / 'sft' / 'model'}", "model.threads=1", f"data.train=store:{run / 'store.sqlite'}",
+        f"model.path={model}", f"model.threads={'null' if threads is None else threads}", f"data.train={data}",
         "data.val_fraction=0", "data.max_length=320", f"train.batch_prompts={batch_prompts}",
         f"train.max_steps={steps}", "optim.lr=5e-6", "run.progress=false", f"run.out={out}"])
     run_stage("dpo", cfg)
     gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:])]
-    return {"mode": mode, "steps": len(samples), "rss_mb": [round(r) for _, r in samples],
+    return {"config": mode, "status": "ran", "mode": mode, "steps": len(samples), "rss_mb": [round(r) for _, r in samples],
             "rss_first_mb": samples[0][1], "rss_last_mb": samples[-1][1], "rss_max_mb": max(r for _, r in samples),
             "median_step_s": statistics.median(gaps)}
 
@@ -84,39 +99,46 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="A pipeline run with sft/model and store.sqlite.")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-prompts", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     ap.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of {', '.join(MODES)}.")
     ap.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    common.add_options(ap, threads=1)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one, a.run, a.dir, a.steps, a.batch_prompts)))
+        print(json.dumps(one(a.one, a.model, a.data, a.dir, a.steps, a.batch_prompts, a.threads)))
         return
+    if a.smoke:
+        vars(a).update(SMOKE)
+    record = common.start(a)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        model, data = ((common.TINY, str(smoke_data(Path(tmp)))) if a.smoke
+                       else (str(a.run / "sft" / "model"), f"store:{a.run / 'store.sqlite'}"))
+        for what in ([] if a.smoke else [a.run / "sft" / "model", a.run / "store.sqlite"]):
+            if not what.exists():
+                raise SystemExit(f"{what} not found: give --run a finished pipeline run (or --smoke)")
         ref = Path(tmp) / "reference_logps.json"
         for mode in a.modes.split(","):
             d = Path(tmp) / mode
             d.mkdir()
             if ref.is_file():
                 shutil.copy(ref, d / ref.name)
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--one", mode, "--run", str(a.run), "--dir", str(d),
-                                   "--steps", str(a.steps), "--batch-prompts", str(a.batch_prompts)],
-                                  env=env, capture_output=True, text=True, check=True)
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            if not ref.is_file():
+            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)} if a.threads else None
+            results.append(common.spawn(__file__, ["--one", mode, "--model", model, "--data", data, "--dir", str(d),
+                                                   "--steps", str(a.steps), "--batch-prompts", str(a.batch_prompts),
+                                                   "--threads", "auto" if a.threads is None else str(a.threads)],
+                                        mode, env))
+            if not ref.is_file() and (d / ref.name).is_file():
                 shutil.copy(d / ref.name, ref)
-    print(f"| mode | RSS after step 1 | after step {a.steps} | max | median s/step |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['mode']} | {r['rss_first_mb'] / 1024:.2f} GiB | {r['rss_last_mb'] / 1024:.2f} GiB | "
-              f"{r['rss_max_mb'] / 1024:.2f} GiB | {r['median_step_s']:.2f} |")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"results": results, "run": str(a.run), "steps": a.steps,
-                                     "batch_prompts": a.batch_prompts, "command": " ".join(sys.argv),
-                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    common.print_table(
+        f"DPO stage, {a.steps} steps of {a.batch_prompts} prompts: resident set per heap setting",
+        [("mode", ""), ("RSS after step 1 MiB", "{rss_first_mb:.0f}"), (f"after step {a.steps} MiB", "{rss_last_mb:.0f}"),
+         ("max MiB", "{rss_max_mb:.0f}"), ("median s/step", "{median_step_s:.2f}")], results, [])
+    common.write(common.out_path(a, "allocator"), "allocator", record, results=results,
+                 workload={"run": "tiny: + 8 made-up rankings" if a.smoke else str(a.run), "steps": a.steps,
+                           "batch_prompts": a.batch_prompts})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ once. Reports p50/p95/max latency of submits and of task fetches (successful req
 retries counted apart), throughput, the restart time, and the checks.
 
     .venv/bin/python benchmarks/annotate_load.py                       # 20 labelers, 1,000 rankings
-    .venv/bin/python benchmarks/annotate_load.py --out load.json       # + JSON
+    .venv/bin/python benchmarks/annotate_load.py --out load.json       # JSON elsewhere than results/
+    .venv/bin/python benchmarks/annotate_load.py --smoke               # 2 labelers, 12 rankings (seconds)
     .venv/bin/python benchmarks/annotate_load.py --no-kill             # latency without the kill
     .venv/bin/python benchmarks/annotate_load.py --store postgresql://USER@HOST:PORT/DB --servers 2
 
@@ -19,20 +20,23 @@ next when one does not answer, and the first server is the one killed.
 
 Everything stays on 127.0.0.1; the store (a SQLite file unless --store) and the server logs go
 to --workdir (a new temporary folder by default, removed afterwards unless --keep). Exit code 1
-if a check fails.
+if a check fails. No outside peer: the figures are the server's own, with the exactly-once checks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from preflab.annotate.loadtest import run_load
-from preflab.data.jsonl import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
+
+from preflab.annotate.loadtest import run_load  # noqa: E402
+
+SMOKE = {"labelers": 2, "rankings": 12}
 
 
 def main() -> int:
@@ -44,11 +48,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="Seconds before the clients give up.")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="Keep the workdir (store and server log).")
-    ap.add_argument("--out", type=Path, default=None, help="Also write the results as JSON.")
     ap.add_argument("--store", default=None, help="postgresql://USER@HOST:PORT/DB of an empty database "
                     "(default: a SQLite file in --workdir).")
     ap.add_argument("--servers", type=int, default=1, help="Servers on the store (more than 1 needs --store).")
+    common.add_options(ap, with_threads=False)
     args = ap.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+    record = common.start(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="annotate-load-"))
     try:
         res = run_load(workdir, labelers=args.labelers, rankings=args.rankings,
@@ -70,9 +77,8 @@ def main() -> int:
               f"{res['duplicate_acks']} resubmits answered as duplicates")
     print(f"store: {res['stored']} rankings, {res['lost_acknowledged']} acknowledged lost, {res['stored_twice']} "
           f"stored twice -> exactly once: {res['exactly_once']}")
-    if args.out:
-        atomic_write_text(args.out, json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    common.write(common.out_path(args, "annotate_load"), "annotate_load", record,
+                 results=[{"config": f"{res['servers']} server(s), {res['labelers']} labelers", "status": "ran", **res}])
     return 0 if res["exactly_once"] and not res["client_errors"] else 1
 
 

@@ -5,17 +5,18 @@ for key lengths from a short DPO pair to a long SFT row. ``preflab.models.MATH_M
 length up to which preflab's models use the math kernel on CPU) is read off this table.
 
 The two kernels alternate within each repetition, so load from other work hits both alike;
-the time is the median over ``--reps`` repetitions after one warm-up.
+the time is the median over ``--reps`` repetitions after one warm-up. There is no outside peer:
+the two kernels are each other's.
 
-    .venv/bin/python benchmarks/attention.py --out benchmarks/results/attention.json
+    .venv/bin/python benchmarks/attention.py          # JSON in benchmarks/results/attention.json
+    .venv/bin/python benchmarks/attention.py --smoke  # two short lengths, one repetition (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from preflab import models
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
 
-HEADS, HEAD_DIM, THREADS = 9, 64, 2
+from preflab import models  # noqa: E402
+
+HEADS, HEAD_DIM = 9, 64
 TOKENS_PER_BATCH = 2048  # rows x length held about constant: the shape of a micro-batch
 LENGTHS = (64, 96, 128, 160, 192, 256, 384, 512, 1024)
+SMOKE = {"TOKENS_PER_BATCH": 64, "LENGTHS": (16, 32)}
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
@@ -68,24 +73,23 @@ def measure(reps: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", type=Path)
+    common.add_options(ap)
     args = ap.parse_args()
-    models.set_threads(THREADS)
-    rows = measure(args.reps)
-    print(f"attention forward + backward, bf16, {HEADS} heads x {HEAD_DIM}, {THREADS} threads, "
+    if args.smoke:
+        globals().update(SMOKE)
+        args.reps = 1
+    record = common.start(args)
+    threads = common.set_threads(args.threads)
+    rows = [{"config": f"{r['keys']} keys", "status": "ran", **r} for r in measure(args.reps)]
+    print(f"attention forward + backward, bf16, {HEADS} heads x {HEAD_DIM}, {threads} threads, "
           f"~{TOKENS_PER_BATCH} tokens per batch (median of {args.reps})")
     print(f"{'keys':>6} {'rows':>5} {'flash ms':>9} {'math ms':>8} {'math/flash':>10}  preflab uses")
     for r in rows:
         print(f"{r['keys']:>6} {r['rows']:>5} {r['flash_ms']:>9.1f} {r['math_ms']:>8.1f} {r['math_over_flash']:>10.2f}  "
               f"{r['preflab_uses']}")
-    if args.out:
-        payload = {"results": rows, "math_max_keys": models.MATH_MAX_KEYS, "torch": torch.__version__,
-                   "threads": THREADS, "reps": args.reps, "load_1min": os.getloadavg()[0],
-                   "command": "benchmarks/attention.py" + (f" --reps {args.reps}" if args.reps != 5 else "")
-                   + f" --out {args.out}"}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    common.write(common.out_path(args, "attention"), "attention", record, math_max_keys=models.MATH_MAX_KEYS,
+                 workload={"heads": HEADS, "head_dim": HEAD_DIM, "tokens_per_batch": TOKENS_PER_BATCH,
+                           "reps": args.reps}, results=rows)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,16 @@ beside the model state the arithmetic expects per rank: 16 bytes per parameter (
 gradients, Adam's two moments), divided by the ranks under FSDP. Peak RSS also holds what every
 process has (torch, transformers, the data; ``baseline_mb``: a one-process run of the tiny model).
 
-    .venv/bin/python benchmarks/fsdp_memory.py --out benchmarks/results/fsdp_memory.json
+No outside peer: DDP and FSDP (torch's, as ``train.parallel`` runs them) are each other's.
+
+    .venv/bin/python benchmarks/fsdp_memory.py       # JSON in benchmarks/results/fsdp_memory.json
     .venv/bin/python benchmarks/fsdp_memory.py --layers 2                     # brief
+    .venv/bin/python benchmarks/fsdp_memory.py --smoke   # a 1-layer model of width 256, 1 step (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -25,14 +27,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from machine import describe, load_1m  # benchmarks/ is on sys.path for its scripts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"hidden": 256, "layers": 1, "steps": 1}
 
 
 def make_model(where: Path, hidden: int, layers: int) -> int:
     """A random Llama with the tiny tokenizer in ``where``; returns its parameter count."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from preflab import models
@@ -54,17 +58,19 @@ def last_peak_rss(run: Path) -> float:
     return [r for r in rows if "perf/peak_rss_mb" in r][-1]["perf/peak_rss_mb"]
 
 
-def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None) -> float:
+def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None, threads: int | None) -> float:
     """Rank 0's peak RSS in MiB of ``preflab sft`` (``parallel``: two ranks; None: one process)."""
     args = ["sft", f"model.path={model}", f"data.train={demos}", "data.val_fraction=0", "data.max_length=96",
-            f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false", "model.threads=1",
+            f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false",
+            f"model.threads={'null' if threads is None else threads}",
             "run.save_every=0", "run.progress=false", f"run.out={out}"]
     if parallel:
         torchrun = Path(sys.executable).with_name("torchrun")
         cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "preflab.cli", *args, f"train.parallel={parallel}"]
     else:
         cmd = [sys.executable, "-m", "preflab.cli", *args]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
     return last_peak_rss(out)
 
 
@@ -73,8 +79,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", type=Path)
+    common.add_options(ap, threads=1)  # per rank
     a = ap.parse_args()
+    if a.smoke:
+        vars(a).update(SMOKE)
+    record = common.start(a)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = make_model(tmp / "model", a.hidden, a.layers)
@@ -83,24 +92,19 @@ def main() -> None:
                                              "response": f"The number is {i}; that is all I have to say."}) + "\n"
                                  for i in range(64)))
         state_mb = 16 * n / 2**20
-        result = {
-            "date": dt.date.today().isoformat(), "machine": describe(), "torch": torch.__version__,
-            "parameters": n, "world_size": 2, "steps": a.steps,
-            "baseline_mb": sft("tiny:", demos, tmp / "base", 1, None),
-            "ddp": {"peak_rss_mb": sft(tmp / "model", demos, tmp / "ddp", a.steps, "ddp"),
-                    "model_state_mb": state_mb},
-            "fsdp": {"peak_rss_mb": sft(tmp / "model", demos, tmp / "fsdp", a.steps, "fsdp"),
-                     "model_state_mb": state_mb / 2},
-        }
-    result["load_1m_after"] = load_1m()
-    result["fsdp_over_ddp"] = result["fsdp"]["peak_rss_mb"] / result["ddp"]["peak_rss_mb"]
-    result["fsdp_over_ddp_above_baseline"] = ((result["fsdp"]["peak_rss_mb"] - result["baseline_mb"])
-                                              / (result["ddp"]["peak_rss_mb"] - result["baseline_mb"]))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+        baseline = sft("tiny:", demos, tmp / "base", 1, None, a.threads)
+        results = [{"config": parallel, "status": "ran", "world_size": 2,
+                    "peak_rss_mb": sft(tmp / "model", demos, tmp / parallel, a.steps, parallel, a.threads),
+                    "model_state_mb": state_mb / (2 if parallel == "fsdp" else 1)} for parallel in ("ddp", "fsdp")]
+    ddp, fsdp = (r["peak_rss_mb"] for r in results)
+    summary = {"fsdp_over_ddp": fsdp / ddp, "fsdp_over_ddp_above_baseline": (fsdp - baseline) / (ddp - baseline)}
+    common.print_table(f"Rank 0's peak RSS, {n / 1e6:.1f}M parameters, 2 gloo ranks, {a.steps} steps",
+                       [("parallel", ""), ("peak RSS MiB", "{peak_rss_mb:.0f}"),
+                        ("model state MiB (16 B/param / ranks)", "{model_state_mb:.0f}")], results,
+                       [f"one-process baseline (tiny model): {baseline:.0f} MiB; FSDP / DDP {summary['fsdp_over_ddp']:.2f}, "
+                        f"above the baseline {summary['fsdp_over_ddp_above_baseline']:.2f}"])
+    common.write(common.out_path(a, "fsdp_memory"), "fsdp_memory", record, parameters=n, steps=a.steps,
+                 workload={"hidden": a.hidden, "layers": a.layers}, baseline_mb=baseline, results=results, **summary)
 
 
 if __name__ == "__main__":

@@ -58,21 +58,24 @@ def matmul_gflops(dtype_name: str, n: int = 1024, seconds: float = 0.3) -> float
     return 2 * n ** 3 / best / 1e9
 
 
-def describe() -> dict[str, Any]:
-    """CPU model and flags, torch threads, load, measured bf16/fp32 matmul GFLOP/s (about 1 s)."""
+def describe(probe: bool = True) -> dict[str, Any]:
+    """CPU model and flags, host name, torch threads, load, measured bf16/fp32 matmul GFLOP/s (about
+    1 s; ``probe=False``: not measured, None, for runs too small for the figure to mean anything)."""
     import torch
 
     info = cpu_info()
-    info.update(torch=torch.__version__, threads=torch.get_num_threads(), load_1m=load_1m(),
-                bf16_matmul_gflops=round(matmul_gflops("bf16")), fp32_matmul_gflops=round(matmul_gflops("fp32")))
+    info.update(host=platform.node(), torch=torch.__version__, threads=torch.get_num_threads(), load_1m=load_1m(),
+                bf16_matmul_gflops=round(matmul_gflops("bf16")) if probe else None,
+                fp32_matmul_gflops=round(matmul_gflops("fp32")) if probe else None)
     return info
 
 
 def print_machine(info: dict[str, Any]) -> None:
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["flags"].items())
-    print(f"machine: {info['cpu']} ({info['cores']} cores; {flags})")
-    print(f"  torch {info['torch']}, {info['threads']} threads, 1-min load {info['load_1m']}, matmul 1024^2: "
-          f"bf16 {info['bf16_matmul_gflops']} GFLOP/s, fp32 {info['fp32_matmul_gflops']} GFLOP/s")
+    print(f"machine: {info['cpu']} ({info['cores']} cores; {flags}){' on ' + info['host'] if info.get('host') else ''}")
+    rate = ("not measured" if info.get("bf16_matmul_gflops") is None else
+            f"bf16 {info['bf16_matmul_gflops']} GFLOP/s, fp32 {info['fp32_matmul_gflops']} GFLOP/s")
+    print(f"  torch {info['torch']}, {info['threads']} threads, 1-min load {info['load_1m']}, matmul 1024^2: {rate}")
 
 
 def rss_gib() -> float:

@@ -10,29 +10,40 @@ no-grad forward alone (the scoring pass). Each path runs ``--steps`` times per r
 warm-up; rounds alternate full, shared, full, shared; the median over rounds is reported. The
 two paths' log-probs are compared in fp32 (equal) and each against fp32 under bf16 autocast.
 
-    .venv/bin/python benchmarks/rl_prompt_sharing.py --out benchmarks/results/rl_prompt_sharing.json
+The peers' way (k full copies of the prompt) is run here as its computation in preflab's model
+code, not through a peer library: what is compared is the work, not a framework.
+
+    .venv/bin/python benchmarks/rl_prompt_sharing.py   # JSON in benchmarks/results/rl_prompt_sharing.json
     .venv/bin/python benchmarks/rl_prompt_sharing.py --threads 1 --rounds 2 --steps 2   # brief
+    .venv/bin/python benchmarks/rl_prompt_sharing.py --smoke   # tiny random model (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-MODEL = "bundled:smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
+
+MODEL = common.BUNDLED
 PROMPTS, K, PROMPT_TOKENS, RESPONSE_TOKENS = 2, 4, 65, 64
+SMOKE = {"MODEL": common.TINY, "PROMPTS": 1, "K": 2, "PROMPT_TOKENS": 6, "RESPONSE_TOKENS": 4}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", type=Path)
+    common.add_options(ap)
     a = ap.parse_args()
+    if a.smoke:
+        globals().update(SMOKE)
+        a.rounds, a.steps = 1, 1
+    record = common.start(a)
 
     import torch
 
@@ -40,7 +51,7 @@ def main() -> None:
     from preflab.rl import selective_log_softmax
     from preflab.rollout import Samples
 
-    models.set_threads(a.threads)
+    threads = common.set_threads(a.threads)
     tok = models.load_tokenizer(MODEL)
     policy = models.load_policy(MODEL, dtype="fp32", device="cpu", dropout_off=True)
     g = torch.Generator().manual_seed(0)
@@ -82,24 +93,23 @@ def main() -> None:
                     fn(shared)
                 times.setdefault((name, "shared" if shared else "full"), []).append((time.perf_counter() - t0) / a.steps)
     rows = []
-    print(f"| pass | full sequences (s) | prompt once (s) | speed-up | threads {a.threads} |")
+    print(f"| pass | full sequences (s) | prompt once (s) | speed-up | threads {threads} |")
     print("|---|---|---|---|---|")
     for name in ("forward+backward", "forward (no grad)"):
         full, shared = (statistics.median(times[(name, p)]) for p in ("full", "shared"))
-        rows.append({"pass": name, "full_s": full, "shared_s": shared, "speedup": full / shared})
+        rows.append({"config": name, "status": "ran", "pass": name, "full_s": full, "shared_s": shared,
+                     "speedup": full / shared})
         print(f"| {name} | {full:.3f} | {shared:.3f} | {full / shared:.2f}x | |")
     tokens_full = PROMPTS * K * (PROMPT_TOKENS + RESPONSE_TOKENS)
     tokens_shared = PROMPTS * (PROMPT_TOKENS - 1) + PROMPTS * K * (RESPONSE_TOKENS + 1)
     print(f"tokens through the model: {tokens_full} full, {tokens_shared} shared; log-probs: max |shared - full| in "
           f"fp32 {diff['shared_vs_full_fp32']:.1e}; mean |bf16 - fp32| full {diff['full_bf16_vs_fp32']:.3f}, "
           f"shared {diff['shared_bf16_vs_fp32']:.3f}")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"results": rows, "threads": a.threads, "rounds": a.rounds, "steps": a.steps,
-                                     "workload": {"prompts": PROMPTS, "k": K, "prompt_tokens": PROMPT_TOKENS,
-                                                  "response_tokens": RESPONSE_TOKENS},
-                                     "tokens": {"full": tokens_full, "shared": tokens_shared},
-                                     "logprob_diffs": diff}, indent=2) + "\n")
+    common.write(common.out_path(a, "rl_prompt_sharing"), "rl_prompt_sharing", record, results=rows,
+                 rounds=a.rounds, steps=a.steps,
+                 workload={"model": MODEL, "prompts": PROMPTS, "k": K, "prompt_tokens": PROMPT_TOKENS,
+                           "response_tokens": RESPONSE_TOKENS},
+                 tokens={"full": tokens_full, "shared": tokens_shared}, logprob_diffs=diff)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ step time does not depend on the text.
 
 Each configuration runs in a fresh subprocess (``--one CONFIG``) so that the peak RSS is that
 configuration's alone: load the model, 1 warm-up step, then the median of 5 timed steps;
-``torch.set_num_threads(2)`` (``--threads N`` to change it: on a shared 2-core machine, 2
+2 torch threads (``--threads N`` or ``auto`` to change it: on a shared 2-core machine, 2
 OpenMP threads that wait on each other can make a step several times slower than 1 thread).
 
 The step replicates ``preflab.stages.reward.train`` step 3 call for call: ``collate_groups``
@@ -19,10 +19,15 @@ scale).backward()``, ``clip_grad``, AdamW + LambdaLR from ``make_optimizer(RMOpt
 ``zero_grad(set_to_none)``. ``--k 4 --prompt-tokens 96`` is the demo's shape (K = 4 rankings,
 prompts with the chat template about 96 tokens), where sharing the prompt matters more.
 
-TRL 1.12's ``RewardTrainer`` is quoted (5.9 s/step on this workload, from the issue), not run.
+The peer, TRL's ``RewardTrainer``, runs in the same run (fp32 and ``bf16=True, use_cpu=True``,
+gradient checkpointing off, the same optimizer settings) on the same groups given as its
+pre-tokenised pairs (``chosen_ids``, ``rejected_ids``): each prompt's C(K,2) pairs, every pair a
+full prompt + response row twice, one optimizer step per batch of all of them; its step time is
+the gap between consecutive ``on_step_end`` callbacks. Where trl is not importable its rows say
+"not installed".
 
-    .venv/bin/python benchmarks/rm_step.py                 # fp32 + bf16, table
-    .venv/bin/python benchmarks/rm_step.py --out r.json    # + JSON
+    .venv/bin/python benchmarks/rm_step.py                 # preflab and TRL; table and JSON
+    .venv/bin/python benchmarks/rm_step.py --smoke         # tiny random model, 1 timed step: every row runs
     .venv/bin/python benchmarks/rm_step.py --one bf16      # one configuration, JSON on stdout
     .venv/bin/python benchmarks/rm_step.py --k 4 --prompt-tokens 96   # the demo's K = 4 shape
 """
@@ -30,32 +35,43 @@ TRL 1.12's ``RewardTrainer`` is quoted (5.9 s/step on this workload, from the is
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-MODEL = "bundled:smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
+
+MODEL = common.BUNDLED
 PROMPTS, K, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 2, 32, 64
-WARMUP, STEPS, THREADS = 1, 5, 2
+WARMUP, STEPS = 1, 5
+SMOKE = {"MODEL": common.TINY, "PROMPTS": 2, "PROMPT_TOKENS": 4, "RESPONSE_TOKENS": 8, "WARMUP": 1, "STEPS": 1}
 TARGET_S = 2.5
-REFERENCES = [{"config": "ref: TRL 1.12 RewardTrainer (quoted, not run)", "s_per_step": 5.9}]
-CONFIGS = {"fp32": (False, True), "bf16": (True, True), "bf16-unshared": (True, False)}  # (bf16, share prompt)
+# config: (tool, bf16, share prompt)
+CONFIGS = {"fp32": ("preflab", False, True), "bf16": ("preflab", True, True), "bf16-unshared": ("preflab", True, False),
+           "trl-fp32": ("trl", False, False), "trl-bf16": ("trl", True, False)}
 
 
 def issue_workload() -> bool:
-    return (K, PROMPT_TOKENS, RESPONSE_TOKENS, PROMPTS) == (2, 32, 64, 8)
+    return (MODEL, K, PROMPT_TOKENS, RESPONSE_TOKENS, PROMPTS) == (common.BUNDLED, 2, 32, 64, 8)
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 / 1024.0  # Linux: KiB
+def make_groups(vocab: int) -> list[list[list[int]]]:
+    """PROMPTS groups of K rows (prompt + response ids), best first; random ordinary ids, seed 0."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for _ in range(PROMPTS):
+        prompt = torch.randint(100, vocab - 100, (PROMPT_TOKENS,), generator=g).tolist()
+        groups.append([prompt + torch.randint(100, vocab - 100, (RESPONSE_TOKENS,), generator=g).tolist()
+                       for _ in range(K)])
+    return groups
 
 
-def run(bf16: bool, share: bool, threads: int) -> dict:
+def run_preflab(bf16: bool, share: bool, threads: int | None) -> dict:
     import torch
 
     from preflab import models
@@ -65,16 +81,10 @@ def run(bf16: bool, share: bool, threads: int) -> dict:
     from preflab.rl.ranking import ranking_loss
     from preflab.scoring import Scorer, batch_tokens, collate_groups, scorer_inputs
 
-    models.set_threads(threads)
+    common.set_threads(threads)
     device = models.pick_device("cpu")
     tokenizer = models.load_tokenizer(MODEL)
-    g = torch.Generator().manual_seed(0)
-    groups = []
-    for _ in range(PROMPTS):
-        prompt = torch.randint(100, len(tokenizer) - 100, (PROMPT_TOKENS,), generator=g).tolist()
-        rows = [prompt + torch.randint(100, len(tokenizer) - 100, (RESPONSE_TOKENS,), generator=g).tolist()
-                for _ in range(K)]
-        groups.append(Encoded(rows, list(range(K))))
+    groups = [Encoded(rows, list(range(K))) for rows in make_groups(len(tokenizer))]
     torch.manual_seed(0)  # the new score head is random: the same head in every configuration
     model = models.load_scorer(MODEL, dtype="fp32", device="cpu")
     model.train()
@@ -101,87 +111,97 @@ def run(bf16: bool, share: bool, threads: int) -> dict:
     return {"times": times, "losses": losses, "tokens_per_step": batch_tokens(batch)}
 
 
-def one(config: str, threads: int = THREADS) -> dict:
+def run_trl(bf16: bool, threads: int | None) -> dict:
+    common.trl_env()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from preflab import models
+    from preflab.config import RMOptim
+
+    common.peer_threads(threads)
+    models.quiet_transformers()
+    tokenizer = models.load_tokenizer(MODEL)
+    pairs = [(rows[i], rows[j]) for rows in make_groups(len(tokenizer)) for i in range(K) for j in range(i + 1, K)]
+    data = Dataset.from_dict({"chosen_ids": [c for c, _ in pairs], "rejected_ids": [r for _, r in pairs]})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(models.resolve(MODEL), num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    o = RMOptim()
+    timer = common.step_timer()
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(
+            output_dir=out, per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
+            max_steps=WARMUP + STEPS, learning_rate=o.lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
+            adam_epsilon=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+            lr_scheduler_type="cosine", warmup_steps=o.warmup_steps, max_length=None,
+            bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+            report_to="none", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                callbacks=[timer])
+        trainer.train()
+    return {"times": timer.times(), "losses": [], "tokens_per_step": sum(len(c) + len(r) for c, r in pairs),
+            "trl_version": common.version("trl")}
+
+
+def one(config: str, threads: int | None) -> dict:
     import torch
 
-    bf16, share = CONFIGS[config]
-    res = run(bf16, share, threads)
+    tool, bf16, share = CONFIGS[config]
+    res = run_preflab(bf16, share, threads) if tool == "preflab" else run_trl(bf16, threads)
     med = statistics.median(res["times"][WARMUP:])
-    return {"config": config, "bf16_autocast": bf16, "share_prompt": share, "s_per_step": med,
-            "pairs_per_s": PROMPTS * (K * (K - 1) // 2) / med, "tokens_per_s": res["tokens_per_step"] / med,
-            "peak_rss_gib": peak_rss_gib(), "step_times_s": res["times"], "losses": res["losses"],
-            "threads": torch.get_num_threads()}
-
-
-def spawn(config: str, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", config, "--threads", str(threads), "--k", str(K),
-                           "--prompt-tokens", str(PROMPT_TOKENS)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"config": config, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def print_table(results: list[dict], notes: list[str], threads: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    pairs = PROMPTS * (K * (K - 1) // 2)
-    t = Table(title=f"RM step: SmolLM2-135M, {pairs} pairs ({PROMPTS} prompts x K={K}, {PROMPT_TOKENS} + "
-                    f"{RESPONSE_TOKENS} tokens), {threads} threads, median of {STEPS} after {WARMUP} warm-up")
-    for col in ("config", "s/step (median)", "pairs/s", "peak RSS GiB"):
-        t.add_column(col, justify="left" if col == "config" else "right")
-    for r in results:
-        if "error" in r:
-            t.add_row(r["config"], "error", "", " ".join(r["error"]))
-            continue
-        name = (f"preflab {'bf16 autocast' if r['bf16_autocast'] else 'fp32'}, "
-                f"{'prompt once' if r['share_prompt'] else 'prompt K times'}")
-        t.add_row(name, f"{r['s_per_step']:.2f}", f"{r['pairs_per_s']:.1f}", f"{r['peak_rss_gib']:.2f}")
-    if issue_workload():  # TRL's time and the target are for the issue's workload only
-        for ref in REFERENCES:
-            t.add_row(f"[dim]{ref['config']}[/dim]", f"[dim]{ref['s_per_step']:.1f}[/dim]",
-                      f"[dim]{pairs / ref['s_per_step']:.1f}[/dim]", "")
-        t.add_row("[bold]target: preflab bf16 autocast[/bold]", f"[bold]<= {TARGET_S}[/bold]",
-                  f"[bold]>= {pairs / TARGET_S:.1f}[/bold]", "")
-    console = Console()
-    console.print(t)
-    for n in notes:
-        console.print(n)
+    label = (f"preflab {'bf16 autocast' if bf16 else 'fp32'}, {'prompt once' if share else 'prompt K times'}"
+             if tool == "preflab" else f"TRL RewardTrainer {'bf16 autocast' if bf16 else 'fp32'}, C(K,2) pairs")
+    return {"config": config, "tool": tool, "label": label, "bf16_autocast": bf16, "share_prompt": share,
+            "s_per_step": med, "pairs_per_s": PROMPTS * (K * (K - 1) // 2) / med,
+            "tokens_per_s": res["tokens_per_step"] / med, "tokens_per_step": res["tokens_per_step"],
+            "peak_rss_gib": common.peak_rss_gib(), "step_times_s": res["times"], "losses": res["losses"],
+            "threads": torch.get_num_threads(), **({"trl_version": res["trl_version"]} if tool == "trl" else {})}
 
 
 def main() -> None:
     global K, PROMPT_TOKENS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", choices=sorted(CONFIGS), help="run one configuration here; print its JSON")
-    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (2: the laptop setting)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--k", type=int, default=K, help="responses per prompt (the issue's workload: 2)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 32)")
+    common.add_options(ap)
     a = ap.parse_args()
-    K, PROMPT_TOKENS = a.k, a.prompt_tokens
+    if a.smoke:
+        globals().update(SMOKE)
+    K = a.k
+    PROMPT_TOKENS = SMOKE["PROMPT_TOKENS"] if a.smoke else a.prompt_tokens
     if a.one:
-        print(json.dumps(one(a.one, a.threads)))
+        common.print_row(one(a.one, a.threads))
         return
-    load_start = os.getloadavg()
-    results = [spawn(c, a.threads) for c in CONFIGS]
-    load_end = os.getloadavg()
+    record = common.start(a)
+    args = ["--threads", "auto" if a.threads is None else str(a.threads), "--k", str(K),
+            "--prompt-tokens", str(PROMPT_TOKENS)] + (["--smoke"] if a.smoke else [])
+    trl_missing = common.missing("trl")
+    results = [common.not_run(c, trl_missing, tool="trl") if trl_missing and CONFIGS[c][0] == "trl"
+               else common.run(__file__, ["--one", c, *args], c, lambda c=c: one(c, a.threads), a.smoke)
+               for c in CONFIGS]
     notes = []
-    bf16 = next((r for r in results if r.get("config") == "bf16" and "s_per_step" in r), None)
-    if bf16 and issue_workload():
+    by = {r["config"]: r for r in results if r["status"] == "ran"}
+    if "bf16" in by and issue_workload():
         notes.append(f"target <= {TARGET_S} s/step (bf16 autocast): "
-                     f"{'met' if bf16['s_per_step'] <= TARGET_S else 'NOT met'} ({bf16['s_per_step']:.2f} s)")
-    notes.append(f"load average at start/end: {load_start[0]:.2f} / {load_end[0]:.2f} "
-                 f"({os.cpu_count()} CPUs; other processes may share them)")
-    print_table(results, notes, a.threads)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({
-            "workload": {"model": MODEL, "prompts": PROMPTS, "k": K, "prompt_tokens": PROMPT_TOKENS,
-                         "response_tokens": RESPONSE_TOKENS, "warmup": WARMUP, "timed_steps": STEPS,
-                         "threads": a.threads},
-            "results": results, "references": REFERENCES, "target_s_per_step_bf16": TARGET_S, "notes": notes,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
-        print(f"wrote {a.out}")
+                     f"{'met' if by['bf16']['s_per_step'] <= TARGET_S else 'NOT met'} ({by['bf16']['s_per_step']:.2f} s)")
+    notes += common.ratio_note(results, "bf16", "trl-bf16", "time per step, bf16")
+    pairs = PROMPTS * (K * (K - 1) // 2)
+    common.print_table(
+        f"RM step: {common.model_label(a.smoke)}, {pairs} pairs ({PROMPTS} prompts x K={K}, {PROMPT_TOKENS} + {RESPONSE_TOKENS} tokens), "
+        f"threads {record['threads']}, median of {STEPS} after {WARMUP} warm-up",
+        [("config", ""), ("s/step (median)", "{s_per_step:.2f}"), ("pairs/s", "{pairs_per_s:.1f}"),
+         ("tokens/step", "tokens_per_step"), ("peak RSS GiB", "{peak_rss_gib:.2f}")], results, notes)
+    name = "rm_step" if K == 2 else f"rm_step_k{K}"
+    common.write(common.out_path(a, name), "rm_step", record, versions={"trl": common.version("trl")},
+                 workload={"model": MODEL, "prompts": PROMPTS, "k": K, "prompt_tokens": PROMPT_TOKENS,
+                           "response_tokens": RESPONSE_TOKENS, "warmup": WARMUP, "timed_steps": STEPS},
+                 results=results, notes=notes)
 
 
 if __name__ == "__main__":

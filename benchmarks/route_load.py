@@ -15,8 +15,11 @@ store:
 - the candidate's death: client-visible errors, the automatic rollback and its reason;
 - latency (p50/p95 as the clients saw it) and throughput.
 
-    .venv/bin/python benchmarks/route_load.py --out benchmarks/results/route_load.json
+    .venv/bin/python benchmarks/route_load.py            # JSON in benchmarks/results/route_load.json
     .venv/bin/python benchmarks/route_load.py --requests 300 --clients 16   # a quick run
+    .venv/bin/python benchmarks/route_load.py --smoke    # 60 requests from 4 clients (seconds)
+
+No outside peer: the checks are the router's own guarantees.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
+
+SMOKE = {"requests": 60, "clients": 4, "users": 20, "share": 0.2}
 
 
 def free_port() -> int:
@@ -78,8 +86,11 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=400)
     ap.add_argument("--share", type=float, default=0.05)
     ap.add_argument("--max-tokens", type=int, default=2)
-    ap.add_argument("--out", default=None, help="Write the results as JSON here.")
+    common.add_options(ap, with_threads=False)
     a = ap.parse_args()
+    if a.smoke:
+        vars(a).update(SMOKE)
+    record = common.start(a)
 
     work = Path(tempfile.mkdtemp(prefix="route_load_"))
     ports = {"prod": free_port(), "cand": free_port(), "router": free_port()}
@@ -220,11 +231,9 @@ def main() -> None:
     for p in procs.values():
         p.kill()
         p.wait()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    common.write(common.out_path(a, "route_load"), "route_load", record,
+                 results=[{"config": f"{a.requests} requests, {a.clients} clients", "status": "ran", **result}])
 
 
 if __name__ == "__main__":

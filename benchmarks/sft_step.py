@@ -1,4 +1,4 @@
-"""Seconds per SFT optimizer step of preflab (fp32 vs bf16 autocast), optionally against TRL.
+"""Seconds per SFT optimizer step of preflab (fp32 vs bf16 autocast) against TRL's SFTTrainer, in one run.
 
 Workload: SmolLM2-135M-Instruct (``bundled:smollm2-135m-instruct``), one micro-batch of 8
 sequences x 128 tokens per optimizer step. The first 32 tokens of every row are "prompt"
@@ -8,7 +8,7 @@ the ordinary vocabulary; the step time does not depend on the text.
 
 Each configuration runs in a fresh subprocess (``--one CONFIG``) so that the peak RSS is
 that configuration's alone: load the model, 1 warm-up step, then the median of 5 timed
-steps; ``torch.set_num_threads(2)``.
+steps; 2 torch threads (``--threads N`` or ``auto``).
 
 preflab's step replicates ``preflab.stages.sft.train`` step 3 call for call: ``TokenNLL``
 under ``torch.autocast(cpu, bf16, enabled=bf16)``, ``(nll * scale).backward()``,
@@ -16,51 +16,36 @@ under ``torch.autocast(cpu, bf16, enabled=bf16)``, ``(nll * scale).backward()``,
 tokens/s counts all tokens of the batch (attention_mask sum), as sft.py's
 ``perf/tokens_per_s`` does.
 
-``--trl``: also runs TRL's ``SFTTrainer`` (if importable) on the same 8 rows (pre-tokenised
+The peer, TRL's ``SFTTrainer``, runs in the same run on the same 8 rows (pre-tokenised
 ``input_ids`` + ``labels``), same optimizer settings, fp32 and ``bf16=True, use_cpu=True``,
 gradient checkpointing off (preflab's default; TRL's own default is on). Its step time is
-the gap between consecutive ``on_step_end`` callbacks.
+the gap between consecutive ``on_step_end`` callbacks. Where trl is not importable its rows
+say "not installed" (``pip install trl==1.16.0``, the version measured).
 
-    .venv/bin/python benchmarks/sft_step.py            # preflab fp32 + bf16
-    .venv/bin/python benchmarks/sft_step.py --trl      # + TRL fp32 + bf16
+    .venv/bin/python benchmarks/sft_step.py            # preflab and TRL, fp32 + bf16
+    .venv/bin/python benchmarks/sft_step.py --smoke    # tiny random model, 1 timed step: every row runs
     .venv/bin/python benchmarks/sft_step.py --one bf16 # one configuration, JSON on stdout
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-MODEL = "bundled:smollm2-135m-instruct"
-BATCH, SEQ, PROMPT = 8, 128, 32
-WARMUP, STEPS, THREADS = 1, 5, 2
-RESULTS = Path(__file__).resolve().parent / "results" / "sft_step.json"
-TARGET_S = 2.5
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, machine.py
+import common  # noqa: E402
 
-# Quoted, not measured here.
-REFERENCES = [
-    {"config": "ref: TRL 1.12 SFTTrainer fp32 + grad. ckpt (issue)", "s_per_step": 6.4, "peak_rss_gib": None,
-     "peak_rss_note": "3.7 GB", "source": "issue"},
-    {"config": "ref: TRL 1.16 SFTTrainer fp32 (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 6.0, "peak_rss_gib": 4.9,
-     "source": "an earlier measurement on another 2-core machine"},
-    {"config": "ref: TRL 1.16 SFTTrainer bf16 autocast (quoted: an earlier measurement on a 2-core machine)", "s_per_step": 4.0, "peak_rss_gib": 4.5,
-     "source": "an earlier measurement on another 2-core machine"},
-]
+MODEL = common.BUNDLED
+BATCH, SEQ, PROMPT = 8, 128, 32
+WARMUP, STEPS = 1, 5
+SMOKE = {"MODEL": common.TINY, "BATCH": 2, "SEQ": 16, "PROMPT": 4, "WARMUP": 1, "STEPS": 1}
+TARGET_S = 2.5
 CONFIGS = {"fp32": ("preflab", False), "bf16": ("preflab", True),
            "trl-fp32": ("trl", False), "trl-bf16": ("trl", True)}
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 / 1024.0  # Linux: KiB
 
 
 def make_rows(vocab_size: int):
@@ -74,7 +59,7 @@ def make_rows(vocab_size: int):
     return ids.tolist(), labels.tolist()
 
 
-def run_preflab(bf16: bool) -> dict:
+def run_preflab(bf16: bool, threads: int | None) -> dict:
     import torch
 
     from preflab import distributed, models
@@ -83,7 +68,7 @@ def run_preflab(bf16: bool) -> dict:
     from preflab.lm import TokenNLL
     from preflab.optim import clip_grad, make_optimizer
 
-    models.set_threads(THREADS)
+    common.set_threads(threads)
     device = models.pick_device("cpu")
     tokenizer = models.load_tokenizer(MODEL)
     ids, labels = make_rows(len(tokenizer))
@@ -121,18 +106,17 @@ def run_preflab(bf16: bool) -> dict:
     return {"times": times, "losses": losses, "tokens_per_step": int(n_seen), "labelled_per_step": int(n_tokens)}
 
 
-def run_trl(bf16: bool) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def run_trl(bf16: bool, threads: int | None) -> dict:
+    common.trl_env()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from preflab import models
     from preflab.config import SFTOptim
 
-    torch.set_num_threads(THREADS)
+    common.peer_threads(threads)
     models.quiet_transformers()
     path = models.resolve(MODEL)
     tokenizer = models.load_tokenizer(MODEL)
@@ -141,19 +125,7 @@ def run_trl(bf16: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     o = SFTOptim()
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            if not self.marks:
-                self.marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-
-    timer = Timer()
+    timer = common.step_timer()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
@@ -167,122 +139,60 @@ def run_trl(bf16: bool) -> dict:
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])
         trainer.train()
-    times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-    return {"times": times, "losses": [], "tokens_per_step": BATCH * SEQ,
-            "labelled_per_step": BATCH * (SEQ - PROMPT), "loss_type": getattr(args, "loss_type", None)}
+    return {"times": timer.times(), "losses": [], "tokens_per_step": BATCH * SEQ,
+            "labelled_per_step": BATCH * (SEQ - PROMPT), "loss_type": getattr(args, "loss_type", None),
+            "version": common.version("trl")}
 
 
-def one(config: str) -> dict:
+def one(config: str, threads: int | None) -> dict:
+    import torch
+
     kind, bf16 = CONFIGS[config]
-    res = run_preflab(bf16) if kind == "preflab" else run_trl(bf16)
+    res = run_preflab(bf16, threads) if kind == "preflab" else run_trl(bf16, threads)
     timed = res["times"][WARMUP:]
     med = statistics.median(timed)
-    import torch
-
     return {
-        "config": config, "tool": kind, "bf16_autocast": bf16, "s_per_step": med,
-        "tokens_per_s": res["tokens_per_step"] / med, "peak_rss_gib": peak_rss_gib(),
-        "step_times_s": res["times"], "warmup_steps": WARMUP, "timed_steps": len(timed),
-        "tokens_per_step": res["tokens_per_step"], "labelled_per_step": res["labelled_per_step"],
-        "losses": res["losses"], "threads": torch.get_num_threads(),
-        **({"trl_loss_type": res["loss_type"]} if "loss_type" in res else {}),
+        "config": config, "tool": kind, "label": f"{kind} {'bf16 autocast' if bf16 else 'fp32'}",
+        "bf16_autocast": bf16, "s_per_step": med, "tokens_per_s": res["tokens_per_step"] / med,
+        "peak_rss_gib": common.peak_rss_gib(), "step_times_s": res["times"], "warmup_steps": WARMUP,
+        "timed_steps": len(timed), "tokens_per_step": res["tokens_per_step"],
+        "labelled_per_step": res["labelled_per_step"], "losses": res["losses"], "threads": torch.get_num_threads(),
+        **({"trl_loss_type": res["loss_type"], "trl_version": res["version"]} if kind == "trl" else {}),
     }
-
-
-def spawn(config: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", config], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"config": config, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
-    try:
-        import trl
-
-        info["trl"] = trl.__version__
-    except ImportError:
-        info["trl"] = None
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    info["amx_bf16"] = "amx_bf16" in flags
-    return info
-
-
-def trl_available() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def print_table(results: list[dict], notes: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"SFT step: SmolLM2-135M, {BATCH} x {SEQ} tokens ({PROMPT} prompt), "
-                    f"{THREADS} threads, median of {STEPS} after {WARMUP} warm-up")
-    for col in ("config", "s/step (median)", "tokens/s", "peak RSS GiB"):
-        t.add_column(col, justify="left" if col == "config" else "right")
-    for r in results:
-        if "error" in r:
-            t.add_row(r["config"], "error", "", " ".join(r["error"]))
-            continue
-        name = f"{r['tool']} {'bf16 autocast' if r['bf16_autocast'] else 'fp32'}"
-        t.add_row(name, f"{r['s_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_gib']:.2f}")
-    for ref in REFERENCES:
-        rss = ref.get("peak_rss_note") or f"{ref['peak_rss_gib']:.1f}"
-        t.add_row(f"[dim]{ref['config']}[/dim]", f"[dim]{ref['s_per_step']:.1f}[/dim]",
-                  f"[dim]{BATCH * SEQ / ref['s_per_step']:.0f}[/dim]", f"[dim]{rss}[/dim]")
-    t.add_row("[bold]target: preflab bf16 autocast[/bold]", f"[bold]<= {TARGET_S}[/bold]",
-              f"[bold]>= {BATCH * SEQ / TARGET_S:.0f}[/bold]", "")
-    console = Console()
-    console.print(t)
-    for n in notes:
-        console.print(n)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", choices=sorted(CONFIGS), help="run one configuration here; print its JSON")
-    ap.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (if importable)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    common.add_options(ap)
     a = ap.parse_args()
+    if a.smoke:
+        globals().update(SMOKE)
     if a.one:
-        print(json.dumps(one(a.one)))
+        common.print_row(one(a.one, a.threads))
         return
 
-    configs, notes = ["fp32", "bf16"], []
-    if a.trl:
-        if trl_available():
-            configs += ["trl-fp32", "trl-bf16"]
-        else:
-            notes.append("--trl: trl is not importable in this environment; TRL comparison skipped.")
-    info = machine()
-    results = [spawn(c) for c in configs]
-    info["loadavg_end"] = os.getloadavg()
-    bf16 = next((r for r in results if r.get("config") == "bf16" and "s_per_step" in r), None)
-    if bf16:
-        ok = bf16["s_per_step"] <= TARGET_S
-        notes.append(f"target <= {TARGET_S} s/step (bf16 autocast): {'met' if ok else 'NOT met'} "
+    record = common.start(a)
+    args = ["--threads", "auto" if a.threads is None else str(a.threads)] + (["--smoke"] if a.smoke else [])
+    trl_missing = common.missing("trl")
+    results = [common.not_run(c, trl_missing, tool="trl") if trl_missing and CONFIGS[c][0] == "trl"
+               else common.run(__file__, ["--one", c, *args], c, lambda c=c: one(c, a.threads), a.smoke)
+               for c in CONFIGS]
+    notes = []
+    bf16 = next((r for r in results if r["config"] == "bf16" and r["status"] == "ran"), None)
+    if bf16 and not a.smoke:
+        notes.append(f"target <= {TARGET_S} s/step (bf16 autocast): {'met' if bf16['s_per_step'] <= TARGET_S else 'NOT met'} "
                      f"({bf16['s_per_step']:.2f} s)")
-    notes.append(f"load average at start/end: {info['loadavg_start'][0]:.2f} / {info['loadavg_end'][0]:.2f} "
-                 f"({info['cpus']} CPUs; other processes may share them)")
-    print_table(results, notes)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "workload": {"model": MODEL, "batch": BATCH, "seq": SEQ, "prompt_tokens": PROMPT,
-                     "labelled_positions": BATCH * (SEQ - PROMPT), "warmup": WARMUP, "timed_steps": STEPS,
-                     "threads": THREADS},
-        "machine": info, "results": results, "references": REFERENCES, "target_s_per_step_bf16": TARGET_S,
-        "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    notes += common.ratio_note(results, "bf16", "trl-bf16", "time per step, bf16")
+    common.print_table(
+        f"SFT step: {common.model_label(a.smoke)}, {BATCH} x {SEQ} tokens ({PROMPT} prompt), threads {record['threads']}, "
+        f"median of {STEPS} after {WARMUP} warm-up",
+        [("config", ""), ("s/step (median)", "{s_per_step:.2f}"), ("tokens/s", "{tokens_per_s:.0f}"),
+         ("peak RSS GiB", "{peak_rss_gib:.2f}")], results, notes)
+    common.write(common.out_path(a, "sft_step"), "sft_step", record, versions={"trl": common.version("trl")},
+                 workload={"model": MODEL, "batch": BATCH, "seq": SEQ, "prompt_tokens": PROMPT,
+                           "labelled_positions": BATCH * (SEQ - PROMPT), "warmup": WARMUP, "timed_steps": STEPS},
+                 results=results, notes=notes)
 
 
 if __name__ == "__main__":
