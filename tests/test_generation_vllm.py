@@ -60,6 +60,11 @@ class FakeLLM:
         else:
             self.collective_rpc = lambda fn, args=(): [fn(worker, *args)]
 
+    resets = 0
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
     def generate(self, prompts, params, use_tqdm=True):
         """Greedy continuations from the synced weights; EOS left out of token_ids, as a stop token may be."""
         self.calls.append(params)
@@ -134,6 +139,7 @@ def test_weights_sync_after_each_update_lora_merged(varied, route):
     assert not torch.equal(want2.response, want.response)
     got2 = gen.generate(prompts, max_new_tokens=12, temperature=0.0)
     assert llm.model.loads == 2 and torch.equal(got2.response, want2.response)
+    assert llm.resets == 2  # the prefix cache (keys and values of the old weights) is dropped with every copy
 
 
 def test_sampling_parameters_and_row_layout(varied):

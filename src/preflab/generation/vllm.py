@@ -120,6 +120,11 @@ class VLLMEngine:
             return False
         with torch.no_grad():
             push_weights(self.llm, list(hf_weights(self.model)))
+        # vLLM's prefix cache is keyed by token ids alone: its entries hold keys and values of the old
+        # weights, so a repeated prompt (or the chat template's shared prefix) would read them.
+        reset = getattr(self.llm, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
         self.synced_version, self.syncs = version, self.syncs + 1
         return True
 
