@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from preflab.data.jsonl import atomic_write_text
 from preflab.data.rankings import Group, encode_pair
 from preflab.lm import unwrap
 from preflab.rl import selective_log_softmax
-from preflab.rl.preference import REFERENCE_FREE, preference_loss
+from preflab.rl.preference import REFERENCE_FREE, PreferenceParts, preference_loss
 from preflab.rl.ranking import pad_rewards
 from preflab.rollout import HFGenerator, left_pad
 from preflab.run import RunDir
@@ -268,36 +269,44 @@ def sampled_kl(policy: nn.Module, reference: Reference, tokenizer, prompts: list
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# A batch's loss and its sums
 # ---------------------------------------------------------------------------------------------
 
 
-class Sums:
-    """Running sums of a step's (or a held-out pass's) preference statistics."""
+class PreferenceSums(NamedTuple):
+    """Sums of a step's (or a held-out pass's) preference statistics: the loss summed over prompts,
+    then prompts, pairs and pairs ranked right, and the implicit rewards and summed log-probs of
+    the winners and losers summed over pairs (``loop.reduce_sums`` adds them over batches and ranks)."""
 
-    KEYS = ("loss", "prompts", "pairs", "correct", "chosen", "rejected", "logps_chosen", "logps_rejected")
+    loss: float
+    prompts: float
+    pairs: float
+    correct: float
+    chosen: float
+    rejected: float
+    logps_chosen: float
+    logps_rejected: float
 
-    def __init__(self):
-        self.t = torch.zeros(len(self.KEYS), dtype=torch.float64)
+    @classmethod
+    def of(cls, parts: PreferenceParts) -> PreferenceSums:
+        return cls(float(parts.total.detach()), parts.n_prompts, parts.n_pairs, parts.n_correct, parts.chosen_reward,
+                   parts.rejected_reward, parts.chosen_logps, parts.rejected_logps)
 
-    def add(self, parts) -> None:
-        self.t += torch.tensor([float(parts.total.detach()), parts.n_prompts, parts.n_pairs, parts.n_correct,
-                                parts.chosen_reward, parts.rejected_reward, parts.chosen_logps,
-                                parts.rejected_logps], dtype=torch.float64)
+    def named(self, prefix: str) -> dict[str, float]:
+        """Per prompt (the loss) and per pair (the rest), as ``PREFIX/...`` metrics."""
+        pairs = max(1.0, self.pairs)
+        return {f"{prefix}/loss": self.loss / max(1.0, self.prompts),
+                f"{prefix}/rewards/chosen": self.chosen / pairs, f"{prefix}/rewards/rejected": self.rejected / pairs,
+                f"{prefix}/rewards/margin": (self.chosen - self.rejected) / pairs,
+                f"{prefix}/rewards/accuracy": self.correct / pairs,
+                f"{prefix}/logps/chosen": self.logps_chosen / pairs,
+                f"{prefix}/logps/rejected": self.logps_rejected / pairs}
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        s = dict(zip(self.KEYS, distributed.all_reduce_sum(self.t).tolist()))
-        pairs = max(1.0, s["pairs"])
-        out = {f"{prefix}/loss": s["loss"] / max(1.0, s["prompts"]),
-               f"{prefix}/rewards/chosen": s["chosen"] / pairs, f"{prefix}/rewards/rejected": s["rejected"] / pairs,
-               f"{prefix}/rewards/margin": (s["chosen"] - s["rejected"]) / pairs,
-               f"{prefix}/rewards/accuracy": s["correct"] / pairs,
-               f"{prefix}/logps/chosen": s["logps_chosen"] / pairs,
-               f"{prefix}/logps/rejected": s["logps_rejected"] / pairs}
-        return out
+    def metrics(self, prompts: int, step_s: float) -> dict[str, float]:
+        return {**self.named("train"), "train/prompts": prompts}
 
 
-def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig):
+def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig) -> PreferenceParts:
     """``rl.preference.preference_loss`` of a ``collate_ranked`` batch from its (sum K,) policy log-probs."""
     valid = batch["valid"].to(flat.device)
     ref = pad_rewards(batch["ref"].to(flat.device, torch.float32), valid) if cfg.dpo.loss not in REFERENCE_FREE else None

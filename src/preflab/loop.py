@@ -1,16 +1,24 @@
-"""The pieces every training loop shares, as plain functions (no base class): set-up, the number of
-steps, accumulation over micro-batches, the guarded optimizer step and the export.
+"""The step loop of the gradient trainers (SFT, the RM, DPO), once, and the pieces every training
+loop shares, as plain functions (no base class): set-up, the number of steps, micro-steps, the
+guarded optimizer step, best weights and the export.
 
-A stage reads top to bottom and calls these where its numbered steps say so::
+A stage reads top to bottom: set-up, data, model and optimizer, then ``run_steps`` with what only
+that trainer knows (its collation, its normaliser, the loss of a batch), then its own final pass::
 
     ctx = loop.start(cfg, "sft", cfg.model, resume)          # threads, device, ranks, seed, run dir
     total = loop.total_steps(len(train), global_batch, cfg.train.epochs, cfg.train.max_steps, source)
     module = loop.wrap(LossModule(model), cfg.train)           # DDP or FSDP on several ranks
-    for j, batch in enumerate(batches):
-        with loop.micro_step(module, ctx, j, len(batches), bf16):   # no_sync except the last, autocast
-            ...loss.backward()
-    grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, ctx.run, step)
+    start = run.resume_training(model, optimizer, scheduler) if resume else 0
+    steps = loop.Steps(train, global_batch, micro, collate=..., count=..., batch_loss=...)
+    last = loop.run_steps(ctx, cfg, steps, model=model, module=module, optimizer=optimizer,
+                          scheduler=scheduler, start=start, total=total, validate=..., best=...)
     loop.export(model, tokenizer, out, ctx)                     # rank 0 saves, every rank waits
+
+``run_steps`` owns the progress bar, the step's examples and this rank's slice of them, the
+micro-batches, the all-reduced normaliser, ``micro_step`` (no_sync, autocast), ``ensure_finite``,
+``optimizer_step``, the metrics row, eval-every with ``BestWeights`` and the checkpoints. The online
+RL stage's update (``rl_update.ppo_update``) iterates over a rollout instead, and uses
+``micro_step`` and ``optimizer_step`` alone.
 """
 
 from __future__ import annotations
@@ -18,19 +26,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
 from preflab import distributed, models
 from preflab.config import dump_config
 from preflab.data.jsonl import atomic_dir
+from preflab.data.order import rank_slice, step_indices
 from preflab.errors import ConfigError, DataError, TrainingError
 from preflab.optim import clip_grad
-from preflab.run import RunDir, peak_rss_mb, seed_everything
+from preflab.run import Progress, RunDir, peak_rss_mb, seed_everything
+from preflab.scoring import batch_tokens
 
 
 @dataclass
@@ -80,19 +91,20 @@ def share_prompt(train: Any, module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def micro_step(module: torch.nn.Module, ctx: Context, j: int, n: int, bf16: bool) -> Iterator[None]:
-    """One micro-batch of an accumulated step: DDP syncs gradients only on the last (FSDP on every
-    one, ``distributed.grad_sync``), bf16 autocast."""
+def micro_step(module: torch.nn.Module, device: torch.device, j: int, n: int, bf16: bool) -> Iterator[None]:
+    """Micro-batch ``j`` of ``n`` of an accumulated step: DDP syncs gradients only on the last (FSDP
+    on every one, ``distributed.grad_sync``), bf16 autocast on ``device``."""
     with distributed.grad_sync(module, sync=j == n - 1), \
-            torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         yield
 
 
 def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
-                   max_grad_norm: float | None, run: RunDir, step: int) -> tuple[float, float]:
-    """Clip (a non-finite norm stops here, naming step ``step + 1`` and the last good checkpoint:
-    nothing is applied), step, advance the schedule, clear the gradients. Returns (grad norm, lr used)."""
-    grad_norm = clip_grad(params, max_grad_norm, step=step + 1, last_good=str(run.latest_checkpoint() or "none"))
+                   max_grad_norm: float | None, *, step: int | None, last_good: str | None) -> tuple[float, float]:
+    """Clip (a non-finite norm stops here, naming ``step``, 1-based, and ``last_good``, the checkpoint
+    ``--resume`` goes back to: nothing is applied), step, advance the schedule, clear the gradients.
+    Returns (grad norm, lr used)."""
+    grad_norm = clip_grad(params, max_grad_norm, step=step, last_good=last_good)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -166,3 +178,120 @@ def save_due(done: int, every: int, total: int) -> bool:
     """Whether step ``done`` writes a checkpoint (every ``every`` steps; the last is saved after the loop)."""
     return bool(every) and done % every == 0 and done < total
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The step loop of the gradient trainers
+# ---------------------------------------------------------------------------------------------
+
+Batch = TypeVar("Batch", bound=dict)
+S = TypeVar("S", bound="StepSums")
+
+
+class StepSums(Protocol):
+    """A trainer's per-micro-batch sums: a NamedTuple of floats (``loss`` the batch's loss summed
+    over its normalisation units, then what its metrics need) that ``reduce_sums`` adds over the
+    micro-batches and ranks, and that turns the step's sums into its rows of ``metrics.jsonl``."""
+
+    loss: float
+
+    def metrics(self, count: int, step_s: float) -> dict[str, float]: ...
+
+
+def reduce_sums(cls: type[S], parts: list[S]) -> S:
+    """Field by field, the sum of ``parts`` in order (float64), then over every rank; zeros on a
+    rank without parts (every rank must call it)."""
+    local = [sum(field) for field in zip(*parts)] if parts else [0.0] * len(cls._fields)  # type: ignore[attr-defined]
+    return cls(*distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist())
+
+
+class Validation(NamedTuple):
+    """A held-out pass during training: ``metrics`` join the step's row; ``loss`` (lower is better)
+    is what ``BestWeights`` compares, None when the pass selects nothing."""
+
+    metrics: dict[str, Any]
+    loss: float | None = None
+
+
+@dataclass
+class Steps(Generic[Batch, S]):
+    """What a gradient trainer gives ``run_steps``: its training ``examples``, the ``global_batch``
+    of each optimizer step (``data.order.step_indices``; every rank takes its slice) and the
+    ``micro_batch`` size, and
+
+    - ``collate(examples) -> batch``: a dict of CPU tensors with ``attention_mask`` (and
+      ``prefix_mask`` where a prompt runs once for several responses, ``scoring.batch_tokens``);
+    - ``count(batches) -> int or tensor``: this rank's part of the step's normaliser (response
+      tokens for SFT, prompts for the RM and DPO); the loop sums it over the ranks;
+    - ``batch_loss(batch) -> (loss_sum, sums)``: the batch's loss summed over its normalisation
+      units (the loop scales it by ranks / global count and runs backward; the batch is still on
+      the CPU), and its ``StepSums``.
+    """
+
+    examples: Sequence[Any]
+    global_batch: int
+    micro_batch: int
+    collate: Callable[[list[Any]], Batch]
+    count: Callable[[list[Batch]], int | torch.Tensor]
+    batch_loss: Callable[[Batch], tuple[torch.Tensor, S]]
+
+
+def run_steps(ctx: Context, cfg: Any, steps: Steps, *, model: torch.nn.Module, module: torch.nn.Module,
+              optimizer: torch.optim.Optimizer, scheduler: Any, start: int, total: int,
+              validate: Callable[[int], Validation] | None = None, validate_last: bool = True,
+              best: BestWeights | None = None, progress: tuple[str, ...] = ("train/loss",)) -> dict[str, Any]:
+    """Optimizer steps ``start`` to ``total`` of a gradient trainer; returns the last step's metrics
+    (empty when none ran).
+
+    Each step: its global batch, this rank's slice in micro-batches, the normaliser summed over
+    ranks, every micro-batch's ``batch_loss`` x ranks / count backward under ``micro_step``
+    (``module`` is the DDP- or FSDP-wrapped one), the step's sums over micro-batches and ranks, a
+    non-finite loss refused before the update, ``optimizer_step`` on ``model``'s trainable weights;
+    the row (the trainer's ``sums.metrics`` and ``train/lr``, ``train/grad_norm``, ``perf/step_s``,
+    ``perf/tokens_per_s``) in ``metrics.jsonl`` every ``run.log_every`` steps; every
+    ``train.eval_every`` steps ``validate(step)`` joins the row and offers its loss to ``best``
+    (at the last step only with ``validate_last``: a trainer whose final pass comes after the loop
+    says False); a checkpoint every ``run.save_every`` steps and after the last. ``cfg``: the
+    stage's config (``run``, ``train.bf16``, ``train.eval_every``, ``optim.max_grad_norm``).
+    """
+    run, dist = ctx.run, ctx.dist
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro, every = steps.micro_batch, cfg.train.eval_every
+    last: dict[str, Any] = {}
+    with Progress(total, run.stage, enabled=cfg.run.progress and dist.is_main, start=start, keys=progress) as bar:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed)
+            mine = rank_slice(idx, dist.rank, dist.world_size)
+            batches = [steps.collate([steps.examples[i] for i in mine[j:j + micro]]) for j in range(0, len(mine), micro)]
+            # Normalise by the step's global count: exact under accumulation and ranks (DDP
+            # averages gradients, hence the world_size factor).
+            count = int(distributed.all_reduce_sum(torch.as_tensor(steps.count(batches), dtype=torch.long)))
+            scale = dist.world_size / max(1, count)
+            parts = []
+            for j, batch in enumerate(batches):
+                with micro_step(module, ctx.device, j, len(batches), cfg.train.bf16):
+                    loss_sum, part = steps.batch_loss(batch)
+                    (loss_sum * scale).backward()
+                parts.append(part)
+            sums = reduce_sums(type(parts[0]), parts)
+            ensure_finite(sums.loss, "loss", step, run)
+            grad_norm, lr = optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, step=step + 1,
+                                           last_good=str(run.latest_checkpoint() or "none"))
+
+            done = step + 1
+            dt = time.perf_counter() - t0
+            metrics = {**sums.metrics(count, dt), "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_s": dt,
+                       "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt}
+            if validate and every and done % every == 0 and (validate_last or done < total):
+                held_out = validate(done)
+                metrics.update(held_out.metrics)
+                if best is not None and held_out.loss is not None:
+                    best.offer(done, held_out.loss, model)
+            log_step(run, cfg.run.log_every, done, total, metrics)
+            bar.update(metrics)
+            if save_due(done, cfg.run.save_every, total):
+                run.save_training(done, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
+            last = metrics
+    run.save_training(total, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
+    return last

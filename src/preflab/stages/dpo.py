@@ -18,7 +18,6 @@ not measured (sampling on sharded weights would need every rank to decode in loc
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,11 @@ import torch
 
 from preflab import distributed, loop, models
 from preflab.config import DPOConfig
-from preflab.data.order import rank_slice, step_indices
 from preflab.dpo_update import (
     REFERENCE_CACHE,
+    PreferenceSums,
     Reference,
     SequenceLogps,
-    Sums,
     batch_loss,
     collate_ranked,
     encode_ranked,
@@ -43,8 +41,6 @@ from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.preference import REFERENCE_FREE
-from preflab.run import Progress
-from preflab.scoring import batch_tokens
 
 __all__ = ["REFERENCE_CACHE", "train"]
 
@@ -99,14 +95,11 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
 
-    def checkpoint(step: int) -> None:
-        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-
     @torch.no_grad()
     def held_out(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if val_ex:
-            sums, mine, size = Sums(), val_ex[dist.rank::dist.world_size], cfg.train.batch_prompts
+            mine, size, parts = val_ex[dist.rank::dist.world_size], cfg.train.batch_prompts, []
             model.eval()
             chunks = [mine[s:s + size] for s in range(0, len(mine), size)]
             with distributed.gathered(fn):
@@ -115,51 +108,27 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         result = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
                     if counted:
-                        sums.add(result)
+                        parts.append(PreferenceSums.of(result))
             model.train()
-            out.update(sums.metrics("val"))
+            out.update(loop.reduce_sums(PreferenceSums, parts).named("val"))
         if kl_prompts:
             kl, n = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                batch_size=cfg.eval.batch_size, bf16=bf16, seed=cfg.run.seed + step)
             out.update({"val/kl": kl, "val/kl_samples": n})
         return out
 
-    # 5. the loop: one global batch of prompts per optimizer step -------------------------------
-    micro = cfg.train.batch_prompts
-    with Progress(total_steps, "dpo", enabled=cfg.run.progress and dist.is_main, start=start,
-                  keys=("train/loss", "train/rewards/accuracy", "val/kl")) as bar:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
-            mine = rank_slice(idx, dist.rank, dist.world_size)
-            batches = [collate_ranked([train_ex[i] for i in mine[j:j + micro]], pad_id, share_prefix=share)
-                       for j in range(0, len(mine), micro)]
-            # Each prompt is one element of the loss's mean: normalise by the step's global prompt
-            # count (exact under accumulation and ranks; DDP averages, hence world_size).
-            n_prompts = int(distributed.all_reduce_sum(torch.tensor(len(mine), dtype=torch.long)))
-            scale = dist.world_size / max(1, n_prompts)
-            sums = Sums()
-            for j, batch in enumerate(batches):
-                with loop.micro_step(fn, ctx, j, len(batches), bf16):
-                    parts = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
-                    (parts.total * scale).backward()
-                sums.add(parts)
-            metrics = sums.metrics("train")
-            loop.ensure_finite(metrics["train/loss"], "loss", step, run)
-            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
+    # 5. the loop: one global batch of prompts per optimizer step, the loss normalised by the
+    #    step's global count of prompts ------------------------------------------------------------
+    def train_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PreferenceSums]:
+        parts = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
+        return parts.total, PreferenceSums.of(parts)
 
-            done = step + 1
-            dt = time.perf_counter() - t0
-            metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/prompts": n_prompts,
-                            "perf/step_s": dt,
-                            "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt})
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
-                metrics.update(held_out(done))
-            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
-            bar.update(metrics)
-            if loop.save_due(done, cfg.run.save_every, total_steps):
-                checkpoint(done)
-    checkpoint(total_steps)
+    steps = loop.Steps(train_ex, global_batch, cfg.train.batch_prompts,
+                       collate=lambda part: collate_ranked(part, pad_id, share_prefix=share),
+                       count=lambda batches: sum(len(b["ranks"]) for b in batches), batch_loss=train_loss)
+    loop.run_steps(ctx, cfg, steps, model=model, module=fn, optimizer=optimizer, scheduler=scheduler, start=start,
+                   total=total_steps, validate=lambda step: loop.Validation(held_out(step)), validate_last=False,
+                   progress=("train/loss", "train/rewards/accuracy", "val/kl"))
 
     # 6. held-out preference metrics and KL to the reference --------------------------------------
     final = held_out(total_steps)

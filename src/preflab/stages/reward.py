@@ -19,9 +19,8 @@ are exact; rank 0 alone writes.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,15 +29,37 @@ from preflab import distributed, loop, models
 from preflab.config import RMConfig
 from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
-from preflab.data.order import rank_slice, step_indices
 from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
 from preflab.rl.ranking import ranking_loss
-from preflab.run import Progress
-from preflab.scoring import Scorer, batch_tokens, collate_groups, score_groups, score_ids, scorer_inputs
+from preflab.scoring import Scorer, collate_groups, score_groups, score_ids, scorer_inputs
+
+# ---------------------------------------------------------------------------------------------
+# A step's loss and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def untied_prompts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Prompts with an untied pair in ``collate_groups`` batches: each is one element of Eq. 1's
+    mean, the RM's normaliser (as SFT's response tokens)."""
+    return torch.tensor(sum(len(set(ranks[valid].tolist())) > 1 for b in batches
+                            for ranks, valid in zip(b["ranks"], b["valid"])), dtype=torch.long)
+
+
+class RankingSums(NamedTuple):
+    """Sums over a step's micro-batches and ranks: Eq. 1 summed over prompts, pairs, pairs ranked right."""
+
+    loss: float
+    pairs: float
+    correct: float
+
+    def metrics(self, prompts: int, step_s: float) -> dict[str, float]:
+        return {"train/loss": self.loss / max(1, prompts), "train/accuracy": self.correct / max(1.0, self.pairs),
+                "train/prompts": prompts, "train/pairs": int(self.pairs), "perf/pairs_per_s": self.pairs / step_s}
+
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation after training
@@ -99,9 +120,6 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
 
-    def checkpoint(step: int) -> None:
-        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-
     def held_out(ex: list[Encoded], groups: list[Group]) -> dict[str, Any]:
         with distributed.gathered(scorer):
             scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)
@@ -110,50 +128,26 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
 
     best = loop.BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
 
-    # 3. the loop: one global batch of prompts per optimizer step -------------------------------
+    # 3. the loop: one global batch of prompts per optimizer step, the loss normalised by the
+    #    step's global count of prompts with an untied pair ---------------------------------------
     micro = cfg.train.batch_prompts
-    with Progress(total_steps, "rm", enabled=cfg.run.progress and dist.is_main, start=start,
-                  keys=("train/loss", "train/accuracy", "rm/accuracy")) as bar:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
-            mine = rank_slice(idx, dist.rank, dist.world_size)
-            batches = [collate_groups([train_ex[i] for i in mine[j:j + micro]], pad_id, share_prefix=share)
-                       for j in range(0, len(mine), micro)]
-            # Normalise by the global count of prompts with an untied pair in this step: each
-            # prompt is one element of Eq. 1's mean, exact under accumulation and ranks (DDP
-            # averages gradients, hence the world_size factor); mirrors SFT's token count.
-            n_prompts = int(distributed.all_reduce_sum(
-                torch.tensor(sum(len(set(train_ex[i].ranks)) > 1 for i in mine), dtype=torch.long)))
-            scale = dist.world_size / max(1, n_prompts)
-            sums = torch.zeros(3, dtype=torch.float64)  # loss sum, pairs, correct pairs
-            for j, batch in enumerate(batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with loop.micro_step(scorer, ctx, j, len(batches), bf16):
-                    flat = scorer(**scorer_inputs(batch))
-                    parts = ranking_loss(flat, batch["ranks"], batch["valid"], cfg.train.loss)
-                    (parts.total * scale).backward()
-                sums += torch.tensor([parts.total.item(), parts.n_pairs, parts.n_correct], dtype=torch.float64)
-            sums = distributed.all_reduce_sum(sums)
-            loss = float(sums[0]) / max(1, n_prompts)
-            loop.ensure_finite(loss, "loss", step, run)
-            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
-            done = step + 1
-            dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss, "train/accuracy": float(sums[2] / max(1.0, float(sums[1]))),
-                       "train/lr": lr, "train/grad_norm": grad_norm, "train/prompts": n_prompts,
-                       "train/pairs": int(sums[1]), "perf/step_s": dt, "perf/pairs_per_s": float(sums[1]) / dt,
-                       "perf/tokens_per_s": sum(batch_tokens(b) for b in batches) * dist.world_size / dt}
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex and done < total_steps:
-                rep = held_out(val_ex, val_g)
-                metrics.update({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]})
-                best.offer(done, rep["loss"], model)
-            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
-            bar.update(metrics)
-            if loop.save_due(done, cfg.run.save_every, total_steps):
-                checkpoint(done)
-    checkpoint(total_steps)
+    def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, RankingSums]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        parts = ranking_loss(scorer(**scorer_inputs(batch)), batch["ranks"], batch["valid"], cfg.train.loss)
+        return parts.total, RankingSums(float(parts.total.detach()), parts.n_pairs, parts.n_correct)
+
+    def validate(step: int) -> loop.Validation:
+        rep = held_out(val_ex, val_g)
+        return loop.Validation({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]}, loss=rep["loss"])
+
+    steps = loop.Steps(train_ex, global_batch, micro, collate=lambda part: collate_groups(part, pad_id, share_prefix=share),
+                       count=untied_prompts, batch_loss=batch_loss)
+    loop.run_steps(ctx, cfg, steps, model=model, module=scorer, optimizer=optimizer, scheduler=scheduler, start=start,
+                   total=total_steps, validate=validate if val_ex else None, validate_last=False, best=best,
+                   progress=("train/loss", "train/accuracy", "rm/accuracy"))
+
+    # After the loop, the held-out loss of the last step competes too
     final: dict[str, Any] = {}
     if cfg.train.select_best and val_ex:  # the last step competes too; every rank then holds the best
         best.offer(total_steps, held_out(val_ex, val_g)["loss"], model)  # the main rank keeps it

@@ -9,18 +9,16 @@ writes).
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from preflab import distributed, loop, models
 from preflab.config import SFTConfig
 from preflab.data.chat import IGNORE, Example, collate, pack, read_demos, tokenize_conversation
-from preflab.data.order import rank_slice, step_indices
 from preflab.lm import TokenNLL
 from preflab.optim import make_optimizer
-from preflab.run import Progress
 
 
 def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -32,6 +30,20 @@ def split_val(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     n_val = max(1, int(round(len(examples) * fraction)))
     val = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+def response_tokens(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The tokens the loss is taken on (labelled, after the shift): SFT's normaliser."""
+    return sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)
+
+
+class NLLSums(NamedTuple):
+    """A step's summed response-token NLL (over its micro-batches and ranks)."""
+
+    loss: float
+
+    def metrics(self, tokens: int, step_s: float) -> dict[str, float]:
+        return {"train/loss": self.loss / max(1, tokens), "train/tokens": tokens}
 
 
 @torch.no_grad()
@@ -89,61 +101,32 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
 
-    def checkpoint(step: int) -> None:
-        run.save_training(step, model, optimizer, scheduler, keep=cfg.run.keep_checkpoints)
-
     best = loop.BestWeights(Path(cfg.run.out) / "best", enabled=cfg.train.select_best and bool(val_ex) and dist.is_main)
 
-    # 3. the loop: one global batch per optimizer step ------------------------------------------
+    # 3. the loop: one global batch per optimizer step, the loss normalised by the step's global
+    #    count of response tokens -----------------------------------------------------------------
     micro = cfg.train.batch_size
-    last_val: float | None = None  # validation loss after the last step, when eval_every hit it
-    with Progress(total_steps, "sft", enabled=cfg.run.progress and dist.is_main, start=start,
-                  keys=("train/loss", "val/loss", "perf/tokens_per_s")) as bar:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            idx = step_indices(step, len(train_ex), global_batch, cfg.run.seed)
-            mine = rank_slice(idx, dist.rank, dist.world_size)
-            batches = [collate([train_ex[i] for i in mine[j:j + micro]], tokenizer.pad_token_id)
-                       for j in range(0, len(mine), micro)]
-            # Normalise by the global count of response tokens in this step: exact under
-            # accumulation and ranks (DDP averages gradients, hence the world_size factor).
-            n_tokens = distributed.all_reduce_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches))
-            scale = dist.world_size / max(1, int(n_tokens))
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for j, batch in enumerate(batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with loop.micro_step(loss_fn, ctx, j, len(batches), bf16):
-                    nll, _ = loss_fn(**batch)
-                    (nll * scale).backward()
-                loss_sum += nll.detach().double().cpu()
-            loss = float(distributed.all_reduce_sum(loss_sum)) / max(1, int(n_tokens))
-            loop.ensure_finite(loss, "loss", step, run)
-            grad_norm, lr = loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, run, step)
 
-            done = step + 1
-            dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                       "train/tokens": int(n_tokens), "perf/step_s": dt,
-                       "perf/tokens_per_s": sum(b["attention_mask"].sum().item() for b in batches)
-                       * dist.world_size / dt}
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and val_ex:
-                metrics["val/loss"] = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id,
-                                                      device, bf16, dist)
-                best.offer(done, metrics["val/loss"], model)
-                last_val = metrics["val/loss"] if done == total_steps else None
-            loop.log_step(run, cfg.run.log_every, done, total_steps, metrics)
-            bar.update(metrics)
-            if loop.save_due(done, cfg.run.save_every, total_steps):
-                checkpoint(done)
+    def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, NLLSums]:
+        nll, _ = loss_fn(**{k: v.to(device) for k, v in batch.items()})
+        return nll, NLLSums(float(nll.detach()))
+
+    def validate(step: int) -> loop.Validation:
+        val = validation_loss(loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
+        return loop.Validation({"val/loss": val}, loss=val)
+
+    steps = loop.Steps(train_ex, global_batch, micro, collate=lambda part: collate(part, tokenizer.pad_token_id),
+                       count=response_tokens, batch_loss=batch_loss)
+    last = loop.run_steps(ctx, cfg, steps, model=model, module=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                          start=start, total=total_steps, validate=validate if val_ex else None, best=best,
+                          progress=("train/loss", "val/loss", "perf/tokens_per_s"))
 
     # 4. final validation and a plain Hugging Face checkpoint -----------------------------------
     final = {}
-    if val_ex:
-        final["val/loss"] = last_val if last_val is not None else validation_loss(
-            loss_fn, val_ex, micro, tokenizer.pad_token_id, device, bf16, dist)
+    if val_ex:  # the last step's validation when eval_every hit it
+        final["val/loss"] = last["val/loss"] if "val/loss" in last else validate(total_steps).loss
         best.offer(total_steps, final["val/loss"], model)
         run.log_metrics(total_steps, final)
-    checkpoint(total_steps)
     if best.enabled and best.step is not None:
         if best.step != total_steps:
             best.load_into(model)
