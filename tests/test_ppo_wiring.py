@@ -6,7 +6,7 @@ critic that does not start as the RM)."""
 import pytest
 import torch
 
-from preflab import models, rl_update, scoring
+from preflab import loop, models, rl_update, scoring
 from preflab.config import RLConfig, load_config
 from preflab.data.chat import IGNORE, read_lm_rows, read_prompts
 from preflab.rl import gae, masked_whiten, ppo_rewards
@@ -128,7 +128,7 @@ def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_p
         assert len(labelled) < len(e.input_ids)
 
     grads = {}
-    real = rl_update.clip_grad
+    real = loop.clip_grad
 
     def run(coef):
         group = [] if estimator in ("gae", "reinforce_pp") else ["rollout.samples_per_prompt=2"]
@@ -143,7 +143,7 @@ def test_ptx_coefficient_scales_its_gradient_and_labels_cover_the_response(tmp_p
             captured.append(torch.cat([p.grad.flatten() for p in ac.policy.parameters() if p.grad is not None]))
             return real(params, None, **kw)
 
-        monkeypatch.setattr(rl_update, "clip_grad", spy)
+        monkeypatch.setattr(loop, "clip_grad", spy)
         _update(cfg, ac, b, monkeypatch, ptx_batches=batches if coef else None)
         grads[coef] = captured[0]
 

@@ -9,7 +9,6 @@ is in ``preflab.rl`` (pure functions); this module wires it to modules, ranks an
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from preflab import distributed, models
+from preflab import distributed, loop, models
 from preflab.config import RLConfig
 from preflab.data.chat import IGNORE, Example, collate
-from preflab.optim import clip_grad, non_finite_error
+from preflab.optim import non_finite_error
 from preflab.rl import (
     ValueLoss,
     gae,
@@ -213,7 +212,6 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: RLCon
     kl_loss_coef = kl_coef if cfg.algo.kl_in == "loss" else 0.0
     totals = dict.fromkeys(keys, 0.0)
     n_updates = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     spp = cfg.rollout.samples_per_prompt if b % cfg.rollout.samples_per_prompt == 0 else 1
     for _ in range(p.epochs):
         # Prompts are shuffled, each with its k samples (contiguous in the rollout), so a
@@ -239,8 +237,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: RLCon
                 m = batch.mask[idx]
                 weight = float(m.sum()) / float(n_tok) * dist.world_size  # DDP averages over ranks
                 ptx_in = {k: v.to(device) for k, v in ptx[j].items()} if ptx[j] else None
-                sync = not dist.enabled or j == len(parts) - 1
-                with (contextlib.nullcontext() if sync else ac.no_sync()), autocast:
+                with loop.micro_step(ac, device, j, len(parts), cfg.train.bf16):
                     lp, v, ent, ptx_sum, _ = ac(**s.tensors(), temperature=cfg.rollout.temperature, ptx=ptx_in)
                     pg = policy_loss(lp, batch.logprobs[idx], batch.advantages[idx], m, p.clip_range)
                     if cfg.algo.estimator == "online_dpo":  # its loss replaces the surrogate (diagnostics stay)
@@ -269,10 +266,7 @@ def ppo_update(ac: nn.Module, batch: Scored, *, optimizer, scheduler, cfg: RLCon
             if not train_policy:
                 for q in policy_params:
                     q.grad = None  # AdamW skips them: no step, no weight decay, no moment update
-            clip_grad(params, cfg.optim.max_grad_norm, step=step, last_good=last_good)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loop.optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, step=step, last_good=last_good)
             for k in keys:
                 totals[k] += float(distributed.all_reduce_mean(torch.tensor(stats[k])))
             n_updates += 1
