@@ -108,3 +108,21 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def varied_model(seed: int = 0):
+    """A tiny random Llama whose greedy continuations vary from token to token (the default tiny
+    model's init is so flat that greedy decoding repeats one token, which proves nothing), in eval
+    mode, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from preflab import models
+
+    tok = models.load_tokenizer("tiny:")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(models.tiny_model_config(len(tok), initializer_range=0.3))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import varied_model
 from preflab import models
 from preflab.generation import engine, sampling
 from preflab.rollout import HFGenerator, encode_prompts, left_pad
@@ -15,17 +16,7 @@ PROMPTS = ["hi", "a much longer prompt with many more words in it", "mid size on
 
 @pytest.fixture(scope="module")
 def varied():
-    """A tiny random Llama whose greedy continuations vary from token to token (the default tiny
-    model's init is so flat that greedy decoding repeats one token, which proves nothing)."""
-    from transformers import AutoModelForCausalLM
-
-    tok = models.load_tokenizer("tiny:")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(models.tiny_model_config(len(tok), initializer_range=0.3))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.eval(), tok
+    return varied_model(0)
 
 
 class EOSAs:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import run_cli, varied_model
 from preflab import models
 from preflab.errors import ConfigError, ModelError
 from preflab.generation import llamacpp
@@ -28,14 +28,7 @@ PROMPTS = ["hi", "a much longer prompt with many more words in it", "mid size on
 def varied(tmp_path_factory):
     """A saved tiny random Llama whose greedy continuations vary from token to token (the default
     tiny model repeats one token, which proves nothing): (model, tokenizer, directory)."""
-    from transformers import AutoModelForCausalLM
-
-    tok = models.load_tokenizer("tiny:")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(models.tiny_model_config(len(tok), initializer_range=0.3))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model, tok = varied_model(0)
     d = tmp_path_factory.mktemp("varied")
     model.save_pretrained(d)
     tok.save_pretrained(d)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import varied_model
 from preflab import models
 from preflab.errors import ConfigError
 from preflab.generation import vllm as pvllm
@@ -20,13 +21,7 @@ PROMPTS = ["hi", "a much longer prompt with more words", "mid size"]
 
 @pytest.fixture(scope="module")
 def varied():
-    from transformers import AutoModelForCausalLM
-
-    tok = models.load_tokenizer("tiny:")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = AutoModelForCausalLM.from_config(models.tiny_model_config(len(tok), initializer_range=0.3))
-    return model.eval(), tok
+    return varied_model(1)
 
 
 class FakeModel:

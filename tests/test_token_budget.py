@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from preflab import models
+from helpers import varied_model
 from preflab.data.chat import read_prompts, token_budget, token_budgets
 from preflab.data.suite.schema import SuitePrompt, load_prompts
 from preflab.errors import DataError
@@ -25,14 +25,7 @@ PROMPTS = ["hi", "a much longer prompt with many more words in it", "mid size on
 
 @pytest.fixture(scope="module")
 def varied():
-    """A tiny random Llama whose greedy continuations do not end early (EOS never wins)."""
-    from transformers import AutoModelForCausalLM
-
-    tok = models.load_tokenizer("tiny:")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(models.tiny_model_config(len(tok), initializer_range=0.3))
-    return model.eval(), tok
+    return varied_model(0)  # its greedy continuations do not end early (EOS never wins)
 
 
 def test_row_budgets_from_rows():
