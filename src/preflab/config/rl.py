@@ -198,7 +198,7 @@ RL_METHODS: dict[str, dict[str, Any]] = {
     "online_dpo": {"algo": {"estimator": "online_dpo"}, "rollout": {"samples_per_prompt": 4, "batch_size": 4},
                    "ptx": {"coef": 0.0}},
 }
-RLMethod = Literal["ppo", "ppo_ptx", "rloo", "grpo", "reinforce_pp", "online_dpo"]
+RLMethod = Literal[tuple(RL_METHODS)]  # the methods above, one place
 
 # The names of 0.2 (when the stage was `preflab ppo`): importable, with one DeprecationWarning each.
 RENAMED: dict[str, str] = {"PPOConfig": "RLConfig", "PPOModels": "RLModels", "PPOData": "RLData",
