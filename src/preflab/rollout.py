@@ -410,9 +410,9 @@ def _batch_cache(cache: Path | None, key_text: str) -> dict[int, list[str]]:
 @click.option("--id-field", default="id", show_default=True,
               help="The prompt rows' id key (e.g. `key` for IFEval files).")
 @click.option("--backend", type=click.Choice(["hf", "llamacpp"]), default="hf", show_default=True,
-              help="hf: preflab's engine (fastest at large batches); llamacpp: llama.cpp (the llamacpp extra, "
-                   "faster at a few rows per batch) on the bundled GGUF, or on a GGUF exported once from a saved "
-                   "Llama-style model. See docs/performance.md.")
+              help="hf: preflab's engine (as fast or faster from 8 rows per batch); llamacpp: llama.cpp (the "
+                   "llamacpp extra; faster one row at a time, --batch-size 1) on the bundled GGUF, or on a GGUF "
+                   "exported once from a saved Llama-style model. See docs/performance.md.")
 @click.option("--gguf-type", type=click.Choice(["q8_0", "q4_0", "q4_1", "bf16", "f16", "f32"]), default="q8_0",
               show_default=True, help="llamacpp: the matrix type of an exported GGUF (q4_0: llama.cpp's fastest on "
                                       "x86, furthest from the weights); bundled: models run their own GGUF.")

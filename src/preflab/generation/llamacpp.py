@@ -23,9 +23,10 @@ it quantises to 8 bits, preflab's engine de-quantised weights in bf16, and greed
 tokens mostly part after a few words (on f32 weights both sides the tokens are the same;
 ``benchmarks/generate.py`` counts the texts that agree).
 
-Where it pays (docs/performance.md, a 2-core EPYC, one thread): with a few rows per batch
-llama.cpp is several times faster than preflab's engine; at 32 rows per batch preflab's engine
-is faster than llama.cpp on every GGUF type tried.
+Where it pays (docs/performance.md; a shared 2-core EPYC, one thread): one row at a time
+llama.cpp is about 2x faster than preflab's engine on the bundled Q4_1 file and 5-6x on a Q4_0
+export; at 8 and 32 rows per batch preflab's engine is 1.4-3x faster than llama.cpp on the
+bundled file and level with it on bf16 or Q4_0 files.
 """
 
 from __future__ import annotations
