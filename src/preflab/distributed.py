@@ -184,6 +184,17 @@ def gathered(root: torch.nn.Module) -> Iterator[None]:
         root.reshard()
 
 
+def reshard(root: torch.nn.Module) -> None:
+    """After forwards without backward (scoring) on ``wrap``'s FSDP root: free the root's gathered
+    weights, which FSDP keeps after a forward for the backward it expects. Until then
+    ``root.parameters()`` are those full tensors, not the shards the optimizer steps (gradient
+    clipping over them would miss the root's gradients). Not sharded: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(root, FSDPModule):
+        root.reshard()
+
+
 def even_batches(batches: list, placeholder: Any, sharded: bool) -> Iterator[tuple[Any, bool]]:
     """``(batch, True)`` for each of this rank's ``batches``; then, when ``sharded`` (under FSDP
     every forward is a collective), ``(placeholder, False)`` until this rank has run as many as
@@ -249,3 +260,50 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Any] | None:
         if source != name and source in state and name in state:
             state[name] = state[source]
     return state
+
+
+class FullCopy:
+    """A plain (unsharded) model with ``model``'s architecture and buffers and no weights of its own
+    (meta tensors), for what needs every weight at once on every rank: sampling under FSDP.
+
+    Build it before ``wrap`` shards ``model``. ``gather()`` all-gathers ``model``'s full weights
+    (every rank must call it, the same number of times) into the copy, in the sharded parameters'
+    dtype (the fp32 master weights), and returns it; ``release()`` drops them again. Tied
+    parameters stay tied. Between the two, each rank holds the full weights once more than its
+    shards (4 bytes per parameter in fp32)."""
+
+    def __init__(self, model: torch.nn.Module):
+        import copy
+
+        self.source = model
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                for p in model.parameters()}
+        self.model = copy.deepcopy(model, memo)  # buffers (rotary tables) copied; parameters on meta
+        self.gathers = 0
+
+    def _set(self, values: dict[str, torch.nn.Parameter]) -> None:
+        for name, value in values.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(owner), attr, value)
+
+    @torch.no_grad()
+    def gather(self) -> torch.nn.Module:
+        full: dict[int, torch.nn.Parameter] = {}
+        values = {}
+        for name, p in self.source.named_parameters(remove_duplicate=False):
+            if id(p) not in full:
+                t = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                full[id(p)] = torch.nn.Parameter(t, requires_grad=False)
+            values[name] = full[id(p)]
+        self._set(values)
+        self.gathers += 1
+        return self.model
+
+    def release(self) -> None:
+        empty: dict[int, torch.nn.Parameter] = {}
+        values = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) not in empty:
+                empty[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            values[name] = empty[id(p)]
+        self._set(values)

@@ -190,6 +190,25 @@ class HFGenerator:
                                    budgets=per_prompt(max_new_tokens, len(prompts)), n=n)
 
 
+class GatheredGenerator:
+    """Sampling from a model that FSDP shards over the ranks (``train.parallel=fsdp``): each call
+    gathers the full weights once into ``full`` (a ``distributed.FullCopy``), samples with
+    preflab's engine over them (``HFGenerator``: one weight snapshot for the whole call, as on one
+    process) and drops them. Every rank must call ``generate`` together (the gather is a
+    collective); each samples its own prompts. Called after each update, so it samples the
+    updated weights."""
+
+    def __init__(self, full: Any, tokenizer: Any, bf16: bool = False):
+        self.full, self.tokenizer, self.bf16 = full, tokenizer, bf16
+
+    def generate(self, prompts: list[list[int]], **kw: Any) -> Samples:
+        model = self.full.gather()
+        try:
+            return HFGenerator(model, self.tokenizer, bf16=self.bf16).generate(prompts, **kw)
+        finally:
+            self.full.release()
+
+
 BACKENDS = ("hf", "vllm")
 
 

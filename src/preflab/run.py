@@ -647,12 +647,15 @@ class RunDir:
 
     def save_training(self, step: int, model: Any, optimizer: Any, scheduler: Any, keep: int = 1,
                       **extra: Any) -> None:
-        """Checkpoint a training loop: model, optimizer, scheduler, RNG states, step and ``extra``
+        """Checkpoint a training loop: model, optimizer, scheduler, RNG states (every rank's), step and ``extra``
         objects with ``state_dict()`` (e.g. a KL controller). Every rank waits for rank 0. A sharded
         (FSDP) model and its optimizer go to ``sharded/``, written by every rank."""
         from preflab import distributed
 
-        state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
+        # Every rank's random state (ranks draw differently: the RL stage samples its own prompts),
+        # and rank 0's under "rng" as before.
+        ranks = distributed.all_gather_object(rng_state())
+        state = {"scheduler": scheduler.state_dict(), "rng": ranks[0], "rng_ranks": ranks, "step": step,
                  "extra": {k: v.state_dict() for k, v in extra.items()}}
         if distributed.is_sharded(model):
             self.save_sharded_checkpoint(step, model, optimizer, state, keep=keep)
@@ -685,7 +688,9 @@ class RunDir:
         scheduler.load_state_dict(state["scheduler"])
         for k, v in extra.items():
             v.load_state_dict(state["extra"][k])
-        set_rng_state(state["rng"])
+        dist = distributed.current()
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else state["rng"])
         self.truncate_metrics(state["step"])
         self.log(f"resumed at step {state['step']}")
         return state["step"]

@@ -47,18 +47,31 @@ def tail_hidden(model: Any, samples: Samples) -> torch.Tensor:
     token is a prefix whose keys and values the rows attend to (``row_hidden``), and each row is
     the last query token plus its response. Same states as the full sequences (queries are
     left-padded, so their last column is real in every row), for about 40% fewer tokens at k = 4
-    with the demo's lengths. Not under gradient checkpointing, which drops the cache.
+    with the demo's lengths. Not under gradient checkpointing, which drops the cache, nor when
+    gradients flow through FSDP-sharded layers.
     """
     q, qm = samples.query, samples.query_mask
     tq = q.shape[1]
     decoder = unwrap(model).get_decoder()
-    if tq > 1 and len(q) > 1 and not getattr(decoder, "gradient_checkpointing", False) and bool(qm[:, -1].all()):
+    if tq > 1 and len(q) > 1 and not getattr(decoder, "gradient_checkpointing", False) and bool(qm[:, -1].all()) \
+            and not (torch.is_grad_enabled() and _fsdp_layers(decoder)):
         unique, group = torch.unique(torch.cat([q, qm], 1), dim=0, return_inverse=True)
         if len(unique) < len(q):
             rows = torch.cat([q[:, -1:], samples.response], 1)
             rows_mask = torch.cat([qm[:, -1:], samples.response_mask], 1)
             return row_hidden(model, rows, rows_mask, unique[:, :tq - 1], unique[:, tq:2 * tq - 1], group)
     return decoder(**samples.inputs(), use_cache=False).last_hidden_state[:, tq - 1:]
+
+
+def _fsdp_layers(decoder: Any) -> bool:
+    """Whether FSDP shards ``decoder``'s layers: the shared prefix runs each layer twice in one
+    forward, which FSDP2 cannot take back through backward (scoring without gradients may share)."""
+    layers = getattr(decoder, "layers", None)
+    if not layers:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(layers[0], FSDPModule)
 
 
 def response_hidden(model: Any, samples: Samples) -> torch.Tensor:

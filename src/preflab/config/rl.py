@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from preflab.config.base import ModelSection, OptimSection, RunSection, Section
+from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RunSection, Section
 
 
 class RLModels(Section):
@@ -144,6 +144,7 @@ class RLTrain(Section):
     steps: int = Field(20, ge=1, description="Rollout + update iterations.")
     bf16: bool = True
     save_every: int = Field(0, ge=0)
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
 
 
 class RLRun(RunSection):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from preflab import loop, models, rewards
+from preflab import distributed, loop, models, rewards
 from preflab.config import RLConfig
 from preflab.data.chat import read_lm_rows, read_prompts, token_budget
 from preflab.data.order import rank_slice, step_indices
@@ -42,7 +42,7 @@ from preflab.rl_update import (
     score_rollout,
     token_stats,
 )
-from preflab.rollout import HFGenerator, encode_prompts
+from preflab.rollout import GatheredGenerator, HFGenerator, encode_prompts
 from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic
 from preflab.selection import Selection
@@ -61,6 +61,9 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
     k, estimator = r.samples_per_prompt, ESTIMATORS[cfg.algo.estimator]
     if p.critic_warmup_steps and not estimator.needs_critic:
         raise ConfigError(f"ppo.critic_warmup_steps needs a critic; algo.estimator={cfg.algo.estimator} has none")
+    fsdp = cfg.train.parallel == "fsdp" and dist.enabled
+    if fsdp:
+        refuse_under_fsdp(cfg)
     if p.critic_warmup_steps >= cfg.train.steps:
         raise ConfigError(f"ppo.critic_warmup_steps ({p.critic_warmup_steps}) must be below train.steps "
                           f"({cfg.train.steps})")
@@ -83,6 +86,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
         raise DataError("ptx.coef > 0 needs data.ptx: a JSONL of {text} or demonstrations")
 
     # 2. models: trainable policy and critic; frozen reference and reward model ---------------
+    # Under train.parallel=fsdp the policy and critic are sharded (``loop.wrap``); the frozen
+    # reference and reward model stay whole on every rank (they run forward only, in frozen_dtype).
     pol = cfg.models.policy
     lora = loop.lora_options(pol)
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
@@ -100,6 +105,11 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                                      for path in (cfg.models.reward_model, *cfg.models.reward_ensemble)],
                                     cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)
 
+    # Sampling needs every weight: under FSDP a weightless copy of the policy, filled once per
+    # rollout with the gathered weights (built before the policy is sharded).
+    gen = (GatheredGenerator(distributed.FullCopy(policy), tokenizer, bf16=r.bf16) if fsdp
+           else HFGenerator.for_backend(r.backend, policy, tokenizer, bf16=r.bf16))
+    train_module = loop.wrap(ac, cfg.train)  # DDP, or FSDP sharding ``ac`` in place; one process: ``ac``
     steps_per_update = p.epochs * (r.batch_size // p.minibatch_size)
     total_updates = cfg.train.steps * steps_per_update
     policy_params = [q for q in policy.parameters() if q.requires_grad]
@@ -118,10 +128,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
 
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
-    gen = HFGenerator.for_backend(r.backend, policy, tokenizer, bf16=r.bf16)
     update_rng = torch.Generator().manual_seed(cfg.run.seed + 7)
     ptx_rng = torch.Generator().manual_seed(cfg.run.seed + 11)
-    train_module = torch.nn.parallel.DistributedDataParallel(ac) if dist.enabled else ac
 
     extra = {"kl": kl_ctl, "update_rng": GeneratorState(update_rng), "ptx_rng": GeneratorState(ptx_rng)}
     start = run.resume_training(ac, optimizer, scheduler, **extra) if resume else 0
@@ -163,6 +171,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                                   kl_coef=kl_ctl.value, tokenizer=tokenizer, device=device,
                                   chunk=p.minibatch_size, prompt_rewards=prompt_rewards if funcs else None,
                                   rows=[rows[i] for i in episodes])
+            distributed.reshard(ac)  # FSDP: the root's parameters are its shards again
             ac.train()
             t_score = time.perf_counter()
             train_policy = step >= p.critic_warmup_steps
@@ -224,3 +233,20 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
     run.finish()
     return out
 
+
+
+def refuse_under_fsdp(cfg: RLConfig) -> None:
+    """What the RL stage does not support under ``train.parallel=fsdp`` yet, refused before any model
+    loads (LoRA is refused by ``distributed.wrap``, as in every stage)."""
+    if cfg.models.policy.lora.enabled:
+        raise ConfigError("train.parallel=fsdp with LoRA (model.lora.enabled) is not supported yet; "
+                          "use train.parallel=ddp (LoRA's trainable weights are small)")
+    if cfg.select.every:
+        raise ConfigError("select.every with train.parallel=fsdp is not supported yet (rank 0 samples the dev "
+                          "prompts alone); use train.parallel=ddp")
+    if cfg.ptx.coef > 0:
+        raise ConfigError("ptx.coef > 0 with train.parallel=fsdp is not supported yet (the pretraining rows run "
+                          "the policy a second time in the same forward); use train.parallel=ddp")
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(f"rollout.backend={cfg.rollout.backend} with train.parallel=fsdp is not supported yet; "
+                          "use rollout.backend=hf or train.parallel=ddp")
