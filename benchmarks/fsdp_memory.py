@@ -1,4 +1,4 @@
-"""Peak resident memory of an SFT rank under DDP and under FSDP (two gloo ranks on CPU).
+"""Peak resident memory of an SFT (or online RL) rank under DDP and under FSDP (two gloo ranks on CPU).
 
 A random Llama (``--hidden``, ``--layers``; the default has 90.4M parameters, with the tiny
 byte-level tokenizer) is saved to a temporary directory, then trained ``--steps`` steps by
@@ -10,11 +10,19 @@ beside the model state the arithmetic expects per rank: 16 bytes per parameter (
 gradients, Adam's two moments), divided by the ranks under FSDP. Peak RSS also holds what every
 process has (torch, transformers, the data; ``baseline_mb``: a one-process run of the tiny model).
 
+``--stage rl``: the online RL stage instead (``preflab rl``, configs/rl_tiny.yaml: PPO with a value
+head on the policy, 2 prompts of 8 sampled tokens per rank per step, 2 PPO epochs), the random
+Llama as the trained policy and as the frozen reference (bf16, whole on every rank under both),
+the tiny random reward model. Under FSDP each rank also gathers the policy's full fp32 weights
+for sampling (4 bytes per parameter, dropped when the rollout is sampled) on top of its shards.
+JSON in ``fsdp_memory_rl.json``.
+
 No outside peer: DDP and FSDP (torch's, as ``train.parallel`` runs them) are each other's.
 
     .venv/bin/python benchmarks/fsdp_memory.py       # JSON in benchmarks/results/fsdp_memory.json
     .venv/bin/python benchmarks/fsdp_memory.py --layers 2                     # brief
     .venv/bin/python benchmarks/fsdp_memory.py --smoke   # a 1-layer model of width 256, 1 step (seconds)
+    .venv/bin/python benchmarks/fsdp_memory.py --stage rl   # the RL stage; fsdp_memory_rl.json
 """
 
 from __future__ import annotations
@@ -58,12 +66,19 @@ def last_peak_rss(run: Path) -> float:
     return [r for r in rows if "perf/peak_rss_mb" in r][-1]["perf/peak_rss_mb"]
 
 
-def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None, threads: int | None) -> float:
-    """Rank 0's peak RSS in MiB of ``preflab sft`` (``parallel``: two ranks; None: one process)."""
-    args = ["sft", f"model.path={model}", f"data.train={demos}", "data.val_fraction=0", "data.max_length=96",
-            f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false",
-            f"model.threads={'null' if threads is None else threads}",
-            "run.save_every=0", "run.progress=false", f"run.out={out}"]
+def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None, threads: int | None,
+        stage: str = "sft") -> float:
+    """Rank 0's peak RSS in MiB of ``preflab sft`` (``stage`` rl: ``preflab rl``; ``parallel``: two
+    ranks; None: one process)."""
+    thread_arg = "null" if threads is None else threads
+    if stage == "rl":
+        args = ["rl", "--config", str(ROOT / "configs/rl_tiny.yaml"), f"models.policy.path={model}",
+                "models.reward_model=tiny:", f"train.steps={steps}", "rollout.batch_size=2",
+                "ppo.minibatch_size=2", f"models.policy.threads={thread_arg}", "run.progress=false", f"run.out={out}"]
+    else:
+        args = ["sft", f"model.path={model}", f"data.train={demos}", "data.val_fraction=0", "data.max_length=96",
+                f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false", f"model.threads={thread_arg}",
+                "run.save_every=0", "run.progress=false", f"run.out={out}"]
     if parallel:
         torchrun = Path(sys.executable).with_name("torchrun")
         cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "preflab.cli", *args, f"train.parallel={parallel}"]
@@ -79,6 +94,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--stage", choices=("sft", "rl"), default="sft")
     common.add_options(ap, threads=1)  # per rank
     a = ap.parse_args()
     if a.smoke:
@@ -92,18 +108,19 @@ def main() -> None:
                                              "response": f"The number is {i}; that is all I have to say."}) + "\n"
                                  for i in range(64)))
         state_mb = 16 * n / 2**20
-        baseline = sft("tiny:", demos, tmp / "base", 1, None, a.threads)
+        baseline = sft("tiny:", demos, tmp / "base", 1, None, a.threads, a.stage)
         results = [{"config": parallel, "status": "ran", "world_size": 2,
-                    "peak_rss_mb": sft(tmp / "model", demos, tmp / parallel, a.steps, parallel, a.threads),
+                    "peak_rss_mb": sft(tmp / "model", demos, tmp / parallel, a.steps, parallel, a.threads, a.stage),
                     "model_state_mb": state_mb / (2 if parallel == "fsdp" else 1)} for parallel in ("ddp", "fsdp")]
     ddp, fsdp = (r["peak_rss_mb"] for r in results)
     summary = {"fsdp_over_ddp": fsdp / ddp, "fsdp_over_ddp_above_baseline": (fsdp - baseline) / (ddp - baseline)}
-    common.print_table(f"Rank 0's peak RSS, {n / 1e6:.1f}M parameters, 2 gloo ranks, {a.steps} steps",
+    common.print_table(f"Rank 0's peak RSS, {a.stage}, {n / 1e6:.1f}M parameters, 2 gloo ranks, {a.steps} steps",
                        [("parallel", ""), ("peak RSS MiB", "{peak_rss_mb:.0f}"),
                         ("model state MiB (16 B/param / ranks)", "{model_state_mb:.0f}")], results,
                        [f"one-process baseline (tiny model): {baseline:.0f} MiB; FSDP / DDP {summary['fsdp_over_ddp']:.2f}, "
                         f"above the baseline {summary['fsdp_over_ddp_above_baseline']:.2f}"])
-    common.write(common.out_path(a, "fsdp_memory"), "fsdp_memory", record, parameters=n, steps=a.steps,
+    name = "fsdp_memory" if a.stage == "sft" else "fsdp_memory_rl"
+    common.write(common.out_path(a, name), "fsdp_memory", record, stage=a.stage, parameters=n, steps=a.steps,
                  workload={"hidden": a.hidden, "layers": a.layers}, baseline_mb=baseline, results=results, **summary)
 
 
