@@ -178,7 +178,8 @@ def test_sharded_rl_checkpoint_resumes_to_the_uninterrupted_run(runs):
     assert "resumed at step 2" in (runs["cut"] / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("override", ["select.every=1", "ptx.coef=0.5", "rollout.backend=vllm"])
+@pytest.mark.parametrize("override", ["select.every=1", "ptx.coef=0.5", "rollout.backend=vllm",
+                                      "models.policy.lora.enabled=true"])
 def test_unsupported_under_fsdp_is_refused(tmp_path, override):
     cfg = ppo_cfg(tmp_path, "train.parallel=fsdp", override)
     with pytest.raises(ConfigError, match="train.parallel=fsdp"):
