@@ -123,7 +123,7 @@ def test_vllm_part_with_an_engine_that_follows(tmp_path):
     assert d["update"]["fused_adamw"]  # the version counters do not move: the step hook must be seen
     assert d["agree_after_update"] == d["differ_from_before"] == d["prompts"] == 4
     assert d["policy_answers_target"] >= 1
-    assert d["prefix_cache_resets_with_the_update"] is None  # the fake has no prefix cache
+    assert d["prefix_cache_resets_with_the_update"] == 1  # the engine drops the old weights' cached prefixes
     assert "after_reset_prefix_cache_equal_preflab" not in d
     assert result["tokens_per_s"] > 0 and d["sampling"]["k"] == gpu_check.TINY.sample_k
 
@@ -139,6 +139,6 @@ def test_weight_sync_check_fails_when_the_engine_keeps_old_weights():
     assert result["status"] == "failed"
     assert "greedy samples after the update equal preflab's engine" in result["reason"]
     assert "greedy samples after the update differ from before" in result["reason"]
-    assert "prefix cache reset with the weight copy" in result["reason"]
+    assert "prefix cache reset with the weight copy" not in result["reason"]  # the sync does reset it
     assert d["syncs"]["after_update"] == 2 and d["agree_after_update"] == 0
     assert d["after_reset_prefix_cache_equal_preflab"] is False  # the diagnosis ran
