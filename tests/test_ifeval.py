@@ -128,9 +128,35 @@ def test_pipeline_eval_scores_every_model_on_the_ifeval_file(tmp_path):
     path = write(tmp_path, ROWS)
     out = tmp_path / "run"
     main(["pipeline", "--preset", "tiny", "--out", str(out), "rl=[rloo]", f"eval.ifeval={path}",
-          "eval.ifeval_max_new_tokens=4", "eval.models=[sft,rloo]"])
+          "eval.ifeval_max_new_tokens=4", "eval.ifeval_limit=3", "eval.models=[sft,rloo]"])
     block = json.loads((out / "eval/results.json").read_text())["ifeval"]
     assert set(block["models"]) == {"sft", "rloo"}
     assert block["models"]["rloo"]["spec"] == str(out / "rloo/model")
     assert block["settings"]["max_new_tokens"] == 4 and block["settings"]["temperature"] == 0.0
+    assert block["settings"]["n_prompts"] == 3  # eval.ifeval_limit: the file's first 3 of 4
     assert "mean words" in (out / "report.html").read_text()
+
+
+def test_builtin_ifeval_is_the_public_file_and_limit_takes_the_first_rows():
+    import hashlib
+    from importlib.resources import files
+
+    from preflab.evals.ifeval import ifeval_path
+
+    path = ifeval_path("builtin:ifeval")
+    assert path == str(files("preflab.evals") / "ifeval_data" / "input_data.jsonl")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert digest == "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
+    rows = read_ifeval("builtin:ifeval")
+    assert len(rows) == 541 and len({r.key for r in rows}) == 541
+    assert [r.key for r in read_ifeval("builtin:ifeval", limit=3)] == [r.key for r in rows[:3]]
+
+
+def test_pipeline_refuses_a_missing_ifeval_file_before_any_step(tmp_path, capsys):
+    from preflab.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--preset", "tiny", "--out", str(out), f"eval.ifeval={tmp_path / 'nope.jsonl'}"])
+    assert e.value.code != 0 and "nope.jsonl: file not found" in capsys.readouterr().err
+    assert not (out / "data").exists()  # nothing ran

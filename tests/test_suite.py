@@ -175,3 +175,22 @@ def test_long_form_cli_and_pipeline_setting(tmp_path):
     assert any(p.max_new_tokens for p in rows)
     cfg = load_config(PipelineConfig, None, ["suite.long_form=0.2"])
     assert cfg.suite.long_form == 0.2
+
+
+def test_no_suite_prompt_copies_a_run_of_words_from_ifeval():
+    """IFEval (shipped for evaluation only) stays outside what preflab trains on: no prompt of the
+    suite, long-form tasks included, shares a run of 8 words with an IFEval prompt."""
+    import re
+    from importlib.resources import files
+
+    def runs_of_words(text: str, n: int = 8) -> set[str]:
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    ifeval_file = files("preflab.evals") / "ifeval_data" / "input_data.jsonl"
+    ifeval = set().union(*(runs_of_words(json.loads(line)["prompt"]) for line in ifeval_file.open()))
+    assert len(ifeval) > 10_000  # the file was read
+    assert runs_of_words("At the end of your response, please explicitly add a postscript") <= ifeval
+    copied = {p.id: sorted(runs_of_words(p.prompt) & ifeval)
+              for p in generate_suite(seed=0, n=3200, long_form=0.3) if runs_of_words(p.prompt) & ifeval}
+    assert not copied, f"suite prompts sharing 8 words with IFEval: {dict(list(copied.items())[:5])}"

@@ -226,7 +226,7 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {
         ], ["start"]),
         _t("end_with", _end_with, ["phrase"], [
             "End your answer with '{phrase}'.",
-            "Finish your response with the exact phrase '{phrase}'.",
+            "Make '{phrase}' the very last words of your reply.",
             "Your reply must end with '{phrase}'.",
         ], ["end"]),
         _t("json_output", _json_output, [], [
@@ -236,7 +236,7 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {
         ], ["shape", "start", "end", "punct", "wrap", "title"]),
         _t("title", _title, [], [
             "Give your answer a title wrapped in double angle brackets, like <<title>>.",
-            "Include a title in double angular brackets, such as <<my title>>.",
+            "Open with a short title set between << and >>.",
             "Start with a title inside << and >>.",
         ], ["title", "start"]),
         _t("no_commas", _no_commas, [], [
@@ -245,12 +245,12 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {
             "Avoid commas entirely.",
         ], ["punct"]),
         _t("postscript", _postscript, ["marker"], [
-            "At the end, add a postscript starting with {marker}",
+            "Close with a postscript that opens with {marker}",
             "Finish with a postscript that begins with {marker}",
             "Add a note at the end starting with {marker}",
         ], ["end", "ps"]),
         _t("quoted", _quoted, [], [
-            "Wrap your entire response in double quotation marks.",
+            "Begin and end your reply with a double quote mark.",
             "Put your whole answer inside double quotes.",
             "Enclose the entire reply in double quotation marks.",
         ], ["start", "end", "title", "wrap"]),

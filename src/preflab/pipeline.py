@@ -115,6 +115,10 @@ class Pipeline:
             data = deep_merge(self.stage_dict("rm"), {"run": {"out": str(self.out / member), "seed": cfg.seed + i}})
             self.stage_names[member] = "rm"
             self.stage_configs[member] = validate(STAGES["rm"].config, data, f"pipeline.{member}")
+        if cfg.eval.ifeval:  # a missing file or extra fails now, not at the evaluation step
+            from preflab.evals.ifeval import read_ifeval
+
+            read_ifeval(cfg.eval.ifeval, limit=cfg.eval.ifeval_limit)
         self.rounds = Rounds(self)
         if cfg.rounds > 1:
             for step, (stage, data) in self.rounds.stage_dicts().items():
@@ -298,8 +302,9 @@ class Pipeline:
         if e.ifeval:  # beyond the suite: the same models on an IFEval-format file, greedy
             from preflab.evals.ifeval import evaluate_ifeval, read_ifeval
 
-            evaluate_ifeval(models, read_ifeval(e.ifeval), out_dir, max_new_tokens=e.ifeval_max_new_tokens,
-                            temperature=0.0, batch_size=e.batch_size, seed=self.cfg.seed, bf16=e.bf16)
+            evaluate_ifeval(models, read_ifeval(e.ifeval, limit=e.ifeval_limit), out_dir,
+                            max_new_tokens=e.ifeval_max_new_tokens, temperature=0.0, batch_size=e.batch_size,
+                            seed=self.cfg.seed, bf16=e.bf16)
         return results
 
     def step_report(self) -> None:

@@ -54,9 +54,11 @@ class EvalSection(Section):
         None, description="Models to evaluate: base, sft and trained RL methods (None: base, sft and every "
                           "method of `rl`). SFT is the reference.")
     ifeval: str | None = Field(
-        None, description="An IFEval-format prompt file (e.g. the 541 public IFEval prompts): every evaluated model "
-                          "also answers these, greedy, and the report shows strict/loose accuracy and answer "
-                          "length beside the suite's numbers (needs the ifeval extra; None: off).")
+        None, description="An IFEval-format prompt file (`builtin:ifeval`: the 541 public IFEval prompts shipped "
+                          "with preflab): every evaluated model also answers these, greedy, and the report shows "
+                          "strict/loose accuracy and answer length beside the suite's numbers (needs the ifeval "
+                          "extra; None: off).")
+    ifeval_limit: int | None = Field(None, ge=1, description="Only the file's first N prompts (None: all).")
     ifeval_max_new_tokens: int = Field(512, ge=1, description="Token budget of an IFEval answer.")
 
 

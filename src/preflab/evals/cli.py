@@ -90,8 +90,9 @@ def print_ifeval(entry: IFEvalResults) -> None:
 @click.command("eval")
 @click.option("--models", "model_args", multiple=True, required=True,
               help="NAME=PATH (model directory, hub id, bundled: or tiny:); repeat for each model.")
-@click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Prompt file (the suite's prompts.jsonl or your own).")
+@click.option("--prompts", "prompts_path", required=True,
+              help="Prompt file (the suite's prompts.jsonl or your own; with --ifeval, `builtin:ifeval` is the "
+                   "541 public IFEval prompts shipped with preflab).")
 @click.option("--split", default="eval", show_default=True,
               help="Keep prompts of this split (files without splits are used whole); 'all' keeps every row.")
 @click.option("--reference", default="sft", show_default=True, help="Name of the model the others are compared with.")
@@ -124,7 +125,7 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
     Examples:
       preflab eval --models sft=runs/demo/sft/model --models ppo=runs/demo/ppo/model \\
                    --prompts runs/demo/data/prompts.jsonl --rm runs/demo/rm/model --out runs/demo/eval2
-      preflab eval --ifeval --models sft=runs/demo/sft/model --prompts ifeval_input_data.jsonl \\
+      preflab eval --ifeval --models sft=runs/demo/sft/model --prompts builtin:ifeval \\
                    --max-new-tokens 1024 --temperature 0 --out runs/ifeval
     """
     from preflab import models as loader
@@ -134,7 +135,7 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
     if ifeval:
         from preflab.evals.ifeval import evaluate_ifeval, read_ifeval
 
-        rows = read_ifeval(prompts_path, id_field=id_field or "key")[:limit]
+        rows = read_ifeval(prompts_path, id_field=id_field or "key", limit=limit)
         loader.set_threads(threads)
         entry = evaluate_ifeval(named, rows, out_dir, max_new_tokens=max_new_tokens, temperature=temperature,
                                 batch_size=batch_size, seed=seed)

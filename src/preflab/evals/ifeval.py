@@ -1,7 +1,8 @@
 """IFEval-format instruction following, scored with the ``if-verifiable`` package's checkers.
 
 A prompt file in IFEval's format has rows ``{"key", "prompt", "instruction_id_list", "kwargs"}``
-(the public IFEval prompts come as such a file; preflab ships none). ``read_ifeval`` checks every
+(preflab ships the 541 public IFEval prompts as ``builtin:ifeval``, for evaluation only: see
+``ifeval_data/README.md``). ``read_ifeval`` checks every
 row before anything runs; ``score_ifeval`` runs the checkers on one response per prompt and
 returns the four standard numbers: prompt-level and instruction-level accuracy, strict (the
 response as it is) and loose (also with its first/last line or markdown ``*`` removed).
@@ -26,6 +27,16 @@ from preflab.data.jsonl import iter_jsonl
 from preflab.errors import DataError, PreflabError
 
 EXTRA_HINT = "pip install 'preflab[ifeval]'"
+BUNDLED = "builtin:ifeval"
+
+
+def ifeval_path(spec: str | os.PathLike) -> str:
+    """A prompt file's path: ``builtin:ifeval`` is the public IFEval file shipped with preflab."""
+    if str(spec) == BUNDLED:
+        from importlib.resources import files
+
+        return str(files("preflab.evals") / "ifeval_data" / "input_data.jsonl")
+    return str(spec)
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,12 @@ def _registry() -> dict[str, Any]:
     return INSTRUCTION_DICT
 
 
-def read_ifeval(path: str | os.PathLike, id_field: str = "key") -> list[IFEvalRow]:
-    """Rows of an IFEval-format file (JSONL, parquet or a saved dataset). A bad row, a duplicate
-    id or an instruction id the checkers do not know is a DataError naming ``file:line``."""
+def read_ifeval(path: str | os.PathLike, id_field: str = "key", limit: int | None = None) -> list[IFEvalRow]:
+    """Rows of an IFEval-format file (JSONL, parquet or a saved dataset; ``builtin:ifeval``), the
+    first ``limit`` of them if given. A bad row, a duplicate id or an instruction id the checkers
+    do not know is a DataError naming ``file:line``."""
     known = _registry()
+    path = ifeval_path(path)
     rows, first = [], {}
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
@@ -75,7 +88,7 @@ def read_ifeval(path: str | os.PathLike, id_field: str = "key") -> list[IFEvalRo
         rows.append(IFEvalRow(str(key), prompt, tuple(ids), tuple(dict(k) for k in kwargs)))
     if not rows:
         raise DataError(f"{path}: no IFEval rows")
-    return rows
+    return rows[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
