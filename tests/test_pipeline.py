@@ -12,12 +12,13 @@ import pytest
 from preflab.cli import main
 from preflab.config import PipelineConfig, load_config
 from preflab.errors import ConfigError
-from preflab.pipeline import PRESETS, STEPS, Pipeline, deep_merge
+from preflab.pipeline import PRESETS, Pipeline, deep_merge, steps_of
 from preflab.rl.stats import wilson_interval
 
 
 def test_tiny_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    STEPS = steps_of(PipelineConfig.model_validate(deep_merge(PipelineConfig().model_dump(mode="json"), PRESETS["tiny"])))
     # Kill the run inside the PPO-ptx step; everything before it is recorded as done.
     real = Pipeline.train
 

@@ -45,10 +45,12 @@ def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
 
 STEPS = steps_of(PipelineConfig())  # the default graph
 
-# `--preset tiny`: the same graph on random tiny models, in a couple of minutes (tests, CI).
+# `--preset tiny`: the same graph on random tiny models, in a couple of minutes (tests, CI), with
+# PPO-ptx beside RLOO so that both kinds of RL step (critic and pretraining mix; group baseline) run.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "base_model": "tiny:",
+        "rl": ["ppo_ptx", "rloo"],
         "threads": 1,  # tiny matrices: one thread beats two (no OpenMP hand-offs)
         "suite": {"n": 400},
         "demos": {"mode": "reference", "limit": 32},
@@ -60,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "rollout": {"batch_size": 8, "max_new_tokens": 8, "bf16": False},
                      "ppo": {"minibatch_size": 4}, "optim": {"lr": 1e-4, "warmup_steps": 0}},
         "ppo_ptx": {"ptx": {"coef": 1.0, "batch_size": 2}},
-        "eval": {"limit": 16, "max_new_tokens": 8, "bf16": False},
+        "eval": {"limit": 16, "max_new_tokens": 8, "bf16": False, "ifeval": None},
     },
     # `--preset long`: the same recipe at a scale where RL has a chance, sized for about 2 hours on
     # 2 CPU cores from the demo's measured stage rates (docs/long-preset.md has the arithmetic): a
@@ -70,18 +72,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # overfit at 4; with 2.5x the data 2 epochs see more examples than those 3), RLOO with 8 prompts
     # x 4 samples per update for 100 updates (3,200 episodes) at KL coefficient 0.2 (measured on this
     # preset's run, 960 episodes: 0.02 drifts 8-12 nats from SFT and loses its gain, 0.2 stays at
-    # 3.6; docs/long-preset.md), 500 eval prompts.
+    # 3.6; docs/long-preset.md), 500 eval prompts. Its budgets stay at 64 tokens and its rewards the
+    # RM's alone, as measured there (the demo moved to 128 tokens and the protect rewards after).
     "long": {
         "suite": {"n": 4000},
         "demos": {"limit": 800},
-        "labeling": {"limit": 1000},
+        "labeling": {"limit": 1000, "max_new_tokens": 64},
         # Checkpoints every ~10 minutes of each training step, so a killed run loses little.
         "sft": {"train": {"epochs": 2.0}, "run": {"save_every": 40}},
         "rm": {"train": {"epochs": 2.0, "eval_every": 64, "select_best": True}, "run": {"save_every": 32}},
         "rl": ["rloo"],
-        "rl_stage": {"train": {"steps": 100, "save_every": 10}, "rollout": {"max_new_tokens": 64}},
+        "rl_stage": {"train": {"steps": 100, "save_every": 10}, "rollout": {"max_new_tokens": 64},
+                     "rewards": {"preset": "none"}},
         "rl_overrides": {"rloo": {"rollout": {"batch_size": 8, "samples_per_prompt": 4}, "kl": {"coef": 0.2}}},
-        "eval": {"limit": 500},
+        "eval": {"limit": 500, "max_new_tokens": 64},
     },
 }
 
