@@ -173,3 +173,11 @@ def test_rm_ensemble_members_train_with_their_own_seeds_and_reach_the_rl_methods
 
     a, b = load_file(str(out / "rm/model/model.safetensors")), load_file(str(out / "rm-2/model/model.safetensors"))
     assert any(not (a[k] == b[k]).all() for k in a)  # two members, not one model twice
+
+
+def test_rejection_sampling_samples_with_the_labeling_budget(tmp_path):
+    """rs's candidates are as long as the ranked samples the RM learnt from (labeling.max_new_tokens)."""
+    data = deep_merge(PipelineConfig().model_dump(mode="json"),
+                      {"preference": ["rs"], "labeling": {"max_new_tokens": 96}})
+    pipe = Pipeline(PipelineConfig.model_validate(data), tmp_path)
+    assert pipe.stage_configs["rs"].sampling.max_new_tokens == 96

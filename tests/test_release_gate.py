@@ -241,3 +241,38 @@ def test_bad_policy_is_one_clear_error(tmp_path, capsys):
     assert _run(["gate", "--candidate", "tiny:7", "--incumbent", "tiny:7", "--policy", str(p)]) == 2
     err = capsys.readouterr().err
     assert "win_rate_lower_bound" in err and "surprise" in err
+
+
+def test_a_pipeline_run_resolves_to_the_policy_it_trained(tmp_path):
+    """A pipeline run's model is its rounds' trainer after the last round, whatever other stage
+    directories lie beside it; an unfinished run is an error, never SFT served in its place."""
+    from preflab.config import PipelineConfig, dump_config
+    from preflab.errors import PreflabError
+    from preflab.release.common import resolve_model
+
+    def run(name: str, **cfg) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "pipeline_config.json").write_text(json.dumps(dump_config(PipelineConfig(**cfg))))
+        return d
+
+    def model(d: Path) -> None:
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+
+    one = run("one", rl=["rloo", "ppo_ptx"])
+    for stage in ("sft", "ppo_ptx", "rloo"):
+        model(one / stage / "model")
+    assert resolve_model(str(one)) == str(one / "rloo/model")  # the first of rl, not ppo_ptx
+    rounds = run("rounds", rl=["grpo"], rounds=3)
+    model(rounds / "grpo/model")
+    with pytest.raises(PreflabError, match="round-3/grpo/model is not there yet"):
+        resolve_model(str(rounds))
+    model(rounds / "round-3/grpo/model")
+    assert resolve_model(str(rounds)) == str(rounds / "round-3/grpo/model")
+    offline = run("offline", rl=[], preference=["dpo"], round={"method": None})
+    model(offline / "dpo/model")
+    assert resolve_model(str(offline)) == str(offline / "dpo/model")
+    sft_only = run("sft_only", rl=[])
+    model(sft_only / "sft/model")
+    assert resolve_model(str(sft_only)) == str(sft_only / "sft/model")

@@ -181,8 +181,8 @@ class Pipeline:
 
     def preference_config(self, method: str, store: Path | None = None) -> dict[str, Any]:
         """The config of an offline preference trainer on this run: dpo/ipo on the store's RM rankings
-        (10% of the prompts held out), rs = one round of best-of-4 by the RM on 256 RL-split prompts,
-        SFT on the picks; then `rl_overrides[method]`. `preflab compare` starts from the same dict."""
+        (10% of the prompts held out), rs = one round of best-of-4 by the RM on 256 RL-split prompts
+        (sampled with the labeling budget, the lengths the RM was trained on), SFT on the picks; then `rl_overrides[method]`. `preflab compare` starts from the same dict."""
         model = {"path": str(self.out / "sft/model"), **self._model()}
         run = {"out": str(self.out / method), "seed": self.cfg.seed, "progress": True}
         if method in ("dpo", "ipo"):
@@ -193,7 +193,7 @@ class Pipeline:
         else:
             data = {"models": {"policy": model, "reward_model": str(self.out / "rm/model")},
                     "data": {"prompts": str(self.prompts), "split": "ppo", "limit": 256},
-                    "sampling": {"n": 4, "max_new_tokens": 64, "temperature": 0.7},
+                    "sampling": {"n": 4, "max_new_tokens": self.cfg.labeling.max_new_tokens, "temperature": 0.7},
                     "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": run}
         return deep_merge(data, self.cfg.rl_overrides.get(method, {}))
 

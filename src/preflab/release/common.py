@@ -145,17 +145,37 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-RUN_MODEL_ORDER = ("ppo_ptx", "ppo", "dpo", "rs", "sft")  # a pipeline run's last stage first
+RUN_MODEL_ORDER = ("ppo_ptx", "ppo", "dpo", "rs", "sft")  # a run directory without its pipeline config
+
+
+def pipeline_model(run: Path) -> Path:
+    """The model a pipeline run (``RUN/pipeline_config.json``) trained for release: its rounds'
+    trainer (``round.method``, else the first of ``rl``, else of ``preference``; the rule of
+    ``config.round_method``) after its last round, or SFT for a run that trains no policy. A
+    PreflabError when that model is not there yet: never another model in its place."""
+    from preflab.config import PipelineConfig, renamed_sections, round_method
+
+    data, _ = renamed_sections(json.loads((run / "pipeline_config.json").read_text(encoding="utf-8")))
+    cfg = PipelineConfig.model_validate(data)
+    method = round_method(cfg) if (*cfg.rl, *cfg.preference) else "sft"
+    model = (run / f"round-{cfg.rounds}" if cfg.rounds > 1 and method != "sft" else run) / method / "model"
+    if not (model / "config.json").is_file():
+        raise PreflabError(f"{run}: the run's trained model {model.relative_to(run)} is not there yet "
+                           f"(finish the run: preflab pipeline --out {run}), or pass a model directory")
+    return model
 
 
 def resolve_model(path: str) -> str:
     """A model spec from a model directory, a stage's run directory (``RUN/model``), a pipeline run
-    (its last trained stage: ppo_ptx, ppo, dpo, rs, then sft) or a spec (``tiny:7``, ``bundled:...``)."""
+    (its trained policy: ``pipeline_model``; a run directory without its config: the first of
+    ppo_ptx, ppo, dpo, rs, sft there) or a spec (``tiny:7``, ``bundled:...``)."""
     p = Path(path)
     if not p.is_dir() or (p / "config.json").is_file():
         return path
     if (p / "model" / "config.json").is_file():
         return str(p / "model")
+    if (p / "pipeline_config.json").is_file():
+        return str(pipeline_model(p))
     for stage in RUN_MODEL_ORDER:
         if (p / stage / "model" / "config.json").is_file():
             return str(p / stage / "model")
