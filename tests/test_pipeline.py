@@ -175,9 +175,12 @@ def test_rm_ensemble_members_train_with_their_own_seeds_and_reach_the_rl_methods
     assert any(not (a[k] == b[k]).all() for k in a)  # two members, not one model twice
 
 
-def test_rejection_sampling_samples_with_the_labeling_budget(tmp_path):
-    """rs's candidates are as long as the ranked samples the RM learnt from (labeling.max_new_tokens)."""
+def test_offline_trainers_get_their_presets_and_rs_the_labeling_budget(tmp_path):
+    """ipo is the DPO stage with IPO's loss (config.OFFLINE_METHODS); rs's candidates are as long as
+    the ranked samples the RM learnt from (labeling.max_new_tokens)."""
     data = deep_merge(PipelineConfig().model_dump(mode="json"),
-                      {"preference": ["rs"], "labeling": {"max_new_tokens": 96}})
+                      {"preference": ["ipo", "dpo", "rs"], "labeling": {"max_new_tokens": 96}})
     pipe = Pipeline(PipelineConfig.model_validate(data), tmp_path)
+    assert pipe.stage_configs["ipo"].dpo.loss == "ipo" and pipe.stage_configs["dpo"].dpo.loss == "dpo"
+    assert pipe.stage_names == {"sft": "sft", "rm": "rm", "rloo": "rl", "ipo": "dpo", "dpo": "dpo", "rs": "rs"}
     assert pipe.stage_configs["rs"].sampling.max_new_tokens == 96

@@ -39,6 +39,7 @@ import click
 
 from preflab import models
 from preflab.config import (
+    OFFLINE_METHODS,
     RL_METHODS,
     PipelineConfig,
     apply_overrides,
@@ -54,7 +55,7 @@ from preflab.evals.results import EvalResults, reference_results
 # Beside the online RL methods (config.RL_METHODS): the preference trainers and best-of-N, built
 # from the same run (its SFT model, its store's rankings, its RM). Their presets are overridable
 # from the command line like the RL ones (`dpo.beta=0.2`, `optim.lr=1e-5`, `sampling.n=8`).
-PREFERENCE_METHODS = ("dpo", "ipo", "rs", "best_of_n")
+PREFERENCE_METHODS = (*OFFLINE_METHODS, "best_of_n")
 METHODS = (*RL_METHODS, *PREFERENCE_METHODS)
 BEST_OF_N = 4
 ROW_KEYS = ("method", "label", "seed", "settings", "gold_winrate", "gold_ci", "n", "rm_winrate", "kl", "mean_words",
@@ -158,7 +159,7 @@ class Comparison:
         """What the method trains from this run, before the command's overrides."""
         if method in RL_METHODS:
             return self.pipeline.rl_config(method)  # what the pipeline would train for this method
-        if method in ("dpo", "ipo", "rs"):
+        if method in OFFLINE_METHODS:
             return self.pipeline.preference_config(method)  # what the pipeline would train
         return {}
 

@@ -25,7 +25,15 @@ from typing import Any
 
 import click
 
-from preflab.config import RL_METHODS, PipelineConfig, deep_merge, dump_config, renamed_sections, validate
+from preflab.config import (
+    OFFLINE_METHODS,
+    RL_METHODS,
+    PipelineConfig,
+    deep_merge,
+    dump_config,
+    renamed_sections,
+    validate,
+)
 from preflab.data.jsonl import atomic_write_text, write_jsonl
 from preflab.errors import ConfigError
 from preflab.registry import STAGES, run_stage, stage_of
@@ -180,22 +188,24 @@ class Pipeline:
         return data
 
     def preference_config(self, method: str, store: Path | None = None) -> dict[str, Any]:
-        """The config of an offline preference trainer on this run: dpo/ipo on the store's RM rankings
-        (10% of the prompts held out), rs = one round of best-of-4 by the RM on 256 RL-split prompts
-        (sampled with the labeling budget, the lengths the RM was trained on), SFT on the picks; then `rl_overrides[method]`. `preflab compare` starts from the same dict."""
+        """The config of an offline preference trainer on this run: the DPO stage (dpo, ipo) on the
+        store's RM rankings (10% of the prompts held out), rs = one round of best-of-4 by the RM on
+        256 RL-split prompts (sampled with the labeling budget, the lengths the RM was trained on),
+        SFT on the picks; then the method's preset (``config.OFFLINE_METHODS``) and
+        `rl_overrides[method]`. `preflab compare` starts from the same dict."""
+        stage, preset = OFFLINE_METHODS[method]
         model = {"path": str(self.out / "sft/model"), **self._model()}
         run = {"out": str(self.out / method), "seed": self.cfg.seed, "progress": True}
-        if method in ("dpo", "ipo"):
+        if stage == "dpo":
             data = {"model": model, "data": {"train": f"store:{store or self.store}", "split": "rm",
                                              "val_fraction": 0.1, "max_length": self._stage_config("rm").data.max_length},
-                    "dpo": {"loss": method}, "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
-                    "run": run}
+                    "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8}, "run": run}
         else:
             data = {"models": {"policy": model, "reward_model": str(self.out / "rm/model")},
                     "data": {"prompts": str(self.prompts), "split": "ppo", "limit": 256},
                     "sampling": {"n": 4, "max_new_tokens": self.cfg.labeling.max_new_tokens, "temperature": 0.7},
                     "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": run}
-        return deep_merge(data, self.cfg.rl_overrides.get(method, {}))
+        return deep_merge(deep_merge(data, preset), self.cfg.rl_overrides.get(method, {}))
 
     def rl_config(self, method: str) -> dict[str, Any]:
         """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's

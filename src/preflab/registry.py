@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preflab.config import RL_METHODS, DPOConfig, RLConfig, RMConfig, RSConfig, Section, SFTConfig
+from preflab.config import (
+    OFFLINE_METHODS,
+    RL_METHODS,
+    DPOConfig,
+    RLConfig,
+    RMConfig,
+    RSConfig,
+    Section,
+    SFTConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -54,9 +63,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 RENAMED: dict[str, str] = {"ppo": "rl"}
 
 # The methods the pipeline, `preflab compare` and rounds train, and the stage that trains each: every
-# online RL method is the RL stage with its preset (``config.RL_METHODS``); ipo is the DPO stage.
-METHODS: dict[str, str] = {"sft": "sft", "rm": "rm", **dict.fromkeys(RL_METHODS, "rl"), "dpo": "dpo", "ipo": "dpo",
-                           "rs": "rs"}
+# online RL method is the RL stage with its preset (``config.RL_METHODS``), every offline one the
+# stage ``config.OFFLINE_METHODS`` names (ipo is the DPO stage).
+METHODS: dict[str, str] = {"sft": "sft", "rm": "rm", **dict.fromkeys(RL_METHODS, "rl"),
+                           **{m: stage for m, (stage, _) in OFFLINE_METHODS.items()}}
 
 
 def stage_name(name: str) -> str:

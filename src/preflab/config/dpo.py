@@ -130,4 +130,13 @@ class RSConfig(Section):
     optim: RSOptim = Field(default_factory=RSOptim)
     run: RSRun = Field(default_factory=RSRun)
 
-__all__ = ["DPOModel", "DPOData", "DPOLoss", "DPOOptim", "DPOTrain", "DPOEval", "DPORun", "DPOConfig", "RSModels", "RSData", "RSSampling", "RSTrain", "RSOptim", "RSRun", "RSConfig"]
+# The offline preference trainers the pipeline, rounds and `preflab compare` train: method -> (the
+# registry stage that trains it, its preset over the pipeline's recipe). ipo is the DPO stage's IPO loss.
+OFFLINE_METHODS: dict[str, tuple[str, dict]] = {
+    "dpo": ("dpo", {"dpo": {"loss": "dpo"}}),
+    "ipo": ("dpo", {"dpo": {"loss": "ipo"}}),
+    "rs": ("rs", {}),
+}
+OfflineMethod = Literal[tuple(OFFLINE_METHODS)]  # the methods above, one place
+
+__all__ = ["OFFLINE_METHODS", "OfflineMethod", "DPOModel", "DPOData", "DPOLoss", "DPOOptim", "DPOTrain", "DPOEval", "DPORun", "DPOConfig", "RSModels", "RSData", "RSSampling", "RSTrain", "RSOptim", "RSRun", "RSConfig"]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from preflab.config.base import Section, deep_merge
+from preflab.config.dpo import OfflineMethod
 from preflab.config.rl import RLMethod
 from preflab.errors import ConfigError
 
@@ -140,7 +141,7 @@ class PipelineConfig(Section):
         ["rloo"], description="Online RL methods trained after the RM, each its own step and run directory "
         "(RUN/<method>). The demo trains RLOO (k = 4 samples per prompt, no critic), the method that beat SFT on "
         "the gold judge on every seed measured (docs/results.md); add ppo_ptx for InstructGPT's PPO-ptx.")
-    preference: list[Literal["dpo", "ipo", "rs"]] = Field(
+    preference: list[OfflineMethod] = Field(
         [], description="Offline preference trainers run after the RL methods, each its own step and run directory: "
                         "dpo, ipo (on the store's rankings), rs (rejection-sampling fine-tuning with the RM).")
     rl_overrides: dict[str, dict[str, Any]] = Field(
