@@ -86,22 +86,31 @@ def runs(tmp_path_factory):
     cut = sft_cfg(root / "cut", *COMMON, "train.batch_size=2", "train.grad_accum=2", "train.parallel=fsdp",
                   "run.save_every=2")
     one_bf16 = sft_cfg(root / "one_bf16", *COMMON, "train.batch_size=8", "train.bf16=true")
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
+    lora_one = sft_cfg(root / "lora_one", *COMMON, *lora, "train.batch_size=8")
+    lora_fsdp = sft_cfg(root / "lora_fsdp", *COMMON, *lora, "train.batch_size=4", "train.parallel=fsdp")
     fsdp_bf16 = sft_cfg(root / "fsdp_bf16", *COMMON, "train.batch_size=4", "train.parallel=fsdp", "train.bf16=true")
     rankings = write_mixed(root / "rankings.jsonl", n=20)
     dpo_rankings = write_dpo_rankings(root / "dpo_rankings.jsonl", n=20)
-    for name in ("rm_one", "rm_fsdp", "dpo_one", "dpo_fsdp"):
+    for name in ("rm_one", "rm_fsdp", "dpo_one", "dpo_fsdp", "rm_lora_one", "rm_lora_fsdp"):
         (root / name).mkdir()
     rm_one = rm_cfg(root / "rm_one", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
     rm_fsdp = rm_cfg(root / "rm_fsdp", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4", "train.parallel=fsdp")
+    rm_lora_one = rm_cfg(root / "rm_lora_one", rankings, *EXACT, *RM_COMMON, *lora, "train.batch_prompts=8")
+    rm_lora_fsdp = rm_cfg(root / "rm_lora_fsdp", rankings, *EXACT, *RM_COMMON, *lora, "train.batch_prompts=4",
+                          "train.parallel=fsdp")
     dpo_one = dpo_cfg(root / "dpo_one", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
     dpo_fsdp = dpo_cfg(root / "dpo_fsdp", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4",
                        "train.parallel=fsdp", "eval.kl_prompts=2")
     sft.train(one)
     sft.train(one_bf16)
+    sft.train(lora_one)
     reward.train(rm_one)
+    reward.train(rm_lora_one)
     dpo.train(dpo_one)
     jobs = [("sft", fsdp, False, None), ("sft", ddp, False, None), ("sft", cut, False, 4), ("sft", cut, True, None),
-            ("sft", fsdp_bf16, False, None), ("rm", rm_fsdp, False, None), ("dpo", dpo_fsdp, False, None)]
+            ("sft", fsdp_bf16, False, None), ("rm", rm_fsdp, False, None), ("dpo", dpo_fsdp, False, None),
+            ("sft", lora_fsdp, False, None), ("rm", rm_lora_fsdp, False, None)]
     jobs = [(stage, cfg.model_dump_json(), resume, stop_at) for stage, cfg, resume, stop_at in jobs]
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), jobs), nprocs=2)
     return {d.name: d / "run" for d in root.iterdir() if d.is_dir()}
@@ -129,6 +138,19 @@ def test_two_ranks_equal_one_rank(runs, name):
     val, val_ref = losses(runs[name], "val/loss"), losses(runs["one"], "val/loss")
     assert [s for s, _ in val] == [s for s, _ in val_ref] == [2, 4, 4]  # eval_every=2, and the final
     assert [v for _, v in val] == pytest.approx([v for _, v in val_ref], abs=1e-5)
+
+
+def test_lora_two_fsdp_ranks_equal_one_rank(runs):
+    """LoRA under FSDP2: the same losses as one process, and an export with the adapters merged into
+    plain weights equal to the one-process export (which merged in place)."""
+    w_one = model_weights(runs["lora_one"] / "model")
+    assert max_param_diff(w_one, model_weights(models.resolve("tiny:"))) > 1e-4  # the merge changed weights
+    rows, ref = losses(runs["lora_fsdp"]), losses(runs["lora_one"])
+    assert [s for s, _ in rows] == [s for s, _ in ref] == [1, 2, 3, 4]
+    assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5)
+    w = model_weights(runs["lora_fsdp"] / "model")
+    assert set(w) == set(w_one) and not any("lora" in k for k in w)
+    assert max_param_diff(w_one, w) < 1e-5
 
 
 def test_fsdp_checkpoint_is_sharded_and_the_export_loads(runs):
@@ -181,6 +203,16 @@ def test_reward_model_two_fsdp_ranks_equal_one_rank(runs):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(runs["rm_fsdp"] / "model").config.preflab_reward_model
+
+
+def test_lora_reward_model_two_fsdp_ranks_equal_one_rank(runs):
+    """The RM with LoRA adapters and a fully trained score head (peft's modules_to_save) under FSDP2:
+    its export, merged from the gathered shards, equals the one-process export."""
+    one, fsdp = (model_weights(runs[n] / "model") for n in ("rm_lora_one", "rm_lora_fsdp"))
+    assert set(fsdp) == set(one) and not any("lora" in k or "modules_to_save" in k for k in fsdp)
+    assert max_param_diff(one, fsdp) < 1e-5
+    a, b = (json.loads((runs[n] / "manifest.json").read_text())["final_metrics"] for n in ("rm_lora_one", "rm_lora_fsdp"))
+    assert b["rm/loss"] == pytest.approx(a["rm/loss"], abs=1e-5)
 
 
 def test_dpo_two_fsdp_ranks_equal_one_rank(runs):

@@ -127,7 +127,8 @@ def wrap(module: torch.nn.Module, parallel: str, bf16: bool) -> torch.nn.Module:
     ``ddp``: DistributedDataParallel, a full copy of everything on every rank. ``fsdp``: FSDP2
     (``fully_shard``) on each decoder layer, then on ``module`` itself, which holds the rest
     (embeddings, final norm, head): weights, gradients and optimizer state are sharded over the
-    ranks, and a layer's full weights exist only while it runs. ``bf16`` under fsdp: bf16 weights
+    ranks, and a layer's full weights exist only while it runs; every rank starts from rank 0's
+    weights, as under DDP (freshly initialised LoRA adapters differ between ranks otherwise). ``bf16`` under fsdp: bf16 weights
     in forward and backward, gradients reduced in fp32 onto the fp32 shards. One process: ``module``.
     Build the optimizer after this call: FSDP replaces the parameters by sharded DTensors.
     """
@@ -137,11 +138,9 @@ def wrap(module: torch.nn.Module, parallel: str, bf16: bool) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(module)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from preflab.errors import ConfigError
-
-    if any(hasattr(m, "peft_config") for m in module.modules()):
-        raise ConfigError("train.parallel=fsdp with LoRA (model.lora.enabled) is not supported yet; "
-                          "use train.parallel=ddp (LoRA's trainable weights are small)")
+    with torch.no_grad():  # every rank shards the same tensors: rank 0's (as DDP starts), e.g. new LoRA weights
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in decoder_layers(module):
         fully_shard(layer, mp_policy=mp)

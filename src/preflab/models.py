@@ -599,6 +599,8 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: boo
     quiet_transformers()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and hasattr(model, "merge_and_unload"):  # LoRA, sharded: merge a full copy
+        model, state_dict = unsharded_lora_copy(model, state_dict), None
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = getattr(model, "module", model)  # DDP
@@ -610,6 +612,23 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: boo
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def unsharded_lora_copy(model: Any, state_dict: dict[str, Any]) -> Any:
+    """A plain CPU copy of the peft ``model`` (same architecture, config and adapter config) holding
+    ``state_dict``, its full weights gathered from the shards: what ``merge_and_unload`` needs, since
+    a sharded model's adapters cannot be merged in place."""
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    fresh = type(base)._from_config(base.config, torch_dtype=next(iter(state_dict.values())).dtype)
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    copy = get_peft_model(fresh, model.peft_config[adapter])
+    missing, unexpected = copy.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"LoRA export: the gathered weights do not fit the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return copy
 
 
 def apply_reward_norm(model: Any) -> Any:
