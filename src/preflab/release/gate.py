@@ -32,6 +32,7 @@ from typing import Any, Literal
 import click
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from preflab.config import EvalSection
 from preflab.errors import PreflabError
 from preflab.release.common import atomic_write, json_hash, model_hash, resolve_model
 
@@ -45,7 +46,7 @@ class _Strict(BaseModel):
 
 
 class Sampling(_Strict):
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(EvalSection().max_new_tokens, ge=1)  # the pipeline's evaluation budget
     temperature: float = Field(0.7, ge=0)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
