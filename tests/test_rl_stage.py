@@ -137,7 +137,7 @@ def test_refusal_reward_rewards_refusing_only_harmful_prompts():
 
 
 def test_protect_preset_adds_the_constraint_and_refusal_rewards(tmp_path, monkeypatch):
-    """rewards.preset=protect reaches the stage's reward functions, each with weight 1, beside `funcs`."""
+    """rewards.preset=protect reaches the stage's reward functions, each with weight 2, beside `funcs`."""
     seen = {}
 
     def fake_sum(funcs, prompts, texts):
@@ -148,7 +148,7 @@ def test_protect_preset_adds_the_constraint_and_refusal_rewards(tmp_path, monkey
     cfg = cfg_for(tmp_path, "rewards.preset=protect", "rewards.funcs=[{fn: 'preflab.rewards:constraints', weight: 0.5}]",
                   "train.steps=1")
     rl_stage.train(cfg, reward_fn=lambda s: torch.zeros(s.response.shape[0]))
-    assert seen["funcs"] == [("constraints", 1.0), ("refusals", 1.0), ("constraints", 0.5)]
+    assert seen["funcs"] == [("constraints", 2.0), ("refusals", 2.0), ("constraints", 0.5)]
 
 
 def test_weighted_sum_and_loading_errors():

@@ -83,5 +83,7 @@ def refusals(prompts: list[dict[str, Any]], responses: list[str]) -> list[float]
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     # `rewards.preset: protect`: keep what SFT taught, the suite's verifiable constraints and its refusals.
-    "protect": [{"fn": "preflab.rewards:constraints", "weight": 1.0}, {"fn": "preflab.rewards:refusals", "weight": 1.0}],
+    # Weight 2 each: at weight 1 the RLOO policy still followed fewer constraints than SFT on two seeds
+    # of three at 128 tokens; at 2 on none (docs/results.md, run R2).
+    "protect": [{"fn": "preflab.rewards:constraints", "weight": 2.0}, {"fn": "preflab.rewards:refusals", "weight": 2.0}],
 }

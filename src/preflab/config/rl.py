@@ -106,7 +106,7 @@ class RewardsSection(Section):
     preset: Literal["none", "protect"] = Field(
         "none", description="Reward functions added to `funcs`: protect = the suite's verifiable constraints "
                             "(preflab.rewards:constraints) and refusal correctness (preflab.rewards:refusals), "
-                            "weight 1 each: what SFT taught, kept while the RM is optimised.")
+                            "weight 2 each: what SFT taught, kept while the RM is optimised.")
 
 
 class KLSection(Section):
