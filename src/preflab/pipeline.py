@@ -114,7 +114,7 @@ class Pipeline:
         unknown = sorted(set(cfg.rl_overrides) - set(trained))
         if unknown:
             raise ConfigError(f"rl_overrides: {', '.join(unknown)} not among the trained methods ({', '.join(trained)})")
-        self.eval_models = cfg.eval.models if cfg.eval.models is not None else ["base", "sft", *trained]
+        self.eval_models = cfg.eval.models if cfg.eval.models is not None else ["sft", *trained]
         bad = [m for m in self.eval_models if m not in ("base", "sft", *trained)]
         if bad or "sft" not in self.eval_models:
             raise ConfigError(f"eval.models: {', '.join(bad) or 'sft is missing'} (choose from base, sft and the "

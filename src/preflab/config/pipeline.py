@@ -54,8 +54,9 @@ class EvalSection(Section):
     bf16: bool = Field(True, description="bf16 weights and autocast for sampling and scoring (about 2x faster "
                                          "on CPU; log-softmax stays fp32).")
     models: list[str] | None = Field(
-        None, description="Models to evaluate: base, sft and trained RL methods (None: base, sft and every "
-                          "method of `rl`). SFT is the reference.")
+        None, description="Models to evaluate: base, sft and trained methods (None: sft and every method of `rl` "
+                          "and `preference`; list base to compare with the pretrained model too). SFT is the "
+                          "reference.")
     ifeval: str | None = Field(
         None, description="An IFEval-format prompt file (`builtin:ifeval`: the 541 public IFEval prompts shipped "
                           "with preflab): every evaluated model also answers these, greedy, and the report shows "
