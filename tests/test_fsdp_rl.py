@@ -96,6 +96,7 @@ def _worker(rank, world, port, jobs):
     end_rank()
 
 
+LORA = ["models.policy.lora.enabled=true", "models.policy.lora.r=4", "models.policy.lora.alpha=8"]
 CRITIC = ["models.critic=reward_model", "rollout.samples_per_prompt=2", "rollout.batch_size=4"]
 
 
@@ -113,6 +114,8 @@ def runs(tmp_path_factory):
         "cut": ppo_cfg(root / "cut", *base, "train.parallel=fsdp", "train.save_every=1"),
         "critic_fsdp": ppo_cfg(root / "critic_fsdp", *CRITIC, "ppo.minibatch_size=4", "train.parallel=fsdp"),
         "critic_ddp": ppo_cfg(root / "critic_ddp", *CRITIC, "ppo.minibatch_size=4"),
+        "lora_fsdp": ppo_cfg(root / "lora_fsdp", *base, *LORA, "train.parallel=fsdp"),
+        "lora_ddp": ppo_cfg(root / "lora_ddp", *base, *LORA),
     }
     one = ppo_cfg(root / "update", "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=2")
     two = ppo_cfg(root / "update", "rollout.batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=2")
@@ -124,7 +127,7 @@ def runs(tmp_path_factory):
     _update(ac, batch, one)
     single = {"state": ac.state_dict(), "before": before, "after": _sample(gen)}
     jobs = [("update", blob, False, None)]
-    for name in ("fsdp", "ddp", "critic_fsdp", "critic_ddp"):
+    for name in ("fsdp", "ddp", "critic_fsdp", "critic_ddp", "lora_fsdp", "lora_ddp"):
         jobs.append(("stage", cfgs[name].model_dump_json(), False, None))
     jobs += [("stage", cfgs["cut"].model_dump_json(), False, 3), ("stage", cfgs["cut"].model_dump_json(), True, None)]
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), jobs), nprocs=2)
@@ -145,8 +148,10 @@ def test_fsdp_update_equals_one_rank_and_the_engine_samples_the_updated_weights(
     assert fsdp["gathers"] == 2  # once per generate call, not per decoding step
 
 
-@pytest.mark.parametrize("name", ["fsdp", "critic_fsdp"])
+@pytest.mark.parametrize("name", ["fsdp", "critic_fsdp", "lora_fsdp"])
 def test_two_fsdp_ranks_equal_two_ddp_ranks(runs, name):
+    """Whole runs; lora_fsdp: LoRA adapters on the policy (sampled through the gathered copy, merged
+    in the export)."""
     ddp = name.replace("fsdp", "ddp")
     got, ref = rows(runs[name]), rows(runs[ddp])
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]
@@ -157,6 +162,9 @@ def test_two_fsdp_ranks_equal_two_ddp_ranks(runs, name):
     assert max_param_diff(w, model_weights(models.resolve("tiny:"))) > 1e-4  # it trained
     if name == "critic_fsdp":
         assert max_param_diff(model_weights(runs[name] / "critic"), model_weights(runs[ddp] / "critic")) < 1e-5
+    if name == "lora_fsdp":  # adapters trained, merged in the export
+        assert json.loads((runs[name] / "manifest.json").read_text())["config"]["models"]["policy"]["lora"]["enabled"]
+        assert not any("lora" in k for k in w)
 
 
 def test_rl_checkpoint_is_sharded_and_the_export_loads(runs):
@@ -178,8 +186,7 @@ def test_sharded_rl_checkpoint_resumes_to_the_uninterrupted_run(runs):
     assert "resumed at step 2" in (runs["cut"] / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("override", ["select.every=1", "ptx.coef=0.5", "rollout.backend=vllm",
-                                      "models.policy.lora.enabled=true"])
+@pytest.mark.parametrize("override", ["select.every=1", "ptx.coef=0.5", "rollout.backend=vllm"])
 def test_unsupported_under_fsdp_is_refused(tmp_path, override):
     cfg = ppo_cfg(tmp_path, "train.parallel=fsdp", override)
     with pytest.raises(ConfigError, match="train.parallel=fsdp"):

@@ -237,10 +237,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
 
 def refuse_under_fsdp(cfg: RLConfig) -> None:
     """What the RL stage does not support under ``train.parallel=fsdp`` yet, refused before any model
-    loads (SFT, the RM and DPO train LoRA under FSDP; the RL stage's sampling copy does not hold adapters)."""
-    if cfg.models.policy.lora.enabled:
-        raise ConfigError("train.parallel=fsdp with LoRA (models.policy.lora.enabled) is not supported in the RL "
-                          "stage yet; use train.parallel=ddp (LoRA's trainable weights are small)")
+    loads."""
     if cfg.select.every:
         raise ConfigError("select.every with train.parallel=fsdp is not supported yet (rank 0 samples the dev "
                           "prompts alone); use train.parallel=ddp")
