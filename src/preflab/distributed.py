@@ -128,8 +128,9 @@ def wrap(module: torch.nn.Module, parallel: str, bf16: bool) -> torch.nn.Module:
     (``fully_shard``) on each decoder layer, then on ``module`` itself, which holds the rest
     (embeddings, final norm, head): weights, gradients and optimizer state are sharded over the
     ranks, and a layer's full weights exist only while it runs; every rank starts from rank 0's
-    weights, as under DDP (freshly initialised LoRA adapters differ between ranks otherwise). ``bf16`` under fsdp: bf16 weights
-    in forward and backward, gradients reduced in fp32 onto the fp32 shards. One process: ``module``.
+    weights, as under DDP (freshly initialised LoRA adapters differ between ranks otherwise).
+    ``bf16`` under fsdp: bf16 weights in forward and backward, gradients reduced in fp32 onto the
+    fp32 shards. One process: ``module``.
     Build the optimizer after this call: FSDP replaces the parameters by sharded DTensors.
     """
     if not in_group():
