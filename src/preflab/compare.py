@@ -156,12 +156,9 @@ class Comparison:
         return None if method == "best_of_n" else stage_of(method)
 
     def base_config(self, method: str) -> dict[str, Any]:
-        """What the method trains from this run, before the command's overrides."""
-        if method in RL_METHODS:
-            return self.pipeline.rl_config(method)  # what the pipeline would train for this method
-        if method in OFFLINE_METHODS:
-            return self.pipeline.preference_config(method)  # what the pipeline would train
-        return {}
+        """What the method trains from this run, before the command's overrides: the pipeline's
+        own config of it (nothing for best-of-N, which trains nothing)."""
+        return {} if self.stage_of(method) is None else self.pipeline.method_dict(method)
 
     def stage_config(self, method: str, point: dict[str, Any], seed: int) -> Any:
         from preflab.registry import STAGES

@@ -29,6 +29,7 @@ from preflab.config import (
     OFFLINE_METHODS,
     RL_METHODS,
     PipelineConfig,
+    RecipeInputs,
     deep_merge,
     dump_config,
     renamed_sections,
@@ -168,60 +169,27 @@ class Pipeline:
     def method_dict(self, method: str, *, policy: str | None = None, reward_model: str | None = None,
                     store: Path | None = None, reference: str | None = None, out: Path | None = None,
                     seed: int | None = None) -> dict[str, Any]:
-        """The config dict of a trained method; the keywords move it (a later round: another starting
-        policy, RM, store, KL reference, run directory and seed)."""
-        data = (self.preference_config(method, store=store) if method in self.cfg.preference
-                else self.rl_config(method))
-        models = data["models"] if "models" in data else None
-        pol = models["policy"] if models else data["model"]
-        if policy:
-            pol["path"] = policy
-        if reward_model and models:
-            models["reward_model"] = reward_model
-            models.pop("reward_ensemble", None)  # a round's refit RM stands alone
-        if reference and self.stage_of(method) in ("rl", "dpo"):  # rs has no KL reference
-            (models if self.stage_of(method) == "rl" else pol)["reference"] = reference
-        if out:
-            data["run"]["out"] = str(out)
-        if seed is not None:
-            data["run"]["seed"] = seed
+        """The config dict of trained method ``method`` on this run: its stage's recipe
+        (``registry.Stage.recipe``) on the run's pieces, then the pipeline's `rl_stage` section
+        (RL methods), the method's preset (``config.RL_METHODS``, ``config.OFFLINE_METHODS``),
+        `ppo_ptx` for ppo_ptx, and `rl_overrides[method]`. The keywords move it (a later round:
+        another starting policy, RM, store, KL reference, run directory and seed). `preflab compare`
+        starts from the same dict."""
+        c, stage = self.cfg, self.stage_of(method)
+        rm_moved = reward_model is not None  # a round's refit RM stands alone, without round 1's ensemble
+        run = RecipeInputs(
+            policy=policy or str(self.out / "sft/model"), reference=reference,
+            reward_model=reward_model or str(self.out / "rm/model"),
+            reward_ensemble=[] if rm_moved else [str(self.out / m / "model") for m in self.members],
+            store=str(store or self.store), prompts=str(self.prompts), demos=str(self.demos_path),
+            model=self._model(), out=str(out or self.out / method), seed=c.seed if seed is None else seed,
+            sample_tokens=c.labeling.max_new_tokens, max_length=self._stage_config("rm").data.max_length)
+        sections = ([c.rl_stage, RL_METHODS[method], c.ppo_ptx if method == "ppo_ptx" else {}] if stage == "rl"
+                    else [OFFLINE_METHODS[method][1]])
+        data = STAGES[stage].recipe(run)
+        for section in (*sections, c.rl_overrides.get(method, {})):
+            data = deep_merge(data, section)
         return data
-
-    def preference_config(self, method: str, store: Path | None = None) -> dict[str, Any]:
-        """The config of an offline preference trainer on this run: the DPO stage (dpo, ipo) on the
-        store's RM rankings (10% of the prompts held out), rs = one round of best-of-4 by the RM on
-        256 RL-split prompts (sampled with the labeling budget, the lengths the RM was trained on),
-        SFT on the picks; then the method's preset (``config.OFFLINE_METHODS``) and
-        `rl_overrides[method]`. `preflab compare` starts from the same dict."""
-        stage, preset = OFFLINE_METHODS[method]
-        model = {"path": str(self.out / "sft/model"), **self._model()}
-        run = {"out": str(self.out / method), "seed": self.cfg.seed, "progress": True}
-        if stage == "dpo":
-            data = {"model": model, "data": {"train": f"store:{store or self.store}", "split": "rm",
-                                             "val_fraction": 0.1, "max_length": self._stage_config("rm").data.max_length},
-                    "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8}, "run": run}
-        else:
-            data = {"models": {"policy": model, "reward_model": str(self.out / "rm/model")},
-                    "data": {"prompts": str(self.prompts), "split": "ppo", "limit": 256},
-                    "sampling": {"n": 4, "max_new_tokens": self.cfg.labeling.max_new_tokens, "temperature": 0.7},
-                    "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320}, "run": run}
-        return deep_merge(deep_merge(data, preset), self.cfg.rl_overrides.get(method, {}))
-
-    def rl_config(self, method: str) -> dict[str, Any]:
-        """The RL stage config of ``method`` as a dict: the run's models and data, the pipeline's
-        `rl_stage` section, the method's preset (``config.RL_METHODS``), `ppo_ptx` for ppo_ptx, then
-        `rl_overrides[method]`. `preflab compare` starts from the same dict."""
-        c = self.cfg
-        members = [str(self.out / m / "model") for m in self.members]
-        base = {"models": {"policy": {"path": str(self.out / "sft/model"), **self._model()},
-                           "reward_model": str(self.out / "rm/model"),
-                           **({"reward_ensemble": members} if members else {})},
-                "data": {"prompts": str(self.prompts), "split": "ppo", "ptx": str(self.demos_path)},
-                "run": {"out": str(self.out / method), "seed": c.seed, "progress": True}}
-        merged = deep_merge(deep_merge(base, c.rl_stage), RL_METHODS[method])
-        if method == "ppo_ptx":
-            merged = deep_merge(merged, c.ppo_ptx)
-        return deep_merge(merged, c.rl_overrides.get(method, {}))
 
     # -- state -------------------------------------------------------------------------------
 

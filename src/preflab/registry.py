@@ -18,11 +18,15 @@ from preflab.config import (
     OFFLINE_METHODS,
     RL_METHODS,
     DPOConfig,
+    RecipeInputs,
     RLConfig,
     RMConfig,
     RSConfig,
     Section,
     SFTConfig,
+    dpo_recipe,
+    rl_recipe,
+    rs_recipe,
 )
 
 
@@ -34,6 +38,9 @@ class Stage:
     outputs: tuple[str, ...]  # paths inside run.out a finished run holds
     help: str
     example: str  # one command line, shown in --help
+    # A trainer the pipeline, its rounds and `preflab compare` run as a method: its config dict on a
+    # pipeline run (the run's policy, RM, store, ...); the method's preset goes on top.
+    recipe: Callable[[RecipeInputs], dict[str, Any]] | None = None
 
     def load(self) -> Callable[..., Path]:
         module, attr = self.run.split(":")
@@ -49,13 +56,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "preflab rm --config configs/rm_tiny.yaml run.out=runs/rm"),
     Stage("rl", RLConfig, "preflab.stages.rl:train", ("model", "metrics.jsonl", "samples.jsonl"),
           "Online RL against a reward model with a KL penalty: PPO(-ptx), RLOO, GRPO, REINFORCE++, online DPO.",
-          "preflab rl --config configs/rl_tiny.yaml run.out=runs/rl"),
+          "preflab rl --config configs/rl_tiny.yaml run.out=runs/rl", rl_recipe),
     Stage("dpo", DPOConfig, "preflab.stages.dpo:train", ("model", "metrics.jsonl", "reference_logps.json"),
           "Train the policy directly on K-way rankings: DPO, conservative DPO, IPO or SimPO (no reward model).",
-          "preflab dpo --config configs/dpo_tiny.yaml run.out=runs/dpo"),
+          "preflab dpo --config configs/dpo_tiny.yaml run.out=runs/dpo", dpo_recipe),
     Stage("rs", RSConfig, "preflab.stages.rs:train", ("model", "round1/picks.jsonl", "round1/samples.jsonl"),
           "Rejection-sampling fine-tuning: n samples per prompt, the reward model keeps the best, SFT on the picks.",
-          "preflab rs --config configs/rs_tiny.yaml run.out=runs/rs"),
+          "preflab rs --config configs/rs_tiny.yaml run.out=runs/rs", rs_recipe),
 )}
 
 

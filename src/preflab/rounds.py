@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from preflab.config import deep_merge, round_method
+from preflab.config import deep_merge, round_dir, round_method
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import ConfigError
 
@@ -74,19 +74,18 @@ class Rounds:
     # -- where each round's pieces live ---------------------------------------------------------
 
     def dir(self, r: int) -> Path:
-        return self.out / f"round-{r}"
+        return round_dir(self.out, r)
 
     def policy(self, r: int) -> Path:
         """The policy round ``r`` ends with (round 1: the pipeline's own run of the method)."""
-        return (self.out if r == 1 else self.dir(r)) / self.method / "model"
+        return self.dir(r) / self.method / "model"
 
     def rm(self, r: int) -> Path:
-        return (self.out if r == 1 else self.dir(r)) / "rm" / "model"
+        return self.dir(r) / "rm" / "model"
 
     def members(self, r: int) -> list[Path]:
         """The reward-model ensemble after round ``r``: RUN/rm, RUN/rm-2, ... (round 1), or the round's refits."""
-        base = self.out if r == 1 else self.dir(r)
-        return [self.rm(r), *(base / m / "model" for m in self.pipe.members)]
+        return [self.rm(r), *(self.dir(r) / m / "model" for m in self.pipe.members)]
 
     def store(self, r: int) -> Path:
         return self.pipe.store if r == 1 else self.dir(r) / "store.sqlite"

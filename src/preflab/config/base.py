@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -115,6 +115,25 @@ def check_select_best(data: Any, train: Any) -> None:
 C = TypeVar("C", bound=BaseModel)
 
 
+class RecipeInputs(NamedTuple):
+    """What a pipeline run hands a trainer's recipe (``registry.Stage.recipe``) to build its config:
+    the paths of the run's pieces and the settings a recipe may follow. A later round moves the
+    policy, the reward model, the store, the KL reference, the run directory and the seed."""
+
+    policy: str  # the policy the trainer starts from (round 1: RUN/sft/model)
+    reference: str | None  # the KL reference (None: the starting policy)
+    reward_model: str
+    reward_ensemble: list[str]  # the RM's ensemble members beside it (none in a later round)
+    store: str  # the preference store whose split ``rm`` holds the rankings
+    prompts: str  # the suite's prompts (split ``ppo``: the prompts a sampling trainer draws)
+    demos: str  # the demonstrations (a pretraining mix)
+    model: dict[str, Any]  # options of every model section (threads)
+    out: str
+    seed: int
+    sample_tokens: int  # the labeling budget: the response lengths the RM was trained on
+    max_length: int  # the RM's sequence length
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``over`` merged into a copy of ``base`` key by key (nested dicts merge; anything else replaces)."""
     out = copy.deepcopy(base)
@@ -205,4 +224,4 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 def dump_config(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
-__all__ = ["Section", "LoraSection", "ModelSection", "OptimSection", "RunSection", "PARALLEL_HELP", "check_select_best", "deep_merge", "parse_override", "apply_overrides", "format_validation_error", "validate", "load_yaml", "load_config", "dump_config"]
+__all__ = ["RecipeInputs", "Section", "LoraSection", "ModelSection", "OptimSection", "RunSection", "PARALLEL_HELP", "check_select_best", "deep_merge", "parse_override", "apply_overrides", "format_validation_error", "validate", "load_yaml", "load_config", "dump_config"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RunSection, Section
+from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RecipeInputs, RunSection, Section
 from preflab.config.rm import RankingData
 
 
@@ -130,8 +130,28 @@ class RSConfig(Section):
     optim: RSOptim = Field(default_factory=RSOptim)
     run: RSRun = Field(default_factory=RSRun)
 
+def dpo_recipe(run: RecipeInputs) -> dict[str, Any]:
+    """The DPO stage on a pipeline run: the store's RM rankings (10% of the prompts held out) at the
+    RM's sequence length, from the run's policy, one epoch at lr 5e-6."""
+    return {"model": {"path": run.policy, **run.model, **({"reference": run.reference} if run.reference else {})},
+            "data": {"train": f"store:{run.store}", "split": "rm", "val_fraction": 0.1, "max_length": run.max_length},
+            "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
+            "run": {"out": run.out, "seed": run.seed, "progress": True}}
+
+
+def rs_recipe(run: RecipeInputs) -> dict[str, Any]:
+    """Rejection sampling on a pipeline run: one round of best-of-4 by the RM on 256 RL-split prompts,
+    sampled with the labeling budget (the lengths the RM was trained on), SFT on the picks. It has
+    no KL reference."""
+    return {"models": {"policy": {"path": run.policy, **run.model}, "reward_model": run.reward_model},
+            "data": {"prompts": run.prompts, "split": "ppo", "limit": 256},
+            "sampling": {"n": 4, "max_new_tokens": run.sample_tokens, "temperature": 0.7},
+            "train": {"rounds": 1, "epochs": 1, "batch_size": 8, "max_length": 320},
+            "run": {"out": run.out, "seed": run.seed, "progress": True}}
+
+
 # The offline preference trainers the pipeline, rounds and `preflab compare` train: method -> (the
-# registry stage that trains it, its preset over the pipeline's recipe). ipo is the DPO stage's IPO loss.
+# registry stage that trains it, its preset over that stage's recipe). ipo is the DPO stage's IPO loss.
 OFFLINE_METHODS: dict[str, tuple[str, dict]] = {
     "dpo": ("dpo", {"dpo": {"loss": "dpo"}}),
     "ipo": ("dpo", {"dpo": {"loss": "ipo"}}),
@@ -139,4 +159,4 @@ OFFLINE_METHODS: dict[str, tuple[str, dict]] = {
 }
 OfflineMethod = Literal[tuple(OFFLINE_METHODS)]  # the methods above, one place
 
-__all__ = ["OFFLINE_METHODS", "OfflineMethod", "DPOModel", "DPOData", "DPOLoss", "DPOOptim", "DPOTrain", "DPOEval", "DPORun", "DPOConfig", "RSModels", "RSData", "RSSampling", "RSTrain", "RSOptim", "RSRun", "RSConfig"]
+__all__ = ["dpo_recipe", "rs_recipe", "OFFLINE_METHODS", "OfflineMethod", "DPOModel", "DPOData", "DPOLoss", "DPOOptim", "DPOTrain", "DPOEval", "DPORun", "DPOConfig", "RSModels", "RSData", "RSSampling", "RSTrain", "RSOptim", "RSRun", "RSConfig"]

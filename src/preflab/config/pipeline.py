@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -204,5 +205,11 @@ def round_method(cfg: PipelineConfig) -> str:
     return method
 
 
-__all__ = ["SuiteSection", "DemosSection", "LabelingSection", "EvalSection", "RoundsSection", "PipelineConfig",
+def round_dir(run: Path, r: int) -> Path:
+    """Where round ``r`` of pipeline run ``run`` keeps its models (METHOD/model, rm/model, ...): the
+    run directory itself for round 1, RUN/round-r after. The rounds and the release layer read it."""
+    return run if r == 1 else run / f"round-{r}"
+
+
+__all__ = ["round_dir", "SuiteSection", "DemosSection", "LabelingSection", "EvalSection", "RoundsSection", "PipelineConfig",
            "RENAMED_SECTIONS", "renamed_sections", "round_method"]

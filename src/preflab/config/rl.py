@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RunSection, Section
+from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RecipeInputs, RunSection, Section
 
 
 class RLModels(Section):
@@ -184,6 +184,17 @@ class RLConfig(Section):
         return self
 
 
+def rl_recipe(run: RecipeInputs) -> dict[str, Any]:
+    """The RL stage on a pipeline run: from the run's policy against its RM (and the RM's ensemble),
+    on the suite's ``ppo`` split, the demonstrations as the pretraining mix (used where ``ptx.coef``
+    > 0). The pipeline's ``rl_stage`` section and the method's preset go on top."""
+    return {"models": {"policy": {"path": run.policy, **run.model}, "reward_model": run.reward_model,
+                       **({"reward_ensemble": run.reward_ensemble} if run.reward_ensemble else {}),
+                       **({"reference": run.reference} if run.reference else {})},
+            "data": {"prompts": run.prompts, "split": "ppo", "ptx": run.demos},
+            "run": {"out": run.out, "seed": run.seed, "progress": True}}
+
+
 # The online RL methods the pipeline and `preflab compare` know: overrides of the RL stage config
 # on top of the pipeline's `rl_stage` section (ppo_ptx also gets the pipeline's `ppo_ptx` section). The
 # group methods keep PPO's episodes per update: 4 prompts x k = 4 samples = 16.
@@ -226,4 +237,4 @@ def __getattr__(name: str) -> Any:
     return renamed(globals(), name)
 
 
-__all__ = ["RLModels", "RLData", "Rollout", "PPOHyper", "AlgoSection", "RewardFunc", "RewardsSection", "KLSection", "PTXSection", "SelectSection", "RLOptim", "RLTrain", "RLRun", "RLConfig", "RL_METHODS", "RLMethod"]
+__all__ = ["rl_recipe", "RLModels", "RLData", "Rollout", "PPOHyper", "AlgoSection", "RewardFunc", "RewardsSection", "KLSection", "PTXSection", "SelectSection", "RLOptim", "RLTrain", "RLRun", "RLConfig", "RL_METHODS", "RLMethod"]

@@ -153,12 +153,12 @@ def pipeline_model(run: Path) -> Path:
     trainer (``round.method``, else the first of ``rl``, else of ``preference``; the rule of
     ``config.round_method``) after its last round, or SFT for a run that trains no policy. A
     PreflabError when that model is not there yet: never another model in its place."""
-    from preflab.config import PipelineConfig, renamed_sections, round_method
+    from preflab.config import PipelineConfig, renamed_sections, round_dir, round_method
 
     data, _ = renamed_sections(json.loads((run / "pipeline_config.json").read_text(encoding="utf-8")))
     cfg = PipelineConfig.model_validate(data)
     method = round_method(cfg) if (*cfg.rl, *cfg.preference) else "sft"
-    model = (run / f"round-{cfg.rounds}" if cfg.rounds > 1 and method != "sft" else run) / method / "model"
+    model = (run if method == "sft" else round_dir(run, cfg.rounds)) / method / "model"
     if not (model / "config.json").is_file():
         raise PreflabError(f"{run}: the run's trained model {model.relative_to(run)} is not there yet "
                            f"(finish the run: preflab pipeline --out {run}), or pass a model directory")
