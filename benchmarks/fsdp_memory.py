@@ -12,10 +12,11 @@ process has (torch, transformers, the data; ``baseline_mb``: a one-process run o
 
 ``--stage rl``: the online RL stage instead (``preflab rl``, configs/rl_tiny.yaml: PPO with a value
 head on the policy, 2 prompts of 8 sampled tokens per rank per step, 2 PPO epochs), the random
-Llama as the trained policy and as the frozen reference (bf16, whole on every rank under both),
-the tiny random reward model. Under FSDP each rank also gathers the policy's full fp32 weights
-for sampling (4 bytes per parameter, dropped when the rollout is sampled) on top of its shards.
-JSON in ``fsdp_memory_rl.json``.
+Llama as the trained policy and as the frozen reference (bf16; its layers sharded under FSDP),
+the tiny random reward model. Both sample with preflab's engine, whose weight snapshot (4 bytes
+per parameter in fp32) FSDP ranks build from the shards, one gathered weight at a time.
+JSON in ``fsdp_memory_rl.json``; with ``--bf16``, bf16 autocast in training and sampling (the
+pipeline's setting: the engine's snapshot in bf16), JSON in ``fsdp_memory_rl_bf16.json``.
 
 No outside peer: DDP and FSDP (torch's, as ``train.parallel`` runs them) are each other's.
 
@@ -23,6 +24,7 @@ No outside peer: DDP and FSDP (torch's, as ``train.parallel`` runs them) are eac
     .venv/bin/python benchmarks/fsdp_memory.py --layers 2                     # brief
     .venv/bin/python benchmarks/fsdp_memory.py --smoke   # a 1-layer model of width 256, 1 step (seconds)
     .venv/bin/python benchmarks/fsdp_memory.py --stage rl   # the RL stage; fsdp_memory_rl.json
+    .venv/bin/python benchmarks/fsdp_memory.py --stage rl --bf16   # in bf16; fsdp_memory_rl_bf16.json
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ def last_peak_rss(run: Path) -> float:
 
 
 def sft(model: Path | str, demos: Path, out: Path, steps: int, parallel: str | None, threads: int | None,
-        stage: str = "sft") -> float:
-    """Rank 0's peak RSS in MiB of ``preflab sft`` (``stage`` rl: ``preflab rl``; ``parallel``: two
-    ranks; None: one process)."""
+        stage: str = "sft", bf16: bool = False) -> float:
+    """Rank 0's peak RSS in MiB of ``preflab sft`` (``stage`` rl: ``preflab rl``, with ``bf16``
+    autocast in training and sampling; ``parallel``: two ranks; None: one process)."""
     thread_arg = "null" if threads is None else threads
     if stage == "rl":
         args = ["rl", "--config", str(ROOT / "configs/rl_tiny.yaml"), f"models.policy.path={model}",
                 "models.reward_model=tiny:", f"train.steps={steps}", "rollout.batch_size=2",
-                "ppo.minibatch_size=2", f"models.policy.threads={thread_arg}", "run.progress=false", f"run.out={out}"]
+                "ppo.minibatch_size=2", f"models.policy.threads={thread_arg}", "run.progress=false", f"run.out={out}",
+                f"train.bf16={str(bf16).lower()}", f"rollout.bf16={str(bf16).lower()}"]
     else:
         args = ["sft", f"model.path={model}", f"data.train={demos}", "data.val_fraction=0", "data.max_length=96",
                 f"train.max_steps={steps}", "train.batch_size=2", "train.bf16=false", f"model.threads={thread_arg}",
@@ -95,6 +98,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--stage", choices=("sft", "rl"), default="sft")
+    ap.add_argument("--bf16", action="store_true", help="--stage rl: bf16 autocast in training and sampling (the "
+                                                        "pipeline's setting); JSON in fsdp_memory_rl_bf16.json")
     common.add_options(ap, threads=1)  # per rank
     a = ap.parse_args()
     if a.smoke:
@@ -108,9 +113,10 @@ def main() -> None:
                                              "response": f"The number is {i}; that is all I have to say."}) + "\n"
                                  for i in range(64)))
         state_mb = 16 * n / 2**20
-        baseline = sft("tiny:", demos, tmp / "base", 1, None, a.threads, a.stage)
+        baseline = sft("tiny:", demos, tmp / "base", 1, None, a.threads, a.stage, a.bf16)
         results = [{"config": parallel, "status": "ran", "world_size": 2,
-                    "peak_rss_mb": sft(tmp / "model", demos, tmp / parallel, a.steps, parallel, a.threads, a.stage),
+                    "peak_rss_mb": sft(tmp / "model", demos, tmp / parallel, a.steps, parallel, a.threads, a.stage,
+                                       a.bf16),
                     "model_state_mb": state_mb / (2 if parallel == "fsdp" else 1)} for parallel in ("ddp", "fsdp")]
     ddp, fsdp = (r["peak_rss_mb"] for r in results)
     summary = {"fsdp_over_ddp": fsdp / ddp, "fsdp_over_ddp_above_baseline": (fsdp - baseline) / (ddp - baseline)}
@@ -119,8 +125,8 @@ def main() -> None:
                         ("model state MiB (16 B/param / ranks)", "{model_state_mb:.0f}")], results,
                        [f"one-process baseline (tiny model): {baseline:.0f} MiB; FSDP / DDP {summary['fsdp_over_ddp']:.2f}, "
                         f"above the baseline {summary['fsdp_over_ddp_above_baseline']:.2f}"])
-    name = "fsdp_memory" if a.stage == "sft" else "fsdp_memory_rl"
-    common.write(common.out_path(a, name), "fsdp_memory", record, stage=a.stage, parameters=n, steps=a.steps,
+    name = "fsdp_memory" if a.stage == "sft" else "fsdp_memory_rl" + ("_bf16" if a.bf16 else "")
+    common.write(common.out_path(a, name), "fsdp_memory", record, stage=a.stage, bf16=a.bf16, parameters=n, steps=a.steps,
                  workload={"hidden": a.hidden, "layers": a.layers}, baseline_mb=baseline, results=results, **summary)
 
 

@@ -59,9 +59,18 @@ def _update_job(rank, blob_path):
     ac = blob["ac"]
     dist = distributed.init(torch.device("cpu"))
     gen = GatheredGenerator(distributed.FullCopy(ac.policy), models.load_tokenizer("tiny:"))
+    # The reference, sharded as the RL stage shards it: its logits are the whole model's.
+    ref = copy.deepcopy(ac.policy).eval().requires_grad_(False)
+    layers = sum(p.numel() for layer in distributed.decoder_layers(ref) for p in layer.parameters())
+    with torch.no_grad():
+        whole = scoring.response_logits(ref, part.samples, 0.7)
+        distributed.shard_frozen(ref)
+        sharded = scoring.response_logits(ref, part.samples, 0.7)
+    local = sum(p.to_local().numel() for p in ref.parameters() if hasattr(p, "to_local"))
     distributed.wrap(ac, "fsdp", bf16=False)
     assert distributed.is_sharded(ac)
     before = _sample(gen)
+    before_bf16 = _sample(GatheredGenerator(gen.full, gen.tokenizer, bf16=True))
     # test_ppo._update's optimizer and schedule, on the sharded parameters (no DDP around them)
     opt = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-3, eps=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -70,7 +79,9 @@ def _update_job(rank, blob_path):
     after = _sample(gen)
     state = distributed.full_state_dict(ac)
     if rank == 0:
-        torch.save({"state": state, "before": before, "after": after, "gathers": gen.full.gathers}, blob_path + ".out")
+        torch.save({"state": state, "before": before, "before_bf16": before_bf16, "after": after,
+                    "gathers": gen.full.gathers, "whole_copies": gen.whole_copies,
+                    "reference": (torch.equal(whole, sharded), local, layers)}, blob_path + ".out")
 
 
 def _worker(rank, world, port, jobs):
@@ -124,8 +135,9 @@ def runs(tmp_path_factory):
     torch.save({"ac": copy.deepcopy(ac), "batch": batch, "cfg": two}, blob)
     gen = HFGenerator(ac.policy, models.load_tokenizer("tiny:"))
     before = _sample(gen)
+    before_bf16 = _sample(HFGenerator(ac.policy, models.load_tokenizer("tiny:"), bf16=True))
     _update(ac, batch, one)
-    single = {"state": ac.state_dict(), "before": before, "after": _sample(gen)}
+    single = {"state": ac.state_dict(), "before": before, "before_bf16": before_bf16, "after": _sample(gen)}
     jobs = [("update", blob, False, None)]
     for name in ("fsdp", "ddp", "critic_fsdp", "critic_ddp", "lora_fsdp", "lora_ddp"):
         jobs.append(("stage", cfgs[name].model_dump_json(), False, None))
@@ -142,16 +154,20 @@ def rows(run_dir):
 def test_fsdp_update_equals_one_rank_and_the_engine_samples_the_updated_weights(runs):
     single, fsdp = runs["single"], runs["update"]
     assert max(float((fsdp["state"][k] - v).abs().max()) for k, v in single["state"].items()) < 1e-5
-    assert torch.equal(fsdp["before"], single["before"])  # the gathered weights sample as the whole model
+    assert torch.equal(fsdp["before"], single["before"])  # the snapshot of the shards samples as the whole model
+    assert torch.equal(fsdp["before_bf16"], single["before_bf16"])  # ... in bf16 too
     assert torch.equal(fsdp["after"], single["after"])  # ... and after the update, the updated weights
     assert not torch.equal(fsdp["after"], fsdp["before"])
-    assert fsdp["gathers"] == 2  # once per generate call, not per decoding step
+    # The engine gathered the weights one at a time into its snapshot: no full copy of the model.
+    assert fsdp["gathers"] == fsdp["whole_copies"] == 0
+    same, local, layers = fsdp["reference"]  # the sharded reference: half its layers' weights per rank
+    assert same and local == layers // 2 > 0
 
 
 @pytest.mark.parametrize("name", ["fsdp", "critic_fsdp", "lora_fsdp"])
 def test_two_fsdp_ranks_equal_two_ddp_ranks(runs, name):
-    """Whole runs; lora_fsdp: LoRA adapters on the policy (sampled through the gathered copy, merged
-    in the export)."""
+    """Whole runs; lora_fsdp: LoRA adapters on the policy (sampled through a gathered full copy, as
+    the engine does not snapshot sharded LoRA layers; merged in the export)."""
     ddp = name.replace("fsdp", "ddp")
     got, ref = rows(runs[name]), rows(runs[ddp])
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]

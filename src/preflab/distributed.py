@@ -149,6 +149,22 @@ def wrap(module: torch.nn.Module, parallel: str, bf16: bool) -> torch.nn.Module:
     return module
 
 
+def shard_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 over the decoder layers of a frozen model that only runs forward (the RL stage's
+    reference), each layer resharded after its forward: a rank holds 1/N of the layers' weights
+    and one layer's whole weights at a time. The rest (embeddings, final norm, head) stays whole,
+    so the model can be called piecewise (the decoder, then the head) as scoring does. Every rank
+    loads the same weights and must run the same number of forwards (as the sharded policy it is
+    scored beside). One process: ``model``."""
+    if not in_group():
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=True)
+    return model
+
+
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of the transformers models inside ``module``: the classes their
     ``_no_split_modules`` name (Llama: ``LlamaDecoderLayer``), one FSDP unit each."""
@@ -264,7 +280,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Any] | None:
 
 class FullCopy:
     """A plain (unsharded) model with ``model``'s architecture and buffers and no weights of its own
-    (meta tensors), for what needs every weight at once on every rank: sampling under FSDP.
+    (meta tensors), for what needs the whole module with every weight on every rank: sampling
+    under FSDP with ``model.generate`` where preflab's engine cannot snapshot the shards
+    (``rollout.GatheredGenerator``).
 
     Build it before ``wrap`` shards ``model``. ``gather()`` all-gathers ``model``'s full weights
     (every rank must call it, the same number of times) into the copy, in the sharded parameters'

@@ -191,17 +191,23 @@ class HFGenerator:
 
 
 class GatheredGenerator:
-    """Sampling from a model that FSDP shards over the ranks (``train.parallel=fsdp``): each call
-    gathers the full weights once into ``full`` (a ``distributed.FullCopy``), samples with
-    preflab's engine over them (``HFGenerator``: one weight snapshot for the whole call, as on one
-    process) and drops them. Every rank must call ``generate`` together (the gather is a
-    collective); each samples its own prompts. Called after each update, so it samples the
-    updated weights."""
+    """Sampling from a model that FSDP shards over the ranks (``train.parallel=fsdp``). preflab's
+    engine builds its weight snapshot straight from the shards, gathering one weight at a time
+    (``generation.engine.snapshot``), so a rank holds its shards and the snapshot, never a second
+    full copy. A model the engine cannot run (or LoRA layers) is gathered whole into ``full`` (a
+    ``distributed.FullCopy``) and sampled with ``model.generate`` there, then dropped. Every rank
+    must call ``generate`` together (the gathers are collectives); each samples its own prompts.
+    Called after each update, so it samples the updated weights."""
 
     def __init__(self, full: Any, tokenizer: Any, bf16: bool = False):
         self.full, self.tokenizer, self.bf16 = full, tokenizer, bf16
+        self.whole_copies = 0  # calls that gathered the full copy (the engine could not run the model)
 
     def generate(self, prompts: list[list[int]], **kw: Any) -> Samples:
+        gen = HFGenerator(self.full.source, self.tokenizer, bf16=self.bf16)
+        if gen.engine.supported:  # the snapshot, built from the shards on every rank alike
+            return gen.generate(prompts, **kw)
+        self.whole_copies += 1
         model = self.full.gather()
         try:
             return HFGenerator(model, self.tokenizer, bf16=self.bf16).generate(prompts, **kw)

@@ -55,13 +55,21 @@ def _base_model(model: Any) -> Any:
     return unwrap(model)
 
 
+def whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or the full tensor of a parameter FSDP shards over the ranks (a DTensor: an
+    all-gather, so every rank must ask for the same tensors in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def effective_linear(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a Linear, with active plain-LoRA adapters merged (peft's layers); the
-    module itself is not changed."""
+    module itself is not changed. A weight FSDP shards is gathered (``whole``)."""
     if not hasattr(mod, "base_layer") or not hasattr(mod, "lora_A"):
         if not isinstance(mod, torch.nn.Linear):
             raise Unsupported(f"{type(mod).__name__} is not a Linear layer")
-        return mod.weight, mod.bias
+        return whole(mod.weight), whole(mod.bias)
+    if hasattr(mod.base_layer.weight, "full_tensor"):
+        raise Unsupported("LoRA layers sharded by FSDP")  # rollout.GatheredGenerator gathers a full copy instead
     base = mod.base_layer
     w, b = effective_linear(base)
     if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
@@ -163,7 +171,9 @@ class Snapshot:
 
 
 def snapshot(model: Any, bf16: bool, pack: bool = True) -> Snapshot:
-    """Weights of a Llama-style causal LM for the decode loop; raises ``Unsupported`` otherwise."""
+    """Weights of a Llama-style causal LM for the decode loop; raises ``Unsupported`` otherwise.
+    A model FSDP shards is gathered one weight at a time (each cast or concatenated before the
+    next is gathered), so building the snapshot never holds a second full copy of the weights."""
     base = _base_model(model)
     cfg = base.config
     kind = getattr(cfg, "model_type", "")
@@ -176,7 +186,8 @@ def snapshot(model: Any, bf16: bool, pack: bool = True) -> Snapshot:
     inner = base.get_decoder()
     if not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         raise Unsupported("decoder without layers/rotary_emb")
-    resid = inner.embed_tokens.weight.dtype
+    embed = whole(inner.embed_tokens.weight.detach())
+    resid = embed.dtype
     mm = torch.bfloat16 if (bf16 or resid == torch.bfloat16) else resid
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -202,14 +213,16 @@ def snapshot(model: Any, bf16: bool, pack: bool = True) -> Snapshot:
             if bg is not None or bu is not None or bd is not None:
                 raise Unsupported("MLP biases")
             layers.append(Layer(
-                ln1=blk.input_layernorm.weight.detach(), qkv=Linear(cat(wq, wk, wv), cat(bq, bk, bv), pack),
-                o=Linear(cast(wo), cast(bo), pack), ln2=blk.post_attention_layernorm.weight.detach(),
+                ln1=whole(blk.input_layernorm.weight.detach()), qkv=Linear(cat(wq, wk, wv), cat(bq, bk, bv), pack),
+                o=Linear(cast(wo), cast(bo), pack), ln2=whole(blk.post_attention_layernorm.weight.detach()),
                 gate_up=Linear(cat(wg, wu), None, pack), down=Linear(cast(wd), None, pack)))
-        head_w, head_b = effective_linear(base.get_output_embeddings())
+        head = base.get_output_embeddings()
+        tied = getattr(head, "weight", None) is inner.embed_tokens.weight  # tied embeddings: gathered once
+        head_w, head_b = (embed, whole(head.bias)) if tied and not hasattr(head, "lora_A") else effective_linear(head)
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return Snapshot(
-            layers=layers, embed=inner.embed_tokens.weight.detach(), norm=inner.norm.weight.detach(),
+            layers=layers, embed=embed, norm=whole(inner.norm.weight.detach()),
             lm_head=Linear(cast(head_w), cast(head_b), pack), eps=float(inner.norm.variance_epsilon),
             n_heads=n_heads, n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
             rotary=inner.rotary_emb, resid=resid, mm=mm, version=param_version(model))

@@ -86,8 +86,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
         raise DataError("ptx.coef > 0 needs data.ptx: a JSONL of {text} or demonstrations")
 
     # 2. models: trainable policy and critic; frozen reference and reward model ---------------
-    # Under train.parallel=fsdp the policy and critic are sharded (``loop.wrap``); the frozen
-    # reference and reward model stay whole on every rank (they run forward only, in frozen_dtype).
+    # Under train.parallel=fsdp the policy, critic (``loop.wrap``) and reference are sharded; the
+    # reward model stays whole on every rank (frozen models run forward only, in frozen_dtype).
     pol = cfg.models.policy
     lora = loop.lora_options(pol)
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
@@ -99,6 +99,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
         reference = models.load_policy(cfg.models.reference or pol.path, dtype=cfg.models.frozen_dtype,
                                        device=pol.device, dropout_off=True)
         reference.eval().requires_grad_(False)
+        if fsdp:
+            distributed.shard_frozen(reference)
     if reward_fn is None and cfg.rewards.rm_weight:
         reward_fn = ensemble_reward([models.load_reward_model(path, dtype=cfg.models.frozen_dtype, device=pol.device)
                                      .eval().requires_grad_(False)
