@@ -160,3 +160,32 @@ def test_pipeline_refuses_a_missing_ifeval_file_before_any_step(tmp_path, capsys
         main(["pipeline", "--preset", "tiny", "--out", str(out), f"eval.ifeval={tmp_path / 'nope.jsonl'}"])
     assert e.value.code != 0 and "nope.jsonl: file not found" in capsys.readouterr().err
     assert not (out / "data").exists()  # nothing ran
+
+
+def test_a_models_ifeval_scores_are_reused_from_another_evaluation_only_when_spec_and_settings_match(
+        tmp_path, monkeypatch):
+    """A round's evaluation takes the run's SFT scores (same model, same settings) instead of sampling
+    SFT again; another model, another spec or other settings are sampled."""
+    from preflab import rollout
+    from preflab.evals.ifeval import evaluate_ifeval
+
+    rows = read_ifeval(write(tmp_path, ROWS))
+    calls = []
+
+    def fake(model, tokenizer, prompts, **k):
+        calls.append(k["max_new_tokens"])
+        return [f"answer number {len(calls)}"] * len(prompts)
+
+    monkeypatch.setattr(rollout, "generate_texts", fake)
+    run = evaluate_ifeval({"sft": "tiny:"}, rows, tmp_path / "run", max_new_tokens=4, progress=False)
+    assert len(calls) == 1
+    got = evaluate_ifeval({"sft": "tiny:", "new": "tiny:3"}, rows, tmp_path / "round", max_new_tokens=4,
+                          progress=False, reuse=tmp_path / "run")
+    assert len(calls) == 2  # the new model alone
+    assert got["models"]["sft"] == run["models"]["sft"]
+    assert (tmp_path / "round/ifeval/sft.jsonl").read_text() == (tmp_path / "run/ifeval/sft.jsonl").read_text()
+    evaluate_ifeval({"sft": "tiny:2"}, rows, tmp_path / "other", max_new_tokens=4, progress=False,
+                    reuse=tmp_path / "run")  # another spec under the same name
+    evaluate_ifeval({"sft": "tiny:"}, rows, tmp_path / "longer", max_new_tokens=5, progress=False,
+                    reuse=tmp_path / "run")  # other settings
+    assert calls == [4, 4, 4, 5]

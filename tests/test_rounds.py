@@ -124,3 +124,16 @@ def test_every_trainer_can_be_the_rounds_trainer(tmp_path, trainer):
     start = cfg["models"]["policy"]["path"] if "models" in cfg else cfg["model"]["path"]
     assert start == str(out / method / "model")  # from round 1's policy, not from SFT
     assert (out / "round-2/eval/results.json").is_file() and not (out / "final").exists()
+
+
+def test_a_rounds_evaluation_reuses_the_runs_sft_samples_and_ifeval_scores(tmp_path, monkeypatch):
+    pipe = Pipeline(_cfg(rounds=2, rl=["rloo"]), tmp_path)
+    seen = {}
+    monkeypatch.setattr(Pipeline, "evaluate_paths", lambda self, models, d, **kw: seen.update(models=models, d=d, **kw))
+    (tmp_path / "eval/generations").mkdir(parents=True)
+    (tmp_path / "eval/generations/sft.jsonl").write_text('{"x": 1}\n')
+    pipe.rounds.step_eval(2)
+    assert seen["models"] == {"sft": str(tmp_path / "sft/model"), "rloo@2": str(tmp_path / "round-2/rloo/model")}
+    assert seen["reward_model"] == str(tmp_path / "round-2/rm/model")  # the round's refit RM
+    assert seen["ifeval_reuse"] == tmp_path / "eval"
+    assert (tmp_path / "round-2/eval/generations/sft.jsonl").read_text() == '{"x": 1}\n'

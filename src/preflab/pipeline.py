@@ -271,9 +271,11 @@ class Pipeline:
                  **{m: str(self.out / m / "model") for m in ("sft", *self.cfg.rl, *self.cfg.preference)}}
         return self.evaluate_paths({m: paths[m] for m in names}, out_dir)
 
-    def evaluate_paths(self, models: dict[str, str], out_dir: Path, reward_model: str | None = None) -> dict[str, Any]:
+    def evaluate_paths(self, models: dict[str, str], out_dir: Path, reward_model: str | None = None,
+                       ifeval_reuse: Path | None = None) -> dict[str, Any]:
         """``evals.evaluate`` of name -> model spec (``sft`` among them, the reference) with the run's
-        eval prompts and settings; RM scores from ``reward_model`` (default: the run's RM)."""
+        eval prompts and settings; RM scores from ``reward_model`` (default: the run's RM); IFEval
+        scores of the same model and settings in ``ifeval_reuse`` (an evaluation directory) reused."""
         from preflab.evals.evaluate import evaluate
 
         e = self.cfg.eval
@@ -286,7 +288,7 @@ class Pipeline:
 
             evaluate_ifeval(models, read_ifeval(e.ifeval, limit=e.ifeval_limit), out_dir,
                             max_new_tokens=e.ifeval_max_new_tokens, temperature=0.0, batch_size=e.batch_size,
-                            seed=self.cfg.seed, bf16=e.bf16)
+                            seed=self.cfg.seed, bf16=e.bf16, reuse=ifeval_reuse)
         return results
 
     def step_report(self) -> None:

@@ -17,7 +17,7 @@ Round 1 is the pipeline's graph (SFT samples ranked, RM, the trainers). Each fur
     round-r/METHOD    the round's trainer from the current policy, against the new RM, with its KL
                       to the SFT model or the previous policy (``round.kl_anchor``).
     round-r/eval      the new policy against the run's SFT model on the run's eval prompts (the
-                      SFT samples of RUN/eval are reused).
+                      SFT samples and IFEval scores of RUN/eval are reused).
 
 After the last round, ``final/label`` and ``final/onpolicy`` rank held-out samples of the final
 policy and score the final RM on them. Every step is a pipeline step: recorded in pipeline.json
@@ -233,7 +233,7 @@ class Rounds:
             (d / "generations").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached, d / "generations/sft.jsonl")
         self.pipe.evaluate_paths({"sft": str(self.out / "sft/model"), f"{self.method}@{r}": str(self.policy(r))},
-                                 d, reward_model=str(self.rm(r)))
+                                 d, reward_model=str(self.rm(r)), ifeval_reuse=self.out / "eval")  # SFT's IFEval too
 
 
 def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: bool) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -194,13 +195,15 @@ def score_ifeval(rows: list[IFEvalRow], responses: list[str]) -> dict[str, Any]:
 
 def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str | os.PathLike, *,
                     max_new_tokens: int = 512, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
-                    progress: bool = True, bf16: bool = True) -> dict[str, Any]:
+                    progress: bool = True, bf16: bool = True,
+                    reuse: str | os.PathLike | None = None) -> dict[str, Any]:
     """Sample one response per prompt from each model (name -> model spec), score them, write
     ``OUT/ifeval/NAME.jsonl`` (key, prompt, response, strict, loose) and put the scores under
     ``"ifeval"`` in ``OUT/results.json`` (kept beside what ``preflab eval`` wrote there before).
     Returns that ``"ifeval"`` entry: settings and, per model, ``score_ifeval`` without its rows,
     the model spec and the mean answer length in words. A model already scored there with the same
-    spec and settings is not sampled again (a rerun after a kill resumes)."""
+    spec and settings is not sampled again (a rerun after a kill resumes), nor one scored so in
+    the evaluation directory ``reuse`` (a round's evaluation takes the run's SFT scores)."""
     import json
     from pathlib import Path
 
@@ -215,8 +218,18 @@ def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str 
     out = Path(out_dir)
     results_path = out / "results.json"
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "n_prompts": len(rows)}
-    before = (json.loads(results_path.read_text(encoding="utf-8")).get("ifeval") or {}) if results_path.is_file() else {}
-    done = before.get("models", {}) if before.get("settings") == settings else {}
+    def scored(where: Path) -> dict[str, Any]:  # name -> entry of the models scored there with these settings
+        path = where / "results.json"
+        entry = (json.loads(path.read_text(encoding="utf-8")).get("ifeval") or {}) if path.is_file() else {}
+        return entry.get("models", {}) if entry.get("settings") == settings else {}
+
+    done = scored(out)
+    if reuse is not None:
+        for name, m in scored(Path(reuse)).items():
+            if name in models and m.get("spec") == models[name] and name not in done:
+                (out / "ifeval").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(reuse) / "ifeval" / f"{safe_name(name)}.jsonl", out / "ifeval" / f"{safe_name(name)}.jsonl")
+                done[name] = m
     entry: dict[str, Any] = {"settings": settings, "models": {}}
     for name, spec in models.items():
         if (done.get(name) or {}).get("spec") == spec:
