@@ -265,3 +265,19 @@ def test_a_run_without_its_eval_step_is_compared_against_its_own_sft_evaluation(
     # Before it appears, another comparison directory reuses the first one's reference.
     shutil.rmtree(mine / "eval")
     assert Comparison(mine, mine / "e", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == ref
+
+
+def test_best_of_n_picks_with_the_runs_final_reward_model(run, tmp_path):
+    """A run with rounds: best-of-N reranks SFT samples with the RM of the last round, the best the run
+    has, which a trained policy of the run should beat; one round: RUN/rm."""
+    assert Comparison(run, tmp_path / "c1", methods=["best_of_n"], seeds=[0], overrides=[], grid=[]).final_rm == \
+        run / "rm/model"
+    rounds = tmp_path / "rounds"
+    rounds.mkdir()
+    for name in ("sft", "rm", "data", "eval"):
+        (rounds / name).symlink_to(run / name)
+    cfg = json.loads((run / "pipeline_config.json").read_text())
+    cfg.update(rounds=3, rl=["rloo"])
+    (rounds / "pipeline_config.json").write_text(json.dumps(cfg))
+    c = Comparison(rounds, tmp_path / "c3", methods=["best_of_n"], seeds=[0], overrides=[], grid=[])
+    assert c.final_rm == rounds / "round-3/rm/model"

@@ -173,9 +173,15 @@ class Comparison:
         apply_overrides(data, [*self.overrides, *(f"{k}={v}" for k, v in point.items())])
         return validate(STAGES[stage].config, data, f"compare {label}")
 
+    @property
+    def final_rm(self) -> Path:
+        """The run's reward model after its last round (RUN/rm/model without rounds): the one
+        best-of-N picks with, so that trained policies meet the best reranker the run has."""
+        return self.pipeline.rounds.rm(self.pipeline.cfg.rounds)
+
     def best_of_n_cache(self, path: Path, seed: int) -> float:
-        """Write the eval generation cache of best-of-N (n SFT samples per eval prompt, the RM's best)
-        so evaluate() judges it like a model; returns its KL bound log n - (n-1)/n."""
+        """Write the eval generation cache of best-of-N (n SFT samples per eval prompt, the best by
+        ``final_rm``) so evaluate() judges it like a model; returns its KL bound log n - (n-1)/n."""
         from preflab import models
         from preflab.data.jsonl import write_jsonl
         from preflab.evals.best_of_n import best_of_n
@@ -185,7 +191,7 @@ class Comparison:
         prompts = self.pipeline._split("eval", self.pipeline.cfg.eval.limit)
         tokenizer = models.load_tokenizer(spec)
         out = best_of_n(models.load_policy(spec, dtype="bf16"), models.load_reward_model(
-            ref["reward_model"], dtype="bf16"), tokenizer, [p.prompt for p in prompts], n=BEST_OF_N,
+            str(self.final_rm), dtype="bf16"), tokenizer, [p.prompt for p in prompts], n=BEST_OF_N,
             max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], seed=seed)
         rows = []
         for p, text, ended in zip(prompts, out.texts, out.ended):
