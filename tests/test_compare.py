@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from preflab import models
 from preflab.cli import main
 from preflab.compare import Comparison, parse_grid
 from preflab.config import PipelineConfig, validate
@@ -148,6 +149,7 @@ def test_preference_methods_and_best_of_n_join_the_table(run):
     assert cfg["dpo"]["loss"] == "dpo" and cfg["data"]["train"].endswith("store.sqlite")
     assert cfg["train"]["max_steps"] == 2
     assert rows["best_of_n"]["kl"] == pytest.approx(math.log(4) - 3 / 4)  # the analytic bound, not 0
+    assert rows["best_of_n"]["reranker"] == str(run / "rm/model") and "reranker" not in rows["dpo"]
     assert not (out / "cells/best_of_n-s0/train").exists()  # nothing trained
     with pytest.raises(SystemExit) as e:  # an override the method's config lacks: one error, nothing runs
         main(["compare", str(run), "--methods", "rs", "--out", str(tmp := run / "x"), "dpo.beta=0.2"])
@@ -267,7 +269,7 @@ def test_a_run_without_its_eval_step_is_compared_against_its_own_sft_evaluation(
     assert Comparison(mine, mine / "e", methods=["rloo"], seeds=[0], overrides=[], grid=[]).results_path == ref
 
 
-def test_best_of_n_picks_with_the_runs_final_reward_model(run, tmp_path):
+def test_best_of_n_picks_with_the_runs_final_reward_model(run, tmp_path, monkeypatch):
     """A run with rounds: best-of-N reranks SFT samples with the RM of the last round, the best the run
     has, which a trained policy of the run should beat; one round: RUN/rm."""
     assert Comparison(run, tmp_path / "c1", methods=["best_of_n"], seeds=[0], overrides=[], grid=[]).final_rm == \
@@ -279,5 +281,19 @@ def test_best_of_n_picks_with_the_runs_final_reward_model(run, tmp_path):
     cfg = json.loads((run / "pipeline_config.json").read_text())
     cfg.update(rounds=3, rl=["rloo"])
     (rounds / "pipeline_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PreflabError, match="round-3/rm/model, which is not there yet"):
+        Comparison(rounds, tmp_path / "c3", methods=["best_of_n"], seeds=[0], overrides=[], grid=[])
+    (rounds / "round-3/rm").mkdir(parents=True)
+    (rounds / "round-3/rm/model").symlink_to(run / "rm/model")
     c = Comparison(rounds, tmp_path / "c3", methods=["best_of_n"], seeds=[0], overrides=[], grid=[])
     assert c.final_rm == rounds / "round-3/rm/model"
+    loaded = []
+
+    def spy(path, **kw):
+        loaded.append(path)
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(models, "load_reward_model", spy)
+    with pytest.raises(RuntimeError, match="loaded"):
+        c.best_of_n_cache(tmp_path / "bon.jsonl", 0)
+    assert loaded == [str(rounds / "round-3/rm/model")]  # the reranker, not the evaluation's RUN/rm

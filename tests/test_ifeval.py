@@ -189,3 +189,6 @@ def test_a_models_ifeval_scores_are_reused_from_another_evaluation_only_when_spe
     evaluate_ifeval({"sft": "tiny:"}, rows, tmp_path / "longer", max_new_tokens=5, progress=False,
                     reuse=tmp_path / "run")  # other settings
     assert calls == [4, 4, 4, 5]
+    (tmp_path / "run/ifeval/sft.jsonl").unlink()  # the scores without their samples: sampled again
+    evaluate_ifeval({"sft": "tiny:"}, rows, tmp_path / "lost", max_new_tokens=4, progress=False, reuse=tmp_path / "run")
+    assert calls == [4, 4, 4, 5, 4] and (tmp_path / "lost/ifeval/sft.jsonl").is_file()

@@ -69,9 +69,10 @@ def test_a_methods_config_is_its_registry_recipe_on_the_runs_pieces(tmp_path, mo
     assert run.sample_tokens == pipe.cfg.labeling.max_new_tokens == 8
     assert run.max_length == pipe.stage_configs["rm"].data.max_length == 192
 
-    pipe.method_dict("rs", policy="P", reward_model="R", store=tmp_path / "s2", reference="REF",
-                     out=tmp_path / "round-2/rs", seed=1000)
-    run = seen[-1]
+    moved = pipe.method_dict("rs", policy="P", reward_model="R", store=tmp_path / "s2", reference="REF",
+                             out=tmp_path / "round-2/rs", seed=1000)
+    assert moved == {"from_recipe": "P", "train": {"epochs": 2, "batch_size": 3}}  # the move where the recipe puts it
+    run = next(r for r in seen if r.policy == "P")
     assert (run.policy, run.reference, run.reward_model, run.reward_ensemble) == ("P", "REF", "R", [])
     assert (run.store, run.out, run.seed) == (str(tmp_path / "s2"), str(tmp_path / "round-2/rs"), 1000)
     # The online stage's recipe: rl_stage, then the method's preset, then rl_overrides.

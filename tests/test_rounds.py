@@ -137,3 +137,18 @@ def test_a_rounds_evaluation_reuses_the_runs_sft_samples_and_ifeval_scores(tmp_p
     assert seen["reward_model"] == str(tmp_path / "round-2/rm/model")  # the round's refit RM
     assert seen["ifeval_reuse"] == tmp_path / "eval"
     assert (tmp_path / "round-2/eval/generations/sft.jsonl").read_text() == '{"x": 1}\n'
+
+
+def test_a_rounds_moves_win_over_every_section_and_a_refit_rm_stands_alone(tmp_path):
+    """rl_overrides / rl_stage may pin the policy, RM, reference, seed or ensemble for the run; a later
+    round still starts from the previous policy, against its refit RM alone, with its own seed."""
+    over = {"run": {"seed": 5}, "models": {"policy": {"path": "/X"}, "reward_model": "/RMX", "reference": "/REFX"}}
+    pipe = Pipeline(_cfg(rounds=2, rl=["rloo"], rl_overrides={"rloo": over},
+                         rl_stage={"models": {"reward_ensemble": ["/E"]}}), tmp_path)
+    one, two = pipe.stage_configs["rloo"], pipe.stage_configs["round-2/rloo"]
+    assert (one.models.policy.path, one.models.reward_model, one.run.seed) == ("/X", "/RMX", 5)
+    assert one.models.reward_ensemble == ["/E"]
+    assert two.models.policy.path == str(tmp_path / "rloo/model")
+    assert two.models.reward_model == str(tmp_path / "round-2/rm/model") and two.models.reward_ensemble == []
+    assert two.models.reference == str(tmp_path / "sft/model") and two.run.seed == 1000
+    assert two.run.out == str(tmp_path / "round-2/rloo")

@@ -123,6 +123,9 @@ class Comparison:
             if not need.exists():
                 raise PreflabError(f"{self.run}: {need.relative_to(self.run)} is missing; run the pipeline's "
                                    "sft and rm steps first")
+        if "best_of_n" in methods and not (self.final_rm / "config.json").is_file():
+            raise PreflabError(f"{self.run}: best_of_n reranks with the run's final reward model "
+                               f"{self.final_rm.relative_to(self.run)}, which is not there yet (finish the run's rounds)")
         # The reference: the run's own evaluation of its SFT model; before the run's eval step has
         # run (the long preset's comes after its hour-long RL step), one that another comparison
         # made under the run, else the comparison evaluates the SFT model itself, with the run's
@@ -209,7 +212,9 @@ class Comparison:
         cell = self.out / "cells" / f"{label}-s{seed}"
         done = cell / "cell.json"
         if done.is_file():
-            return json.loads(done.read_text())
+            row = json.loads(done.read_text())
+            if cfg is not None or row.get("reranker") == str(self.final_rm):  # best-of-N: by this RM
+                return row
         row = self.run_row(method, point, seed)
         if row is not None:
             atomic_write_text(done, json.dumps(row, indent=2) + "\n")
@@ -243,7 +248,7 @@ class Comparison:
             results["models"][method]["kl"] = kl_bound  # the analytic bound instead (docs/reference.md §8)
         settings = result_settings({**dict((".".join(k), v) for k, v in map(parse_override, self.overrides)), **point})
         row = {"method": method, "label": label, "seed": seed, "settings": settings,
-               **_row_from_results(results, method),
+               **({"reranker": str(self.final_rm)} if cfg is None else {}), **_row_from_results(results, method),
                "seconds": round(t2 - t0, 1), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1)}
         atomic_write_text(done, json.dumps(row, indent=2) + "\n")
         return row

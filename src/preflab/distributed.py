@@ -281,8 +281,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Any] | None:
 class FullCopy:
     """A plain (unsharded) model with ``model``'s architecture and buffers and no weights of its own
     (meta tensors), for what needs the whole module with every weight on every rank: sampling
-    under FSDP with ``model.generate`` where preflab's engine cannot snapshot the shards
-    (``rollout.GatheredGenerator``).
+    under FSDP where preflab's engine cannot snapshot the shards (LoRA layers, other
+    architectures; ``rollout.GatheredGenerator``).
 
     Build it before ``wrap`` shards ``model``. ``gather()`` all-gathers ``model``'s full weights
     (every rank must call it, the same number of times) into the copy, in the sharded parameters'

@@ -44,6 +44,18 @@ DATA_STEPS = ("suite", "demos")
 LABEL_STEPS = ("label", "agreement")
 
 
+def changed(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``new`` that ``old`` lacks or holds otherwise, nested dicts key by key."""
+    out: dict[str, Any] = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            if sub := changed(value, old[key]):
+                out[key] = sub
+        elif key not in old or old[key] != value:
+            out[key] = value
+    return out
+
+
 def steps_of(cfg: PipelineConfig) -> tuple[str, ...]:
     """The step names of a pipeline, in order (training steps are named after their run directory;
     rounds 2..n come after the first evaluation, whose SFT samples they reuse)."""
@@ -173,22 +185,31 @@ class Pipeline:
         (``registry.Stage.recipe``) on the run's pieces, then the pipeline's `rl_stage` section
         (RL methods), the method's preset (``config.RL_METHODS``, ``config.OFFLINE_METHODS``),
         `ppo_ptx` for ppo_ptx, and `rl_overrides[method]`. The keywords move it (a later round:
-        another starting policy, RM, store, KL reference, run directory and seed). `preflab compare`
-        starts from the same dict."""
+        another starting policy, RM, store, KL reference, run directory and seed); they have the
+        last word, over any section, and a moved RM stands alone (without round 1's ensemble).
+        `preflab compare` starts from the same dict."""
         c, stage = self.cfg, self.stage_of(method)
-        rm_moved = reward_model is not None  # a round's refit RM stands alone, without round 1's ensemble
+        recipe = STAGES[stage].recipe
         run = RecipeInputs(
-            policy=policy or str(self.out / "sft/model"), reference=reference,
-            reward_model=reward_model or str(self.out / "rm/model"),
-            reward_ensemble=[] if rm_moved else [str(self.out / m / "model") for m in self.members],
-            store=str(store or self.store), prompts=str(self.prompts), demos=str(self.demos_path),
-            model=self._model(), out=str(out or self.out / method), seed=c.seed if seed is None else seed,
-            sample_tokens=c.labeling.max_new_tokens, max_length=self._stage_config("rm").data.max_length)
+            policy=str(self.out / "sft/model"), reference=None, reward_model=str(self.out / "rm/model"),
+            reward_ensemble=[str(self.out / m / "model") for m in self.members], store=str(self.store),
+            prompts=str(self.prompts), demos=str(self.demos_path), model=self._model(), out=str(self.out / method),
+            seed=c.seed, sample_tokens=c.labeling.max_new_tokens, max_length=self._stage_config("rm").data.max_length)
         sections = ([c.rl_stage, RL_METHODS[method], c.ppo_ptx if method == "ppo_ptx" else {}] if stage == "rl"
                     else [OFFLINE_METHODS[method][1]])
-        data = STAGES[stage].recipe(run)
+        data = recipe(run)
         for section in (*sections, c.rl_overrides.get(method, {})):
             data = deep_merge(data, section)
+        moves = {k: str(v) for k, v in (("policy", policy), ("reward_model", reward_model), ("store", store),
+                                         ("reference", reference), ("out", out)) if v is not None}
+        if seed is not None:
+            moves["seed"] = seed
+        if not moves:
+            return data
+        moved = run._replace(**moves, **({"reward_ensemble": []} if reward_model is not None else {}))
+        data = deep_merge(data, changed(recipe(moved), recipe(run)))  # where the recipe puts each move
+        if reward_model is not None and "models" in data:
+            data["models"].pop("reward_ensemble", None)
         return data
 
     # -- state -------------------------------------------------------------------------------

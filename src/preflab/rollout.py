@@ -194,8 +194,9 @@ class GatheredGenerator:
     """Sampling from a model that FSDP shards over the ranks (``train.parallel=fsdp``). preflab's
     engine builds its weight snapshot straight from the shards, gathering one weight at a time
     (``generation.engine.snapshot``), so a rank holds its shards and the snapshot, never a second
-    full copy. A model the engine cannot run (or LoRA layers) is gathered whole into ``full`` (a
-    ``distributed.FullCopy``) and sampled with ``model.generate`` there, then dropped. Every rank
+    full copy. A model the engine cannot snapshot from shards (LoRA layers, another architecture)
+    is gathered whole into ``full`` (a ``distributed.FullCopy``) and sampled there (the engine with
+    the adapters merged, or ``model.generate``), then dropped. Every rank
     must call ``generate`` together (the gathers are collectives); each samples its own prompts.
     Called after each update, so it samples the updated weights."""
 

@@ -226,9 +226,10 @@ def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str 
     done = scored(out)
     if reuse is not None:
         for name, m in scored(Path(reuse)).items():
-            if name in models and m.get("spec") == models[name] and name not in done:
+            saved = Path(reuse) / "ifeval" / f"{safe_name(name)}.jsonl"
+            if name in models and m.get("spec") == models[name] and name not in done and saved.is_file():
                 (out / "ifeval").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(reuse) / "ifeval" / f"{safe_name(name)}.jsonl", out / "ifeval" / f"{safe_name(name)}.jsonl")
+                shutil.copyfile(saved, out / "ifeval" / saved.name)
                 done[name] = m
     entry: dict[str, Any] = {"settings": settings, "models": {}}
     for name, spec in models.items():

@@ -68,8 +68,6 @@ def effective_linear(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(mod, torch.nn.Linear):
             raise Unsupported(f"{type(mod).__name__} is not a Linear layer")
         return whole(mod.weight), whole(mod.bias)
-    if hasattr(mod.base_layer.weight, "full_tensor"):
-        raise Unsupported("LoRA layers sharded by FSDP")  # rollout.GatheredGenerator gathers a full copy instead
     base = mod.base_layer
     w, b = effective_linear(base)
     if getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
@@ -186,6 +184,9 @@ def snapshot(model: Any, bf16: bool, pack: bool = True) -> Snapshot:
     inner = base.get_decoder()
     if not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         raise Unsupported("decoder without layers/rotary_emb")
+    if any(hasattr(m, "lora_A") and hasattr(getattr(getattr(m, "base_layer", None), "weight", None), "full_tensor")
+           for m in base.modules()):
+        raise Unsupported("LoRA layers sharded by FSDP")  # before any gather: rollout.GatheredGenerator gathers a full copy
     embed = whole(inner.embed_tokens.weight.detach())
     resid = embed.dtype
     mm = torch.bfloat16 if (bf16 or resid == torch.bfloat16) else resid

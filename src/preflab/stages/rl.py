@@ -107,8 +107,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                                      for path in (cfg.models.reward_model, *cfg.models.reward_ensemble)],
                                     cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)
 
-    # Sampling needs every weight: under FSDP a weightless copy of the policy, filled once per
-    # rollout with the gathered weights (built before the policy is sharded).
+    # Sampling needs every weight: under FSDP the engine snapshots the shards each rollout (a
+    # weightless copy of the policy, built before sharding, for what the engine cannot run).
     gen = (GatheredGenerator(distributed.FullCopy(policy), tokenizer, bf16=r.bf16) if fsdp
            else HFGenerator.for_backend(r.backend, policy, tokenizer, bf16=r.bf16))
     train_module = loop.wrap(ac, cfg.train)  # DDP, or FSDP sharding ``ac`` in place; one process: ``ac``
