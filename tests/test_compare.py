@@ -297,3 +297,22 @@ def test_best_of_n_picks_with_the_runs_final_reward_model(run, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="loaded"):
         c.best_of_n_cache(tmp_path / "bon.jsonl", 0)
     assert loaded == [str(rounds / "round-3/rm/model")]  # the reranker, not the evaluation's RUN/rm
+
+
+def test_a_cell_killed_in_its_evaluation_is_not_trained_again(run, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    args = ["compare", str(run), "--methods", "dpo", "--seeds", "0", "--out", str(out), "train.max_steps=1"]
+    main(args)
+    cell = out / "cells/dpo-s0"
+    first = json.loads((cell / "cell.json").read_text())
+    (cell / "cell.json").unlink()  # killed after its training finished, before its row was written
+    weights = (cell / "train/model/model.safetensors").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("preflab.registry.run_stage", boom)
+    main(args)
+    again = json.loads((cell / "cell.json").read_text())
+    assert again["gold_winrate"] == first["gold_winrate"] and again["n"] == first["n"]
+    assert (cell / "train/model/model.safetensors").stat().st_mtime_ns == weights

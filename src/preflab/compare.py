@@ -83,6 +83,15 @@ def parse_grid(items: list[str]) -> list[dict[str, Any]]:
     return points
 
 
+def trained(run_dir: Path) -> bool:
+    """Whether the stage run in ``run_dir`` finished (its manifest says so) and exported its model."""
+    from preflab.run import read_manifest
+
+    path = run_dir / "manifest.json"
+    return path.is_file() and read_manifest(run_dir).get("status") == "finished" and \
+        (run_dir / "model" / "config.json").is_file()
+
+
 def cell_label(method: str, point: dict[str, Any]) -> str:
     return method + "".join(f"[{k}={v}]" for k, v in point.items())
 
@@ -227,6 +236,8 @@ class Comparison:
         kl_bound = None
         if cfg is None:  # best-of-N: the SFT model's samples, reranked; nothing is trained
             model, kl_bound = sft_spec, self.best_of_n_cache(gen_dir / f"{method}.jsonl", seed)
+        elif trained(Path(cfg.run.out)):  # killed in its evaluation: the training is not redone
+            model = Path(cfg.run.out) / "model"
         else:
             model = run_stage(self.stage_of(method), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
             if not self.pipeline.cfg.keep_checkpoints:  # a finished cell is never resumed (1.6 GiB each)
