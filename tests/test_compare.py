@@ -316,3 +316,18 @@ def test_a_cell_killed_in_its_evaluation_is_not_trained_again(run, tmp_path, mon
     again = json.loads((cell / "cell.json").read_text())
     assert again["gold_winrate"] == first["gold_winrate"] and again["n"] == first["n"]
     assert (cell / "train/model/model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_a_cells_evaluation_starts_after_its_training_memory_is_released(run, tmp_path, monkeypatch):
+    """The training's peak is handed back before the evaluation loads its models (a DPO cell held
+    12.7 GB through its evaluation and was killed beside another job)."""
+    from preflab import registry
+    from preflab.evals import evaluate as ev
+
+    calls = []
+    real_stage, real_eval = registry.run_stage, ev.evaluate
+    monkeypatch.setattr(registry, "run_stage", lambda *a, **k: (calls.append("train"), real_stage(*a, **k))[1])
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (calls.append("eval"), real_eval(*a, **k))[1])
+    monkeypatch.setattr(models, "release_memory", lambda: calls.append("release"))
+    main(["compare", str(run), "--methods", "dpo", "--seeds", "0", "--out", str(tmp_path / "c"), "train.max_steps=1"])
+    assert calls[calls.index("train"):calls.index("eval")] == ["train", "release"]

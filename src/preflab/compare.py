@@ -242,6 +242,7 @@ class Comparison:
             model = run_stage(self.stage_of(method), cfg, resume=(Path(cfg.run.out) / "manifest.json").exists())
             if not self.pipeline.cfg.keep_checkpoints:  # a finished cell is never resumed (1.6 GiB each)
                 shutil.rmtree(Path(cfg.run.out) / "checkpoints", ignore_errors=True)
+            models.release_memory()  # the evaluation starts without the training's peak
         t1 = time.perf_counter()
         # The run's SFT generations are the reference: copy the cache, so the SFT is not resampled.
         shutil.copyfile(self.results_path.parent / "generations" / f"{ref['reference']}.jsonl",
