@@ -67,6 +67,7 @@ def _update_job(rank, blob_path):
         distributed.shard_frozen(ref)
         sharded = scoring.response_logits(ref, part.samples, 0.7)
     local = sum(p.to_local().numel() for p in ref.parameters() if hasattr(p, "to_local"))
+    assert sum(p.numel() for layer in distributed.decoder_layers(ref) for p in layer.parameters()) == layers
     distributed.wrap(ac, "fsdp", bf16=False)
     assert distributed.is_sharded(ac)
     before = _sample(gen)

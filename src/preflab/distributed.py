@@ -167,9 +167,10 @@ def shard_frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of the transformers models inside ``module``: the classes their
-    ``_no_split_modules`` name (Llama: ``LlamaDecoderLayer``), one FSDP unit each."""
+    ``_no_split_modules`` name (Llama: ``LlamaDecoderLayer``), one FSDP unit each; found after
+    sharding too (``fully_shard`` renames a block's class ``FSDPLlamaDecoderLayer``)."""
     names = {n for m in module.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
-    return [m for m in module.modules() if type(m).__name__ in names]
+    return [m for m in module.modules() if type(m).__name__.removeprefix("FSDP") in names]
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
