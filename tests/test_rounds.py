@@ -152,3 +152,19 @@ def test_a_rounds_moves_win_over_every_section_and_a_refit_rm_stands_alone(tmp_p
     assert two.models.reward_model == str(tmp_path / "round-2/rm/model") and two.models.reward_ensemble == []
     assert two.models.reference == str(tmp_path / "sft/model") and two.run.seed == 1000
     assert two.run.out == str(tmp_path / "round-2/rloo")
+
+
+def test_the_rounds_table_shows_each_rounds_ifeval_beside_the_gold_judge(tmp_path):
+    cfg = _cfg(rounds=2, rl=["rloo"]).model_dump(mode="json")
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(cfg))
+    win = {"rate": 0.6, "lo": 0.5, "hi": 0.7}
+
+    def results(name, prompt, words):
+        return {"models": {name: {"win_rate": win, "kl": 1.0, "length_words": {"mean": 30.0}, "metadata": {}}},
+                "ifeval": {"models": {name: {"prompt_level_strict": prompt, "mean_words": words}}}}
+
+    for where, name, prompt, words in (("eval", "rloo", 0.2, 117.0), ("round-2/eval", "rloo@2", 0.25, 59.0)):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "results.json").write_text(json.dumps(results(name, prompt, words)))
+    rows = rounds_table(tmp_path)
+    assert [(r["round"], r["ifeval_prompt"], r["ifeval_words"]) for r in rows] == [(1, 0.2, 117.0), (2, 0.25, 59.0)]

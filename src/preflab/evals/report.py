@@ -345,26 +345,31 @@ def section_gold_vs_kl(run: Run) -> str:
 
 def rounds_table(run: Path) -> list[dict[str, Any]]:
     """One row per round of a run (round 1 from RUN/eval, later rounds from RUN/round-r/eval):
-    gold win-rate against SFT, KL, constraint following, mean words, RM accuracies. For the report."""
+    gold win-rate against SFT, KL, constraint following, mean words, IFEval (prompt-level strict
+    accuracy and mean words, where the evaluation scored it), RM accuracies. For the report."""
     cfg_path = run / "pipeline_config.json"
     if not cfg_path.is_file():
         return []
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("rounds", 1) < 2:
         return []
-    from preflab.config import PipelineConfig, round_method
+    from preflab.config import PipelineConfig, round_dir, round_method
 
     method = round_method(PipelineConfig.model_validate(cfg))  # the pipeline's own rule, not a copy of it
     rows = []
     for r in range(1, cfg["rounds"] + 1):
-        res_path = run / ("eval" if r == 1 else f"round-{r}/eval") / "results.json"
+        res_path = round_dir(run, r) / "eval" / "results.json"
         name = method if r == 1 else f"{method}@{r}"
         row: dict[str, Any] = {"round": r, "model": name}
         if res_path.is_file():
-            m = json.loads(res_path.read_text())["models"].get(name)
+            results = json.loads(res_path.read_text())
+            m = results["models"].get(name)
             if m:
                 row.update(win_rate=m["win_rate"], kl=m["kl"], words=m["length_words"]["mean"],
                            follows_constraints=(m.get("metadata") or {}).get("follows_constraints"))
+            ife = ((results.get("ifeval") or {}).get("models") or {}).get(name)
+            if ife:
+                row.update(ifeval_prompt=ife["prompt_level_strict"], ifeval_words=ife["mean_words"])
         onp = run / f"round-{r}/onpolicy.json"
         if onp.is_file():
             o = json.loads(onp.read_text())
@@ -391,11 +396,12 @@ def section_rounds(run: Run) -> str:
                 'and trains on; its table and plot are here.</p>')
     table = _table(
         ["round", "model", "gold win-rate vs SFT [95%]", "KL", "follows constraints", "words",
-         "RM before refit (on-policy)", "RM after refit", "labeler agreement"],
+         "IFEval prompt strict", "IFEval words", "RM before refit (on-policy)", "RM after refit", "labeler agreement"],
         [[r["round"], r["model"],
           f"{_fmt(r['win_rate']['rate'], True)} [{_fmt(r['win_rate']['lo'], True)}, {_fmt(r['win_rate']['hi'], True)}]"
           if r.get("win_rate") else "-",
           _fmt(r.get("kl")), _fmt(r.get("follows_constraints"), True), _fmt(r.get("words")),
+          _fmt(r.get("ifeval_prompt"), True), _fmt(r.get("ifeval_words")),
           _fmt(r.get("rm_before"), True), _fmt(r.get("rm_after"), True), _fmt(r.get("labelers"), True)]
          for r in rows], text_cols=(1,))
     pts = [(r["round"], _num(r["win_rate"]["rate"]), _num(r["win_rate"]["lo"]), _num(r["win_rate"]["hi"]))
