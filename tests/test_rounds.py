@@ -98,6 +98,9 @@ def test_round_settings_reach_the_round_configs(tmp_path):
     assert c3.train.steps == 5 and c3.ptx.coef == 1.0 and c3.run.seed == 2000
     assert pipe.stage_configs["round-3/rm"].model.path == str(tmp_path / "round-2/rm/model")
     assert pipe.stage_configs["round-2/rm"].model.path == str(tmp_path / "rm/model")
+    assert pipe.stage_configs["round-2/rm"].run.save_every == 32 and pipe.stage_configs["rm"].run.save_every == 0
+    mine = Pipeline(_cfg(rounds=2, rl=["rloo"], rm={"run": {"save_every": 5}}), tmp_path)
+    assert mine.stage_configs["round-2/rm"].run.save_every == 5  # the user's own setting stands
     dpo = Pipeline(_cfg(rounds=2, rl=[], preference=["dpo"]), tmp_path).stage_configs["round-2/dpo"]
     assert dpo.model.path == str(tmp_path / "dpo/model") and dpo.model.reference == str(tmp_path / "sft/model")
     assert dpo.data.train == f"store:{tmp_path / 'round-2/store.sqlite'}"

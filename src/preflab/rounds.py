@@ -36,6 +36,10 @@ from preflab.data.jsonl import atomic_write_text
 from preflab.errors import ConfigError
 
 ROUND_STEPS = ("label", "rm", "onpolicy", "{method}", "eval")
+# A round's RM refit trains on every ranking so far (half an hour by round 3 of the demo's recipe on
+# 2 CPU cores): checkpointed every this many steps, so a killed run resumes it, unless `rm.run.save_every`
+# says otherwise.
+REFIT_SAVE_EVERY = 32
 
 
 def refit_members(cfg: Any, r: int) -> list[str]:
@@ -120,6 +124,7 @@ class Rounds:
                     self.members(r - 1)[i])
                 rm["data"]["train"] = f"store:{self.store(r)}"
                 rm["run"]["out"] = str(d / name)
+                rm["run"].setdefault("save_every", REFIT_SAVE_EVERY)  # a refit grows with every round: resumable
                 if i:
                     rm["run"]["seed"] = c.seed + i
                 out[f"round-{r}/{name}"] = ("rm", rm)
