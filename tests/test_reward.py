@@ -292,6 +292,34 @@ def test_rm_eval_cli_prints_tables_and_writes_json(trained, tmp_path):
     assert report["n_pairs"] == 24 and report["accuracy"] >= 0.9
 
 
+def test_rm_eval_reads_a_suite_store_against_the_gold_judge(trained, tmp_path):
+    """Responses with the prompt's keywords (and the RM's marker) score higher with the gold judge; ann
+    ranks them first, bob last: the labelers agree with the judge on half the pairs, the RM on all."""
+    from click.testing import CliRunner
+
+    from preflab.feedback.store import PreferenceStore
+
+    _, out, _ = trained
+    path = tmp_path / "s.sqlite"
+    with PreferenceStore(path) as store:
+        for i in range(3):
+            text = f"Describe item {i}."
+            suite = {"id": f"rm-{i}", "prompt": text, "category": "open_qa", "slice": "ordinary", "split": "rm",
+                     "constraints": [], "keywords": ["zebra", "apple"]}
+            (pid,) = store.add_prompts([{"text": text, "category": "open_qa", "slice": "ordinary",
+                                         "meta": {"suite": suite}}], split="held")
+            cids = store.add_candidates(pid, ["zebra apple river.", "stone cloud green."])
+            store.add_ranking(pid, cids, [[0], [1]], "ann")
+            store.add_ranking(pid, cids, [[1], [0]], "bob")
+    res = CliRunner().invoke(rm_eval.cli, ["--model", str(out), "--data", f"store:{path}", "--split", "held",
+                                           "--max-length", "96", "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert "against the gold judge" in res.output
+    gold = json.loads((tmp_path / "e.json").read_text())["gold"]
+    assert gold["decided"] == 1.0 and gold["labelers"]["n_pairs"] == 6 and gold["labelers"]["accuracy"] == 0.5
+    assert gold["models"][str(out)]["n_pairs"] == 3 and gold["models"][str(out)]["accuracy"] == 1.0
+
+
 def test_normalisation_gain_and_bias():
     policy = [1.0, 3.0, 5.0, 7.0]  # mean 4, biased std sqrt(5)
     gain, bias = reward.normalisation([], policy, demos_mean_zero=False, policy_gain_bias=True)
@@ -325,6 +353,24 @@ def test_labeler_agreement_and_store_source(tmp_path):
     assert report["by_slice"]["s1"]["n_pairs"] == 12
     with pytest.raises(DataError, match="not found"):
         ranking_sources.read_groups(f"store:{tmp_path / 'none.sqlite'}")
+
+
+def test_gold_agreement_against_hand_counts():
+    """Two labelers rank the same 3 responses (gold 0.9, 0.5, 0.5); a second prompt, one labeler.
+    Prompt 1: ann orders a > b > c, bob c > a > b: 6 strict pairs; gold ties b-c, so 4 are decided,
+    of which ann gets 2 (a>b, a>c) and bob 1 (a>b) right. Prompt 2 (gold 0.2, 0.8): ann orders x > y,
+    wrong. Labelers: 3 of 5 decided pairs. Distinct gold-decided pairs: a-b, a-c, y-x (3); a model
+    scoring a 3, b 2, c 0 and x 1, y 1 gets a-b and a-c right and ties y-x (a tie is wrong): 2/3."""
+    G = rankings.Group
+    groups = [G("p1", ["a", "b", "c"], [0, 1, 2], labeler="ann"), G("p1", ["a", "b", "c"], [1, 2, 0], labeler="bob"),
+              G("p2", ["x", "y"], [0, 1], labeler="ann")]
+    gold = [[0.9, 0.5, 0.5], [0.9, 0.5, 0.5], [0.2, 0.8]]
+    scores = [[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [1.0, 1.0]]
+    out = rm_eval.gold_agreement(groups, gold, {"rm": scores, "flipped": [[-v for v in s] for s in scores]})
+    assert out["n_strict_pairs"] == 7 and out["decided"] == pytest.approx(5 / 7)
+    assert out["labelers"]["n_pairs"] == 5 and out["labelers"]["accuracy"] == pytest.approx(3 / 5)
+    assert out["models"]["rm"]["n_pairs"] == 3 and out["models"]["rm"]["accuracy"] == pytest.approx(2 / 3)
+    assert out["models"]["flipped"]["accuracy"] == pytest.approx(0.0)  # the tie stays wrong either way
 
 
 def test_lora_trains_the_head_and_saves_merged(tmp_path):

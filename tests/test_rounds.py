@@ -68,6 +68,9 @@ def test_two_rounds_resume_inside_round_two_equals_uninterrupted(tmp_path, monke
     onp = json.loads((run / "round-2/onpolicy.json").read_text())
     assert onp["rm_before"]["model"] == str(run / "rm/model") and onp["rm_after"]["model"] == str(run / "round-2/rm/model")
     assert onp["rm_before"]["n_groups"] == 12 and 0 < onp["labeler_agreement"]["n_pairs"] <= 4 * 6 * 3
+    # ... and against the gold judge, which scores the held-out responses from the suite's records
+    assert set(onp["gold"]["models"]) == {"rm_before", "rm_after"} and 0 <= onp["gold"]["decided"] <= 1
+    assert onp["gold"]["labelers"]["n_pairs"] == round(onp["gold"]["decided"] * onp["gold"]["n_strict_pairs"])
     final = json.loads((run / "final/onpolicy.json").read_text())
     assert final["policy"] == str(run / "round-2/rloo/model") and final["rm_before"]["model"] == str(run / "round-2/rm/model")
     # The round's eval judged its own policy against the run's SFT samples (reused, not resampled).
@@ -79,6 +82,8 @@ def test_two_rounds_resume_inside_round_two_equals_uninterrupted(tmp_path, monke
     assert [r["round"] for r in rows] == [1, 2, "final"]
     assert rows[1]["win_rate"] == res["models"]["rloo@2"]["win_rate"]
     assert rows[1]["rm_before"] == onp["rm_before"]["accuracy"]
+    assert rows[1]["rm_gold"] == onp["gold"]["models"]["rm_after"]["accuracy"]  # the refit RM, not the old one
+    assert rows[2]["rm_gold"] == final["gold"]["models"]["rm_before"]["accuracy"]  # the final check has one RM
     assert "Rounds" in (run / "report.html").read_text()
 
 

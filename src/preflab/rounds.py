@@ -207,24 +207,33 @@ class Rounds:
 
     def step_onpolicy(self, r: int) -> None:
         """RM accuracy on held-out rankings of the current policy's samples: the RM the policy was
-        trained against (round r-1's) and the refit one (round r's), beside the labelers' agreement."""
+        trained against (round r-1's) and the refit one (round r's), beside the labelers' agreement,
+        and all of them against the gold judge on the pairs it decides (``rm_eval.gold_agreement``)."""
+        from preflab.evals.rm_eval import evaluate, gold_agreement, gold_totals, member_scores
+        from preflab.feedback.ranking_sources import read_groups
+
         if not self.cfg.round.heldout:
             return
         final = r > self.cfg.rounds
         d = self.out / "final" if final else self.dir(r)
         store = d / "store.sqlite" if final else self.store(r)
+        split = f"heldout-{r}"
         rms = {"rm_before": self.rm(r - 1)} if final else {"rm_before": self.rm(r - 1), "rm_after": self.rm(r)}
-        result: dict[str, Any] = {"round": "final" if final else r, "policy": str(self.policy(r - 1)),
-                                  "split": f"heldout-{r}"}
+        result: dict[str, Any] = {"round": "final" if final else r, "policy": str(self.policy(r - 1)), "split": split}
+        groups = [g for g in read_groups(f"store:{store}", None, split) if g.pairs()]
+        scores = {key: member_scores(str(rm), groups, self.pipe.stage_configs["rm"].data.max_length, 16,
+                                     self.cfg.eval.bf16, normalise=False) for key, rm in rms.items()}
         for key, rm in rms.items():
-            rep = heldout_accuracy(rm, f"store:{store}", f"heldout-{r}", self.pipe.stage_configs["rm"].data.max_length,
-                                   self.cfg.eval.bf16)
+            rep = evaluate(groups, scores[key], temperature_scaling=False, worst_k=0)
             result[key] = {"model": str(rm), "accuracy": rep["accuracy"], "ci": rep["ci"], "n_pairs": rep["n_pairs"],
                            "n_groups": rep["n_groups"]}
             labelers = rep.get("labelers")
             if labelers:  # labeler vs labeler on the prompts ranked by several, and the RM on the same pairs
                 result["labeler_agreement"] = {k: labelers[k] for k in ("agreement", "n_pairs", "n_prompts")}
                 result[key]["accuracy_on_shared"] = labelers["rm_accuracy"]
+        gold = gold_totals(f"store:{store}", split, groups)
+        if gold is not None:
+            result["gold"] = gold_agreement(groups, gold, scores)
         atomic_write_text(d / "onpolicy.json", json.dumps(result, indent=2, default=str))
 
     def step_train(self, r: int) -> None:  # the trainer's step is named after its method
@@ -239,20 +248,3 @@ class Rounds:
             shutil.copyfile(cached, d / "generations/sft.jsonl")
         self.pipe.evaluate_paths({"sft": str(self.out / "sft/model"), f"{self.method}@{r}": str(self.policy(r))},
                                  d, reward_model=str(self.rm(r)), ifeval_reuse=self.out / "eval")  # SFT's IFEval too
-
-
-def heldout_accuracy(rm: Path, source: str, split: str, max_length: int, bf16: bool) -> dict[str, Any]:
-    """``evals.rm_eval.evaluate`` of a reward model on a store split (pairs of every ranking)."""
-    from preflab import models
-    from preflab.data.rankings import encode_groups
-    from preflab.evals.rm_eval import evaluate
-    from preflab.feedback.ranking_sources import read_groups
-    from preflab.scoring import score_groups
-
-    groups = [g for g in read_groups(source, None, split) if g.pairs()]
-    tokenizer = models.load_tokenizer(str(rm))
-    model = models.load_reward_model(str(rm))
-    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id, batch_size=16,
-                          bf16=bf16)
-    del model
-    return evaluate(groups, scores, temperature_scaling=False, worst_k=0)

@@ -373,15 +373,22 @@ def rounds_table(run: Path) -> list[dict[str, Any]]:
         onp = run / f"round-{r}/onpolicy.json"
         if onp.is_file():
             o = json.loads(onp.read_text())
-            row.update(rm_before=o["rm_before"]["accuracy"], rm_after=(o.get("rm_after") or {}).get("accuracy"),
-                       labelers=(o.get("labeler_agreement") or {}).get("agreement"))
+            row.update(_onpolicy(o))
         rows.append(row)
     final = run / "final/onpolicy.json"
     if final.is_file():
-        o = json.loads(final.read_text())
-        rows.append({"round": "final", "model": "final policy", "rm_before": o["rm_before"]["accuracy"],
-                     "labelers": (o.get("labeler_agreement") or {}).get("agreement")})
+        rows.append({"round": "final", "model": "final policy", **_onpolicy(json.loads(final.read_text()))})
     return rows
+
+
+def _onpolicy(o: dict[str, Any]) -> dict[str, Any]:
+    """A round's on-policy check (``RUN/round-r/onpolicy.json``) as rounds-table cells."""
+    gold = o.get("gold") or {}
+    return {"rm_before": o["rm_before"]["accuracy"], "rm_after": (o.get("rm_after") or {}).get("accuracy"),
+            "labelers": (o.get("labeler_agreement") or {}).get("agreement"), "gold_decides": gold.get("decided"),
+            "labelers_gold": (gold.get("labelers") or {}).get("accuracy"),
+            "rm_gold": ((gold.get("models") or {}).get("rm_after" if o.get("rm_after") else "rm_before") or {})
+            .get("accuracy")}
 
 
 def section_rounds(run: Run) -> str:
@@ -396,13 +403,15 @@ def section_rounds(run: Run) -> str:
                 'and trains on; its table and plot are here.</p>')
     table = _table(
         ["round", "model", "gold win-rate vs SFT [95%]", "KL", "follows constraints", "words",
-         "IFEval prompt strict", "IFEval words", "RM before refit (on-policy)", "RM after refit", "labeler agreement"],
+         "IFEval prompt strict", "IFEval words", "RM before refit (on-policy)", "RM after refit", "labeler agreement",
+         "gold judge decides", "labelers vs gold", "RM vs gold"],
         [[r["round"], r["model"],
           f"{_fmt(r['win_rate']['rate'], True)} [{_fmt(r['win_rate']['lo'], True)}, {_fmt(r['win_rate']['hi'], True)}]"
           if r.get("win_rate") else "-",
           _fmt(r.get("kl")), _fmt(r.get("follows_constraints"), True), _fmt(r.get("words")),
           _fmt(r.get("ifeval_prompt"), True), _fmt(r.get("ifeval_words")),
-          _fmt(r.get("rm_before"), True), _fmt(r.get("rm_after"), True), _fmt(r.get("labelers"), True)]
+          _fmt(r.get("rm_before"), True), _fmt(r.get("rm_after"), True), _fmt(r.get("labelers"), True),
+          _fmt(r.get("gold_decides"), True), _fmt(r.get("labelers_gold"), True), _fmt(r.get("rm_gold"), True)]
          for r in rows], text_cols=(1,))
     pts = [(r["round"], _num(r["win_rate"]["rate"]), _num(r["win_rate"]["lo"]), _num(r["win_rate"]["hi"]))
            for r in rows if isinstance(r["round"], int) and r.get("win_rate")]
@@ -424,7 +433,10 @@ def section_rounds(run: Run) -> str:
         ax.axhline(0.5, color="#444", lw=1, ls="--")
         ax.set_ylabel("gold win-rate vs SFT")
     return ('<p class="note">"RM before refit" scores the RM the policy was trained against on held-out rankings '
-            'of that policy\'s own samples: how well it still knows where the policy is.</p>'
+            'of that policy\'s own samples: how well it still knows where the policy is. The last three columns '
+            'read the same held-out pairs against the gold judge: the share of the labelers\' pairs it scores '
+            'unequally (on the rest the labelers\' order is noise and bias, which no model can learn), how often '
+            'the labelers and the newest RM order those pairs as it does.</p>'
             + table + _png(fig, "gold win-rate by round"))
 
 

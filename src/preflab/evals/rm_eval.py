@@ -81,6 +81,54 @@ def labeler_agreement(groups: list[Group]) -> dict[str, Any] | None:
             "agreement": agree / comparable, "groups": shared}
 
 
+def gold_agreement(groups: list[Group], gold: list[list[float]],
+                   scores: dict[str, list[list[float]]] | None = None) -> dict[str, Any]:
+    """The held-out rankings read against the gold judge's scores of the same responses (``gold[i][j]``:
+    response j of group i), which simulated labelers perceive through noise and biases.
+
+    ``decided``: the share of the labelers' strict pairs whose two responses the gold judge scores
+    differently; on the rest the labelers' order is noise and bias, which no reward model can learn.
+    ``labelers``: how often the labelers' order agrees with the judge's on the pairs it decides.
+    ``models[name]``: how often each model's scores order the judge-decided pairs as the judge does,
+    each distinct pair of responses once however many labelers ranked it (a tie is wrong)."""
+    labeler_ok: list[bool] = []
+    strict = 0
+    seen: set[str] = set()
+    pairs: list[tuple[int, int, int]] = []  # (group, i, j) with gold[i] > gold[j], each once
+    for gi, g in enumerate(groups):
+        for w, v in g.pairs():
+            strict += 1
+            if gold[gi][w] != gold[gi][v]:
+                labeler_ok.append(gold[gi][w] > gold[gi][v])
+        key = json.dumps([g.prompt, sorted(g.responses)])
+        if key in seen:
+            continue
+        seen.add(key)
+        pairs += [(gi, i, j) for i in range(len(g.responses)) for j in range(len(g.responses))
+                  if gold[gi][i] > gold[gi][j] and g.responses[i] != g.responses[j]]
+    out: dict[str, Any] = {"decided": len(labeler_ok) / strict if strict else math.nan, "n_strict_pairs": strict,
+                           "labelers": _accuracy(np.array(labeler_ok, dtype=bool))}
+    out["models"] = {name: _accuracy(np.array([s[gi][i] > s[gi][j] for gi, i, j in pairs], dtype=bool))
+                     for name, s in (scores or {}).items()}
+    return out
+
+
+def gold_totals(source: str, split: str | None, groups: list[Group]) -> list[list[float]] | None:
+    """The gold judge's total of every response of ``groups``, read from ``source`` (``store:PATH``)
+    ``split``, or None when that is not a store or a prompt has no suite record to judge by (one a
+    person added, or an imported file)."""
+    if not source.startswith("store:"):
+        return None
+    from preflab.feedback.rubric import judge
+    from preflab.feedback.store import PreferenceStore
+
+    with PreferenceStore(source.removeprefix("store:")) as store:
+        suite = {p.text: p.meta.get("suite") for p in store.prompts(split=split)}
+    if not all(suite.get(g.prompt) for g in groups):
+        return None
+    return [[judge(suite[g.prompt], text).total for text in g.responses] for g in groups]
+
+
 def evaluate(groups: list[Group], scores: list[list[float]], *, n_bins: int = 10,
              temperature_scaling: bool = True, worst_k: int = 20, seed: int = 0) -> dict[str, Any]:
     """Held-out metrics of raw scores (gain and bias do not change who wins; raw margins are the
@@ -206,6 +254,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
         summary.add_row("labeler agreement (ceiling)", f"{la['agreement']:.3f} on {la['n_pairs']} pairs")
         summary.add_row("RM accuracy, same prompts", f"{la['rm_accuracy']:.3f}")
     console.print(summary)
+    if "gold" in report:
+        print_gold(report["gold"], console)
     if "ensemble" in report:
         print_ensemble(report["ensemble"], console)
     for attr in ("category", "slice"):
@@ -235,6 +285,19 @@ def print_report(report: dict[str, Any], console=None) -> None:
         for w in report["worst"]:
             t.add_row(f"{w['margin']:.2f}", *(str(w[k])[:80] for k in ("prompt", "chosen", "rejected")))
         console.print(t)
+
+
+def print_gold(gold: dict[str, Any], console) -> None:
+    """The held-out pairs against the gold judge (``gold_agreement``)."""
+    from rich.table import Table
+
+    t = Table(title=f"against the gold judge: it scores {gold['decided']:.1%} of the labelers' "
+                    f"{gold['n_strict_pairs']} pairs unequally")
+    for col in ("who", "pairs", "agrees with the judge", "95% CI"):
+        t.add_column(col, justify="left" if col == "who" else "right")
+    for who, a in [("labelers", gold["labelers"]), *gold["models"].items()]:
+        t.add_row(who, str(a["n_pairs"]), f"{a['accuracy']:.3f}", f"{a['ci'][0]:.3f}-{a['ci'][1]:.3f}")
+    console.print(t)
 
 
 def print_ensemble(ens: dict[str, Any], console) -> None:
@@ -314,6 +377,10 @@ def cli(model_specs, data, split, out_path, max_length, batch_size, n_bins, wors
     report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)
     if ensemble:
         report["ensemble"] = ensemble_report(groups, members, list(model_specs), top_k=worst_k)
+    gold = gold_totals(data, split, groups)
+    if gold is not None:  # a store of suite prompts: read the pairs against the gold judge too
+        report["gold"] = gold_agreement(groups, gold, {**dict(zip(model_specs, members)),
+                                                       **({"mean": scores} if ensemble else {})})
     print_report(report)
     if out_path:
         atomic_write_text(out_path, json.dumps(report, indent=2, default=str))
