@@ -217,10 +217,10 @@ class Rounds:
         final = r > self.cfg.rounds
         d = self.out / "final" if final else self.dir(r)
         store = d / "store.sqlite" if final else self.store(r)
-        split = f"heldout-{r}"
+        source, split = f"store:{store}", f"heldout-{r}"
         rms = {"rm_before": self.rm(r - 1)} if final else {"rm_before": self.rm(r - 1), "rm_after": self.rm(r)}
         result: dict[str, Any] = {"round": "final" if final else r, "policy": str(self.policy(r - 1)), "split": split}
-        groups = [g for g in read_groups(f"store:{store}", None, split) if g.pairs()]
+        groups = [g for g in read_groups(source, None, split) if g.pairs()]
         scores = {key: member_scores(str(rm), groups, self.pipe.stage_configs["rm"].data.max_length, 16,
                                      self.cfg.eval.bf16, normalise=False) for key, rm in rms.items()}
         for key, rm in rms.items():
@@ -231,7 +231,7 @@ class Rounds:
             if labelers:  # labeler vs labeler on the prompts ranked by several, and the RM on the same pairs
                 result["labeler_agreement"] = {k: labelers[k] for k in ("agreement", "n_pairs", "n_prompts")}
                 result[key]["accuracy_on_shared"] = labelers["rm_accuracy"]
-        gold = gold_totals(f"store:{store}", split, groups)
+        gold = gold_totals(source, split, groups)
         if gold is not None:
             result["gold"] = gold_agreement(groups, gold, scores)
         atomic_write_text(d / "onpolicy.json", json.dumps(result, indent=2, default=str))

@@ -50,13 +50,18 @@ def _pair_signs(ranks: list[int]) -> np.ndarray:
     return pair_labels(np.asarray(ranks, dtype=float))
 
 
+def _same_candidates(g: Group) -> str:
+    """One key for the rankings of one prompt's same candidates (by any labeler, in any order)."""
+    return json.dumps([g.prompt, sorted(g.responses)])
+
+
 def labeler_agreement(groups: list[Group]) -> dict[str, Any] | None:
     """Pairwise agreement between labelers who ranked the same prompt and responses (ties excluded),
     the ceiling against which RM accuracy reads (InstructGPT: 72.6%, docs/reference.md §1.5, §3.5)."""
     by_key: dict[str, list[tuple[int, Group]]] = defaultdict(list)
     for i, g in enumerate(groups):
         if g.labeler is not None and len(set(g.responses)) == len(g.responses):
-            by_key[json.dumps([g.prompt, sorted(g.responses)])].append((i, g))
+            by_key[_same_candidates(g)].append((i, g))
     agree = comparable = 0
     shared: list[int] = []
     for items in by_key.values():
@@ -100,7 +105,7 @@ def gold_agreement(groups: list[Group], gold: list[list[float]],
             strict += 1
             if gold[gi][w] != gold[gi][v]:
                 labeler_ok.append(gold[gi][w] > gold[gi][v])
-        key = json.dumps([g.prompt, sorted(g.responses)])
+        key = _same_candidates(g)
         if key in seen:
             continue
         seen.add(key)
@@ -326,17 +331,23 @@ def print_ensemble(ens: dict[str, Any], console) -> None:
 
 def member_scores(spec: str, groups: list[Group], max_length: int, batch_size: int, bf16: bool, *,
                   normalise: bool) -> list[list[float]]:
-    """One reward model's scores of every response of ``groups`` (raw, or with its stored gain and bias)."""
+    """One reward model's scores of every response of ``groups`` (raw, or with its stored gain and bias).
+    Rankings of the same prompt and candidates in the same order (several labelers') are scored once."""
     from preflab import models
     from preflab.data.rankings import encode_groups
     from preflab.scoring import reward_norm, score_groups
 
+    keys = [json.dumps([g.prompt, g.responses]) for g in groups]
+    first: dict[str, int] = {}  # each key's first group, in order
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
     tokenizer = models.load_tokenizer(spec)
     model = models.load_reward_model(spec)
-    scores = score_groups(model, encode_groups(tokenizer, groups, max_length), tokenizer.pad_token_id,
-                          batch_size=batch_size, bf16=bf16)
+    unique = score_groups(model, encode_groups(tokenizer, [groups[i] for i in first.values()], max_length),
+                          tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16)
+    by_key = dict(zip(first, unique))
     gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
-    return [[gain * x + bias for x in s] for s in scores]
+    return [[gain * x + bias for x in by_key[k]] for k in keys]
 
 
 @click.command("rm-eval")
