@@ -345,6 +345,16 @@ def test_lora_reference_is_the_adapter_free_policy_and_ptx_runs(tmp_path, good_t
     assert all(r["loss/ptx"] > 0 for r in rows)
 
 
+def test_critic_from_the_rms_trunk_explains_nothing_before_its_first_update(tmp_path):
+    """models.critic=reward_trunk: the first rollout's values are all 0, so its explained variance
+    is exactly 0; the critic then learns (the second rollout's is not 0)."""
+    cfg = cfg_for(tmp_path, "train.steps=2", "models.critic=reward_trunk", "ppo.critic_lr=1e-2")
+    rl_stage.train(cfg)
+    assert (tmp_path / "critic/config.json").is_file()  # a separate critic, not the policy's head
+    ev = [r["value/explained_variance"] for r in metrics(cfg)]
+    assert ev[0] == pytest.approx(0.0, abs=1e-6) and abs(ev[1]) > 1e-4
+
+
 def test_critic_initialised_from_the_reward_model(tmp_path):
     cfg = cfg_for(tmp_path, "train.steps=2", "models.critic=reward_model")
     rl_stage.train(cfg)  # the tiny scorer is the reward model too

@@ -197,6 +197,32 @@ def test_sft_train_uses_response_only_labels(tmp_path, monkeypatch):
         assert "<|im_start|>" not in text  # no prompt or role header is trained on
 
 
+def test_critic_from_the_rms_trunk_starts_at_zero_with_the_rms_features(tmp_path):
+    """models.critic=reward_trunk: the RM's trunk, its head zeroed: every value is 0 (so the first
+    advantages are the returns), and the head's gradient is the RM's features (it can learn)."""
+    from preflab.rollout import Samples, left_pad
+
+    tok = models.load_tokenizer("tiny:")
+    torch.manual_seed(0)
+    rm = models.load_scorer("tiny:")
+    rm.config.preflab_reward_gain, rm.config.preflab_reward_bias = 2.0, -0.75
+    rm.config.preflab_reward_model = True
+    models.save_model(rm, tok, tmp_path / "rm")
+    cfg = cfg_for(tmp_path / "run", "models.critic=reward_trunk", f"models.reward_model={tmp_path / 'rm'}")
+    critic = rl_update.load_critic(cfg)
+    trunk = dict(models.load_scorer(str(tmp_path / "rm")).model.named_parameters())
+    for name, a in critic.model.named_parameters():
+        torch.testing.assert_close(a, trunk[name], msg=name)
+    q, qm = left_pad([tok("Hi there", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    r = torch.tensor([tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    s = Samples(q, qm, r, torch.ones_like(r), torch.tensor([True]), ["Hello!"])
+    values = scoring.critic_values(critic, s)
+    assert values.shape == r.shape and not values.detach().any()
+    values.sum().backward()
+    head = scoring.score_module(critic)
+    assert head.weight.grad.abs().sum() > 0 and float(head.bias.grad) == r.shape[1]
+
+
 def test_critic_from_the_rm_starts_as_the_rms_normalised_score(tmp_path):
     """The critic is the RM's trunk with its normalisation applied: its head on a full sequence gives the
     RM's normalised score, so values and returns start in the same units."""

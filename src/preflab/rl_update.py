@@ -41,7 +41,7 @@ from preflab.rl.estimators import (
 from preflab.rl.preference import dpo_loss
 from preflab.rl.stats import conservative_reward
 from preflab.rollout import Samples, response_mask_after_stop
-from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores
+from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores, score_module
 
 RewardFn = Callable[[Samples], torch.Tensor]
 PromptRewards = Callable[[list[dict], list[str]], list[float]]  # rewards.weighted_sum over the configured funcs
@@ -313,5 +313,13 @@ def ensemble_reward(rms: list[nn.Module], how: str, lam: float) -> RewardFn:
 
 def load_critic(cfg: RLConfig) -> nn.Module:
     """The critic initialised from the reward model (InstructGPT), its normalisation folded into the
-    head: on a whole sequence it starts out giving the RM's normalised score, the units of the returns."""
-    return models.apply_reward_norm(models.load_reward_model(cfg.models.reward_model, device=cfg.models.policy.device))
+    head: on a whole sequence it starts out giving the RM's normalised score, the units of the returns.
+    ``models.critic=reward_trunk`` zeroes that head: every value starts at 0, so the first advantages
+    are the returns themselves rather than the returns minus the RM's scores of unfinished answers."""
+    critic = models.apply_reward_norm(models.load_reward_model(cfg.models.reward_model,
+                                                               device=cfg.models.policy.device))
+    if cfg.models.critic == "reward_trunk":
+        with torch.no_grad():
+            for p in score_module(critic).parameters():
+                p.zero_()
+    return critic

@@ -102,10 +102,15 @@ def scalar_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def score_module(model: Any) -> nn.Module:
+    """A sequence-classification model's 1-output head (``score``, or ``classifier``)."""
+    base = unwrap(model)
+    return getattr(base, "score", None) or getattr(base, "classifier", None)
+
+
 def score_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Apply a sequence-classification model's 1-output head: (..., H) -> (...)."""
-    base = unwrap(model)
-    return scalar_head(getattr(base, "score", None) or getattr(base, "classifier", None), hidden)
+    return scalar_head(score_module(model), hidden)
 
 
 def reward_norm(model: Any) -> tuple[float, float]:

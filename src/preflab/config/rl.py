@@ -22,9 +22,11 @@ class RLModels(Section):
     reward_ensemble: list[str] = Field(
         default_factory=list, description="Further reward models (e.g. the same data, other seeds): with any, the "
         "reward is `rewards.ensemble` over all of them (the critic still starts from `reward_model`).")
-    critic: Literal["reward_model", "policy_head"] = Field(
+    critic: Literal["reward_model", "reward_trunk", "policy_head"] = Field(
         "reward_model", description="reward_model: a separate critic initialised from the RM (InstructGPT); "
-                                    "policy_head: a value head on the policy trunk (less memory).")
+                                    "reward_trunk: the RM's trunk with a zero-initialised head (values start "
+                                    "constant, explained variance 0, and learn from the RM's features); "
+                                    "policy_head: a zero-initialised value head on the policy trunk (less memory).")
     reference: str | None = Field(None, description="Reference model (None: the initial policy; with LoRA, "
                                                     "the policy with adapters disabled).")
     frozen_dtype: Literal["fp32", "bf16"] = Field(

@@ -91,7 +91,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
     pol = cfg.models.policy
     lora = loop.lora_options(pol)
     policy = models.load_policy(pol.path, dtype=pol.dtype, device=pol.device, lora=lora, dropout_off=True)
-    critic = load_critic(cfg) if cfg.models.critic == "reward_model" and estimator.needs_critic else None
+    critic = load_critic(cfg) if cfg.models.critic != "policy_head" and estimator.needs_critic else None
     ac = ActorCritic(policy, critic, values=estimator.needs_critic).to(device)
     ac.train()
     reference = None
