@@ -197,9 +197,9 @@ def test_sft_train_uses_response_only_labels(tmp_path, monkeypatch):
         assert "<|im_start|>" not in text  # no prompt or role header is trained on
 
 
-def test_critic_from_the_rms_trunk_starts_at_zero_with_the_rms_features(tmp_path):
-    """models.critic=reward_trunk: the RM's trunk, its head zeroed: every value is 0 (so the first
-    advantages are the returns), and the head's gradient is the RM's features (it can learn)."""
+def _critic_from_a_saved_rm(tmp_path, critic: str):
+    """(critic, the saved RM reloaded, one sample): a tiny RM with gain 2 and bias -0.75 saved, and
+    ``load_critic`` under ``models.critic=critic``; the critic's trunk must equal the saved RM's."""
     from preflab.rollout import Samples, left_pad
 
     tok = models.load_tokenizer("tiny:")
@@ -208,42 +208,32 @@ def test_critic_from_the_rms_trunk_starts_at_zero_with_the_rms_features(tmp_path
     rm.config.preflab_reward_gain, rm.config.preflab_reward_bias = 2.0, -0.75
     rm.config.preflab_reward_model = True
     models.save_model(rm, tok, tmp_path / "rm")
-    cfg = cfg_for(tmp_path / "run", "models.critic=reward_trunk", f"models.reward_model={tmp_path / 'rm'}")
-    critic = rl_update.load_critic(cfg)
-    trunk = dict(models.load_scorer(str(tmp_path / "rm")).model.named_parameters())
-    for name, a in critic.model.named_parameters():
+    cfg = cfg_for(tmp_path / "run", f"models.critic={critic}", f"models.reward_model={tmp_path / 'rm'}")
+    model = rl_update.load_critic(cfg)
+    saved = models.load_scorer(str(tmp_path / "rm"))
+    trunk = dict(saved.model.named_parameters())
+    for name, a in model.model.named_parameters():
         torch.testing.assert_close(a, trunk[name], msg=name)
     q, qm = left_pad([tok("Hi there", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
     r = torch.tensor([tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
-    s = Samples(q, qm, r, torch.ones_like(r), torch.tensor([True]), ["Hello!"])
+    return model, saved, Samples(q, qm, r, torch.ones_like(r), torch.tensor([True]), ["Hello!"])
+
+
+def test_critic_from_the_rms_trunk_starts_at_zero_with_the_rms_features(tmp_path):
+    """models.critic=reward_trunk: the RM's trunk, its head zeroed: every value is 0 (so the first
+    advantages are the returns), and the head's gradient is the RM's features (it can learn)."""
+    critic, _, s = _critic_from_a_saved_rm(tmp_path, "reward_trunk")
     values = scoring.critic_values(critic, s)
-    assert values.shape == r.shape and not values.detach().any()
+    assert values.shape == s.response.shape and not values.detach().any()
     values.sum().backward()
     head = scoring.score_module(critic)
-    assert head.weight.grad.abs().sum() > 0 and float(head.bias.grad) == r.shape[1]
+    assert head.weight.grad.abs().sum() > 0 and float(head.bias.grad) == s.response.shape[1]
 
 
 def test_critic_from_the_rm_starts_as_the_rms_normalised_score(tmp_path):
     """The critic is the RM's trunk with its normalisation applied: its head on a full sequence gives the
     RM's normalised score, so values and returns start in the same units."""
-    from preflab.rollout import Samples, left_pad
-
-    tok = models.load_tokenizer("tiny:")
-    torch.manual_seed(0)
-    rm = models.load_scorer("tiny:")
-    rm.config.preflab_reward_gain, rm.config.preflab_reward_bias = 2.0, -0.75
-    rm_dir = tmp_path / "rm"
-    rm.config.preflab_reward_model = True
-    models.save_model(rm, tok, rm_dir)
-    cfg = cfg_for(tmp_path / "run", "models.critic=reward_model", f"models.reward_model={rm_dir}")
-    critic = rl_update.load_critic(cfg)
-    saved = models.load_scorer(str(rm_dir))
-    trunk = dict(saved.model.named_parameters())
-    for name, a in critic.model.named_parameters():
-        torch.testing.assert_close(a, trunk[name], msg=name)
-    q, qm = left_pad([tok("Hi there", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
-    r = torch.tensor([tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
-    s = Samples(q, qm, r, torch.ones_like(r), torch.tensor([True]), ["Hello!"])
+    critic, saved, s = _critic_from_a_saved_rm(tmp_path, "reward_model")
     with torch.no_grad():
         torch.testing.assert_close(scoring.reward_scores(critic, s, normalise=False),
                                    scoring.reward_scores(saved, s), atol=1e-5, rtol=1e-5)
