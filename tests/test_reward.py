@@ -13,7 +13,7 @@ from preflab import loop, models, scoring
 from preflab.config import RMConfig, load_config
 from preflab.data import rankings
 from preflab.data.chat import render_prompt
-from preflab.errors import DataError
+from preflab.errors import ConfigError, DataError
 from preflab.evals import rm_eval
 from preflab.feedback import ranking_sources
 from preflab.rl import ranking
@@ -386,6 +386,20 @@ def test_lora_trains_the_head_and_saves_merged(tmp_path):
                               init.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # merged adapters
     hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
     assert torch.equal(hf.score.weight, w["score.weight"])
+
+
+def test_frozen_layers_keep_the_embeddings_and_lower_layers_and_train_the_rest(tmp_path):
+    data = write_rankings(tmp_path / "r.jsonl", 8)
+    out = reward.train(rm_cfg(tmp_path, data, "train.frozen_layers=1", "train.batch_prompts=4", "train.max_steps=2"))
+    w, init = model_weights(out), models.load_scorer("tiny:").state_dict()
+    frozen = [k for k in init if k.startswith(("model.embed_tokens.", "model.layers.0."))]
+    trained = [k for k in init if k.startswith("model.layers.1.")]
+    assert frozen and trained
+    assert all(torch.equal(w[k], init[k]) for k in frozen)
+    assert all(not torch.equal(w[k], init[k]) for k in trained if k.endswith("proj.weight"))
+    assert not torch.equal(w["score.weight"], init["score.weight"])
+    with pytest.raises(ConfigError, match="train.frozen_layers: 9 is more than the model's 2 decoder layers"):
+        reward.train(rm_cfg(tmp_path / "too-many", data, "train.frozen_layers=9", "train.max_steps=1"))
 
 
 # ---------------------------------------------------------------------------------------------

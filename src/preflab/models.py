@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from preflab.data.jsonl import atomic_dir, honour_umask
-from preflab.errors import ModelError
+from preflab.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -585,6 +585,21 @@ def wrap_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSA
         modules_to_save=modules_to_save,
     )
     return get_peft_model(model, cfg)
+
+
+def freeze_lower_layers(model: Any, n: int) -> None:
+    """Freeze the token embeddings and the lowest ``n`` decoder layers (``n`` = 0: nothing). Their
+    outputs then need no gradient, so backward stops at layer ``n``."""
+    if n == 0:
+        return
+    from preflab.distributed import decoder_layers
+    from preflab.lm import unwrap
+
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ConfigError(f"train.frozen_layers: {n} is more than the model's {len(layers)} decoder layers")
+    for module in (unwrap(model).get_input_embeddings(), *layers[:n]):
+        module.requires_grad_(False)
 
 
 def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: bool | None = None,

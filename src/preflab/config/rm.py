@@ -49,6 +49,9 @@ class RMTrain(Section):
     grad_accum: int = Field(1, ge=1)
     bf16: bool = True
     gradient_checkpointing: bool = False
+    frozen_layers: int = Field(0, ge=0, description="Keep the token embeddings and the lowest N decoder layers at "
+                                                    "the starting model's weights: no gradient flows below layer N, "
+                                                    "so a step costs less (SmolLM2-135M has 30 layers; 0: train all).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values (same loss, about half the tokens for K = 4); "

@@ -111,6 +111,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     if cfg.model.lora.enabled:
         model = models.wrap_lora(model, loop.lora_options(cfg.model),
                                  task_type="SEQ_CLS", modules_to_save=["score"])
+    models.freeze_lower_layers(model, cfg.train.frozen_layers)
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
     model.train()  # dropout is off in the config (load_scorer); train() only matters for LoRA dropout
