@@ -213,6 +213,24 @@ def test_rollout_metrics_carry_advantage_and_return_statistics(tmp_path, good_to
     assert row["return/std"] > 0
 
 
+def test_prompt_share_is_of_each_prompts_k_samples_and_only_where_k_exceeds_one(tmp_path, good_tokens):
+    import json
+
+    from preflab.rl.stats import between_prompt_share, prompt_variance_sums
+
+    cfg = cfg_for(tmp_path / "rloo", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "train.steps=1",
+                  "kl.coef=0", "kl.adaptive=false")  # no KL term: the sequence reward is the score alone
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
+    rows = [json.loads(line) for line in (tmp_path / "rloo" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in rows][::2] == [r["prompt_index"] for r in rows][1::2]
+    scores = torch.tensor([r["score"] for r in rows])
+    want = between_prompt_share(prompt_variance_sums(scores, 2), 2)
+    assert metrics(cfg)[-1]["objective/prompt_share"] == pytest.approx(want, abs=1e-5)
+    ppo = cfg_for(tmp_path / "ppo", "train.steps=1")
+    rl_stage.train(ppo, reward_fn=letter_reward(good_tokens))
+    assert "objective/prompt_share" not in metrics(ppo)[-1]
+
+
 def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
     """Two reward models: the rollout's score is mean - lambda * std of their (normalised) scores."""
     calls = []

@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from preflab.rl.stats import bootstrap_ci, difference_interval, wilson_interval, win_rate
+import torch
+
+from preflab.rl.stats import (
+    between_prompt_share,
+    bootstrap_ci,
+    difference_interval,
+    prompt_variance_sums,
+    wilson_interval,
+    win_rate,
+)
 
 
 def test_wilson_60_of_100():
@@ -110,3 +119,16 @@ def test_most_uncertain_is_the_largest_first_ties_by_position():
     u = [0.3, 0.9, 0.1, 0.9, 0.5]
     assert most_uncertain(u, 3) == [1, 3, 4]
     assert most_uncertain(u, 10) == [1, 3, 4, 0, 2] and most_uncertain(u, 0) == []
+
+
+def test_between_prompt_share_by_hand_and_summed_over_ranks():
+    # prompts (1, 3) and (5, 7): within-prompt variance 4 / (4 - 2) = 2, total 20 / 3, share 1 - 2 / (20 / 3) = 0.7
+    seq = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    assert between_prompt_share(prompt_variance_sums(seq, 2), 2) == pytest.approx(0.7)
+    halves = prompt_variance_sums(seq[:2], 2) + prompt_variance_sums(seq[2:], 2)  # two ranks, one prompt each
+    assert between_prompt_share(halves, 2) == pytest.approx(0.7)
+    # equal prompt means: the unbiased estimate falls below 0 (1 - 2 / (4 / 3))
+    assert between_prompt_share(prompt_variance_sums(torch.tensor([1.0, 3.0, 1.0, 3.0]), 2), 2) == pytest.approx(-0.5)
+    # the same four numbers as one prompt of k = 4: nothing between prompts to measure
+    assert math.isnan(between_prompt_share(prompt_variance_sums(seq, 4), 4))
+    assert math.isnan(between_prompt_share(prompt_variance_sums(torch.ones(4), 2), 2))

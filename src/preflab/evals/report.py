@@ -46,7 +46,8 @@ PPO_KEYS = ((K.OBJECTIVE_SCORE, "RM score"), (K.OBJECTIVE_KL, "KL to reference (
             (K.RESPONSE_NO_EOS_FRACTION, "no-EOS fraction"), (K.OBJECTIVE_ENTROPY, "sequence entropy (nats)"),
             (K.VALUE_EXPLAINED_VARIANCE, "critic explained variance"), (K.LOSS_VALUE, "value loss"),
             (K.POLICY_CLIPFRAC, "policy clip fraction"), (K.POLICY_APPROXKL, "approx. KL between iterates"),
-            (K.ADVANTAGE_STD, "advantage std"), (K.SELECT_SCORE, "dev score (checkpoint selection)"))
+            (K.ADVANTAGE_STD, "advantage std"), (K.SELECT_SCORE, "dev score (checkpoint selection)"),
+            (K.OBJECTIVE_PROMPT_SHARE, "reward variance between prompts (share)"))
 PPO_RUNS = ("ppo", "ppo_ptx")
 TOP_K = 10
 _MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
@@ -304,7 +305,8 @@ def section_ppo_curves(run: Run) -> str:
     runs = {n: rows for n, rows in run.ppo.items() if rows}
     if not runs:
         return _na("ppo/metrics.jsonl and ppo_ptx/metrics.jsonl are missing")
-    fig, axes = _figure(12, 8.4, ncols=4, nrows=3)
+    nrows = -(-len(PPO_KEYS) // 4)
+    fig, axes = _figure(12, 2.8 * nrows, ncols=4, nrows=nrows)
     flat = [a for row in axes for a in row]
     for ax, (key, label) in zip(flat, PPO_KEYS):
         drawn = False
@@ -320,6 +322,8 @@ def section_ppo_curves(run: Run) -> str:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, f"{key}: not logged", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    for ax in flat[len(PPO_KEYS):]:
+        ax.axis("off")
     missing = [n for n in run.ppo if n not in runs]  # a trained method without curves (not one never trained)
     note = f'<p class="note">{_e(", ".join(missing))}: no metrics.jsonl.</p>' if missing else ""
     return note + _png(fig, "PPO curves")

@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "average_ranks",
-    "spearman","Interval", "WinRate", "bootstrap_ci", "ensemble_spread", "most_uncertain", "win_rate",
+    "spearman","Interval", "WinRate", "between_prompt_share", "bootstrap_ci", "ensemble_spread", "most_uncertain", "prompt_variance_sums", "win_rate",
     "wilson_interval"]
 
 
@@ -103,6 +103,28 @@ def conservative_reward(scores: torch.Tensor, how: str = "mean_minus_std", lam: 
     if how == "min":
         return scores.min(0).values
     raise ValueError(f"unknown ensemble combination {how!r} (mean, mean_minus_std, min)")
+
+
+def prompt_variance_sums(seq: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, sum, sum of squares, within-prompt sum of squares] of ``seq``, k contiguous samples per
+    prompt, in float64: sums that add over ranks before ``between_prompt_share``."""
+    x = seq.detach().double()
+    groups = x.view(-1, k)
+    within = ((groups - groups.mean(1, keepdim=True)) ** 2).sum()
+    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), (x * x).sum(), within])
+
+
+def between_prompt_share(sums: torch.Tensor, k: int) -> float:
+    """The share of a rollout's reward variance that lies between prompts (one-way ANOVA from
+    ``prompt_variance_sums``, k samples per prompt, both variances unbiased): the most of the
+    variance a value that sees only the prompt can explain; the rest differs between samples of
+    one prompt. An estimate: noise can push it slightly below 0. NaN for k < 2 or no spread."""
+    n, s1, s2, within = (float(v) for v in sums)
+    groups = n / k
+    if k < 2 or n < 2:
+        return float("nan")
+    total = (s2 - s1 * s1 / n) / (n - 1)
+    return 1.0 - (within / (n - groups)) / total if total > 0 else float("nan")
 
 
 def ensemble_spread(scores) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ from preflab.errors import ConfigError, DataError
 from preflab.optim import adamw, schedule
 from preflab.rl import AdaptiveKLController, FixedKLController, explained_variance
 from preflab.rl.estimators import ESTIMATORS
+from preflab.rl.stats import between_prompt_share, prompt_variance_sums
 from preflab.rl_update import (
     PtxBatches,
     RewardFn,
@@ -193,6 +194,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                 "objective/non_score_reward": global_mean(batch.non_score_reward.sum(1)),
                 "objective/rlhf_reward": global_mean(batch.scores + batch.non_score_reward.sum(1)),
                 "objective/entropy": global_mean(-batch.logprobs.sum(1)),
+                **({"objective/prompt_share": between_prompt_share(distributed.all_reduce_sum(prompt_variance_sums(
+                    batch.scores + batch.non_score_reward.sum(1), k)), k)} if k > 1 else {}),
                 **stats,
                 **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
                    if estimator.needs_critic else {}),
@@ -208,7 +211,8 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                 * dist.world_size / (t_train - t0),
                 "perf/peak_rss_mb": peak_rss_mb(),
             }
-            loop.ensure_finite([v for k, v in metrics.items() if k != "value/explained_variance"], "metrics", step, run)
+            estimates = ("value/explained_variance", "objective/prompt_share")  # NaN where a rollout has no spread
+            loop.ensure_finite([v for k, v in metrics.items() if k not in estimates], "metrics", step, run)
             kl_ctl.update(kl_mean, n_steps=global_batch * k)
             done = step + 1
             loop.log_step(run, cfg.run.log_every, done, cfg.train.steps, metrics)
