@@ -118,10 +118,10 @@ def between_prompt_share(sums: torch.Tensor, k: int) -> float:
     """The share of a rollout's reward variance that lies between prompts (one-way ANOVA from
     ``prompt_variance_sums``, k samples per prompt, both variances unbiased): the most of the
     variance a value that sees only the prompt can explain; the rest differs between samples of
-    one prompt. An estimate: noise can push it slightly below 0. NaN for k < 2 or no spread."""
+    one prompt. An estimate: noise can push it slightly below 0. NaN for k < 2, one prompt or no spread."""
     n, s1, s2, within = (float(v) for v in sums)
     groups = n / k
-    if k < 2 or n < 2:
+    if k < 2 or groups < 2:  # one prompt: nothing between prompts to measure
         return float("nan")
     total = (s2 - s1 * s1 / n) / (n - 1)
     return 1.0 - (within / (n - groups)) / total if total > 0 else float("nan")
