@@ -355,6 +355,37 @@ def test_labeler_agreement_and_store_source(tmp_path):
         ranking_sources.read_groups(f"store:{tmp_path / 'none.sqlite'}")
 
 
+def test_consensus_ranks_by_the_labelers_mean_tier_and_trains_one_group_per_prompt(tmp_path):
+    G = rankings.Group
+    three = [G("p", ["a", "b", "c", "d"], r, category="c", labeler=n)
+             for r, n in [([0, 1, 2, 3], "ann"), ([0, 2, 1, 3], "bob"), ([1, 0, 2, 3], "cy")]]
+    two = [G("q", ["x", "y", "z"], [0, 1, 2], labeler="ann"), G("q", ["x", "y", "z"], [1, 0, 2], labeler="bob")]
+    once = G("r", ["u", "v"], [1, 0], labeler="ann")
+    out = rankings.consensus([*three, *two, once])
+    # means: p 1/3, 1, 5/3, 3 (a total order); q 1/2, 1/2, 2 (x and y split evenly: a tie)
+    assert [(g.prompt, g.ranks, g.labeler) for g in out] == [("p", [0, 1, 2, 3], "consensus"),
+                                                             ("q", [0, 0, 1], "consensus"), ("r", [1, 0], "ann")]
+    assert out[0].category == "c" and out[1].pairs() == [(0, 2), (1, 2)]
+    # the same responses in another order are another response set: not merged
+    assert len(rankings.consensus([two[0], G("q", ["y", "x", "z"], [0, 1, 2], labeler="bob")])) == 2
+
+    # in the stage: 8 prompts ranked by two labelers each train as 8 groups, held-out ones stay per labeler
+    from preflab.feedback.store import PreferenceStore
+
+    path = tmp_path / "s.sqlite"
+    with PreferenceStore(path) as store:
+        for i in range(10):
+            (pid,) = store.add_prompts([{"text": f"Describe item {i}.", "category": "c"}], split="rm")
+            cids = store.add_candidates(pid, ["zebra apple", "green stone", "river light"])
+            store.add_ranking(pid, cids, [[0], [1], [2]], "ann")
+            store.add_ranking(pid, cids, [[1], [0], [2]], "bob")
+    for labels, n_train in [("each", 16), ("consensus", 8)]:
+        cfg = rm_cfg(tmp_path / labels, f"store:{path}", "data.val_fraction=0.2", f"data.labels={labels}")
+        train, val, _ = ranking_sources.read_train_val(cfg.data, cfg.run.seed)
+        assert len(train) == n_train and len(val) == 4 and {g.labeler for g in val} == {"ann", "bob"}
+    assert all(g.ranks == [0, 0, 1] for g in train)
+
+
 def test_gold_agreement_against_hand_counts():
     """Two labelers rank the same 3 responses (gold 0.9, 0.5, 0.5); a second prompt, one labeler.
     Prompt 1: ann orders a > b > c, bob c > a > b: 6 strict pairs; gold ties b-c, so 4 are decided,

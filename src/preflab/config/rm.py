@@ -29,6 +29,10 @@ class RankingData(Section):
     val_split: str | None = Field("eval", description="Store split for held-out evaluation.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(384, ge=16, description="Token limit of prompt + response.")
+    labels: Literal["each", "consensus"] = Field(
+        "each", description="Training prompts ranked by several labelers: each: every labeler's ranking is its own "
+                            "group (InstructGPT); consensus: one group ranked by the labelers' mean tier (less "
+                            "noise per pair, one group's cost). Held-out rankings stay per labeler.")
 
 
 class RMData(RankingData):

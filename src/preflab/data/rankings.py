@@ -87,6 +87,26 @@ def split_val(groups: list[Group], fraction: float, seed: int) -> tuple[list[Gro
     return [g for g in groups if json.dumps(g.prompt) not in val], [g for g in groups if json.dumps(g.prompt) in val]
 
 
+def consensus(groups: list[Group]) -> list[Group]:
+    """One group per prompt and response set: several labelers' rankings of the same responses
+    become one ranking by their mean tier (equal means tie; a pair the labelers split evenly is a
+    tie and trains nothing). A prompt ranked once stays as it is; order of first appearance."""
+    by: dict[str, list[Group]] = {}
+    for g in groups:
+        by.setdefault(json.dumps([g.prompt, g.responses]), []).append(g)
+    out = []
+    for same in by.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        mean = [sum(g.ranks[i] for g in same) / len(same) for i in range(len(same[0].responses))]
+        tiers = sorted(set(mean))
+        first = same[0]
+        out.append(Group(first.prompt, list(first.responses), [tiers.index(m) for m in mean],
+                         category=first.category, slice=first.slice, labeler="consensus"))
+    return out
+
+
 def encode_pair(tokenizer, prompt: str | list[dict[str, str]], response: str, max_length: int) -> list[int]:
     """Token ids of chat-rendered prompt + response + EOS: the sequence a PPO rollout gives the RM.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from preflab.data.rankings import Group, read_group_file, split_val
+from preflab.data.rankings import Group, consensus, read_group_file, split_val
 from preflab.data.schema import ranks_from_order
 from preflab.errors import DataError
 
@@ -43,11 +43,14 @@ def read_groups(source: str, fmt: str | None = None, split: str | None = None) -
 
 def read_train_val(d: Any, seed: int) -> tuple[list[Group], list[Group], int]:
     """Training and held-out groups of a ``config.RankingData`` section, all-tied rankings dropped:
-    ``d.val`` when given, else ``d.val_fraction`` of the training prompts. Returns (train, val,
+    ``d.val`` when given, else ``d.val_fraction`` of the training prompts; with ``d.labels`` =
+    consensus, one training group per prompt (``data.rankings.consensus``). Returns (train, val,
     number of all-tied training rankings dropped). Every source is parsed before training starts."""
     train = read_groups(d.train, d.format, d.split)
     val = read_groups(d.val, d.format, d.val_split) if d.val else []
     if not d.val:
         train, val = split_val(train, d.val_fraction, seed)
+    if d.labels == "consensus":
+        train = consensus(train)
     kept = [g for g in train if g.pairs()]
     return kept, [g for g in val if g.pairs()], len(train) - len(kept)
