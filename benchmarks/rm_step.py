@@ -16,7 +16,8 @@ The step replicates ``preflab.stages.reward.train`` step 3 call for call: ``coll
 ``train.share_prompt``), ``Scorer`` (trunk once, head at the last real token) under
 ``torch.autocast(cpu, bf16, enabled=bf16)``, ``ranking_loss`` (Eq. 1), ``(total *
 scale).backward()``, ``clip_grad``, AdamW + LambdaLR from ``make_optimizer(RMOptim())``,
-``zero_grad(set_to_none)``. ``--k 4 --prompt-tokens 96`` is the demo's shape (K = 4 rankings,
+``zero_grad(set_to_none)``. ``bf16-half-frozen`` freezes the embeddings and the lower half of
+the decoder layers first, as ``train.frozen_layers`` does (the demo: 15 of 30). ``--k 4 --prompt-tokens 96`` is the demo's shape (K = 4 rankings,
 prompts with the chat template about 96 tokens), where sharing the prompt matters more.
 
 The peer, TRL's ``RewardTrainer``, runs in the same run (fp32 and ``bf16=True, use_cpu=True``,
@@ -49,9 +50,10 @@ PROMPTS, K, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 2, 32, 64
 WARMUP, STEPS = 1, 5
 SMOKE = {"MODEL": common.TINY, "PROMPTS": 2, "PROMPT_TOKENS": 4, "RESPONSE_TOKENS": 8, "WARMUP": 1, "STEPS": 1}
 TARGET_S = 2.5
-# config: (tool, bf16, share prompt)
-CONFIGS = {"fp32": ("preflab", False, True), "bf16": ("preflab", True, True), "bf16-unshared": ("preflab", True, False),
-           "trl-fp32": ("trl", False, False), "trl-bf16": ("trl", True, False)}
+# config: (tool, bf16, share prompt, lower half of the decoder layers frozen: `train.frozen_layers`)
+CONFIGS = {"fp32": ("preflab", False, True, False), "bf16": ("preflab", True, True, False),
+           "bf16-unshared": ("preflab", True, False, False), "bf16-half-frozen": ("preflab", True, True, True),
+           "trl-fp32": ("trl", False, False, False), "trl-bf16": ("trl", True, False, False)}
 
 
 def issue_workload() -> bool:
@@ -71,7 +73,7 @@ def make_groups(vocab: int) -> list[list[list[int]]]:
     return groups
 
 
-def run_preflab(bf16: bool, share: bool, threads: int | None) -> dict:
+def run_preflab(bf16: bool, share: bool, half_frozen: bool, threads: int | None) -> dict:
     import torch
 
     from preflab import models
@@ -87,6 +89,10 @@ def run_preflab(bf16: bool, share: bool, threads: int | None) -> dict:
     groups = [Encoded(rows, list(range(K))) for rows in make_groups(len(tokenizer))]
     torch.manual_seed(0)  # the new score head is random: the same head in every configuration
     model = models.load_scorer(MODEL, dtype="fp32", device="cpu")
+    if half_frozen:  # as the stage does with train.frozen_layers = L / 2
+        from preflab.distributed import decoder_layers
+
+        models.freeze_lower_layers(model, len(decoder_layers(model)) // 2)
     model.train()
     scorer = Scorer(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,12 +157,14 @@ def run_trl(bf16: bool, threads: int | None) -> dict:
 def one(config: str, threads: int | None) -> dict:
     import torch
 
-    tool, bf16, share = CONFIGS[config]
-    res = run_preflab(bf16, share, threads) if tool == "preflab" else run_trl(bf16, threads)
+    tool, bf16, share, half_frozen = CONFIGS[config]
+    res = run_preflab(bf16, share, half_frozen, threads) if tool == "preflab" else run_trl(bf16, threads)
     med = statistics.median(res["times"][WARMUP:])
     label = (f"preflab {'bf16 autocast' if bf16 else 'fp32'}, {'prompt once' if share else 'prompt K times'}"
+             f"{', lower half of the layers frozen' if half_frozen else ''}"
              if tool == "preflab" else f"TRL RewardTrainer {'bf16 autocast' if bf16 else 'fp32'}, C(K,2) pairs")
     return {"config": config, "tool": tool, "label": label, "bf16_autocast": bf16, "share_prompt": share,
+            "lower_half_frozen": half_frozen,
             "s_per_step": med, "pairs_per_s": PROMPTS * (K * (K - 1) // 2) / med,
             "tokens_per_s": res["tokens_per_step"] / med, "tokens_per_step": res["tokens_per_step"],
             "peak_rss_gib": common.peak_rss_gib(), "step_times_s": res["times"], "losses": res["losses"],

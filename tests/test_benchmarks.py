@@ -19,7 +19,7 @@ PEER_STATUS = {"ran", "not installed"}
 # script: (extra args, rows that must run, peer rows that run where installed, slow)
 CASES = {
     "sft_step": (["--threads", "1"], {"fp32", "bf16"}, {"trl-fp32", "trl-bf16"}, False),
-    "rm_step": (["--threads", "1"], {"fp32", "bf16", "bf16-unshared"}, {"trl-fp32", "trl-bf16"}, False),
+    "rm_step": (["--threads", "1"], {"fp32", "bf16", "bf16-unshared", "bf16-half-frozen"}, {"trl-fp32", "trl-bf16"}, False),
     "dpo_step": (["--threads", "1"], {"preflab"}, {"trl"}, False),
     "ppo_step": (["--threads", "1"], {"preflab-e1", "preflab-vhead-e1"}, {"trl-e1"}, False),
     "attention": (["--threads", "1"], {"16 keys", "32 keys"}, set(), False),
