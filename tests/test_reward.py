@@ -451,6 +451,25 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
     assert max_param_diff(wa, wb) < 2e-6
 
 
+def test_a_steps_micro_batches_are_cut_from_its_examples_sorted_by_length(tmp_path, monkeypatch):
+    """Global batch 8 as 4 micro-batches of 2: the step's 8 rankings, shortest first, so each
+    micro-batch pads to its own longest; the weights equal one micro-batch of 8 (test above)."""
+    from preflab.data.order import step_indices
+
+    data = write_mixed(tmp_path / "m.jsonl")
+    seen, real = [], reward.collate_groups
+    monkeypatch.setattr(reward, "collate_groups", lambda part, *a, **k: seen.append(part) or real(part, *a, **k))
+    reward.train(rm_cfg(tmp_path, data, "train.batch_prompts=2", "train.grad_accum=4", "train.max_steps=1"))
+    assert [len(part) for part in seen] == [2, 2, 2, 2]
+    widths = [max(map(len, e.ids)) for part in seen for e in part]
+    assert widths == sorted(widths) and len(set(widths)) > 1
+    tokenizer = models.load_tokenizer("tiny:")
+    groups = ranking_sources.read_groups(str(data))
+    encoded = rankings.encode_groups(tokenizer, groups, 96)
+    step = [encoded[i] for i in step_indices(0, len(encoded), 8, 0)]
+    assert sorted(map(str, step)) == sorted(str(e) for part in seen for e in part)
+
+
 def test_shared_prompt_training_equals_full_sequences_and_checkpointing_falls_back(tmp_path):
     """Two steps with the prompt run once (the default), with it run K times, and under gradient
     checkpointing (which drops the cache, so the stage uses full sequences) reach the same weights."""

@@ -9,7 +9,7 @@ that trainer knows (its collation, its normaliser, the loss of a batch), then it
     total = loop.total_steps(len(train), global_batch, cfg.train.epochs, cfg.train.max_steps, source)
     module = loop.wrap(LossModule(model), cfg.train)           # DDP or FSDP on several ranks
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
-    steps = loop.Steps(train, global_batch, micro, collate=..., count=..., batch_loss=...)
+    steps = loop.Steps(train, global_batch, micro, collate=..., count=..., batch_loss=..., length=...)
     last = loop.run_steps(ctx, cfg, steps, model=model, module=module, optimizer=optimizer,
                           scheduler=scheduler, start=start, total=total, validate=..., best=...)
     loop.export(model, tokenizer, out, ctx)                     # rank 0 saves, every rank waits
@@ -225,7 +225,11 @@ class Steps(Generic[Batch, S]):
       tokens for SFT, prompts for the RM and DPO); the loop sums it over the ranks;
     - ``batch_loss(batch) -> (loss_sum, sums)``: the batch's loss summed over its normalisation
       units (the loop scales it by ranks / global count and runs backward; the batch is still on
-      the CPU), and its ``StepSums``.
+      the CPU), and its ``StepSums``;
+    - ``length(example) -> int``: its padded width (the longest sequence). A rank's share of a
+      step is sorted by it before it is cut into micro-batches, so each micro-batch pads to its
+      own longest example: the same examples, loss and gradient (a sum), fewer padding tokens
+      when a step has several micro-batches (``grad_accum`` > 1).
     """
 
     examples: Sequence[Any]
@@ -234,6 +238,7 @@ class Steps(Generic[Batch, S]):
     collate: Callable[[list[Any]], Batch]
     count: Callable[[list[Batch]], int | torch.Tensor]
     batch_loss: Callable[[Batch], tuple[torch.Tensor, S]]
+    length: Callable[[Any], int]
 
 
 def run_steps(ctx: Context, cfg: Any, steps: Steps, *, model: torch.nn.Module, module: torch.nn.Module,
@@ -262,7 +267,7 @@ def run_steps(ctx: Context, cfg: Any, steps: Steps, *, model: torch.nn.Module, m
         for step in range(start, total):
             t0 = time.perf_counter()
             idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed)
-            mine = rank_slice(idx, dist.rank, dist.world_size)
+            mine = sorted(rank_slice(idx, dist.rank, dist.world_size), key=lambda i: steps.length(steps.examples[i]))
             batches = [steps.collate([steps.examples[i] for i in mine[j:j + micro]]) for j in range(0, len(mine), micro)]
             # Normalise by the step's global count: exact under accumulation and ranks (DDP
             # averages gradients, hence the world_size factor).

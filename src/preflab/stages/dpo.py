@@ -125,7 +125,8 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
 
     steps = loop.Steps(train_ex, global_batch, cfg.train.batch_prompts,
                        collate=lambda part: collate_ranked(part, pad_id, share_prefix=share),
-                       count=lambda batches: sum(len(b["ranks"]) for b in batches), batch_loss=train_loss)
+                       count=lambda batches: sum(len(b["ranks"]) for b in batches), batch_loss=train_loss,
+                       length=lambda e: max(map(len, e.ids)))
     loop.run_steps(ctx, cfg, steps, model=model, module=fn, optimizer=optimizer, scheduler=scheduler, start=start,
                    total=total_steps, validate=lambda step: loop.Validation(held_out(step)), validate_last=False,
                    progress=("train/loss", "train/rewards/accuracy", "val/kl"))

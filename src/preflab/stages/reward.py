@@ -143,7 +143,7 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
         return loop.Validation({"rm/accuracy": rep["accuracy"], "rm/loss": rep["loss"]}, loss=rep["loss"])
 
     steps = loop.Steps(train_ex, global_batch, micro, collate=lambda part: collate_groups(part, pad_id, share_prefix=share),
-                       count=untied_prompts, batch_loss=batch_loss)
+                       count=untied_prompts, batch_loss=batch_loss, length=lambda e: max(map(len, e.ids)))
     loop.run_steps(ctx, cfg, steps, model=model, module=scorer, optimizer=optimizer, scheduler=scheduler, start=start,
                    total=total_steps, validate=validate if val_ex else None, validate_last=False, best=best,
                    progress=("train/loss", "train/accuracy", "rm/accuracy"))

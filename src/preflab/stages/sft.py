@@ -116,7 +116,7 @@ def train(cfg: SFTConfig, resume: bool = False) -> Path:
         return loop.Validation({"val/loss": val}, loss=val)
 
     steps = loop.Steps(train_ex, global_batch, micro, collate=lambda part: collate(part, tokenizer.pad_token_id),
-                       count=response_tokens, batch_loss=batch_loss)
+                       count=response_tokens, batch_loss=batch_loss, length=lambda e: len(e.input_ids))
     last = loop.run_steps(ctx, cfg, steps, model=model, module=loss_fn, optimizer=optimizer, scheduler=scheduler,
                           start=start, total=total_steps, validate=validate if val_ex else None, best=best,
                           progress=("train/loss", "val/loss", "perf/tokens_per_s"))
