@@ -155,7 +155,8 @@ class PipelineConfig(Section):
                                  "data": {"max_length": 320}},
         description="Overrides of the SFT config.")
     rm: dict[str, Any] = Field(
-        default_factory=lambda: {"train": {"batch_prompts": 8}, "optim": {"lr": 5e-5}, "data": {"max_length": 320}},
+        default_factory=lambda: {"train": {"batch_prompts": 2, "grad_accum": 4}, "optim": {"lr": 5e-5},
+                                 "data": {"max_length": 320}},
         description="Overrides of the RM config (lr 5e-5, not InstructGPT's 9e-6: 30 steps, not thousands).")
     rl_stage: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"steps": 15}, "rollout": {"batch_size": 16, "max_new_tokens": 128},

@@ -120,10 +120,11 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.optim, total_steps)
     start = run.resume_training(model, optimizer, scheduler) if resume else 0
+    score_batch = 4 * cfg.train.batch_prompts * cfg.train.grad_accum  # sequences per no-grad scoring pass
 
     def held_out(ex: list[Encoded], groups: list[Group]) -> dict[str, Any]:
         with distributed.gathered(scorer):
-            scores = score_groups(model, ex, pad_id, batch_size=cfg.train.batch_prompts * 4, bf16=bf16, shard=True)
+            scores = score_groups(model, ex, pad_id, batch_size=score_batch, bf16=bf16, shard=True)
         return evaluate(groups, scores, n_bins=cfg.eval.n_bins, temperature_scaling=cfg.eval.temperature_scaling,
                         worst_k=cfg.eval.worst_k, seed=cfg.run.seed)
 
@@ -170,8 +171,8 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     pool = val_ex or train_ex  # "held-out policy samples": every response of the held-out rankings
     with distributed.gathered(scorer):
         demo_raw = score_ids(model, [encode_pair(tokenizer, p, r, d.max_length) for p, r in demos], pad_id,
-                             batch_size=micro * 4, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
-        policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=micro * 4, bf16=bf16,
+                             batch_size=score_batch, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
+        policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=score_batch, bf16=bf16,
                                shard=True) if cfg.norm.policy_gain_bias else []
     gain, bias = normalisation(demo_raw, policy_raw, demos_mean_zero=cfg.norm.demos_mean_zero,
                                policy_gain_bias=cfg.norm.policy_gain_bias)
