@@ -48,6 +48,8 @@ from preflab.run import GeneratorState, Progress, peak_rss_mb
 from preflab.scoring import ActorCritic
 from preflab.selection import Selection
 
+ESTIMATES = ("value/explained_variance", "objective/prompt_share")  # NaN where a rollout has no spread
+
 
 def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None) -> Path:
     """Run the online RL stage as configured (PPO(-ptx), RLOO, GRPO, ...); returns the saved policy directory.
@@ -187,15 +189,17 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
             # 7. KL control on this rollout's KL; metrics over every rank's rollouts.
             seq_kl = batch.kl.sum(1)
             kl_mean = global_mean(seq_kl)
+            seq_reward = batch.scores + batch.non_score_reward.sum(1)  # score - beta * KL per episode
+            prompt_share = ({"objective/prompt_share": between_prompt_share(
+                distributed.all_reduce_sum(prompt_variance_sums(seq_reward, k)), k)} if k > 1 else {})
             metrics = {
                 "objective/kl": kl_mean,
                 "objective/kl_coef": kl_ctl.value,
                 "objective/score": global_mean(batch.scores),
                 "objective/non_score_reward": global_mean(batch.non_score_reward.sum(1)),
-                "objective/rlhf_reward": global_mean(batch.scores + batch.non_score_reward.sum(1)),
+                "objective/rlhf_reward": global_mean(seq_reward),
                 "objective/entropy": global_mean(-batch.logprobs.sum(1)),
-                **({"objective/prompt_share": between_prompt_share(distributed.all_reduce_sum(prompt_variance_sums(
-                    batch.scores + batch.non_score_reward.sum(1), k)), k)} if k > 1 else {}),
+                **prompt_share,
                 **stats,
                 **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
                    if estimator.needs_critic else {}),
@@ -211,8 +215,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                 * dist.world_size / (t_train - t0),
                 "perf/peak_rss_mb": peak_rss_mb(),
             }
-            estimates = ("value/explained_variance", "objective/prompt_share")  # NaN where a rollout has no spread
-            loop.ensure_finite([v for k, v in metrics.items() if k not in estimates], "metrics", step, run)
+            loop.ensure_finite([v for k, v in metrics.items() if k not in ESTIMATES], "metrics", step, run)
             kl_ctl.update(kl_mean, n_steps=global_batch * k)
             done = step + 1
             loop.log_step(run, cfg.run.log_every, done, cfg.train.steps, metrics)
