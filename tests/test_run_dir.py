@@ -140,6 +140,29 @@ def test_two_writers_started_together_one_is_refused(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_a_holder_that_has_not_written_its_pid_yet_is_waited_for(tmp_path):
+    """The window between another process's flock and its pid line: the refused process waits for
+    the line (up to 2 s) and names the pid; a holder that never writes one is named as such."""
+    out = tmp_path / "run"
+    out.mkdir()
+    code = ("import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\ntime.sleep(float(sys.argv[2]))\n"
+            "f.write(f'pid {os.getpid()} on here\\n'); f.flush()\ntime.sleep(30)\n")
+    for delay, named in ((0.5, True), (60, False)):
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, "-c", code, str(out / LOCK_FILE), str(delay)],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "locked"
+            with pytest.raises(PreflabError) as e:
+                lock_run_dir(out)
+            want = f"in use by pid {p.pid} on here" if named else "in use by a process that has not written its pid"
+            assert want in str(e.value)
+        finally:
+            p.kill()
+            p.wait()
+
+
 # -- 8. an output path that is a file ------------------------------------------------------------
 
 

@@ -293,6 +293,18 @@ def make_dir(path: Path) -> None:
         raise PreflabError(f"{path}: cannot create the directory ({e.strerror}: {e.filename})") from None
 
 
+def _read_holder(f, wait_s: float = 2.0) -> str:
+    """The holder's line from a lock file held by another process. The holder writes it just after it
+    takes the lock, so a process refused in between waits up to ``wait_s`` for it to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        holder = f.read().strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "a process that has not written its pid yet"
+        time.sleep(0.01)
+
+
 def lock_run_dir(path: str | os.PathLike) -> None:
     """Create ``path`` if needed and take an exclusive lock on ``path/.lock`` (``fcntl.flock``),
     held until ``unlock_run_dir`` or the end of the process (a killed holder releases it). Another
@@ -308,8 +320,7 @@ def lock_run_dir(path: str | os.PathLike) -> None:
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its pid yet"
+        holder = _read_holder(f)
         f.close()
         raise PreflabError(f"{path} is in use by {holder} (it holds {path / LOCK_FILE}); wait for it to end "
                            "or choose another directory") from None
