@@ -83,7 +83,16 @@ def test_label_by_keyboard_then_admin_sees_it(server, driver, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
     wait = WebDriverWait(driver, 15)
-    text = lambda el_id: driver.find_element(By.ID, el_id).text  # noqa: E731
+
+    # Each read is one script call: the admin page re-renders every 5 s, and an element found in
+    # one call could be replaced before the next one reads it.
+    def text(el_id):
+        return driver.execute_script(
+            "const e = document.getElementById(arguments[0]); return e ? e.innerText.trim() : null", el_id)
+
+    def cells(css):
+        return driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText.trim())", css)
 
     def keys(*ks):
         ActionChains(driver).send_keys(*ks).perform()
@@ -104,7 +113,7 @@ def test_label_by_keyboard_then_admin_sees_it(server, driver, tmp_path):
     shot("login.png")
     log_in(tokens["boss"], "/admin")
     wait.until(lambda d: text("p-done") == "4")
-    assert text("p-skipped") == "0" and "-" in driver.find_element(By.ID, "slice-all").text
+    assert text("p-skipped") == "0" and "-" in text("slice-all")
     shot("admin-before.png")
     driver.find_element(By.ID, "logout").click()
     wait.until(lambda d: d.current_url == url + "/login")
@@ -120,7 +129,7 @@ def test_label_by_keyboard_then_admin_sees_it(server, driver, tmp_path):
         task_id = text("task-id")
         seen.append(int(task_id))
         keys(*ks)
-        ranks = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".card .rank")]
+        ranks = cells(".card .rank")
         assert "unranked" not in ranks, ranks
         if i == 1:
             assert ranks == ["rank 1", "rank 1", "rank 2", "rank 3"]
@@ -156,10 +165,9 @@ def test_label_by_keyboard_then_admin_sees_it(server, driver, tmp_path):
     assert text("p-skipped") == "1"
     a = expected["agreement"]["all"]
     assert a["groups"] == 3 and a["pairwise"] is not None
-    cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#slice-all td")]
-    assert cells == ["all", "3", _fmt(a["pairwise"]), str(a["pairs"]), _fmt(a["krippendorff_alpha"]),
+    assert cells("#slice-all td") == ["all", "3", _fmt(a["pairwise"]), str(a["pairs"]), _fmt(a["krippendorff_alpha"]),
                      _fmt(a["loo_majority"])]
     driver.set_window_size(1400, 2200)  # the whole page in the screenshot
-    alice = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#labeler-alice td")]
+    alice = cells("#labeler-alice td")
     assert alice[:3] == ["alice", "3", "1"] and alice[6] != "-"
     shot("admin-after.png")

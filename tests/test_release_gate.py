@@ -124,12 +124,9 @@ def test_parse_choice():
 def test_openai_judge_asks_both_orders_and_cancels_position_bias(tmp_path):
     """A judge that always answers "A" (pure position bias) gives ties, never wins; one that
     prefers the longer response gives the longer side the win in both orders."""
-    import threading
-
-    import uvicorn
     from fastapi import FastAPI, Request
 
-    from helpers import free_port
+    from preflab.release.fake import ThreadServer
 
     seen: list[str] = []
     app = FastAPI()
@@ -147,46 +144,25 @@ def test_openai_judge_asks_both_orders_and_cancels_position_bias(tmp_path):
             answer = "A" if len(a) > len(b) else "B"
         return {"choices": [{"message": {"role": "assistant", "content": answer}}]}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    import time
-
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with ThreadServer(app) as server:
+        url = server.url
         vc, vi = pairwise_votes(Judge(kind="openai", model="biased", url=url), ["p1", "p2"], ["long answer", "x"],
                                 ["short", "much longer answer"])
         assert (vc, vi) == ([1, 1], [1, 1]) and len(seen) == 4
         vc, vi = pairwise_votes(Judge(kind="openai", model="length", url=url), ["p1", "p2"], ["long answer", "x"],
                                 ["short", "much longer answer"])
         assert (vc, vi) == ([2, 0], [0, 2])
-    finally:
-        server.should_exit = True
-        t.join(5)
 
 
 def test_own_prompts_with_a_local_serve_judge(tmp_path):
     """The win-rate on a user's prompts from a real `preflab serve` (tiny model) as the judge."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from helpers import free_port
+    from preflab.release.fake import ThreadServer
     from preflab.release.serve import LocalModel, build_app
 
     local = LocalModel("tiny:7", name="judge", max_new_tokens=3, max_prompt_tokens=4096)
     app = build_app(local)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
+    with ThreadServer(app) as server:
+        port = server.port
         prompts = tmp_path / "mine.jsonl"
         prompts.write_text('{"id": "a", "prompt": "Name a colour."}\n{"id": "b", "prompt": "Count to three."}\n')
         policy = _policy(tmp_path, f"judge: {{kind: openai, model: judge, url: 'http://127.0.0.1:{port}'}}\n")
@@ -197,9 +173,6 @@ def test_own_prompts_with_a_local_serve_judge(tmp_path):
         win = next(v for v in report["criteria"] if v["name"] == "win_rate")
         assert "pairwise openai judge judge, both orders" in win["detail"] and "of 2" in win["detail"]
         assert app.state.requests == 4  # 2 prompts x both orders
-    finally:
-        server.should_exit = True
-        t.join(5)
 
 
 def test_ai_labeler_judge_is_symmetric_in_the_two_sides():

@@ -103,7 +103,7 @@ def test_load_share_stickiness_logging_feedback_queue(tmp_path, two):
             list(pool.map(one, range(300)))
         db = _db(cfg)
         assert wait_for(lambda: db.execute("SELECT COUNT(*) FROM route_feedback WHERE negative = 1 AND task_id IS NULL"
-                                        ).fetchone()[0] == 0)
+                                        ).fetchone()[0] == 0, 60)
     rows = db.execute("SELECT id, user, backend, status, latency_ms, model_version, response FROM route_exchanges"
                       ).fetchall()
     assert len(rows) == 300 and {r["id"] for r in rows} == {a[0] for a in acked}

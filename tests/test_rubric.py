@@ -138,9 +138,9 @@ def test_judge_throughput(suite):
     rows += [{"id": p.id, "response": "The the the the the the the the the."} for p in suite[:1000]]
     by_id = {p.id: p for p in suite}
     judge_batch(by_id, rows[:50])  # warm up
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a descheduled test on a busy machine does not count
     judge_batch(by_id, rows)
-    rate = len(rows) / (time.perf_counter() - t0)
+    rate = len(rows) / max(time.process_time() - t0, 1e-9)
     assert rate >= 2000, rate  # loose bound; the CLI prints the real number (~15-30k/s)
 
 

@@ -148,7 +148,7 @@ def test_a_holder_that_has_not_written_its_pid_yet_is_waited_for(tmp_path):
     code = ("import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\ntime.sleep(float(sys.argv[2]))\n"
             "f.write(f'pid {os.getpid()} on here\\n'); f.flush()\ntime.sleep(30)\n")
-    for delay, named in ((0.5, True), (60, False)):
+    for delay, named in ((0.2, True), (60, False)):
         (out / LOCK_FILE).unlink(missing_ok=True)
         p = subprocess.Popen([sys.executable, "-c", code, str(out / LOCK_FILE), str(delay)],
                              stdout=subprocess.PIPE, text=True)

@@ -277,12 +277,12 @@ def busy_cores_of_others(window: float = 0.1) -> float:
 
     try:
         hz = os.sysconf("SC_CLK_TCK")
-        b0, s0 = total_busy(), sum(os.times()[:2])
+        b0, s0, t0 = total_busy(), sum(os.times()[:2]), time.monotonic()
         time.sleep(window)
-        b1, s1 = total_busy(), sum(os.times()[:2])
+        b1, s1, t1 = total_busy(), sum(os.times()[:2]), time.monotonic()
     except (OSError, ValueError):
         return 0.0
-    return max(0.0, ((b1 - b0) / hz - (s1 - s0)) / window)
+    return max(0.0, ((b1 - b0) / hz - (s1 - s0)) / max(t1 - t0, window))  # a late wake-up is a longer window
 
 
 _WARNED_BUSY = False
