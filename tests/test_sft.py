@@ -66,9 +66,11 @@ def test_prompt_labels_do_not_change_the_loss():
     assert n3 > n
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
-    a = tiny_cfg(tmp_path / "a", "train.batch_size=8", "train.grad_accum=1", "train.max_steps=2") if (tmp_path / "a").mkdir() is None else None
-    b = tiny_cfg(tmp_path / "b", "train.batch_size=1", "train.grad_accum=8", "train.max_steps=2") if (tmp_path / "b").mkdir() is None else None
+@pytest.mark.parametrize("groups", [0, 2])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, groups):
+    g = f"train.length_groups={groups}"
+    a = tiny_cfg(tmp_path / "a", "train.batch_size=8", "train.grad_accum=1", "train.max_steps=2", g) if (tmp_path / "a").mkdir() is None else None
+    b = tiny_cfg(tmp_path / "b", "train.batch_size=1", "train.grad_accum=8", "train.max_steps=2", g) if (tmp_path / "b").mkdir() is None else None
     wa, wb = model_weights(sft.train(a)), model_weights(sft.train(b))
     init = model_weights(models.resolve("tiny:"))
     assert max_param_diff(wa, init) > 1e-4  # it trained

@@ -257,16 +257,19 @@ def run_steps(ctx: Context, cfg: Any, steps: Steps, *, model: torch.nn.Module, m
     ``train.eval_every`` steps ``validate(step)`` joins the row and offers its loss to ``best``
     (at the last step only with ``validate_last``: a trainer whose final pass comes after the loop
     says False); a checkpoint every ``run.save_every`` steps and after the last. ``cfg``: the
-    stage's config (``run``, ``train.bf16``, ``train.eval_every``, ``optim.max_grad_norm``).
+    stage's config (``run``, ``train.bf16``, ``train.eval_every``, ``train.length_groups``,
+    ``optim.max_grad_norm``).
     """
     run, dist = ctx.run, ctx.dist
     params = [p for p in model.parameters() if p.requires_grad]
     micro, every = steps.micro_batch, cfg.train.eval_every
+    group = cfg.train.length_groups
+    lengths = [steps.length(e) for e in steps.examples] if group > 1 else None
     last: dict[str, Any] = {}
     with Progress(total, run.stage, enabled=cfg.run.progress and dist.is_main, start=start, keys=progress) as bar:
         for step in range(start, total):
             t0 = time.perf_counter()
-            idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed)
+            idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed, lengths, group)
             mine = sorted(rank_slice(idx, dist.rank, dist.world_size), key=lambda i: steps.length(steps.examples[i]))
             batches = [steps.collate([steps.examples[i] for i in mine[j:j + micro]]) for j in range(0, len(mine), micro)]
             # Normalise by the step's global count: exact under accumulation and ranks (DDP

@@ -103,6 +103,9 @@ PARALLEL_HELP = ("How several ranks (torchrun) share the model: ddp keeps a full
                  "shards weights, gradients and optimizer state over the ranks (FSDP2, one unit per decoder "
                  "layer; bf16 then means bf16 weights in compute with fp32 gradient reduction). One process: no "
                  "effect. docs/scale-out.md")
+LENGTH_GROUPS_HELP = ("Steps per length group: the examples of each run of N steps are sorted by length and cut "
+                      "into steps again, taken in random order, so a step pads less (same examples each epoch; "
+                      "0: plain random steps).")
 
 
 def check_select_best(data: Any, train: Any) -> None:
@@ -224,4 +227,4 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 def dump_config(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
-__all__ = ["RecipeInputs", "Section", "LoraSection", "ModelSection", "OptimSection", "RunSection", "PARALLEL_HELP", "check_select_best", "deep_merge", "parse_override", "apply_overrides", "format_validation_error", "validate", "load_yaml", "load_config", "dump_config"]
+__all__ = ["RecipeInputs", "Section", "LoraSection", "ModelSection", "OptimSection", "RunSection", "PARALLEL_HELP", "LENGTH_GROUPS_HELP", "check_select_best", "deep_merge", "parse_override", "apply_overrides", "format_validation_error", "validate", "load_yaml", "load_config", "dump_config"]

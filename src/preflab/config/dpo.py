@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preflab.config.base import PARALLEL_HELP, ModelSection, OptimSection, RecipeInputs, RunSection, Section
+from preflab.config.base import (
+    LENGTH_GROUPS_HELP,
+    PARALLEL_HELP,
+    ModelSection,
+    OptimSection,
+    RecipeInputs,
+    RunSection,
+    Section,
+)
 from preflab.config.rm import RankingData
 
 
@@ -49,6 +57,7 @@ class DPOTrain(Section):
     bf16: bool = True
     gradient_checkpointing: bool = False
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
+    length_groups: int = Field(0, ge=0, description=LENGTH_GROUPS_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values; ignored under gradient_checkpointing.")
     eval_every: int = Field(0, ge=0, description="Held-out metrics every N steps (0: at the end only).")

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from preflab.config.base import (
+    LENGTH_GROUPS_HELP,
     PARALLEL_HELP,
     ModelSection,
     OptimSection,
@@ -57,6 +58,7 @@ class RMTrain(Section):
                                                     "the starting model's weights: no gradient flows below layer N, "
                                                     "so a step costs less (SmolLM2-135M has 30 layers; 0: train all).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
+    length_groups: int = Field(0, ge=0, description=LENGTH_GROUPS_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
                                                  "values (same loss, about half the tokens for K = 4); "
                                                  "ignored under gradient_checkpointing.")

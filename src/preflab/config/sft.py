@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from preflab.config.base import (
+    LENGTH_GROUPS_HELP,
     PARALLEL_HELP,
     ModelSection,
     OptimSection,
@@ -32,6 +33,7 @@ class SFTTrain(Section):
     bf16: bool = Field(True, description="bf16 autocast (fp32 master weights and optimizer state).")
     gradient_checkpointing: bool = Field(False)
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
+    length_groups: int = Field(0, ge=0, description=LENGTH_GROUPS_HELP)
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end only).")
     select_best: bool = Field(False, description="Export the weights with the lowest validation loss (checked "
                                                  "every eval_every steps and at the end) instead of the last.")
