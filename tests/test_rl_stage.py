@@ -232,7 +232,8 @@ def test_prompt_share_is_of_each_prompts_k_samples_and_only_where_k_exceeds_one(
 
 
 def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
-    """Two reward models: the rollout's score is mean - lambda * std of their (normalised) scores."""
+    """Two reward models: the rollout's score is mean - lambda * std of their (normalised) scores,
+    and their spread is logged as objective/rm_std (absent with one RM)."""
     calls = []
 
     def fake_scores(rm, s):
@@ -244,10 +245,20 @@ def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load_reward_model", lambda path, **kw: loaded.append(path) or torch.nn.Identity())
     cfg = cfg_for(tmp_path, "models.reward_ensemble=[rm-b]", "rewards.ensemble_lambda=0.5", "train.steps=1",
                   "models.critic=policy_head")
-    fn = rl_update.ensemble_reward([torch.nn.Identity(), torch.nn.Identity()], "mean_minus_std", 0.5)
+    fn = rl_update.ensemble_reward([torch.nn.Identity(), torch.nn.Identity()])
     from types import SimpleNamespace
 
-    assert fn(SimpleNamespace(response=torch.zeros(4, 2))).tolist() == [1.5] * 4  # mean 2, std 1
+    assert fn(SimpleNamespace(response=torch.zeros(4, 2))).tolist() == [[1.0] * 4, [3.0] * 4]  # each member's
     rl_stage.train(cfg)
     assert loaded == ["tiny:", "rm-b"]
-    assert metrics(cfg)[-1]["objective/score"] == pytest.approx(1.5, abs=1e-6)  # the tiny config has no EOS penalty
+    row = metrics(cfg)[-1]
+    assert row["objective/score"] == pytest.approx(1.5, abs=1e-6)  # mean 2 - 0.5 x std 1; no EOS penalty here
+    assert row["objective/rm_std"] == pytest.approx(1.0, abs=1e-6)
+    for how, want in (("mean", 2.0), ("min", 1.0)):
+        other = cfg_for(tmp_path / how, "models.reward_ensemble=[rm-b]", f"rewards.ensemble={how}", "train.steps=1",
+                        "models.critic=policy_head")
+        rl_stage.train(other)
+        assert metrics(other)[-1]["objective/score"] == pytest.approx(want, abs=1e-6)
+    single = cfg_for(tmp_path / "one", "train.steps=1", "models.critic=policy_head")
+    rl_stage.train(single)
+    assert "objective/rm_std" not in metrics(single)[-1]

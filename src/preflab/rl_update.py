@@ -43,7 +43,7 @@ from preflab.rl.stats import conservative_reward
 from preflab.rollout import Samples, response_mask_after_stop
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores, score_module
 
-RewardFn = Callable[[Samples], torch.Tensor]
+RewardFn = Callable[[Samples], torch.Tensor]  # (B,) scores, or an ensemble's (members, B)
 PromptRewards = Callable[[list[dict], list[str]], list[float]]  # rewards.weighted_sum over the configured funcs
 
 
@@ -67,6 +67,7 @@ class Scored:
     non_score_reward: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    member_std: torch.Tensor | None = None  # (B,) the RM ensemble's spread (population std), if any
 
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
@@ -93,7 +94,8 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
                   prompt_rewards: PromptRewards | None = None, rows: list[dict] | None = None) -> Scored:
     """4. score (old log-probs and values in one pass, reference, reward) and 5. advantages.
 
-    The score is ``rewards.rm_weight`` x the RM (``reward_fn``) plus the configured reward
+    The score is ``rewards.rm_weight`` x the RM (``reward_fn``; an ensemble's member scores are
+    combined by ``rewards.ensemble``, their spread kept as ``member_std``) plus the configured reward
     functions (``prompt_rewards`` of each episode's prompt row in ``rows``); then the EOS penalty.
     """
     r = cfg.rollout
@@ -111,10 +113,14 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         scored = Samples(samples.query, samples.query_mask, samples.response,
                          samples.response_mask * tmask, samples.ended | hit, samples.texts)
         ended = scored.ended
-    scores = torch.zeros(len(samples.texts), device=device)
+    scores, member_std = torch.zeros(len(samples.texts), device=device), None
     if reward_fn is not None and cfg.rewards.rm_weight:
         with autocast:
-            scores = cfg.rewards.rm_weight * reward_fn(scored).float()
+            rm = reward_fn(scored).float()
+        if rm.dim() == 2:  # an ensemble's (members, B) scores: combined as rewards.ensemble says
+            member_std = rm.std(0, unbiased=False)
+            rm = conservative_reward(rm, cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)
+        scores = cfg.rewards.rm_weight * rm
     if prompt_rewards is not None:
         scores = scores + torch.tensor(prompt_rewards(rows, scored.texts), dtype=torch.float32, device=device)
     if r.missing_eos_penalty is not None:
@@ -129,7 +135,7 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
     values = values * mask
     advantages, returns = estimate_advantages(cfg, rewards, values, mask, scores=scores, kl=kl, beta=beta)
     return Scored(samples, mask, logprobs * mask, ref_logprobs * mask, values, scores, kl, rewards,
-                  rw.non_score_reward, advantages, returns)
+                  rw.non_score_reward, advantages, returns, member_std)
 
 
 def estimate_advantages(cfg: RLConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
@@ -303,12 +309,12 @@ def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
-def ensemble_reward(rms: list[nn.Module], how: str, lam: float) -> RewardFn:
-    """The reward of one RM, or ``rl.stats.conservative_reward`` over several (each normalised by
-    its own stored gain and bias first)."""
+def ensemble_reward(rms: list[nn.Module]) -> RewardFn:
+    """The (B,) scores of one RM, or the (M, B) scores of several, each normalised by its own stored
+    gain and bias (``score_rollout`` combines them: ``rl.stats.conservative_reward``)."""
     if len(rms) == 1:
         return lambda s: reward_scores(rms[0], s)
-    return lambda s: conservative_reward(torch.stack([reward_scores(rm, s).float() for rm in rms]), how, lam)
+    return lambda s: torch.stack([reward_scores(rm, s).float() for rm in rms])
 
 
 def load_critic(cfg: RLConfig) -> nn.Module:

@@ -107,8 +107,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
     if reward_fn is None and cfg.rewards.rm_weight:
         reward_fn = ensemble_reward([models.load_reward_model(path, dtype=cfg.models.frozen_dtype, device=pol.device)
                                      .eval().requires_grad_(False)
-                                     for path in (cfg.models.reward_model, *cfg.models.reward_ensemble)],
-                                    cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)
+                                     for path in (cfg.models.reward_model, *cfg.models.reward_ensemble)])
 
     # Sampling needs every weight: under FSDP the engine snapshots the shards each rollout (a
     # weightless copy of the policy, built before sharding, for what the engine cannot run).
@@ -200,6 +199,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                 "objective/rlhf_reward": global_mean(seq_reward),
                 "objective/entropy": global_mean(-batch.logprobs.sum(1)),
                 **prompt_share,
+                **({"objective/rm_std": global_mean(batch.member_std)} if batch.member_std is not None else {}),
                 **stats,
                 **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
                    if estimator.needs_critic else {}),
