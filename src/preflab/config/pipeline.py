@@ -151,8 +151,8 @@ class PipelineConfig(Section):
                                           "the method's preset and (for ppo_ptx) `ppo_ptx`.")
     # Stage overrides. The defaults size the main job for about 30 minutes on 2 CPU cores.
     sft: dict[str, Any] = Field(
-        default_factory=lambda: {"optim": {"lr": 3e-5}, "train": {"epochs": 1.25, "batch_size": 8},
-                                 "data": {"max_length": 320}},
+        default_factory=lambda: {"optim": {"lr": 3e-5}, "data": {"max_length": 320},
+                                 "train": {"epochs": 1.25, "batch_size": 8, "length_groups": 8}},
         description="Overrides of the SFT config.")
     rm: dict[str, Any] = Field(
         default_factory=lambda: {"train": {"batch_prompts": 2, "grad_accum": 4}, "optim": {"lr": 5e-5},
