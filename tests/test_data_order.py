@@ -42,6 +42,20 @@ def test_length_groups_keep_the_epoch_and_are_a_function_of_the_step(group):
     assert padded < padded_plain
 
 
+def test_length_groups_over_several_epochs_and_groups_longer_than_an_epoch():
+    """1.25 epochs of 5 steps with groups of 2 (the last group of an epoch has one step), and groups
+    of 8 (longer than the epoch: one group): each epoch's steps hold that epoch's examples once."""
+    lengths = [(5 * i) % 17 + 1 for i in range(21)]
+    for group in (2, 8):
+        for epoch in (0, 1):
+            plain = {i for s in range(5 * epoch, 5 * epoch + 5) for i in step_indices(s, 21, 4, 0)}
+            steps = [step_indices(s, 21, 4, 0, lengths, group) for s in range(5 * epoch, 5 * epoch + 5)]
+            assert {i for s in steps for i in s} == plain and sum(map(len, steps)) == 20
+        assert step_indices(5, 21, 4, 0, lengths, group) != step_indices(0, 21, 4, 0, lengths, group)
+    solo = [step_indices(s, 21, 4, 0, lengths, 2) for s in range(4, 5)]  # the epoch's last group: one step
+    assert solo == [sorted(step_indices(4, 21, 4, 0), key=lambda i: lengths[i])]
+
+
 def test_the_steps_of_a_group_come_in_random_order():
     lengths = list(range(40))
     orders = {tuple(min(step_indices(s, 40, 4, seed, lengths, group=5)) for s in range(5)) for seed in range(6)}

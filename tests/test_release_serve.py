@@ -167,8 +167,7 @@ def test_tokenizing_does_not_block_health():
         slow.start()
         try:
             assert started.wait(30)
-            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-            assert not release.is_set()  # answered while the tokenizer was still busy
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # the tokenizer is still held
         finally:
             release.set()
             slow.join()

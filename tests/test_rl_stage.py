@@ -231,6 +231,13 @@ def test_prompt_share_is_of_each_prompts_k_samples_and_only_where_k_exceeds_one(
     assert "objective/prompt_share" not in metrics(ppo)[-1]
 
 
+def test_a_reward_of_the_wrong_shape_is_one_error(tmp_path):
+    """(samples, 1) scores are not an ensemble of one-sample members: refused, naming the shape."""
+    cfg = cfg_for(tmp_path, "train.steps=1", "models.critic=policy_head")
+    with pytest.raises(ValueError, match=r"shape \(8, 1\) for 8 samples"):
+        rl_stage.train(cfg, reward_fn=lambda s: torch.zeros(len(s.texts), 1))
+
+
 def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
     """Two reward models: the rollout's score is mean - lambda * std of their (normalised) scores,
     and their spread is logged as objective/rm_std (absent with one RM)."""

@@ -4,6 +4,7 @@ run directory at a time (an flock on RUN/.lock), and an output path that is a fi
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -142,14 +143,18 @@ def test_two_writers_started_together_one_is_refused(tmp_path):
 
 def test_a_holder_that_has_not_written_its_pid_yet_is_waited_for(tmp_path):
     """The window between another process's flock and its pid line: the refused process waits for
-    the line (up to 2 s) and names the pid; a holder that never writes one is named as such."""
+    the line (up to 2 s), also past a dead holder's line left in the file, and names the pid; a
+    holder that never writes one is named as such."""
     out = tmp_path / "run"
     out.mkdir()
     code = ("import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\ntime.sleep(float(sys.argv[2]))\n"
-            "f.write(f'pid {os.getpid()} on here\\n'); f.flush()\ntime.sleep(30)\n")
-    for delay, named in ((0.2, True), (60, False)):
-        (out / LOCK_FILE).unlink(missing_ok=True)
+            "f.seek(0); f.truncate(); f.write(f'pid {os.getpid()} on here\\n'); f.flush()\ntime.sleep(30)\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"pid {dead.pid} on {socket.gethostname()}\n"  # a killed holder's line, left in the file
+    for delay, named, before in ((0.2, True, ""), (0.2, True, stale), (60, False, "")):
+        (out / LOCK_FILE).write_text(before)
         p = subprocess.Popen([sys.executable, "-c", code, str(out / LOCK_FILE), str(delay)],
                              stdout=subprocess.PIPE, text=True)
         try:

@@ -117,6 +117,9 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
     if reward_fn is not None and cfg.rewards.rm_weight:
         with autocast:
             rm = reward_fn(scored).float()
+        if rm.dim() not in (1, 2) or rm.shape[-1] != len(samples.texts):
+            raise ValueError(f"the reward function gave scores of shape {tuple(rm.shape)} for {len(samples.texts)} "
+                             "samples; expected (samples,) or, from an ensemble, (members, samples)")
         if rm.dim() == 2:  # an ensemble's (members, B) scores: combined as rewards.ensemble says
             member_std = rm.std(0, unbiased=False)
             rm = conservative_reward(rm, cfg.rewards.ensemble, cfg.rewards.ensemble_lambda)

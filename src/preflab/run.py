@@ -300,9 +300,16 @@ def _read_holder(f, wait_s: float = 2.0) -> str:
     while True:
         f.seek(0)
         holder = f.read().strip()
-        if holder or time.monotonic() > deadline:
+        if (holder and not _stale(holder)) or time.monotonic() > deadline:
             return holder or "a process that has not written its pid yet"
         time.sleep(0.01)
+
+
+def _stale(holder: str) -> bool:
+    """Whether a lock file's line names a process of this host that is gone (a killed holder's line,
+    until the next holder overwrites it)."""
+    m = re.fullmatch(r"pid (\d+) on (\S+)", holder)
+    return bool(m) and m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1)))
 
 
 def lock_run_dir(path: str | os.PathLike) -> None:
@@ -340,6 +347,7 @@ def unlock_run_dir(path: str | os.PathLike) -> None:
     held[1] -= 1
     if held[1] == 0:
         del _HELD_LOCKS[key]
+        held[0].truncate(0)  # the next holder's line is the only one a refused process can read
         held[0].close()  # closing the file releases the flock
 
 
