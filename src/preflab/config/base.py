@@ -105,7 +105,7 @@ PARALLEL_HELP = ("How several ranks (torchrun) share the model: ddp keeps a full
                  "effect. docs/scale-out.md")
 LENGTH_GROUPS_HELP = ("Steps per length group: the examples of each run of N steps are sorted by length and cut "
                       "into steps again, taken in random order, so a step pads less (same examples each epoch; "
-                      "0: plain random steps).")
+                      "0 or 1: plain random steps).")
 
 
 def check_select_best(data: Any, train: Any) -> None:
