@@ -264,6 +264,38 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
 # -- 4 and 8. one clear error instead of a traceback ------------------------------------------
 
 
+def test_a_full_disk_while_writing_a_directory_is_one_clear_error_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """ENOSPC, or torch.save's RuntimeError with the disk (nearly) full: one DataError naming the
+    directory and what to do; the previous directory stays; any other error passes unchanged."""
+    import errno
+    from collections import namedtuple
+
+    from preflab.data import jsonl
+    from preflab.data.jsonl import atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old").write_text("kept")
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 10 * 2**30}
+    monkeypatch.setattr(jsonl.shutil, "disk_usage", lambda p: usage(2**40, 2**40 - free["bytes"], free["bytes"]))
+
+    def fail_with(error):
+        with atomic_dir(target) as d:
+            (d / "half").write_text("x")
+            raise error
+
+    with pytest.raises(DataError, match=r"model: no space left on the device while writing it; free some space"):
+        fail_with(OSError(errno.ENOSPC, "No space left on device"))
+    free["bytes"] = 2**20
+    with pytest.raises(DataError, match="no space left"):
+        fail_with(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 506259456 vs 506259344"))
+    free["bytes"] = 10 * 2**30
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not the disk
+        fail_with(RuntimeError("unexpected pos"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "old").read_text() == "kept"
+
+
 def test_a_store_that_is_not_sqlite_is_one_clear_error(tmp_path):
     from preflab.feedback.store import PreferenceStore
 

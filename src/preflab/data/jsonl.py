@@ -7,6 +7,7 @@ Writers are atomic: a temporary file in the same directory, then ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -198,8 +199,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            raise DataError(f"{path}: no space left on the device while writing it; free some space and run the "
+                            "same command again (a run resumes from its last checkpoint)") from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+DISK_FULL_BYTES = 16 * 2**20
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether ``error`` came from a full disk: ENOSPC, or (torch.save reports it as a RuntimeError
+    about the file position) under ``DISK_FULL_BYTES`` left where it was writing."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(where).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> int:
