@@ -511,3 +511,7 @@ def test_progress_prints_plain_lines_with_eta_when_stderr_is_not_a_terminal(caps
         for _ in range(3):
             bar.update(advance=1)
     assert [x.split()[1] for x in capsys.readouterr().err.splitlines() if x.startswith("rank: ")] == ["3/3"]
+    with Progress(1, "sft", keys=("train/loss", "val/loss", "perf/tokens_per_s")) as bar:
+        bar.update({"train/loss": 1.5, "val/loss": 2.25, "perf/tokens_per_s": 300.0, "note": "x"})
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("sft: "))
+    assert line.endswith("  train/loss=1.5  val/loss=2.25  tokens_per_s=300")  # alike names in full

@@ -798,8 +798,10 @@ class Progress:
             return
         info = ""
         if metrics:
-            shown = [(k, metrics[k]) for k in self.keys if k in metrics] or list(metrics.items())[:4]
-            info = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in shown if isinstance(v, int | float))
+            shown = [(k, v) for k, v in ([(k, metrics[k]) for k in self.keys if k in metrics]
+                                         or list(metrics.items())[:4]) if isinstance(v, int | float)]
+            short = [k.split("/")[-1] for k, _ in shown]  # the whole key where two would read alike
+            info = "  ".join(f"{s if short.count(s) == 1 else k}={v:.4g}" for s, (k, v) in zip(short, shown))
         self._bar.update(self._task, advance=advance, info=info)
         self.done += advance
         now = time.monotonic()
