@@ -263,14 +263,14 @@ def run_steps(ctx: Context, cfg: Any, steps: Steps, *, model: torch.nn.Module, m
     run, dist = ctx.run, ctx.dist
     params = [p for p in model.parameters() if p.requires_grad]
     micro, every = steps.micro_batch, cfg.train.eval_every
-    group = cfg.train.length_groups
-    lengths = [steps.length(e) for e in steps.examples] if group > 1 else None
+    lengths = [steps.length(e) for e in steps.examples]
     last: dict[str, Any] = {}
     with Progress(total, run.stage, enabled=cfg.run.progress and dist.is_main, start=start, keys=progress) as bar:
         for step in range(start, total):
             t0 = time.perf_counter()
-            idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed, lengths, group)
-            mine = sorted(rank_slice(idx, dist.rank, dist.world_size), key=lambda i: steps.length(steps.examples[i]))
+            idx = step_indices(step, len(steps.examples), steps.global_batch, cfg.run.seed, lengths,
+                               cfg.train.length_groups)
+            mine = sorted(rank_slice(idx, dist.rank, dist.world_size), key=lengths.__getitem__)
             batches = [steps.collate([steps.examples[i] for i in mine[j:j + micro]]) for j in range(0, len(mine), micro)]
             # Normalise by the step's global count: exact under accumulation and ranks (DDP
             # averages gradients, hence the world_size factor).
