@@ -269,3 +269,47 @@ def test_reward_ensemble_members_reach_the_reward(tmp_path, monkeypatch):
     single = cfg_for(tmp_path / "one", "train.steps=1", "models.critic=policy_head")
     rl_stage.train(single)
     assert "objective/rm_std" not in metrics(single)[-1]
+
+
+def _with_lengths(samples, lengths, ended):
+    """The same samples with response masks of the given lengths and the given EOS flags."""
+    from preflab.rollout import Samples
+
+    mask = (torch.arange(samples.response.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    return Samples(samples.query, samples.query_mask, samples.response, mask, torch.tensor(ended), samples.texts)
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_length_debias_takes_the_scores_slope_on_length_out_within_each_prompt(tmp_path, debias):
+    """A reward of 1 - 0.1 x length: the logged slope is -0.1 either way; with rewards.length_debias each
+    prompt's finished answers score alike (the prompt's mean), the unfinished one keeps the EOS penalty
+    and stays out of the fit."""
+    from preflab.data.chat import read_prompts
+    from preflab.rollout import HFGenerator, encode_prompts
+
+    cfg = cfg_for(tmp_path, "algo.estimator=rloo", "rollout.samples_per_prompt=2", "rollout.missing_eos_penalty=-5",
+                  f"rewards.length_debias={str(debias).lower()}")
+    torch.manual_seed(0)
+    tok, policy = models.load_tokenizer("tiny:"), models.load_policy("tiny:", dropout_off=True)
+    rows = read_prompts(cfg.data.prompts)[:4]
+    samples = HFGenerator(policy, tok).generate(encode_prompts(tok, [r["prompt"] for r in rows]),
+                                                max_new_tokens=8, temperature=1.0, n=2)
+    samples = _with_lengths(samples, [2, 6, 3, 3, 1, 8, 4, 7], [True, True, True, True, True, True, True, False])
+    b = rl_update.score_rollout(samples, ac=scoring.ActorCritic(policy, None, values=False), reference=policy,
+                                reward_fn=lambda s: 1.0 - 0.1 * s.response_mask.sum(1).float(), cfg=cfg, kl_coef=0.0,
+                                tokenizer=tok, device=torch.device("cpu"), chunk=4)
+    assert b.length_slope == pytest.approx(-0.1, abs=1e-6)  # the last prompt's unfinished answer is not fitted
+    want = [0.6, 0.6, 0.7, 0.7, 0.55, 0.55, 0.6, -5.0] if debias else [0.8, 0.4, 0.7, 0.7, 0.9, 0.2, 0.6, -5.0]
+    assert b.scores.tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_length_slope_is_logged_for_k_samples_and_debias_needs_them(tmp_path, good_tokens):
+    cfg = cfg_for(tmp_path / "rloo", "algo.estimator=rloo", "rollout.samples_per_prompt=2", "train.steps=1",
+                  "rewards.length_debias=true")
+    rl_stage.train(cfg, reward_fn=letter_reward(good_tokens))
+    assert "objective/length_slope" in metrics(cfg)[-1]
+    ppo = cfg_for(tmp_path / "ppo", "train.steps=1")
+    rl_stage.train(ppo, reward_fn=letter_reward(good_tokens))
+    assert "objective/length_slope" not in metrics(ppo)[-1]
+    with pytest.raises(ConfigError, match="rewards.length_debias.*samples_per_prompt must be >= 2"):
+        cfg_for(tmp_path, "rewards.length_debias=true")

@@ -9,7 +9,10 @@ import torch
 from preflab.rl.stats import (
     between_prompt_share,
     bootstrap_ci,
+    centred_lengths,
     difference_interval,
+    length_slope,
+    length_slope_sums,
     prompt_variance_sums,
     wilson_interval,
     win_rate,
@@ -131,3 +134,26 @@ def test_between_prompt_share_by_hand_and_summed_over_ranks():
     # the same four numbers as one prompt of k = 4: nothing between prompts to measure
     assert math.isnan(between_prompt_share(prompt_variance_sums(seq, 4), 4))
     assert math.isnan(between_prompt_share(prompt_variance_sums(torch.ones(4), 2), 2))
+
+
+def test_length_slope_by_hand_over_kept_samples_and_summed_over_ranks():
+    """Prompt A: scores (1, 2, 6) at lengths (10, 20, 30): centred (-2, -1, 3) and (-10, 0, 10), cross 50,
+    square 200. Prompt B: (5, 0, 9) at (4, 8, 100) with the third not kept: centred over the first two,
+    (2.5, -2.5) and (-2, 2), cross -10, square 8. Slope 40 / 208 = 5 / 26."""
+    scores = torch.tensor([1.0, 2.0, 6.0, 5.0, 0.0, 9.0])
+    lengths = torch.tensor([10, 20, 30, 4, 8, 100])
+    kept = torch.tensor([True, True, True, True, True, False])
+    sums = length_slope_sums(scores, lengths, kept, 3)
+    assert sums.tolist() == pytest.approx([40.0, 208.0])
+    assert length_slope(sums) == pytest.approx(5 / 26)
+    assert centred_lengths(lengths, kept, 3).tolist() == [-10.0, 0.0, 10.0, -2.0, 2.0, 0.0]
+    halves = length_slope_sums(scores[:3], lengths[:3], kept[:3], 3) + length_slope_sums(scores[3:], lengths[3:], kept[3:], 3)
+    assert length_slope(halves) == pytest.approx(5 / 26)  # two ranks, one prompt each
+    # the same six as two prompts of k = 3 in the other order: the slope is within prompts, not across them
+    assert length_slope(length_slope_sums(scores.flip(0), lengths.flip(0), kept.flip(0), 3)) == pytest.approx(5 / 26)
+    # equal lengths within every prompt, or nothing kept: no slope to fit
+    assert length_slope(length_slope_sums(scores, torch.tensor([5, 5, 5, 7, 7, 7]), kept, 3)) == 0.0
+    assert length_slope(length_slope_sums(scores, lengths, torch.zeros(6, dtype=torch.bool), 3)) == 0.0
+    # across prompts of different lengths and scores the slope would be 1 here; within them it is 0
+    assert length_slope(length_slope_sums(torch.tensor([1.0, 1.0, 9.0, 9.0]), torch.tensor([1, 1, 9, 9]),
+                                          torch.ones(4, dtype=torch.bool), 2)) == 0.0

@@ -62,6 +62,7 @@ OBJECTIVE_RLHF_REWARD = "objective/rlhf_reward"  # score + non-score reward
 OBJECTIVE_ENTROPY = "objective/entropy"  # minus the sampled sequence log-prob
 OBJECTIVE_PROMPT_SHARE = "objective/prompt_share"  # k >= 2: share of the sequence reward's variance between prompts
 OBJECTIVE_RM_STD = "objective/rm_std"  # with an RM ensemble: the members' mean spread (population std) over the rollout
+OBJECTIVE_LENGTH_SLOPE = "objective/length_slope"  # k >= 2: the score's slope on response length within prompts (per token)
 LOSS_POLICY = "loss/policy"
 LOSS_VALUE = "loss/value"
 LOSS_KL = "loss/kl"  # the KL term when the KL is in the loss (GRPO's k3)
@@ -108,7 +109,8 @@ RS_ROUND_KEYS = ("reward_mean", "best_reward_mean", "ended", "picks", "kept", "p
 # --- the keys of the report's PPO curves -----------------------------------------------------
 PPO_CURVES = (OBJECTIVE_SCORE, OBJECTIVE_KL, OBJECTIVE_KL_COEF, RESPONSE_LENGTH_MEAN, RESPONSE_NO_EOS_FRACTION,
               OBJECTIVE_ENTROPY, VALUE_EXPLAINED_VARIANCE, LOSS_VALUE, POLICY_CLIPFRAC, POLICY_APPROXKL, ADVANTAGE_STD,
-              SELECT_SCORE, OBJECTIVE_PROMPT_SHARE, OBJECTIVE_RM_STD)
+              SELECT_SCORE, OBJECTIVE_PROMPT_SHARE, OBJECTIVE_RM_STD,
+              OBJECTIVE_LENGTH_SLOPE)
 
 KEYS: frozenset[str] = frozenset(
     [v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "/" in v]

@@ -39,7 +39,7 @@ from preflab.rl.estimators import (
     sequence_rewards,
 )
 from preflab.rl.preference import dpo_loss
-from preflab.rl.stats import conservative_reward
+from preflab.rl.stats import centred_lengths, conservative_reward, length_slope, length_slope_sums
 from preflab.rollout import Samples, response_mask_after_stop
 from preflab.scoring import ActorCritic, by_query_length, policy_terms, reward_scores, score_module
 
@@ -68,6 +68,7 @@ class Scored:
     advantages: torch.Tensor
     returns: torch.Tensor
     member_std: torch.Tensor | None = None  # (B,) the RM ensemble's spread (population std), if any
+    length_slope: float | None = None  # k >= 2: the score's slope on response length within prompts (per token)
 
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
@@ -96,7 +97,8 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
 
     The score is ``rewards.rm_weight`` x the RM (``reward_fn``; an ensemble's member scores are
     combined by ``rewards.ensemble``, their spread kept as ``member_std``) plus the configured reward
-    functions (``prompt_rewards`` of each episode's prompt row in ``rows``); then the EOS penalty.
+    functions (``prompt_rewards`` of each episode's prompt row in ``rows``), less its linear
+    dependence on length within prompts where ``rewards.length_debias`` says; then the EOS penalty.
     """
     r = cfg.rollout
     mask = samples.response_mask.float()
@@ -126,6 +128,13 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
         scores = cfg.rewards.rm_weight * rm
     if prompt_rewards is not None:
         scores = scores + torch.tensor(prompt_rewards(rows, scored.texts), dtype=torch.float32, device=device)
+    slope, k = None, r.samples_per_prompt
+    if k > 1:  # the slope on the answers whose score stands (the EOS penalty replaces the others')
+        kept = ended if r.missing_eos_penalty is not None else torch.ones_like(ended)
+        lengths = scored.response_mask.sum(1)
+        slope = length_slope(distributed.all_reduce_sum(length_slope_sums(scores, lengths, kept, k)))
+        if cfg.rewards.length_debias:
+            scores = scores - (slope * centred_lengths(lengths, kept, k)).to(scores.dtype)
     if r.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, r.missing_eos_penalty))
 
@@ -138,7 +147,7 @@ def score_rollout(samples: Samples, *, ac: ActorCritic, reference: nn.Module | N
     values = values * mask
     advantages, returns = estimate_advantages(cfg, rewards, values, mask, scores=scores, kl=kl, beta=beta)
     return Scored(samples, mask, logprobs * mask, ref_logprobs * mask, values, scores, kl, rewards,
-                  rw.non_score_reward, advantages, returns, member_std)
+                  rw.non_score_reward, advantages, returns, member_std, slope)
 
 
 def estimate_advantages(cfg: RLConfig, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,

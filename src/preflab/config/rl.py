@@ -109,6 +109,12 @@ class RewardsSection(Section):
         "none", description="Reward functions added to `funcs`: protect = the suite's verifiable constraints "
                             "(preflab.rewards:constraints) and refusal correctness (preflab.rewards:refusals), "
                             "weight 2 each: what SFT taught, kept while the RM is optimised.")
+    length_debias: bool = Field(
+        False, description="Take out the score's linear dependence on response length within each prompt's samples "
+                           "(one slope a rollout, fitted on the answers whose score stands: finished ones where "
+                           "rollout.missing_eos_penalty is set): answers gain nothing by being shorter or longer "
+                           "alone. Needs rollout.samples_per_prompt >= 2. objective/length_slope logs the slope "
+                           "either way.")
 
 
 class KLSection(Section):
@@ -177,6 +183,9 @@ class RLConfig(Section):
             raise ValueError(f"algo.estimator=online_dpo pairs a prompt's samples within a micro-batch: "
                              f"ppo.minibatch_size / ppo.grad_accum must be a multiple of rollout.samples_per_prompt "
                              f"({k})")
+        if self.rewards.length_debias and k < 2:
+            raise ValueError(f"rewards.length_debias compares each prompt's samples: rollout.samples_per_prompt "
+                             f"must be >= 2 (got {k})")
         if est in ("rloo", "grpo", "online_dpo") and k < 2:
             raise ValueError(f"rollout.samples_per_prompt must be >= 2 for algo.estimator={est} (got {k})")
         episodes = self.rollout.batch_size * k

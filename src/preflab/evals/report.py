@@ -48,7 +48,8 @@ PPO_KEYS = ((K.OBJECTIVE_SCORE, "RM score"), (K.OBJECTIVE_KL, "KL to reference (
             (K.POLICY_CLIPFRAC, "policy clip fraction"), (K.POLICY_APPROXKL, "approx. KL between iterates"),
             (K.ADVANTAGE_STD, "advantage std"), (K.SELECT_SCORE, "dev score (checkpoint selection)"),
             (K.OBJECTIVE_PROMPT_SHARE, "reward variance between prompts (share)"),
-            (K.OBJECTIVE_RM_STD, "RM ensemble spread (std)"))
+            (K.OBJECTIVE_RM_STD, "RM ensemble spread (std)"),
+            (K.OBJECTIVE_LENGTH_SLOPE, "score per token of length, within prompts"))
 PPO_RUNS = ("ppo", "ppo_ptx")
 TOP_K = 10
 _MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)

@@ -15,7 +15,8 @@ import torch
 
 __all__ = [
     "average_ranks",
-    "spearman","Interval", "WinRate", "between_prompt_share", "bootstrap_ci", "ensemble_spread", "most_uncertain", "prompt_variance_sums", "win_rate",
+    "spearman", "Interval", "WinRate", "between_prompt_share", "bootstrap_ci", "centred_lengths", "ensemble_spread",
+    "length_slope", "length_slope_sums", "most_uncertain", "prompt_variance_sums", "win_rate",
     "wilson_interval"]
 
 
@@ -125,6 +126,32 @@ def between_prompt_share(sums: torch.Tensor, k: int) -> float:
         return float("nan")
     total = (s2 - s1 * s1 / n) / (n - 1)
     return 1.0 - (within / (n - groups)) / total if total > 0 else float("nan")
+
+
+def centred_lengths(lengths: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sample's length minus the mean length of its prompt's kept samples (k contiguous samples
+    per prompt); 0 for the samples not kept (and for a prompt with none kept)."""
+    length, keep = lengths.double().view(-1, k), kept.double().view(-1, k)
+    mean = (length * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+    return ((length - mean) * keep).view(-1)
+
+
+def length_slope_sums(scores: torch.Tensor, lengths: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """[sum of s_c x L_c, sum of L_c^2] over the kept samples, score and length each centred on its
+    prompt's kept samples, in float64: sums that add over ranks before ``length_slope``."""
+    keep = kept.double().view(-1, k)
+    s = scores.detach().double().view(-1, k)
+    s_c = (s - (s * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)) * keep
+    length_c = centred_lengths(lengths, kept, k).view(-1, k)
+    return torch.stack([(s_c * length_c).sum(), (length_c * length_c).sum()])
+
+
+def length_slope(sums: torch.Tensor) -> float:
+    """The least-squares slope of the score on the response length within prompts (score per token),
+    from ``length_slope_sums``: below 0, the reward prefers a prompt's shorter answers. 0 when no
+    prompt has two kept samples of different lengths."""
+    cross, square = (float(v) for v in sums)
+    return cross / square if square > 0 else 0.0
 
 
 def ensemble_spread(scores) -> tuple[np.ndarray, np.ndarray]:

@@ -200,6 +200,7 @@ def train(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None
                 "objective/entropy": global_mean(-batch.logprobs.sum(1)),
                 **prompt_share,
                 **({"objective/rm_std": global_mean(batch.member_std)} if batch.member_std is not None else {}),
+                **({"objective/length_slope": batch.length_slope} if batch.length_slope is not None else {}),
                 **stats,
                 **({"value/explained_variance": float(explained_variance(batch.values, batch.returns, batch.mask))}
                    if estimator.needs_critic else {}),
