@@ -3,7 +3,7 @@
 import pytest
 
 from preflab import loop
-from preflab.data.order import step_indices
+from preflab.data.order import rank_slice, step_indices
 
 
 def test_without_length_groups_steps_are_slices_of_one_permutation_per_epoch():
@@ -87,3 +87,14 @@ def test_the_trainers_pass_their_length_groups(tmp_path, monkeypatch):
         f"run.out={tmp_path / 'run'}", "train.batch_size=4", "train.max_steps=2", "train.length_groups=3"]))
     assert [g for _, g in seen] == [3, 3]
     assert seen[0][0] is not None and len(seen[0][0]) == 16 and len(set(seen[0][0])) > 1
+
+
+def test_ranks_share_a_sorted_step_alike():
+    """A step of 8 examples sorted by length over 2 ranks: each rank takes every other one, so both get
+    short and long ones (a contiguous half would give rank 0 the four shortest); 3 ranks drop the rest."""
+    idx = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert rank_slice(idx, 0, 2) == [10, 12, 14, 16]
+    assert rank_slice(idx, 1, 2) == [11, 13, 15, 17]
+    assert sorted(rank_slice(idx, 0, 2) + rank_slice(idx, 1, 2)) == idx
+    assert [rank_slice(idx, r, 3) for r in range(3)] == [[10, 13], [11, 14], [12, 15]]
+    assert rank_slice(idx, 0, 1) == idx

@@ -139,6 +139,12 @@ def test_rerun_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
     assert record["after"] == ["suite"] and record["changes"]["seed"] == {"old": 0, "new": 7}
     # threads may change freely
     Pipeline(load_config(PipelineConfig, None, ["seed=7", "threads=1"]), out).run(only=lambda s: False)
+    # a key preflab added after the run began (absent from the saved config) is no change at its default
+    saved = json.loads((out / "pipeline_config.json").read_text())
+    del saved["rm_ensemble"]
+    (out / "pipeline_config.json").write_text(json.dumps(saved))
+    Pipeline(load_config(PipelineConfig, None, ["seed=7", "threads=1"]), out).run(only=lambda s: False)
+    assert len(json.loads((out / "pipeline.json").read_text())["config_changes"]) == 2  # seed, then threads only
 
 
 def test_pipeline_print_config_needs_no_config_file(capsys):

@@ -515,3 +515,50 @@ def test_progress_prints_plain_lines_with_eta_when_stderr_is_not_a_terminal(caps
         bar.update({"train/loss": 1.5, "val/loss": 2.25, "perf/tokens_per_s": 300.0, "note": "x"})
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("sft: "))
     assert line.endswith("  train/loss=1.5  val/loss=2.25  tokens_per_s=300")  # alike names in full
+
+
+def test_a_key_added_since_the_run_began_is_no_change_at_its_default(tmp_path):
+    """A run whose manifest lacks a key preflab has since added (here rewards.length_debias) resumes
+    without --force when the key is at its default; set to something else it is refused, and so
+    is a change of a key the run had. Without the schema the missing key counts as a change."""
+    from preflab.config import RLConfig, dump_config, load_config
+
+    cfg = load_config(RLConfig, "configs/rl_tiny.yaml", [f"run.out={tmp_path}"])
+    old = dump_config(cfg)
+    del old["rewards"]["length_debias"]
+    RunDir(tmp_path, stage="rl", config=old, seed=0).log_metrics(1, {"a": 1.0})
+    RunDir(tmp_path, stage="rl", config=dump_config(cfg), seed=0, resume=True, schema=RLConfig)
+    assert "config_changes" not in read_manifest(tmp_path) or not read_manifest(tmp_path)["config_changes"]
+    on = load_config(RLConfig, "configs/rl_tiny.yaml", [f"run.out={tmp_path}", "rewards.length_debias=true",
+                                                       "rollout.samples_per_prompt=2"])
+    with pytest.raises(ConfigError, match=r"rewards\.length_debias: False -> True"):
+        check_config_change(old, dump_config(on), force=False, where="x", schema=RLConfig)
+    with pytest.raises(ConfigError, match=r"rewards\.length_debias: None -> False"):
+        check_config_change(old, dump_config(cfg), force=False, where="x")
+    lr = load_config(RLConfig, "configs/rl_tiny.yaml", [f"run.out={tmp_path}", "optim.lr=1e-4"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.003 -> 0\.0001"):
+        check_config_change(old, dump_config(lr), force=False, where="x", schema=RLConfig)
+    # a stage resumed through the CLI passes its schema: the same, end to end
+    (tmp_path / "sft").mkdir()
+    assert run_cli(sft_args(tmp_path / "sft", "train.max_steps=2", "run.save_every=1")) == 0
+    manifest = tmp_path / "sft" / "run" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["config"]["train"]["length_groups"]
+    manifest.write_text(json.dumps(m))
+    assert run_cli(sft_args(tmp_path / "sft", "train.max_steps=2", "run.save_every=1", "--resume")) == 0
+    # a config the schema refuses (a key since removed) is compared as written
+    gone = {**old, "removed_key": 1}
+    changes, _ = check_config_change(gone, dump_config(cfg), force=True, where="x", schema=RLConfig)
+    assert set(changes) == {"removed_key", "rewards.length_debias"}
+
+
+def test_the_pipeline_resumes_a_run_begun_before_a_key_was_added():
+    from preflab.config import dump_config
+    from preflab.config.pipeline import PipelineConfig
+
+    new = dump_config(PipelineConfig())
+    old = json.loads(json.dumps(new))
+    del old["rm_ensemble"]
+    assert check_config_change(old, new, force=False, where="x", schema=PipelineConfig) == ({}, {})
+    with pytest.raises(ConfigError, match=r"rm_ensemble: None -> 1"):
+        check_config_change(old, new, force=False, where="x")

@@ -61,7 +61,7 @@ def start(cfg: Any, stage: str, model: Any, resume: bool) -> Context:
     dist = distributed.init(device)
     seed_everything(cfg.run.seed + 100003 * dist.rank)
     run = RunDir(cfg.run.out, stage=stage, config=dump_config(cfg), seed=cfg.run.seed, resume=resume,
-                 writer=dist.is_main)
+                 writer=dist.is_main, schema=type(cfg))
     return Context(device, dist, run)
 
 

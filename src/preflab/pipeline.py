@@ -345,7 +345,7 @@ class Pipeline:
         new = dump_config(self.cfg)
         if cfg_path.is_file() and self.done():
             saved, _ = renamed_sections(json.loads(cfg_path.read_text()))  # a run begun before 0.3.0 said `ppo`
-            changes, _ = check_config_change(saved, new, force=force, where=cfg_path)
+            changes, _ = check_config_change(saved, new, force=force, where=cfg_path, schema=type(self.cfg))
             if changes:
                 st = self.state()
                 st.setdefault("config_changes", []).append(

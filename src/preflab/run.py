@@ -141,16 +141,42 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[s
     return {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
+def with_new_keys(old: dict[str, Any], schema: Any) -> dict[str, Any]:
+    """``old`` (a config a run was started with, perhaps by an older preflab) with the keys the
+    ``schema`` (a config model) has added since, at their defaults: a new key at its default is no
+    change. The keys ``old`` has stay as they are; an ``old`` the schema refuses is returned as is."""
+    if schema is None:
+        return old
+    try:
+        full = schema.model_validate(old).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError is one: compare the config as written
+        return old
+
+    def add(into: dict[str, Any], defaults: dict[str, Any]) -> None:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = value
+            elif isinstance(into[key], dict) and isinstance(value, dict):
+                add(into[key], value)
+
+    filled = json.loads(json.dumps(old))
+    add(filled, full)
+    return filled
+
+
 def check_config_change(old: dict[str, Any], new: dict[str, Any], *, force: bool, where: Any,
-                        allowed: frozenset[str] = RESUME_ALLOWED_CHANGES) -> tuple[dict[str, Any], dict[str, Any]]:
+                        allowed: frozenset[str] = RESUME_ALLOWED_CHANGES,
+                        schema: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compare the config a run was started with (``old``) with the one it is resumed with.
 
     Returns ``(changes, refused)``: every changed dotted key as ``{"old", "new"}``, and those not in
     ``allowed`` (matched on the key's last part). Refused changes raise ConfigError naming each key
-    with both values, unless ``force``. ``where`` names the file the old config came from. The
-    pipeline checks ``pipeline_config.json`` with it; RunDir checks ``manifest.json``.
+    with both values, unless ``force``. ``where`` names the file the old config came from. With the
+    config's ``schema``, keys added to preflab since the run began count at their defaults
+    (``with_new_keys``). The pipeline checks ``pipeline_config.json`` with it; RunDir checks
+    ``manifest.json``.
     """
-    changes = config_changes(old, new)
+    changes = config_changes(with_new_keys(old, schema), new)
     refused = {k: v for k, v in changes.items() if k.rsplit(".", 1)[-1] not in allowed}
     if refused and not force:
         shown = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in refused.items())
@@ -396,7 +422,8 @@ class RunDir:
     ``fail(reason)``/``interrupt(reason)`` (or leaving ``with RunDir(...)`` by an exception, or
     ``session()``) records ``failed``/``interrupted`` and why. Opening a run whose manifest says
     ``running`` while its process is gone says so (``dead_owner``). ``resume=True`` refuses a
-    config that differs from the run's in anything but RESUME_ALLOWED_CHANGES unless ``force``;
+    config that differs from the run's in anything but RESUME_ALLOWED_CHANGES unless ``force``
+    (with the config's ``schema``, keys added to preflab since count at their defaults);
     every change is recorded in the manifest's ``config_changes`` with the step it applies from.
 
     Before writing anything the writer takes the directory's lock (``lock_run_dir``; a second
@@ -406,7 +433,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | os.PathLike, *, stage: str, config: dict[str, Any], seed: int,
-                 resume: bool = False, writer: bool = True, force: bool | None = None):
+                 resume: bool = False, writer: bool = True, force: bool | None = None, schema: Any = None):
         self.path = Path(path)
         self.stage = stage
         self.writer = writer
@@ -416,6 +443,7 @@ class RunDir:
         self._resumed_at: int | None = None
         self._created = False
         self._locked = False
+        self._schema = schema
         force = _FORCE_RESUME[-1] if force is None else force
         if writer:
             if resume:
@@ -458,7 +486,7 @@ class RunDir:
         }
         if resume and prev:
             changes, refused = check_config_change(prev.get("config") or {}, config, force=force,
-                                                   where=self.path / "manifest.json")
+                                                   where=self.path / "manifest.json", schema=self._schema)
             self.manifest["started_at"] = prev.get("started_at", self.manifest["started_at"])
             self.manifest["resumed_at"] = prev.get("resumed_at", []) + [_now()]
             self.manifest["config_changes"] = list(prev.get("config_changes", []))

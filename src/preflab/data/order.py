@@ -38,6 +38,8 @@ def step_indices(step: int, n: int, global_batch: int, seed: int, lengths: Seque
 
 
 def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """The contiguous share of a global batch that ``rank`` processes."""
+    """The share of a global batch that ``rank`` processes: every ``world_size``-th index from
+    position ``rank``, so with length groups (a step's indices sorted by length) every rank gets
+    short and long examples alike and none waits for the others at the gradient's all-reduce."""
     per = len(indices) // world_size
-    return indices[rank * per:(rank + 1) * per]
+    return indices[rank::world_size][:per]

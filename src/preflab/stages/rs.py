@@ -92,7 +92,8 @@ def train(cfg: RSConfig, resume: bool = False) -> Path:
     dist = distributed.init(device)
     seed_everything(cfg.run.seed + 100003 * dist.rank)
     root = Path(cfg.run.out)
-    run = RunDir(root, stage="rs", config=dump_config(cfg), seed=cfg.run.seed, resume=resume, writer=dist.is_main)
+    run = RunDir(root, stage="rs", config=dump_config(cfg), seed=cfg.run.seed, resume=resume, writer=dist.is_main,
+                 schema=RSConfig)
     s = cfg.sampling
 
     # 1. prompts and the reward model ------------------------------------------------------------
