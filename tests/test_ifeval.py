@@ -134,7 +134,12 @@ def test_pipeline_eval_scores_every_model_on_the_ifeval_file(tmp_path):
     assert block["models"]["rloo"]["spec"] == str(out / "rloo/model")
     assert block["settings"]["max_new_tokens"] == 4 and block["settings"]["temperature"] == 0.0
     assert block["settings"]["n_prompts"] == 3  # eval.ifeval_limit: the file's first 3 of 4
-    assert "mean words" in (out / "report.html").read_text()
+    vs = block["models"]["rloo"]["vs_reference"]
+    assert vs["reference"] == "sft" and "vs_reference" not in block["models"]["sft"]
+    assert vs["prompt_level_strict"]["difference"] == pytest.approx(
+        block["models"]["rloo"]["prompt_level_strict"] - block["models"]["sft"]["prompt_level_strict"])
+    report = (out / "report.html").read_text()
+    assert "mean words" in report and "prompt-level strict vs sft [95%]" in report
 
 
 def test_builtin_ifeval_is_the_public_file_and_limit_takes_the_first_rows():
@@ -192,3 +197,56 @@ def test_a_models_ifeval_scores_are_reused_from_another_evaluation_only_when_spe
     (tmp_path / "run/ifeval/sft.jsonl").unlink()  # the scores without their samples: sampled again
     evaluate_ifeval({"sft": "tiny:"}, rows, tmp_path / "lost", max_new_tokens=4, progress=False, reuse=tmp_path / "run")
     assert calls == [4, 4, 4, 5, 4] and (tmp_path / "lost/ifeval/sft.jsonl").is_file()
+
+
+def test_paired_difference_by_hand():
+    from preflab.rl.stats import paired_difference
+
+    # prompts passed by A minus B: 1, 0, -1, 1 -> 0.25; sd 0.957427 / sqrt(4) = 0.478714; +- 1.96 x that
+    d, (lo, hi) = paired_difference([1, 0, -1, 1], [1, 1, 1, 1])
+    assert d == 0.25 and lo == pytest.approx(0.25 - 0.938279, abs=1e-6) and hi == pytest.approx(0.25 + 0.938279, abs=1e-6)
+    # instructions: differences 2, -1, 0 over prompts of 2, 1, 3 instructions -> 1/6; residuals 5/3, -7/6, -1/2,
+    # sqrt(3/2 x 4.388889) / 6 = 0.427633
+    d, (lo, hi) = paired_difference([2, -1, 0], [2, 1, 3])
+    assert d == pytest.approx(1 / 6) and hi - d == pytest.approx(1.96 * 0.427633, abs=1e-6) and d - lo == pytest.approx(hi - d)
+    assert paired_difference([0, 0, 0], [1, 1, 1]) == (0.0, (0.0, 0.0))  # the same answers: no doubt about 0
+    assert paired_difference([1], [1]) == (1.0, (1.0, 1.0))
+    with pytest.raises(ValueError, match="2 differences, 1 weights"):
+        paired_difference([1, 0], [1])
+
+
+def test_against_reference_pairs_prompts_by_key():
+    from preflab.evals.ifeval import against_reference
+    from preflab.rl.stats import paired_difference
+
+    ref = [{"key": "1", "strict": [True, True]}, {"key": "2", "strict": [False]}, {"key": "3", "strict": [True]}]
+    model = [{"key": "3", "strict": [False]}, {"key": "1", "strict": [True, False]}, {"key": "2", "strict": [True]}]
+    got = against_reference({"sft": ref, "m": model}, "sft")
+    assert set(got) == {"m"} and got["m"]["reference"] == "sft"
+    # prompts (keys 1, 2, 3): m passes 0, 1, 0 where sft passes 1, 0, 1 -> -1, +1, -1
+    d, (lo, hi) = paired_difference([-1, 1, -1], [1, 1, 1])
+    assert got["m"]["prompt_level_strict"] == {"difference": d, "lo": lo, "hi": hi} and d == pytest.approx(-1 / 3)
+    # instructions: 1 - 2, 1 - 0, 0 - 1 over 2, 1, 1 instructions -> -1/4
+    d, (lo, hi) = paired_difference([-1, 1, -1], [2, 1, 1])
+    assert got["m"]["instruction_level_strict"] == {"difference": d, "lo": lo, "hi": hi} and d == pytest.approx(-0.25)
+
+
+def test_evaluate_ifeval_gives_every_other_model_its_difference_to_the_reference(tmp_path, monkeypatch, capsys):
+    from preflab import rollout
+    from preflab.evals.cli import print_ifeval
+    from preflab.evals.ifeval import evaluate_ifeval
+    from preflab.evals.results import IFEvalResults
+
+    rows = read_ifeval(write(tmp_path, ROWS))
+    answers = iter([RESPONSES, ["Sure, one, two.", "hello", "I saw NASA and the UN.", "no, commas"]])
+    monkeypatch.setattr(rollout, "generate_texts", lambda *a, **k: next(answers))
+    entry = evaluate_ifeval({"a": "tiny:", "b": "tiny:1"}, rows, tmp_path / "out", max_new_tokens=4, progress=False,
+                            reference="a")
+    a, b = entry["models"]["a"], entry["models"]["b"]
+    assert "vs_reference" not in a and b["vs_reference"]["reference"] == "a"
+    for level in ("prompt_level_strict", "instruction_level_strict"):
+        assert b["vs_reference"][level]["difference"] == pytest.approx(b[level] - a[level])
+        assert b["vs_reference"][level]["lo"] < b["vs_reference"][level]["difference"] < b["vs_reference"][level]["hi"]
+    assert json.loads((tmp_path / "out/results.json").read_text())["ifeval"]["models"]["b"]["vs_reference"]
+    print_ifeval(IFEvalResults.model_validate(entry))
+    assert f"{100 * (b['prompt_level_strict'] - a['prompt_level_strict']):+.1f} [" in capsys.readouterr().out

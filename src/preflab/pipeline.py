@@ -309,7 +309,7 @@ class Pipeline:
 
             evaluate_ifeval(models, read_ifeval(e.ifeval, limit=e.ifeval_limit), out_dir,
                             max_new_tokens=e.ifeval_max_new_tokens, temperature=0.0, batch_size=e.batch_size,
-                            seed=self.cfg.seed, bf16=e.bf16, reuse=ifeval_reuse)
+                            seed=self.cfg.seed, bf16=e.bf16, reuse=ifeval_reuse, reference="sft")
         return results
 
     def step_report(self) -> None:

@@ -8,7 +8,7 @@ import click
 
 from preflab.config import EvalSection
 from preflab.errors import PreflabError
-from preflab.evals.results import EvalResults, IFEvalResults
+from preflab.evals.results import EvalResults, IFEvalResults, difference_text
 
 DEFAULTS = EvalSection()  # the pipeline's eval section: the command samples as `preflab pipeline` does
 
@@ -79,12 +79,18 @@ def print_ifeval(entry: IFEvalResults) -> None:
     n = entry.settings.n_prompts if entry.settings else None
     t = Table(title=f"IFEval: {n} prompts (strict: the response as it is; loose: also "
                     "without its first/last line or markdown *)")
-    for c in ("model", "prompt strict", "instruction strict", "prompt loose", "instruction loose", "splitter"):
+    for c in ("model", "prompt strict", "instruction strict", "prompt loose", "instruction loose", "words",
+              "prompt strict vs ref [95%]", "instruction strict vs ref [95%]", "splitter"):
         t.add_column(c, justify="left" if c in ("model", "splitter") else "right")
     for name, m in entry.models.items():
+        vs = m.vs_reference
         t.add_row(name, _pct(m.prompt_level_strict), _pct(m.instruction_level_strict),
-                  _pct(m.prompt_level_loose), _pct(m.instruction_level_loose), m.sentence_splitter or "-")
-    table_console(140).print(t)
+                  _pct(m.prompt_level_loose), _pct(m.instruction_level_loose),
+                  "-" if m.mean_words is None else f"{m.mean_words:.0f}",
+                  difference_text(vs.prompt_level_strict if vs else None),
+                  difference_text(vs.instruction_level_strict if vs else None), m.sentence_splitter or "-")
+    table_console(160).print(t)
+
 
 
 @click.command("eval")
@@ -138,7 +144,7 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
         rows = read_ifeval(prompts_path, id_field=id_field or "key", limit=limit)
         loader.set_threads(threads)
         entry = evaluate_ifeval(named, rows, out_dir, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, reference=reference)
         print_ifeval(IFEvalResults.model_validate(entry))
         click.echo(f"wrote {Path(out_dir) / 'results.json'} (\"ifeval\") and {Path(out_dir) / 'ifeval'}/")
         return

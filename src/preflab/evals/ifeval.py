@@ -193,17 +193,43 @@ def score_ifeval(rows: list[IFEvalRow], responses: list[str]) -> dict[str, Any]:
     }
 
 
+def against_reference(answers: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, dict[str, Any]]:
+    """Each model's strict accuracy minus the reference's on the same prompts (matched by key), with
+    a paired 95% interval (``rl.stats.paired_difference``): prompt level over prompts, instruction
+    level over prompts weighted by their instructions. ``answers``: name -> the rows of its
+    ``ifeval/NAME.jsonl`` (key, instructions, strict)."""
+    from preflab.rl.stats import paired_difference
+
+    ref = {r["key"]: r for r in answers[reference]}
+    out = {}
+    for name, rows in answers.items():
+        pairs = [(r, ref[r["key"]]) for r in rows if r["key"] in ref]
+        if name == reference or not pairs:
+            continue
+        levels = {"prompt_level_strict": ([float(all(a["strict"])) - float(all(b["strict"])) for a, b in pairs],
+                                          [1.0] * len(pairs)),
+                  "instruction_level_strict": ([float(sum(a["strict"]) - sum(b["strict"])) for a, b in pairs],
+                                               [float(len(b["strict"])) for _, b in pairs])}
+        out[name] = {"reference": reference}
+        for level, (diffs, weights) in levels.items():
+            d, (lo, hi) = paired_difference(diffs, weights)
+            out[name][level] = {"difference": d, "lo": lo, "hi": hi}
+    return out
+
+
 def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str | os.PathLike, *,
                     max_new_tokens: int = 512, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
                     progress: bool = True, bf16: bool = True,
-                    reuse: str | os.PathLike | None = None) -> dict[str, Any]:
+                    reuse: str | os.PathLike | None = None, reference: str | None = None) -> dict[str, Any]:
     """Sample one response per prompt from each model (name -> model spec), score them, write
     ``OUT/ifeval/NAME.jsonl`` (key, prompt, response, strict, loose) and put the scores under
     ``"ifeval"`` in ``OUT/results.json`` (kept beside what ``preflab eval`` wrote there before).
     Returns that ``"ifeval"`` entry: settings and, per model, ``score_ifeval`` without its rows,
     the model spec and the mean answer length in words. A model already scored there with the same
     spec and settings is not sampled again (a rerun after a kill resumes), nor one scored so in
-    the evaluation directory ``reuse`` (a round's evaluation takes the run's SFT scores)."""
+    the evaluation directory ``reuse`` (a round's evaluation takes the run's SFT scores). With a
+    ``reference`` among the models, every other model gets ``vs_reference``: its strict accuracies
+    minus the reference's with paired 95% intervals (``against_reference``)."""
     import json
     from pathlib import Path
 
@@ -252,6 +278,14 @@ def evaluate_ifeval(models: dict[str, str], rows: list[IFEvalRow], out_dir: str 
         results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
         results["ifeval"] = {"settings": settings, "models": {**done, **entry["models"]}}
         atomic_write_text(results_path, json.dumps(results, indent=2))  # after each model: a kill keeps it
+    if reference in entry["models"]:
+        from preflab.data.jsonl import read_jsonl
+
+        files = {name: out / "ifeval" / f"{safe_name(name)}.jsonl" for name in entry["models"]}
+        answers = {name: read_jsonl(path) for name, path in files.items() if path.is_file()}
+        if reference in answers:
+            for name, diff in against_reference(answers, reference).items():
+                entry["models"][name] = {**entry["models"][name], "vs_reference": diff}
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
     results["ifeval"] = entry
     atomic_write_text(results_path, json.dumps(results, indent=2))

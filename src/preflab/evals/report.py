@@ -36,7 +36,7 @@ from preflab import metric_keys as K
 from preflab.data.jsonl import atomic_write_text
 from preflab.errors import PreflabError
 from preflab.evals.metrics import seed_summary
-from preflab.evals.results import EvalResults, ModelResults
+from preflab.evals.results import EvalResults, ModelResults, difference_text
 from preflab.evals.results import load as load_results
 
 __all__ = ["SECTIONS", "cli", "render_report", "write_report"]
@@ -232,13 +232,21 @@ def render_ifeval(results: Any) -> str:
     block = getattr(results, "ifeval", None) if results is not None else None
     if block is None or not block.models:
         return ""
+    refs = {m.vs_reference.reference for m in block.models.values() if m.vs_reference}
+    ref = next(iter(refs)) if len(refs) == 1 else "the reference"
     rows = [[name, m.n_prompts, _fmt(m.prompt_level_strict, True), _fmt(m.instruction_level_strict, True),
              _fmt(m.prompt_level_loose, True), _fmt(m.instruction_level_loose, True), _fmt(m.mean_words),
+             difference_text(m.vs_reference.prompt_level_strict if m.vs_reference else None),
+             difference_text(m.vs_reference.instruction_level_strict if m.vs_reference else None),
              m.sentence_splitter or ""]
             for name, m in block.models.items()]
-    return ("<h3>Instruction following on an IFEval-format file</h3>"
+    note = ('<p class="note">Differences against the reference in percentage points, with paired 95% '
+            'intervals over the same prompts (instruction level: prompts weighted by their instructions).</p>'
+            if refs else "")
+    return ("<h3>Instruction following on an IFEval-format file</h3>" + note
             + _table(["model", "prompts", "prompt-level strict", "instruction-level strict", "prompt-level loose",
-                      "instruction-level loose", "mean words", "sentence splitter"], rows, text_cols=(0, 7)))
+                      "instruction-level loose", "mean words", f"prompt-level strict vs {ref} [95%]",
+                      f"instruction-level strict vs {ref} [95%]", "sentence splitter"], rows, text_cols=(0, 9)))
 
 
 def section_models(run: Run) -> str:

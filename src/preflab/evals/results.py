@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from preflab.errors import DataError
 
 __all__ = ["VERSION", "EvalResults", "EvalSettings", "Example", "ExampleResponse", "FailureBin", "GoldMeans",
-           "Histogram", "IFEvalModel", "IFEvalResults", "LengthStats", "MC1", "Metadata", "ModelResults", "Rate",
-           "Refusal", "Thresholds", "WinRate", "load", "reference_results"]
+           "Histogram", "IFEvalDifference", "IFEvalModel", "IFEvalResults", "LengthStats", "MC1", "Metadata", "ModelResults", "Rate",
+           "IFEvalVsReference", "Refusal", "Thresholds", "WinRate", "difference_text", "load", "reference_results"]
 
 VERSION = 1
 
@@ -198,6 +198,27 @@ class IFEvalInstruction(_Block):
     n: int | None = None
 
 
+class IFEvalDifference(_Block):
+    """A model's accuracy minus the reference's on the same prompts, with its paired 95% interval."""
+
+    difference: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+def difference_text(d: IFEvalDifference | None) -> str:
+    """'-2.7 [-6.1, +0.7]' (percentage points), or '-'."""
+    if d is None or d.difference is None or d.lo is None or d.hi is None:
+        return "-"
+    return f"{100 * d.difference:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]"
+
+
+class IFEvalVsReference(_Block):
+    reference: str | None = None
+    prompt_level_strict: IFEvalDifference | None = None
+    instruction_level_strict: IFEvalDifference | None = None
+
+
 class IFEvalModel(_Block):
     n_prompts: int | None = None
     n_instructions: int | None = None
@@ -209,8 +230,9 @@ class IFEvalModel(_Block):
     sentence_splitter: str | None = None  # "nltk-punkt" or "nupunkt"
     spec: str | None = None  # the model that answered
     mean_words: float | None = None  # answer length (metrics.count_words), beside the accuracy
+    vs_reference: IFEvalVsReference | None = None  # every model but the reference, where one was named
 
-    OPTIONAL = frozenset({"spec", "mean_words"})  # results written before they were recorded
+    OPTIONAL = frozenset({"spec", "mean_words", "vs_reference"})  # results written before they were recorded
 
 
 class IFEvalSettings(_Block):

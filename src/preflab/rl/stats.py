@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "average_ranks",
-    "spearman", "Interval", "WinRate", "between_prompt_share", "bootstrap_ci", "centred_lengths", "ensemble_spread",
+    "spearman", "Interval", "WinRate", "between_prompt_share", "paired_difference", "bootstrap_ci", "centred_lengths", "ensemble_spread",
     "length_slope", "length_slope_sums", "most_uncertain", "prompt_variance_sums", "win_rate",
     "wilson_interval"]
 
@@ -88,6 +88,28 @@ def difference_interval(x1: float, n1: int, x2: float, n2: int, z: float = 1.96)
     l2, u2 = wilson_interval(x2, n2, z)
     d = p1 - p2
     return Interval(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def paired_difference(diffs: list[float], weights: list[float], z: float = 1.96) -> tuple[float, Interval]:
+    """The difference of two models scored on the same units (prompts), with a normal interval
+    that keeps the pairing: ``diffs[i]`` is model A's score minus model B's on unit i (a prompt
+    passed: 1, 0 or -1; instructions passed: a count), ``weights[i]`` what the unit counts for (1 a
+    prompt; its number of instructions). The difference is sum(d) / sum(w), a ratio estimate whose
+    standard error comes from the residuals e_i = d_i - difference x w_i:
+
+    se = sqrt(n / (n - 1) x sum(e_i^2)) / sum(w)
+
+    (with every weight 1: the sample standard deviation of the d_i over sqrt(n)). Paired, it is
+    narrower than an interval for two independent proportions where the models agree on most
+    units. n < 2: the interval is the point."""
+    n, total = len(diffs), float(sum(weights))
+    if n != len(weights) or total <= 0:
+        raise ValueError(f"paired_difference: {n} differences, {len(weights)} weights summing to {total}")
+    d = sum(diffs) / total
+    if n < 2:
+        return d, Interval(d, d)
+    se = math.sqrt(n / (n - 1) * sum((x - d * w) ** 2 for x, w in zip(diffs, weights))) / total
+    return d, Interval(d - z * se, d + z * se)
 
 
 def conservative_reward(scores: torch.Tensor, how: str = "mean_minus_std", lam: float = 1.0) -> torch.Tensor:
