@@ -145,23 +145,15 @@ def with_new_keys(old: dict[str, Any], schema: Any) -> dict[str, Any]:
     """``old`` (a config a run was started with, perhaps by an older preflab) with the keys the
     ``schema`` (a config model) has added since, at their defaults: a new key at its default is no
     change. The keys ``old`` has stay as they are; an ``old`` the schema refuses is returned as is."""
+    from preflab.config.base import deep_merge
+
     if schema is None:
         return old
     try:
         full = schema.model_validate(old).model_dump(mode="json")
     except ValueError:  # pydantic's ValidationError is one: compare the config as written
         return old
-
-    def add(into: dict[str, Any], defaults: dict[str, Any]) -> None:
-        for key, value in defaults.items():
-            if key not in into:
-                into[key] = value
-            elif isinstance(into[key], dict) and isinstance(value, dict):
-                add(into[key], value)
-
-    filled = json.loads(json.dumps(old))
-    add(filled, full)
-    return filled
+    return deep_merge(full, old)  # every key old has, as old has it
 
 
 def check_config_change(old: dict[str, Any], new: dict[str, Any], *, force: bool, where: Any,

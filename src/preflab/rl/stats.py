@@ -151,20 +151,18 @@ def between_prompt_share(sums: torch.Tensor, k: int) -> float:
 
 
 def centred_lengths(lengths: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
-    """Each sample's length minus the mean length of its prompt's kept samples (k contiguous samples
-    per prompt); 0 for the samples not kept (and for a prompt with none kept)."""
-    length, keep = lengths.double().view(-1, k), kept.double().view(-1, k)
-    mean = (length * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
-    return ((length - mean) * keep).view(-1)
+    """Each sample's value (here its length) minus the mean over its prompt's kept samples (k
+    contiguous samples per prompt), in float64; 0 for the samples not kept (and for a prompt with
+    none kept)."""
+    x, keep = lengths.detach().double().view(-1, k), kept.double().view(-1, k)
+    mean = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+    return ((x - mean) * keep).view(-1)
 
 
 def length_slope_sums(scores: torch.Tensor, lengths: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
     """[sum of s_c x L_c, sum of L_c^2] over the kept samples, score and length each centred on its
     prompt's kept samples, in float64: sums that add over ranks before ``length_slope``."""
-    keep = kept.double().view(-1, k)
-    s = scores.detach().double().view(-1, k)
-    s_c = (s - (s * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)) * keep
-    length_c = centred_lengths(lengths, kept, k).view(-1, k)
+    s_c, length_c = centred_lengths(scores, kept, k), centred_lengths(lengths, kept, k)
     return torch.stack([(s_c * length_c).sum(), (length_c * length_c).sum()])
 
 
