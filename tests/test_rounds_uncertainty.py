@@ -20,6 +20,7 @@ def test_uncertainty_needs_an_ensemble_named_by_its_key(tmp_path):
     with pytest.raises(ConfigError, match=r"round.select: uncertainty .* rm_ensemble >= 2 \(it is 1\)"):
         Pipeline(_cfg(rounds=2, rl=["rloo"], round={"select": "uncertainty"}), tmp_path)
     Pipeline(_cfg(rounds=2, rl=["rloo"], rm_ensemble=2, round={"select": "uncertainty"}), tmp_path)
+    Pipeline(_cfg(rounds=2, rl=["rloo"], rm={"train": {"heads": 2}}, round={"select": "uncertainty"}), tmp_path)
     Pipeline(_cfg(rounds=1, rl=["rloo"], round={"select": "uncertainty"}), tmp_path)  # no round picks
     assert _cfg().round.select == "random" and _cfg().round.pool == 3
 

@@ -526,14 +526,15 @@ def load_reward_model(spec: str, dtype: str = "fp32", device: str = "auto") -> P
 
 
 def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto", *,
-                reward_model: bool = False) -> PreTrainedModel:
-    """A sequence-classification model with one output (reward model or critic).
+                reward_model: bool = False, heads: int = 1) -> PreTrainedModel:
+    """A sequence-classification model with one output (reward model or critic), or with
+    ``heads`` reward heads on its trunk (``reward_heads.RewardHeads``, one output by default).
 
     From a causal LM checkpoint the head is new (randomly initialised); from a saved reward
-    model it is the trained head. Dropout is off (docs/reference.md §2.3: no dropout in RL).
-    ``reward_model=True`` (scoring with a trained RM: PPO's reward and critic init, evaluation,
-    rm-eval) refuses a model without the reward-model mark, e.g. an SFT directory, whose head
-    would be random: ModelError naming it.
+    model it is the trained head, as many heads as it was saved with. Dropout is off
+    (docs/reference.md §2.3: no dropout in RL). ``reward_model=True`` (scoring with a trained RM:
+    PPO's reward and critic init, evaluation, rm-eval) refuses a model without the reward-model
+    mark, e.g. an SFT directory, whose head would be random: ModelError naming it.
     """
     import warnings
 
@@ -547,19 +548,24 @@ def load_scorer(spec: str, dtype: str = "fp32", device: str = "auto", *,
 
     from transformers import AutoModelForSequenceClassification
 
+    from preflab import reward_heads
+
+    saved = saved_heads(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _from_pretrained(
             AutoModelForSequenceClassification,
             spec,
             attention=True,
-            num_labels=1,
+            num_labels=saved if heads == 1 else heads,
+            # heads on a trunk saved with another number of them (a warm start): new heads
+            ignore_mismatched_sizes=heads > 1 and saved != heads,
             dtype=_dtype(dtype),
             **_dropout_kwargs(spec),
         )
     tok = load_tokenizer(spec)
     model.config.pad_token_id = tok.pad_token_id
-    return model.to(pick_device(device))
+    return reward_heads.attach(model.to(pick_device(device)))
 
 
 def _dropout_kwargs(spec: str) -> dict[str, float]:
@@ -568,6 +574,15 @@ def _dropout_kwargs(spec: str) -> dict[str, float]:
 
     cfg = AutoConfig.from_pretrained(resolve(spec))
     return {k: 0.0 for k, v in cfg.to_dict().items() if "dropout" in k and isinstance(v, float)}
+
+
+def saved_heads(spec: str) -> int:
+    """How many reward heads a saved reward model has (``rm.train.heads``; 1 for anything else)."""
+    from transformers import AutoConfig
+
+    from preflab.reward_heads import HEADS_KEY
+
+    return int(getattr(AutoConfig.from_pretrained(resolve(spec)), HEADS_KEY, None) or 1)
 
 
 def wrap_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSAL_LM",
@@ -623,7 +638,9 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, *, reward_model: boo
         reward_model = hasattr(model.config, "preflab_reward_gain")
     if reward_model:
         setattr(model.config, REWARD_MARK, True)
-    with atomic_dir(out) as tmp:
+    from preflab.reward_heads import plain_head
+
+    with atomic_dir(out) as tmp, plain_head(model):
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return out
@@ -655,12 +672,19 @@ def apply_reward_norm(model: Any) -> Any:
     gives the normalised scores PPO and evaluation use (``gain * raw + bias``, the config's
     ``preflab_reward_gain``/``preflab_reward_bias``, reset to 1 and 0 here so nothing applies them
     twice). The head of Llama-family models has no bias, so a new one is added; the model stays a
-    plain transformers model.
+    plain transformers model. A reward model with several heads (``rm.train.heads``) gets the one
+    head that gives their mean normalised score, its score everywhere else too.
     """
     import torch
 
-    base = getattr(model, "module", model)
+    from preflab import reward_heads
+
+    base = reward_heads.attach(getattr(model, "module", model))  # several outputs: RewardHeads, the stored norms
     cfg = base.config
+    if reward_heads.heads_of(base) is not None:
+        setattr(base, reward_heads.head_attr(base), reward_heads.mean_linear(base))
+        cfg.num_labels = 1
+        return model
     gain, bias = float(getattr(cfg, "preflab_reward_gain", 1.0)), float(getattr(cfg, "preflab_reward_bias", 0.0))
     name = "score" if hasattr(base, "score") else "classifier"
     head = getattr(base, name)

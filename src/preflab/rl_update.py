@@ -20,6 +20,7 @@ from preflab import distributed, loop, models
 from preflab.config import RLConfig
 from preflab.data.chat import IGNORE, Example, collate
 from preflab.optim import non_finite_error
+from preflab.reward_heads import head_mode
 from preflab.rl import (
     ValueLoss,
     gae,
@@ -322,11 +323,19 @@ def online_dpo_term(lp: torch.Tensor, batch: Scored, idx: list[int], m: torch.Te
 
 
 def ensemble_reward(rms: list[nn.Module]) -> RewardFn:
-    """The (B,) scores of one RM, or the (M, B) scores of several, each normalised by its own stored
-    gain and bias (``score_rollout`` combines them: ``rl.stats.conservative_reward``)."""
-    if len(rms) == 1:
-        return lambda s: reward_scores(rms[0], s)
-    return lambda s: torch.stack([reward_scores(rm, s).float() for rm in rms])
+    """The (B,) scores of one RM, or the (M, B) scores of an ensemble: several RMs, or the heads of
+    RMs that have several (``rm.train.heads``), each normalised by its own stored gain and bias
+    (``score_rollout`` combines them: ``rl.stats.conservative_reward``)."""
+    def members(rm: nn.Module, s: Samples) -> torch.Tensor:
+        with head_mode(rm, "members") as heads:
+            r = reward_scores(rm, s).float()
+        return r.T if heads > 1 else r[None]
+
+    def score(s: Samples) -> torch.Tensor:
+        out = torch.cat([members(rm, s) for rm in rms])
+        return out[0] if len(out) == 1 else out
+
+    return score
 
 
 def load_critic(cfg: RLConfig) -> nn.Module:

@@ -70,10 +70,11 @@ class Rounds:
     def __init__(self, pipe: Any):  # the pipeline.Pipeline whose rounds these are (it imports this module)
         self.pipe, self.cfg, self.out = pipe, pipe.cfg, pipe.out
         self.method = round_method(self.cfg) if self.cfg.rounds > 1 else None
-        if self.cfg.rounds > 1 and self.cfg.round.select == "uncertainty" and self.cfg.rm_ensemble < 2:
+        heads = pipe.stage_configs["rm"].train.heads
+        if self.cfg.rounds > 1 and self.cfg.round.select == "uncertainty" and self.cfg.rm_ensemble < 2 and heads < 2:
             raise ConfigError(f"round.select: uncertainty picks prompts by the reward-model ensemble's disagreement "
-                              f"and needs rm_ensemble >= 2 (it is {self.cfg.rm_ensemble}); set rm_ensemble: 2 or "
-                              "more, or round.select: random")
+                              f"and needs rm_ensemble >= 2 (it is {self.cfg.rm_ensemble}) or rm.train.heads >= 2; "
+                              "set one of them to 2 or more, or round.select: random")
 
     # -- where each round's pieces live ---------------------------------------------------------
 
@@ -209,7 +210,7 @@ class Rounds:
         """RM accuracy on held-out rankings of the current policy's samples: the RM the policy was
         trained against (round r-1's) and the refit one (round r's), beside the labelers' agreement,
         and all of them against the gold judge on the pairs it decides (``rm_eval.gold_agreement``)."""
-        from preflab.evals.rm_eval import evaluate, gold_agreement, gold_totals, member_scores
+        from preflab.evals.rm_eval import evaluate, gold_agreement, gold_totals, rm_scores
         from preflab.feedback.ranking_sources import read_groups
 
         if not self.cfg.round.heldout:
@@ -221,8 +222,8 @@ class Rounds:
         rms = {"rm_before": self.rm(r - 1)} if final else {"rm_before": self.rm(r - 1), "rm_after": self.rm(r)}
         result: dict[str, Any] = {"round": "final" if final else r, "policy": str(self.policy(r - 1)), "split": split}
         groups = [g for g in read_groups(source, None, split) if g.pairs()]
-        scores = {key: member_scores(str(rm), groups, self.pipe.stage_configs["rm"].data.max_length, 16,
-                                     self.cfg.eval.bf16, normalise=False) for key, rm in rms.items()}
+        scores = {key: rm_scores(str(rm), groups, self.pipe.stage_configs["rm"].data.max_length, 16,
+                                 self.cfg.eval.bf16) for key, rm in rms.items()}
         for key, rm in rms.items():
             rep = evaluate(groups, scores[key], temperature_scaling=False, worst_k=0)
             result[key] = {"model": str(rm), "accuracy": rep["accuracy"], "ci": rep["ci"], "n_pairs": rep["n_pairs"],

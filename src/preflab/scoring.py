@@ -262,7 +262,9 @@ def collate_groups(batch: list[Encoded], pad_id: int, share_prefix: bool = False
         mask[i, :len(r)] = 1
     ranks, valid = padded_ranks(batch)
     out = {"input_ids": input_ids, "attention_mask": mask, "ranks": ranks, "valid": valid}
-    if share_prefix:  # collate_groups' keys other than ranks and valid are Scorer's arguments
+    if batch[0].weights is not None:  # (P, M) bootstrap counts of M reward heads (not a Scorer argument)
+        out["weights"] = torch.tensor([g.weights for g in batch], dtype=torch.float32)
+    if share_prefix:
         out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
         out["group"] = torch.tensor([p for p, g in enumerate(batch) for _ in g.ids], dtype=torch.long)
     return out
@@ -328,7 +330,7 @@ def shared_prefix_rewards(model: nn.Module, prefix_ids: torch.Tensor, prefix_mas
 
 def scorer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The arguments of ``Scorer`` in a ``collate_groups`` batch."""
-    return {k: v for k, v in batch.items() if k not in ("ranks", "valid")}
+    return {k: v for k, v in batch.items() if k not in ("ranks", "valid", "weights")}
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -385,21 +387,24 @@ def score_texts(model: nn.Module, tokenizer, prompts: list, responses: list[str]
     if not normalise:
         return raw
     gain, bias = reward_norm(model)
-    return [gain * s + bias for s in raw]
+    return (torch.tensor(raw, dtype=torch.float64) * gain + bias).tolist()  # (N,), or (N, M) of M heads
 
 
 def ensemble_text_scores(members: list[str], prompts: list, responses: list[str], *, max_length: int = 384,
                          batch_size: int = 16, bf16: bool = False) -> list[list[float]]:
     """(M, N) normalised scores (``score_texts(normalise=True)``) of (prompt, response) pairs by each
-    reward model of ``members``, loaded one at a time; ``rl.stats.ensemble_spread`` turns them into
-    each pair's mean and uncertainty."""
+    reward model of ``members``, loaded one at a time, a model with several heads (``rm.train.heads``)
+    giving a row per head; ``rl.stats.ensemble_spread`` turns them into each pair's mean and uncertainty."""
     from preflab import models
+    from preflab.reward_heads import head_mode
 
     out = []
     for spec in members:
         rm = models.load_reward_model(spec, dtype="bf16" if bf16 else "fp32").eval()
-        out.append(score_texts(rm, models.load_tokenizer(spec), prompts, responses, max_length=max_length,
-                               batch_size=batch_size, bf16=bf16, normalise=True))
+        with head_mode(rm, "members") as heads:
+            scores = score_texts(rm, models.load_tokenizer(spec), prompts, responses, max_length=max_length,
+                                 batch_size=batch_size, bf16=bf16, normalise=True)
+        out.extend([list(row) for row in zip(*scores)] if heads > 1 else [scores])
         del rm
     return out
 
@@ -419,14 +424,17 @@ def add_ensemble_uncertainty(rows: list[dict[str, Any]], members: list[str], **k
 
 def run_reward_ensemble(run: str | Path) -> list[str]:
     """The reward models of a pipeline run trained with ``rm_ensemble`` >= 2: RUN/rm/model, RUN/rm-2/model,
-    ... as far as they exist; [] when the run has a single RM (or ``run`` is no run directory)."""
+    ... as far as they exist, or RUN/rm/model alone where it has several heads (``rm.train.heads``);
+    [] when the run has a single one-head RM (or ``run`` is no run directory)."""
+    from preflab.models import saved_heads
+
     found = []
     for name in itertools.chain(["rm"], (f"rm-{i}" for i in itertools.count(2))):
         model = Path(run) / name / "model"
         if not (model / "config.json").is_file():
             break
         found.append(str(model))
-    return found if len(found) > 1 else []
+    return found if len(found) > 1 or (found and saved_heads(found[0]) > 1) else []
 
 
 def score_groups(model, encoded: list[Encoded], pad_id: int, *, batch_size: int, bf16: bool,

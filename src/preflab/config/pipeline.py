@@ -88,8 +88,8 @@ class RoundsSection(Section):
         "random", description="Which fresh RM-split prompts a round ranks. random: the next `round.prompts` of the "
                               "suite. uncertainty: of the next `round.pool` x `round.prompts`, the ones whose K samples "
                               "of the current policy the reward-model ensemble disagrees on most (the members' std of "
-                              "the normalised reward, averaged over the K samples); needs rm_ensemble >= 2, and every "
-                              "member is refit each round.")
+                              "the normalised reward, averaged over the K samples); needs rm_ensemble >= 2 (every "
+                              "member is refit each round) or rm.train.heads >= 2.")
     pool: int = Field(3, ge=1, description="With select: uncertainty, the prompts scored per round, in multiples of "
                                            "`round.prompts` (the pool's unpicked prompts are never ranked, and no "
                                            "later round draws them).")
@@ -177,7 +177,8 @@ class PipelineConfig(Section):
                                                   "seeds seed, seed + 1, ...): with more than one, the online RL "
                                                   "methods optimise `rewards.ensemble` over them (conservative where "
                                                   "they disagree). Rounds 2..n refit one RM (each member with "
-                                                  "`round.select: uncertainty`).")
+                                                  "`round.select: uncertainty`). `rm.train.heads` is the same kind "
+                                                  "of ensemble as heads on one RM's trunk, for one RM's cost.")
     rounds: int = Field(1, ge=1, description="Rounds of the recipe: 1 is the graph above; each further round "
                                              "ranks fresh samples of the current policy, refits the RM and "
                                              "trains on (`round`).")

@@ -57,6 +57,11 @@ class RMTrain(Section):
     frozen_layers: int = Field(0, ge=0, description="Keep the token embeddings and the lowest N decoder layers at "
                                                     "the starting model's weights: no gradient flows below layer N, "
                                                     "so a step costs less (SmolLM2-135M has 30 layers; 0: train all).")
+    heads: int = Field(1, ge=1, description="Reward heads on the one trunk, each trained on its own bootstrap "
+                                            "resample of the rankings (Poisson(1) counts per ranking): an ensemble "
+                                            "for one model's cost. Its score is the heads' mean normalised score; "
+                                            "the RL stage optimises `rewards.ensemble` over the heads. Not with "
+                                            "LoRA or FSDP.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=PARALLEL_HELP)
     length_groups: int = Field(0, ge=0, description=LENGTH_GROUPS_HELP)
     share_prompt: bool = Field(True, description="Run a prompt once and its K responses on its cached keys and "
@@ -99,6 +104,10 @@ class RMConfig(Section):
     @model_validator(mode="after")
     def _select_best_has_held_out(self) -> RMConfig:
         check_select_best(self.data, self.train)
+        if self.train.heads > 1 and (self.model.lora.enabled or self.train.parallel == "fsdp"):
+            raise ValueError(f"train.heads: {self.train.heads} heads need the whole model on each rank: not with "
+                             "model.lora.enabled or train.parallel: fsdp (set train.heads: 1, or train the "
+                             "ensemble as separate reward models)")
         return self
 
 __all__ = ["RankingData", "RMData", "RMOptim", "RMTrain", "RMNorm", "RMEval", "RMRun", "RMConfig"]

@@ -126,6 +126,7 @@ def encode_pair(tokenizer, prompt: str | list[dict[str, str]], response: str, ma
 class Encoded:
     ids: list[list[int]]  # K token sequences
     ranks: list[int]
+    weights: list[float] | None = None  # the ranking's bootstrap count in each reward head's loss
 
 
 def encode_groups(tokenizer, groups: list[Group], max_length: int) -> list[Encoded]:

@@ -330,11 +330,14 @@ def print_ensemble(ens: dict[str, Any], console) -> None:
 
 
 def member_scores(spec: str, groups: list[Group], max_length: int, batch_size: int, bf16: bool, *,
-                  normalise: bool) -> list[list[float]]:
-    """One reward model's scores of every response of ``groups`` (raw, or with its stored gain and bias).
-    Rankings of the same prompt and candidates in the same order (several labelers') are scored once."""
+                  normalise: bool) -> list[list[list[float]]]:
+    """One reward model's scores of every response of ``groups`` (raw, or with its stored gain and
+    bias), as one member, or a member per head of a model with several (``rm.train.heads``; a
+    one-model ensemble). Rankings of the same prompt and candidates in the same order (several
+    labelers') are scored once."""
     from preflab import models
     from preflab.data.rankings import encode_groups
+    from preflab.reward_heads import head_mode
     from preflab.scoring import reward_norm, score_groups
 
     keys = [json.dumps([g.prompt, g.responses]) for g in groups]
@@ -343,11 +346,25 @@ def member_scores(spec: str, groups: list[Group], max_length: int, batch_size: i
         first.setdefault(k, i)
     tokenizer = models.load_tokenizer(spec)
     model = models.load_reward_model(spec)
-    unique = score_groups(model, encode_groups(tokenizer, [groups[i] for i in first.values()], max_length),
-                          tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16)
+    with head_mode(model, "members" if normalise else "raw") as heads:
+        unique = score_groups(model, encode_groups(tokenizer, [groups[i] for i in first.values()], max_length),
+                              tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16)
     by_key = dict(zip(first, unique))
+    if heads > 1:  # normalised per head inside the heads (members), or raw
+        return [[[x[m] for x in by_key[k]] for k in keys] for m in range(heads)]
     gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
-    return [[gain * x + bias for x in by_key[k]] for k in keys]
+    return [[[gain * x + bias for x in by_key[k]] for k in keys]]
+
+
+def rm_scores(spec: str, groups: list[Group], max_length: int, batch_size: int, bf16: bool) -> list[list[float]]:
+    """A reward model's score of every response of ``groups``: raw from one head; from several heads
+    their mean normalised score, the model's score everywhere else too."""
+    from preflab.models import saved_heads
+
+    if saved_heads(spec) == 1:
+        return member_scores(spec, groups, max_length, batch_size, bf16, normalise=False)[0]
+    members = member_scores(spec, groups, max_length, batch_size, bf16, normalise=True)
+    return [list(np.mean([m[g] for m in members], axis=0)) for g in range(len(groups))]
 
 
 @click.command("rm-eval")
@@ -382,15 +399,18 @@ def cli(model_specs, data, split, out_path, max_length, batch_size, n_bins, wors
 
     models.set_threads(threads)
     groups = [g for g in read_groups(data, None, split) if g.pairs()]
-    ensemble = len(model_specs) > 1  # an ensemble is read in normalised rewards, one model in raw scores
-    members = [member_scores(spec, groups, max_length, batch_size, bf16, normalise=ensemble) for spec in model_specs]
+    heads = {spec: models.saved_heads(spec) for spec in model_specs}
+    names = [spec if heads[spec] == 1 else f"{spec}#head{m}" for spec in model_specs for m in range(heads[spec])]
+    ensemble = len(names) > 1  # an ensemble (models, or heads) is read in normalised rewards, one model in raw
+    members = [m for spec in model_specs for m in member_scores(spec, groups, max_length, batch_size, bf16,
+                                                                normalise=ensemble)]
     scores = [list(np.mean([m[g] for m in members], axis=0)) for g in range(len(groups))] if ensemble else members[0]
     report = evaluate(groups, scores, n_bins=n_bins, temperature_scaling=temperature_scaling, worst_k=worst_k)
     if ensemble:
-        report["ensemble"] = ensemble_report(groups, members, list(model_specs), top_k=worst_k)
+        report["ensemble"] = ensemble_report(groups, members, names, top_k=worst_k)
     gold = gold_totals(data, split, groups)
     if gold is not None:  # a store of suite prompts: read the pairs against the gold judge too
-        report["gold"] = gold_agreement(groups, gold, {**dict(zip(model_specs, members)),
+        report["gold"] = gold_agreement(groups, gold, {**dict(zip(names, members)),
                                                        **({"mean": scores} if ensemble else {})})
     print_report(report)
     if out_path:

@@ -27,6 +27,7 @@ __all__ = [
     "kway_ranking_loss",
     "pad_rewards",
     "plackett_luce_loss",
+    "plackett_luce_per_prompt",
     "ranking_loss",
     "ranks_from_tiers",
 ]
@@ -153,7 +154,14 @@ def kway_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tenso
 def batched_plackett_luce_loss(
     rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """Plackett-Luce negative log-likelihood of each ranking, averaged over prompts.
+    """``plackett_luce_per_prompt`` averaged over the prompts: a scalar."""
+    return plackett_luce_per_prompt(rewards, ranks, valid).mean()
+
+
+def plackett_luce_per_prompt(
+    rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Plackett-Luce negative log-likelihood of each ranking: (P,).
 
     DPO App. A.3, Eq. 18 (docs/reference.md §5.2), for a strict order tau::
 
@@ -174,7 +182,7 @@ def batched_plackett_luce_loss(
         valid: (P, Kmax) nonzero on real responses.
 
     Returns:
-        scalar: mean over prompts of the per-prompt NLL.
+        (P,) the per-prompt NLL.
     """
     if not (rewards.shape == ranks.shape == valid.shape) or rewards.dim() != 2:
         raise ValueError("rewards, ranks and valid must all be (P, Kmax)")
@@ -188,7 +196,7 @@ def batched_plackett_luce_loss(
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     # For padded i the choice set may be empty (logsumexp = -inf); where() drops it.
     terms = torch.where(chooses, rewards - torch.where(chooses, log_denominator, zero), zero)
-    return -terms.sum(dim=-1).mean()
+    return -terms.sum(dim=-1)
 
 
 def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -224,25 +232,32 @@ def pad_rewards(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return flat.new_zeros(valid.shape).masked_scatter(valid, flat)
 
 
-def _kway_sum(rewards, ranks, valid) -> torch.Tensor:
+def _kway_per_prompt(rewards, ranks, valid) -> torch.Tensor:
     # InstructGPT Eq. 1: -1/C_eff sum log sigmoid(r_w - r_l) per prompt (0 for an all-tied prompt).
-    return batched_kway_ranking_loss(rewards, ranks, valid).per_prompt_loss.sum()
+    return batched_kway_ranking_loss(rewards, ranks, valid).per_prompt_loss
 
 
-def _plackett_luce_sum(rewards, ranks, valid) -> torch.Tensor:
-    # The batched PL loss is a mean over the P prompts (docs/reference.md §5.3).
-    return batched_plackett_luce_loss(rewards, ranks, valid) * rewards.shape[0]
-
-
-LOSSES = {"kway": _kway_sum, "plackett_luce": _plackett_luce_sum}
+LOSSES = {"kway": _kway_per_prompt, "plackett_luce": plackett_luce_per_prompt}  # (P,) per-prompt losses
 
 
 def ranking_loss(flat_rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
-                 loss: str = "kway") -> LossParts:
-    """The micro-batch's summed loss and pair counts from (sum K,) rewards of a ``collate_groups`` batch."""
+                 loss: str = "kway", weights: torch.Tensor | None = None) -> LossParts:
+    """The micro-batch's summed loss and pair counts from (sum K,) rewards of a ``collate_groups`` batch.
+
+    (sum K, M) rewards are M reward heads on one trunk (``reward_heads``): each head's per-prompt
+    loss weighed by ``weights`` (P, M), the prompts' bootstrap counts (all 1 when None), the heads
+    averaged; pair counts and accuracy are those of the heads' mean reward."""
+    if flat_rewards.dim() == 2:
+        heads = flat_rewards.shape[1]
+        w = weights if weights is not None else flat_rewards.new_ones((valid.shape[0], heads))
+        total = sum((LOSSES[loss](pad_rewards(flat_rewards[:, m].float(), valid), ranks, valid) * w[:, m]).sum()
+                    for m in range(heads)) / heads
+        flat_rewards = flat_rewards.detach().mean(1)
+    else:
+        total = None
     rewards = pad_rewards(flat_rewards.float(), valid)
+    if total is None:
+        total = LOSSES[loss](rewards, ranks, valid).sum()
     with torch.no_grad():
         counts = batched_kway_ranking_loss(rewards.detach(), ranks, valid)
-    return LossParts(LOSSES[loss](rewards, ranks, valid), int((counts.n_pairs > 0).sum()),
-                     int(counts.n_pairs.sum()), int(counts.n_correct.sum()))
-
+    return LossParts(total, int((counts.n_pairs > 0).sum()), int(counts.n_pairs.sum()), int(counts.n_correct.sum()))

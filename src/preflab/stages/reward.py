@@ -11,6 +11,8 @@ the end-of-turn (EOS) token; the score is the head output at that last real toke
 (docs/reference.md), padding ignored. All C(K,2) pairs of a prompt form ONE batch element,
 K forward passes per prompt, tied pairs dropped; by default (``train.share_prompt``) the
 prompt part of those K passes runs once and the K responses read its cached keys and values.
+With ``train.heads`` > 1 the head is M heads on the one trunk, each weighing every ranking by its own
+bootstrap count (``reward_heads``): an ensemble for one model's cost.
 Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``), like ``stages/sft.py``:
 the loss is normalised by the step's global count of prompts, so gradient accumulation and ranks
 are exact; rank 0 alone writes.
@@ -18,6 +20,7 @@ are exact; rank 0 alone writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,11 +28,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from preflab import distributed, loop, models
+from preflab import distributed, loop, models, reward_heads
 from preflab.config import RMConfig
 from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair
+from preflab.errors import ConfigError
 from preflab.evals.rm_eval import evaluate, print_report, report_metrics
 from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
@@ -83,6 +87,12 @@ def normalisation(demo_scores: list[float], policy_scores: list[float], *, demos
     return gain, bias
 
 
+def head_column(raw: list, m: int) -> list[float]:
+    """Head ``m``'s scores from ``score_ids`` output: floats of a one-head model, or a list per
+    sequence of a model with several heads."""
+    return [r[m] for r in raw] if raw and isinstance(raw[0], list) else raw
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +110,20 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     pad_id = tokenizer.pad_token_id
     train_g, val_g, n_tied = read_train_val(d, cfg.run.seed)
     train_ex, val_ex = encode_groups(tokenizer, train_g, d.max_length), encode_groups(tokenizer, val_g, d.max_length)
+    heads = cfg.train.heads  # > 1: each head weighs every ranking by its own bootstrap count
+    if boot := reward_heads.bootstrap_weights(len(train_ex), heads, cfg.run.seed):
+        train_ex = [dataclasses.replace(e, weights=w) for e, w in zip(train_ex, boot)]
     global_batch = cfg.train.batch_prompts * cfg.train.grad_accum * dist.world_size  # prompts x accum x ranks
     total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
                                    "rankings with an untied pair")
     run.log(f"rm: {len(train_ex)} train rankings ({n_tied} all-tied dropped) / "
             f"{len(val_ex)} held out, {total_steps} steps, loss {cfg.train.loss}")
 
-    # 2. model (scalar head on the SFT trunk), optimizer, schedule; resume ----------------------
-    model = models.load_scorer(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+    # 2. model (scalar head, or `heads` heads, on the SFT trunk), optimizer, schedule; resume ----
+    model = models.load_scorer(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, heads=heads)
+    if (got := reward_heads.head_count(model)) != heads:
+        raise ConfigError(f"train.heads: {heads}, but {cfg.model.path} is a reward model with {got} heads; "
+                          f"set train.heads: {got}, or start from the SFT model")
     if cfg.model.lora.enabled:
         model = models.wrap_lora(model, loop.lora_options(cfg.model),
                                  task_type="SEQ_CLS", modules_to_save=["score"])
@@ -136,7 +152,9 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, RankingSums]:
         batch = {k: v.to(device) for k, v in batch.items()}
-        parts = ranking_loss(scorer(**scorer_inputs(batch)), batch["ranks"], batch["valid"], cfg.train.loss)
+        with reward_heads.head_mode(model, "raw"):  # (N, heads) raw scores where there are several
+            rewards = scorer(**scorer_inputs(batch))
+        parts = ranking_loss(rewards, batch["ranks"], batch["valid"], cfg.train.loss, batch.get("weights"))
         return parts.total, RankingSums(float(parts.total.detach()), parts.n_pairs, parts.n_correct)
 
     def validate(step: int) -> loop.Validation:
@@ -168,20 +186,29 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     else:
         demos = [(g.prompt, r) for g in train_g for r, k in zip(g.responses, g.ranks) if k == 0]
         demo_source = "top-ranked training responses (no data.demos)"
+    #    Several heads: each its own gain and bias, from its own raw scores.
     pool = val_ex or train_ex  # "held-out policy samples": every response of the held-out rankings
-    with distributed.gathered(scorer):
+    with distributed.gathered(scorer), reward_heads.head_mode(model, "raw"):
         demo_raw = score_ids(model, [encode_pair(tokenizer, p, r, d.max_length) for p, r in demos], pad_id,
                              batch_size=score_batch, bf16=bf16, shard=True) if cfg.norm.demos_mean_zero else []
         policy_raw = score_ids(model, [s for e in pool for s in e.ids], pad_id, batch_size=score_batch, bf16=bf16,
                                shard=True) if cfg.norm.policy_gain_bias else []
-    gain, bias = normalisation(demo_raw, policy_raw, demos_mean_zero=cfg.norm.demos_mean_zero,
-                               policy_gain_bias=cfg.norm.policy_gain_bias)
-    unwrap(model).config.preflab_reward_gain = gain
-    unwrap(model).config.preflab_reward_bias = bias
+    norms = [normalisation(head_column(demo_raw, m), head_column(policy_raw, m),
+                           demos_mean_zero=cfg.norm.demos_mean_zero, policy_gain_bias=cfg.norm.policy_gain_bias)
+             for m in range(heads)]
+    if heads == 1:
+        gain, bias = norms[0]
+        unwrap(model).config.preflab_reward_gain = gain
+        unwrap(model).config.preflab_reward_bias = bias
+    else:
+        reward_heads.store_norm(model, [g for g, _ in norms], [b for _, b in norms])
+        gain, bias = (float(np.mean(x)) for x in zip(*norms))  # reported: the heads' mean
     final.update({"rm/norm_gain": gain, "rm/norm_bias": bias})
     if demo_raw:
-        final["rm/demo_score_mean"] = gain * float(np.mean(demo_raw)) + bias
-    run.log(f"rm: normalisation gain {gain:.4g} bias {bias:.4g} (demos: {demo_source})")
+        final["rm/demo_score_mean"] = float(np.mean([g * x + b for m, (g, b) in enumerate(norms)
+                                                     for x in head_column(demo_raw, m)]))
+    run.log(f"rm: normalisation gain {gain:.4g} bias {bias:.4g}{' (heads mean)' if heads > 1 else ''} "
+            f"(demos: {demo_source})")
 
     # 5. held-out evaluation: accuracy, calibration, worst pairs, labeler ceiling ---------------
     if val_ex:
