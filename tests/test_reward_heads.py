@@ -92,6 +92,9 @@ def test_three_heads_learn_apart_each_normalised_to_the_demos(heads_rm):
     out, demos = heads_rm
     report = json.loads((out.parent / "eval" / "rm_eval.json").read_text())
     assert report["accuracy"] >= 0.95
+    ens = report["ensemble"]  # each head's held-out accuracy and their disagreement
+    assert ens["members"] == ["head0", "head1", "head2"] and len(ens["member_accuracy"]) == 3
+    assert ens["n_pairs"] == report["n_pairs"] and ens["mean_uncertainty"] > 0
     rm = models.load_reward_model(str(out))
     assert reward_heads.head_count(rm) == 3 and models.saved_heads(str(out)) == 3
     w = rm.score.linear.weight.detach()

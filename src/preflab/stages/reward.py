@@ -34,7 +34,7 @@ from preflab.data.chat import read_demos
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.rankings import Encoded, Group, encode_groups, encode_pair
 from preflab.errors import ConfigError
-from preflab.evals.rm_eval import evaluate, print_report, report_metrics
+from preflab.evals.rm_eval import ensemble_report, evaluate, print_report, report_metrics
 from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
@@ -214,6 +214,12 @@ def train(cfg: RMConfig, resume: bool = False) -> Path:
     if val_ex:
         report = held_out(val_ex, val_g)
         report["normalisation"] = {"gain": gain, "bias": bias, "demos": demo_source}
+        if heads > 1:  # each head's accuracy and where they disagree, as `preflab rm-eval` reports an ensemble
+            with distributed.gathered(scorer), reward_heads.head_mode(model, "members"):
+                by_group = score_groups(model, val_ex, pad_id, batch_size=score_batch, bf16=bf16, shard=True)
+            members = [[[x[m] for x in g] for g in by_group] for m in range(heads)]
+            report["ensemble"] = ensemble_report(val_g, members, [f"head{m}" for m in range(heads)],
+                                                 top_k=cfg.eval.worst_k)
         final.update(report_metrics(report))
         if dist.is_main:
             atomic_write_text(Path(cfg.run.out) / "eval" / "rm_eval.json", json.dumps(report, indent=2, default=str))
