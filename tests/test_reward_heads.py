@@ -8,14 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import max_param_diff, model_weights
+from helpers import free_port, max_param_diff, model_weights
 from preflab import models, reward_heads, rl_update, scoring
 from preflab.data import rankings
 from preflab.errors import ConfigError
 from preflab.evals import rm_eval
 from preflab.rl import ranking
 from preflab.stages import reward
-from test_reward import EXACT, WORDS, rm_cfg, write_mixed, write_rankings
+from test_reward import EXACT, WORDS, _ddp_worker, rm_cfg, write_mixed, write_rankings
 
 
 @pytest.fixture(autouse=True)
@@ -229,3 +229,15 @@ def test_the_critic_from_a_heads_rm_starts_at_their_mean(heads_rm):
     mean = scoring.score_texts(models.load_reward_model(str(out)), tok, prompts, responses, max_length=96,
                                normalise=True)
     assert scoring.score_texts(critic, tok, prompts, responses, max_length=96) == pytest.approx(mean, abs=1e-5)
+
+
+def test_heads_on_two_gloo_ranks_equal_one_rank(tmp_path):
+    """The counts travel with the rankings, so each rank's slice weighs them as one process does."""
+    data = write_mixed(tmp_path / "m.jsonl", n=20)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    w_one = model_weights(reward.train(rm_cfg(tmp_path / "one", data, *EXACT, "train.heads=3",
+                                              "train.batch_prompts=8", "train.max_steps=2")))
+    two = rm_cfg(tmp_path / "two", data, *EXACT, "train.heads=3", "train.batch_prompts=4", "train.max_steps=2")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
+    assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
