@@ -486,11 +486,13 @@ def test_shared_prompt_training_equals_full_sequences_and_checkpointing_falls_ba
     assert max_param_diff(weights["full"], weights["ckpt"]) < 2e-6
 
 
-def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("heads", [1, 3])
+def test_resume_reaches_the_same_parameters_and_metrics(tmp_path, monkeypatch, heads):
     data = write_mixed(tmp_path / "m.jsonl")
     (tmp_path / "full").mkdir()
     (tmp_path / "cut").mkdir()
-    args = ["train.batch_prompts=4", "train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"]
+    args = ["train.batch_prompts=4", "train.max_steps=4", "optim.schedule=cosine", "optim.warmup_steps=1",
+            f"train.heads={heads}"]
     w_full = model_weights(reward.train(rm_cfg(tmp_path / "full", data, *args)))
     cut = rm_cfg(tmp_path / "cut", data, *args, "run.save_every=2")
     calls = {"n": 0}
