@@ -124,7 +124,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scoring", "rewards"),                                 # scoring forward passes; reward functions
     ("feedback",),                                          # gold judge, labelers, agreement, the store
     ("rollout", "generation"),                              # sampling
-    ("models", "lm", "run", "trackers"),                    # loading models, losses, run directories
+    ("models", "lm", "reward_heads", "run", "trackers"),    # loading models, losses, run directories
     ("data",),                                              # files, chat rendering, rankings, the task suite
     ("config", "registry", "optim", "distributed", "command_group", "constraints", "metric_keys",
      "http_body", "errors"),                                # the base every layer uses
