@@ -686,7 +686,7 @@ def apply_reward_norm(model: Any) -> Any:
         cfg.num_labels = 1
         return model
     gain, bias = float(getattr(cfg, "preflab_reward_gain", 1.0)), float(getattr(cfg, "preflab_reward_bias", 0.0))
-    name = "score" if hasattr(base, "score") else "classifier"
+    name = reward_heads.head_attr(base)
     head = getattr(base, name)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise ModelError(f"apply_reward_norm: expected a one-output linear {name!r} head, got {type(head).__name__}")

@@ -252,11 +252,9 @@ def ranking_loss(flat_rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.T
         w = weights if weights is not None else flat_rewards.new_ones((valid.shape[0], heads))
         total = sum((LOSSES[loss](pad_rewards(flat_rewards[:, m].float(), valid), ranks, valid) * w[:, m]).sum()
                     for m in range(heads)) / heads
-        flat_rewards = flat_rewards.detach().mean(1)
+        rewards = pad_rewards(flat_rewards.detach().float().mean(1), valid)
     else:
-        total = None
-    rewards = pad_rewards(flat_rewards.float(), valid)
-    if total is None:
+        rewards = pad_rewards(flat_rewards.float(), valid)
         total = LOSSES[loss](rewards, ranks, valid).sum()
     with torch.no_grad():
         counts = batched_kway_ranking_loss(rewards.detach(), ranks, valid)
