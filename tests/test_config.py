@@ -72,3 +72,14 @@ def test_select_best_without_held_out_data_is_refused(stage):
         load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0"])
     assert load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0.1"]).train.select_best
     assert load_config(cls, None, [*base, "train.select_best=true", "data.val_fraction=0", "data.val=v.jsonl"])
+
+
+def test_dpo_yaml_trains_at_the_recipes_step():
+    """`preflab dpo --config configs/dpo.yaml` and the pipeline's DPO take the same step (1e-6 barely moved the demo)."""
+    from preflab.config import DPOConfig, RecipeInputs
+    from preflab.config.dpo import dpo_recipe
+
+    run = RecipeInputs(policy="p", reference=None, reward_model="r", reward_ensemble=[], store="s", prompts="q",
+                       demos="d", model={}, out="o", seed=0, sample_tokens=128, max_length=320)
+    cfg = load_config(DPOConfig, Path(__file__).parents[1] / "configs/dpo.yaml")
+    assert cfg.optim.lr == dpo_recipe(run)["optim"]["lr"] == 5e-6
