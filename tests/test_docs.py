@@ -1,0 +1,80 @@
+"""The docs name code and tests (`evals.metrics:gold_win_rate`, `tests/test_reward.py::test_x`):
+every such name must exist, so a rename that forgets the docs fails here."""
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CODE_NAME = re.compile(r"`([a-z_][a-z_0-9.]*):([A-Za-z_][A-Za-z_0-9.]*)`")  # `module:attr.attr`
+TEST_NAME = re.compile(r"(tests/[a-z_0-9]+\.py)::([A-Za-z_0-9]+)")  # reference.md's legend: tests/file.py::test_name
+
+
+def code_names() -> list[tuple[str, str, str]]:
+    """(page, module, attribute path) for every `module:name` whose module is a preflab module
+    (other `x:y` forms, like `builtin:ifeval` or `store:PATH`, are data specs)."""
+    found = set()
+    for page in PAGES:
+        for module, attr in CODE_NAME.findall(page.read_text(encoding="utf-8")):
+            if importlib.util.find_spec(f"preflab.{module.split('.')[0]}") is not None:
+                found.add((page.name, module, attr))
+    return sorted(found)
+
+
+def test_names_are_found():
+    names = code_names()
+    assert len(names) > 100 and ("reference.md", "evals.metrics", "gold_win_rate") in names
+
+
+@pytest.mark.parametrize("page,module,attr", code_names(), ids=lambda v: str(v))
+def test_every_code_name_in_the_docs_exists(page, module, attr):
+    obj = importlib.import_module(f"preflab.{module}")
+    for part in attr.split("."):
+        assert hasattr(obj, part), f"{page}: `{module}:{attr}` does not exist (no {part!r})"
+        obj = getattr(obj, part)
+
+
+def test_every_test_named_in_the_docs_exists():
+    missing = []
+    for page in PAGES:
+        for path, name in set(TEST_NAME.findall(page.read_text(encoding="utf-8"))) - {("tests/file.py", "test_name")}:
+            source = ROOT / path
+            if not source.is_file() or not re.search(rf"^\s*(async )?def {name}\b|^class {name}\b",
+                                                     source.read_text(encoding="utf-8"), re.M):
+                missing.append(f"{page.name}: {path}::{name}")
+    assert not missing, "tests named in the docs that do not exist:\n" + "\n".join(sorted(missing))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading).strip().lower()  # markup is not part of the anchor
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_slug_matches_githubs_rule():
+    assert slug("Three reward heads on one trunk (run D9, EPYC, 2026-12-07)") == \
+        "three-reward-heads-on-one-trunk-run-d9-epyc-2026-12-07"
+    assert slug("8.5 `rm.train.heads`: M heads") == "85-rmtrainheads-m-heads"
+
+
+def test_every_link_between_pages_lands():
+    """Relative links ([text](docs/x.md#anchor)) name a file of the repository and, with an
+    anchor, one of its headings."""
+    broken = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target} (no file)")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+\s+(.*)$", dest.read_text(encoding="utf-8"), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no heading)")
+    assert not broken, "links that land nowhere:\n" + "\n".join(broken)
