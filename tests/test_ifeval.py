@@ -199,6 +199,40 @@ def test_a_models_ifeval_scores_are_reused_from_another_evaluation_only_when_spe
     assert calls == [4, 4, 4, 5, 4] and (tmp_path / "lost/ifeval/sft.jsonl").is_file()
 
 
+def test_eval_command_reuse_copies_the_reference_scores_of_another_evaluation(tmp_path, monkeypatch, capsys):
+    """`preflab eval --ifeval --reuse DIR`: the model already scored in DIR is not sampled again;
+    the new one is, and gets its difference to it."""
+    from preflab import rollout
+    from preflab.cli import main
+
+    calls = []
+
+    def fake(model, tokenizer, prompts, **k):
+        calls.append(len(prompts))
+        return [f"answer {len(calls)}"] * len(prompts)
+
+    monkeypatch.setattr(rollout, "generate_texts", fake)
+    prompts = str(write(tmp_path, ROWS))
+    common = ["--prompts", prompts, "--max-new-tokens", "4", "--temperature", "0"]
+
+    def run(*args):
+        try:
+            main(["eval", *args, *common])
+        except SystemExit as e:
+            assert e.code in (0, None), capsys.readouterr().err
+
+    run("--ifeval", "--models", "sft=tiny:", "--out", str(tmp_path / "first"))
+    run("--ifeval", "--models", "sft=tiny:", "--models", "new=tiny:3", "--reuse", str(tmp_path / "first"),
+        "--out", str(tmp_path / "second"))
+    assert calls == [4, 4]  # sft once, then the new model alone
+    first = json.loads((tmp_path / "first/results.json").read_text())["ifeval"]["models"]["sft"]
+    second = json.loads((tmp_path / "second/results.json").read_text())["ifeval"]["models"]
+    assert second["sft"] == first and "vs_reference" in second["new"]
+    with pytest.raises(SystemExit) as e:  # the suite's evaluation has no such cache
+        main(["eval", "--models", "sft=tiny:", "--reuse", str(tmp_path / "first"), *common])
+    assert e.value.code == 2 and "--reuse applies to --ifeval only" in capsys.readouterr().err
+
+
 def test_paired_difference_by_hand():
     from preflab.rl.stats import paired_difference
 

@@ -120,8 +120,11 @@ def print_ifeval(entry: IFEvalResults) -> None:
               help="PROMPTS is an IFEval-format file ({key, prompt, instruction_id_list, kwargs}): sample each model "
                    "and score strict/loose prompt- and instruction-level accuracy with if-verifiable's checkers "
                    "(pip install 'preflab[ifeval]'); written under \"ifeval\" in OUT/results.json.")
+@click.option("--reuse", default=None, type=click.Path(file_okay=False, exists=True),
+              help="With --ifeval: an earlier evaluation directory (e.g. runs/demo/eval); a model scored there under "
+                   "the same name, spec and settings is copied, not sampled again (the run's SFT scores).")
 def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, limit, max_new_tokens, temperature,
-             batch_size, seed, bf16, threads, id_field, ifeval):
+             batch_size, seed, bf16, threads, id_field, ifeval, reuse):
     """Evaluate models on held-out prompts against the reference model: gold-judged win-rate with a 95%
     interval, RM win-rate, KL to the reference, length, refusals, toxicity proxy, MC1 truthfulness proxy,
     failure bins. Writes OUT/results.json and OUT/samples.jsonl and prints a summary table. The sampling
@@ -133,18 +136,23 @@ def eval_cli(model_args, prompts_path, split, reference, reward_model, out_dir, 
                    --prompts runs/demo/data/prompts.jsonl --rm runs/demo/rm/model --out runs/demo/eval2
       preflab eval --ifeval --models sft=runs/demo/sft/model --prompts builtin:ifeval \\
                    --max-new-tokens 1024 --temperature 0 --out runs/ifeval
+      preflab eval --ifeval --models sft=runs/demo/sft/model --models dpo=runs/demo/dpo/model \\
+                   --prompts builtin:ifeval --limit 150 --max-new-tokens 384 --temperature 0 \\
+                   --reuse runs/demo/eval --out runs/ifeval-dpo
     """
     from preflab import models as loader
     from preflab.data.suite.schema import load_prompts
 
     named = _parse_models(model_args)
+    if reuse is not None and not ifeval:
+        raise click.UsageError("--reuse applies to --ifeval only")
     if ifeval:
         from preflab.evals.ifeval import evaluate_ifeval, read_ifeval
 
         rows = read_ifeval(prompts_path, id_field=id_field or "key", limit=limit)
         loader.set_threads(threads)
         entry = evaluate_ifeval(named, rows, out_dir, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=batch_size, seed=seed, reference=reference)
+                                batch_size=batch_size, seed=seed, reference=reference, reuse=reuse)
         print_ifeval(IFEvalResults.model_validate(entry))
         click.echo(f"wrote {Path(out_dir) / 'results.json'} (\"ifeval\") and {Path(out_dir) / 'ifeval'}/")
         return
