@@ -3,6 +3,7 @@ every such name must exist, so a rename that forgets the docs fails here."""
 import importlib
 import importlib.util
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,78 @@ def test_every_link_between_pages_lands():
                 if anchor not in {slug(h) for h in headings}:
                     broken.append(f"{page.name}: {target} (no heading)")
     assert not broken, "links that land nowhere:\n" + "\n".join(broken)
+
+
+# Config keys the docs name (`rm.train.heads`, `optim.lr=6e-6`, `kl: {coef: ...}` is not matched):
+# each must be a key of the pipeline config (its stage sections read as the stage's config) or of a
+# stage's config. A dotted name whose head is a preflab module (`models.load_policy`) is code instead.
+CONFIG_KEY = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)(?:=.*|: .*)?$")
+NOT_KEYS = {"model.generate"}  # transformers' method
+FILE_SUFFIXES = {"py", "json", "jsonl", "yaml", "md", "html", "txt", "sqlite", "csv", "safetensors", "gguf", "whl"}
+
+
+def _section(annotation):
+    """The config section class inside a field's annotation (Optional, unions), or None."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((s for s in map(_section, typing.get_args(annotation)) if s is not None), None)
+
+
+def _resolves(cls, parts: list[str], stage_sections: dict) -> bool:
+    if not parts:
+        return True
+    field = cls.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if parts[0] in stage_sections:  # the pipeline's sft:, rm:, rl_stage: ... hold that stage's keys
+        return _resolves(stage_sections[parts[0]], parts[1:], {})
+    section = _section(field.annotation)
+    if section is not None:
+        return _resolves(section, parts[1:], {})
+    free = field.annotation is typing.Any or dict in (typing.get_origin(field.annotation), *typing.get_args(field.annotation))
+    return free or len(parts) == 1
+
+
+def config_keys() -> list[tuple[str, str]]:
+    from preflab.config import PipelineConfig
+    from preflab.registry import STAGES
+
+    schemas = [PipelineConfig, *(s.config for s in STAGES.values())]
+    heads = set().union(*(c.model_fields for c in schemas))
+    found = set()
+    for page in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+            m = CONFIG_KEY.match(span.strip())
+            parts = m.group(1).split(".") if m else []
+            if parts and parts[0] in heads and parts[-1] not in FILE_SUFFIXES and m.group(1) not in NOT_KEYS:
+                found.add((page.name, m.group(1)))
+    return sorted(found)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"preflab.{name}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_every_config_key_in_the_docs_exists():
+    from preflab.config import PipelineConfig
+    from preflab.registry import STAGES
+
+    stages = {name: s.config for name, s in STAGES.items()}
+    stage_sections = {"sft": stages["sft"], "rm": stages["rm"], "rl_stage": stages["rl"], "ppo_ptx": stages["rl"]}
+    schemas = [(PipelineConfig, stage_sections), *((c, {}) for c in stages.values())]
+    keys = config_keys()
+    assert len(keys) > 150 and ("README.md", "rewards.length_debias") in keys
+    unknown = []
+    for page, key in keys:
+        if any(_resolves(cls, key.split("."), sections) for cls, sections in schemas):
+            continue
+        module, _, name = key.rpartition(".")
+        if _is_module(key) or (_is_module(module) and hasattr(importlib.import_module(f"preflab.{module}"), name)):
+            continue  # code: `data.io`, `models.load_policy`
+        unknown.append(f"{page}: `{key}`")
+    assert not unknown, "config keys (or code names) in the docs that do not exist:\n" + "\n".join(unknown)
