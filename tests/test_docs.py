@@ -1,5 +1,6 @@
 """The docs name code and tests (`evals.metrics:gold_win_rate`, `tests/test_reward.py::test_x`):
 every such name must exist, so a rename that forgets the docs fails here."""
+import functools
 import importlib
 import importlib.util
 import re
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEXT = {page: page.read_text(encoding="utf-8") for page in PAGES}  # read once for every check
 CODE_NAME = re.compile(r"`([a-z_][a-z_0-9.]*):([A-Za-z_][A-Za-z_0-9.]*)`")  # `module:attr.attr`
 TEST_NAME = re.compile(r"(tests/[a-z_0-9]+\.py)::([A-Za-z_0-9]+)")  # reference.md's legend: tests/file.py::test_name
 
@@ -19,7 +21,7 @@ def code_names() -> list[tuple[str, str, str]]:
     (other `x:y` forms, like `builtin:ifeval` or `store:PATH`, are data specs)."""
     found = set()
     for page in PAGES:
-        for module, attr in CODE_NAME.findall(page.read_text(encoding="utf-8")):
+        for module, attr in CODE_NAME.findall(TEXT[page]):
             if importlib.util.find_spec(f"preflab.{module.split('.')[0]}") is not None:
                 found.add((page.name, module, attr))
     return sorted(found)
@@ -41,7 +43,7 @@ def test_every_code_name_in_the_docs_exists(page, module, attr):
 def test_every_test_named_in_the_docs_exists():
     missing = []
     for page in PAGES:
-        for path, name in set(TEST_NAME.findall(page.read_text(encoding="utf-8"))) - {("tests/file.py", "test_name")}:
+        for path, name in set(TEST_NAME.findall(TEXT[page])) - {("tests/file.py", "test_name")}:
             source = ROOT / path
             if not source.is_file() or not re.search(rf"^\s*(async )?def {name}\b|^class {name}\b",
                                                      source.read_text(encoding="utf-8"), re.M):
@@ -51,8 +53,13 @@ def test_every_test_named_in_the_docs_exists():
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading).strip().lower()  # markup is not part of the anchor
+    text = re.sub(r"[`*]", "", heading).strip().lower()  # markup is not part of the anchor; `_` stays (\\w)
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+@functools.cache
+def anchors(page: Path) -> set[str]:
+    return {slug(h) for h in re.findall(r"^#+\s+(.*)$", page.read_text(encoding="utf-8"), re.M)}
 
 
 def test_slug_matches_githubs_rule():
@@ -66,8 +73,7 @@ def test_every_link_between_pages_lands():
     anchor, one of its headings."""
     broken = []
     for page in PAGES:
-        text = page.read_text(encoding="utf-8")
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        for target in re.findall(r"\]\(([^)\s]+)\)", TEXT[page]):
             if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
                 continue
             path, _, anchor = target.partition("#")
@@ -75,8 +81,7 @@ def test_every_link_between_pages_lands():
             if not dest.exists():
                 broken.append(f"{page.name}: {target} (no file)")
             elif anchor and dest.suffix == ".md":
-                headings = re.findall(r"^#+\s+(.*)$", dest.read_text(encoding="utf-8"), re.M)
-                if anchor not in {slug(h) for h in headings}:
+                if anchor not in anchors(dest):
                     broken.append(f"{page.name}: {target} (no heading)")
     assert not broken, "links that land nowhere:\n" + "\n".join(broken)
 
@@ -113,15 +118,21 @@ def _resolves(cls, parts: list[str], stage_sections: dict) -> bool:
     return free or len(parts) == 1
 
 
-def config_keys() -> list[tuple[str, str]]:
+def schemas() -> list[tuple[type, dict]]:
+    """(config class, its sections that hold a stage's config) for the pipeline and each stage."""
     from preflab.config import PipelineConfig
     from preflab.registry import STAGES
 
-    schemas = [PipelineConfig, *(s.config for s in STAGES.values())]
-    heads = set().union(*(c.model_fields for c in schemas))
+    stages = {name: s.config for name, s in STAGES.items()}
+    stage_sections = {"sft": stages["sft"], "rm": stages["rm"], "rl_stage": stages["rl"], "ppo_ptx": stages["rl"]}
+    return [(PipelineConfig, stage_sections), *((c, {}) for c in stages.values())]
+
+
+def config_keys() -> list[tuple[str, str]]:
+    heads = set().union(*(cls.model_fields for cls, _ in schemas()))
     found = set()
     for page in PAGES:
-        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+        for span in re.findall(r"`([^`\n]+)`", TEXT[page]):
             m = CONFIG_KEY.match(span.strip())
             parts = m.group(1).split(".") if m else []
             if parts and parts[0] in heads and parts[-1] not in FILE_SUFFIXES and m.group(1) not in NOT_KEYS:
@@ -137,17 +148,11 @@ def _is_module(name: str) -> bool:
 
 
 def test_every_config_key_in_the_docs_exists():
-    from preflab.config import PipelineConfig
-    from preflab.registry import STAGES
-
-    stages = {name: s.config for name, s in STAGES.items()}
-    stage_sections = {"sft": stages["sft"], "rm": stages["rm"], "rl_stage": stages["rl"], "ppo_ptx": stages["rl"]}
-    schemas = [(PipelineConfig, stage_sections), *((c, {}) for c in stages.values())]
-    keys = config_keys()
+    keys, known = config_keys(), schemas()
     assert len(keys) > 150 and ("README.md", "rewards.length_debias") in keys
     unknown = []
     for page, key in keys:
-        if any(_resolves(cls, key.split("."), sections) for cls, sections in schemas):
+        if any(_resolves(cls, key.split("."), sections) for cls, sections in known):
             continue
         module, _, name = key.rpartition(".")
         if _is_module(key) or (_is_module(module) and hasattr(importlib.import_module(f"preflab.{module}"), name)):
