@@ -2,6 +2,7 @@
 reused (never resampled), resume by cell, the KL grid, the audit's probes and correlations."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +137,13 @@ def test_audit_probes_correlations_and_report(run, monkeypatch):
     quoted = audit.EXPLOITS["quoted"][1](prompt["prompt"], "Okay. Hi there.")
     assert quoted == '"Okay. Hi there."'
     assert judge(prompt, "Okay. Hi there.").constraints == 1.0 and judge(prompt, quoted).constraints == 0.0
+
+
+def test_dpo_grid_over_the_sft_loss_term_trains_on_the_runs_demonstrations(run, tmp_path):
+    c = Comparison(run, tmp_path / "c", methods=["dpo"], seeds=[0], overrides=[], grid=["dpo.ptx_coef=0,0.5"])
+    configs = [c.stage_config("dpo", point, 0) for point in c.points]
+    assert [cfg.dpo.ptx_coef for cfg in configs] == [0, 0.5]
+    assert all(Path(cfg.data.ptx).is_file() and Path(cfg.data.ptx) == Path(c.pipeline.demos_path) for cfg in configs)
 
 
 def test_preference_methods_and_best_of_n_join_the_table(run):

@@ -83,3 +83,4 @@ def test_dpo_yaml_trains_at_the_recipes_step():
                        demos="d", model={}, out="o", seed=0, sample_tokens=128, max_length=320)
     cfg = load_config(DPOConfig, Path(__file__).parents[1] / "configs/dpo.yaml")
     assert cfg.optim.lr == dpo_recipe(run)["optim"]["lr"] == 5e-6
+    assert dpo_recipe(run)["data"]["ptx"] == "d"  # the run's demonstrations, for dpo.ptx_coef

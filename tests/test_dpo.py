@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from helpers import end_rank, free_port, join_gloo_env, max_param_diff, model_weights
-from preflab import dpo_update, loop, models, scoring
+from preflab import dpo_update, lm, loop, models, scoring
 from preflab.config import DPOConfig, load_config
-from preflab.data import rankings
+from preflab.data import chat, rankings
+from preflab.errors import ConfigError
 from preflab.stages import dpo
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "sugar"]
@@ -127,6 +128,78 @@ def test_shared_prompt_logps_equal_full_sequences_and_the_naive_sum(tiny, lora):
     assert b_full["lengths"].tolist() == [e_len for e in ex for e_len in e.lengths]
 
 
+DEMOS = [{"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."},
+                       {"role": "user", "content": "And a colour?"}, {"role": "assistant", "content": "Green."}]},
+         {"prompt": "Describe a river.", "response": "A river of stone and cloud, green in the light."},
+         {"text": "paper music sugar table"}]
+
+
+def write_demos(path, rows=DEMOS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_nll(model, example):
+    """The SFT loss of one demonstration under ``model``, summed and per token (``lm.TokenNLL``)."""
+    with torch.no_grad():
+        total, n = lm.TokenNLL(model)(torch.tensor([example.input_ids]), torch.ones(1, len(example.input_ids),
+                                                                                      dtype=torch.long),
+                                      torch.tensor([example.labels]))
+    return float(total), int(n)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_demonstrations_ride_the_rankings_forward_pass_as_their_sft_loss(tmp_path, tiny, share):
+    """Each ranking's paired demonstration is one more row of the same batch: its summed log-prob is
+    minus its SFT loss (every assistant turn of a multi-turn chat, every token of a {text} row), the
+    rankings' rows score as without demonstrations, and ranks, lengths and the reference describe the
+    rankings alone."""
+    _, tok = tiny
+    rows = chat.read_lm_rows(str(write_demos(tmp_path / "d.jsonl")), tok, 96)
+    demos = dpo_update.encode_demos(rows)
+    groups = [rankings.Group("Hi", ["Hello there.", "Hello", "Go away"], [0, 1, 2]),
+              rankings.Group("A longer prompt, with clauses", ["No.", "Yes, surely."], [1, 0]),
+              rankings.Group("x", ["The cat sat.", "The dog."], [0, 1])]
+    ex = dpo_update.encode_ranked(tok, groups, 96)
+    for e, d, ref in zip(ex, demos, ([-1.0, -2.0, -3.0], [-4.0, -5.0], [-6.0, -7.0])):
+        e.demo, e.ref = d, ref
+    torch.manual_seed(0)
+    model = models.load_policy("tiny:")
+    plain = dpo_update.collate_ranked(ex, tok.pad_token_id, share_prefix=share)
+    mixed = dpo_update.collate_ranked(ex, tok.pad_token_id, share_prefix=share, demos=True)
+    fn = dpo_update.SequenceLogps(model)
+    with torch.no_grad():
+        flat_plain = fn(**dpo_update.model_inputs(plain, torch.device("cpu")))
+        flat = fn(**dpo_update.model_inputs(mixed, torch.device("cpu")))
+    n = sum(len(e.ids) for e in ex)
+    assert flat.shape == (n + 3,)
+    torch.testing.assert_close(flat[:n], flat_plain, atol=1e-4, rtol=1e-5)
+    for k in ("ranks", "valid", "lengths", "ref"):
+        assert torch.equal(mixed[k], plain[k]), k
+    for i, row in enumerate(rows):
+        total, count = sft_nll(model, row)
+        assert float(flat[n + i]) == pytest.approx(-total, abs=1e-3)
+        assert int(mixed["demo_tokens"][i]) == count
+    pos = [i for i, label in enumerate(rows[0].labels) if label != chat.IGNORE]
+    assert pos[-1] - pos[0] + 1 > len(pos)  # the chat's targets are two turns, not one run
+
+
+def test_pair_demos_cycles_a_seeded_permutation():
+    demos = [dpo_update.Ranked([[i, i]], [1], [0]) for i in range(3)]
+    a = [dpo_update.Ranked([[9, 9]], [1], [0]) for _ in range(7)]
+    b = [dpo_update.Ranked([[9, 9]], [1], [0]) for _ in range(7)]
+    dpo_update.pair_demos(a, demos, seed=5)
+    dpo_update.pair_demos(b, demos, seed=5)
+    used = [demos.index(e.demo) for e in a]
+    assert used == [demos.index(e.demo) for e in b]
+    assert sorted(used[:3]) == [0, 1, 2] and used[3:6] == used[:3] and used[6] == used[0]
+    others = []
+    for seed in range(6):
+        dpo_update.pair_demos(b, demos, seed=seed)
+        others.append(tuple(demos.index(e.demo) for e in b[:3]))
+    assert len(set(others)) > 1  # the seed matters
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference and the first step
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +236,31 @@ def test_nll_coef_adds_the_best_responses_nll_to_the_first_loss(tmp_path):
         top = [i for i, r in enumerate(e.ranks) if r == min(e.ranks)]
         nll.append(sum(-lps[i] / e.lengths[i] for i in top) / len(top))
     assert first == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_ptx_coef_adds_the_paired_demonstrations_sft_loss_to_the_first_loss(tmp_path, gamma):
+    """dpo.ptx_coef reaches the loss and the gradient: with one demonstration (every ranking's pair),
+    the first step (policy == reference) is log 2 plus gamma x its per-token SFT loss under the
+    initial policy, train/ptx_nll is that loss, and the trained weights differ from DPO's without it."""
+    data = write_mixed(tmp_path / "m.jsonl", n=8)
+    demo = write_demos(tmp_path / "d.jsonl", DEMOS[1:2])
+    args = ["train.batch_prompts=8", "train.max_steps=2"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    w_ptx = model_weights(dpo.train(dpo_cfg(tmp_path / "a", data, *args, f"data.ptx={demo}", f"dpo.ptx_coef={gamma}")))
+    w_dpo = model_weights(dpo.train(dpo_cfg(tmp_path / "b", data, *args, f"data.ptx={demo}")))
+    total, n = sft_nll(models.load_policy("tiny:"), chat.read_lm_rows(str(demo), models.load_tokenizer("tiny:"), 96)[0])
+    first = [r for r in metrics(tmp_path / "a/run") if "train/loss" in r][0]
+    assert first["train/ptx_nll"] == pytest.approx(total / n, abs=1e-4)
+    assert first["train/loss"] == pytest.approx(math.log(2) + gamma * total / n, abs=1e-4)
+    assert "train/ptx_nll" not in metrics(tmp_path / "b/run")[0]  # gamma 0: the demonstrations are not read
+    assert max_param_diff(w_ptx, w_dpo) > 1e-4
+
+
+def test_ptx_coef_without_demonstrations_names_the_keys(tmp_path):
+    with pytest.raises(ConfigError, match="dpo.ptx_coef > 0 needs data.ptx"):
+        dpo_cfg(tmp_path, tmp_path / "m.jsonl", "dpo.ptx_coef=1")
 
 
 def test_simpo_needs_no_reference_and_its_first_loss_matches_the_formula(tmp_path, tiny):
@@ -300,12 +398,15 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+@pytest.mark.parametrize("ptx", [False, True])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, ptx):
     data = write_mixed(tmp_path / "m.jsonl")
+    extra = [f"data.ptx={write_demos(tmp_path / 'd.jsonl')}", "dpo.ptx_coef=1.0"] if ptx else []
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    wa = model_weights(dpo.train(dpo_cfg(tmp_path / "a", data, *EXACT, "train.batch_prompts=8", "train.max_steps=2")))
-    wb = model_weights(dpo.train(dpo_cfg(tmp_path / "b", data, *EXACT, "train.batch_prompts=1",
+    wa = model_weights(dpo.train(dpo_cfg(tmp_path / "a", data, *EXACT, *extra, "train.batch_prompts=8",
+                                         "train.max_steps=2")))
+    wb = model_weights(dpo.train(dpo_cfg(tmp_path / "b", data, *EXACT, *extra, "train.batch_prompts=1",
                                          "train.grad_accum=8", "train.max_steps=2")))
     init = models.load_policy("tiny:").state_dict()
     assert max(float((wa[k] - init[k]).abs().max()) for k in wa) > 1e-4  # it trained
@@ -380,13 +481,15 @@ def _ddp_worker(rank, world, port, cfg_json):
     end_rank()
 
 
-def test_two_gloo_ranks_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("ptx", [False, True])
+def test_two_gloo_ranks_equal_one_rank(tmp_path, ptx):
     data = write_mixed(tmp_path / "m.jsonl")
+    extra = [f"data.ptx={write_demos(tmp_path / 'd.jsonl')}", "dpo.ptx_coef=1.0"] if ptx else []
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    w_one = model_weights(dpo.train(dpo_cfg(tmp_path / "one", data, *EXACT, "train.batch_prompts=8",
+    w_one = model_weights(dpo.train(dpo_cfg(tmp_path / "one", data, *EXACT, *extra, "train.batch_prompts=8",
                                             "train.max_steps=2")))
-    two = dpo_cfg(tmp_path / "two", data, *EXACT, "train.batch_prompts=4", "train.max_steps=2")
+    two = dpo_cfg(tmp_path / "two", data, *EXACT, *extra, "train.batch_prompts=4", "train.max_steps=2")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), two.model_dump_json()), nprocs=2)
     assert max_param_diff(w_one, model_weights(tmp_path / "two/run/model")) < 1e-5
 

@@ -19,6 +19,7 @@ from preflab.config import DPOConfig, RMConfig, SFTConfig, load_config
 from preflab.lm import TokenNLL
 from preflab.stages import dpo, reward, sft
 from test_dpo import dpo_cfg
+from test_dpo import write_demos as write_dpo_demos
 from test_dpo import write_mixed as write_dpo_rankings
 from test_reward import EXACT, rm_cfg, write_mixed
 
@@ -92,7 +93,7 @@ def runs(tmp_path_factory):
     fsdp_bf16 = sft_cfg(root / "fsdp_bf16", *COMMON, "train.batch_size=4", "train.parallel=fsdp", "train.bf16=true")
     rankings = write_mixed(root / "rankings.jsonl", n=20)
     dpo_rankings = write_dpo_rankings(root / "dpo_rankings.jsonl", n=20)
-    for name in ("rm_one", "rm_fsdp", "dpo_one", "dpo_fsdp", "rm_lora_one", "rm_lora_fsdp"):
+    for name in ("rm_one", "rm_fsdp", "dpo_one", "dpo_fsdp", "ptx_one", "ptx_fsdp", "rm_lora_one", "rm_lora_fsdp"):
         (root / name).mkdir()
     rm_one = rm_cfg(root / "rm_one", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
     rm_fsdp = rm_cfg(root / "rm_fsdp", rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4", "train.parallel=fsdp")
@@ -102,15 +103,20 @@ def runs(tmp_path_factory):
     dpo_one = dpo_cfg(root / "dpo_one", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=8")
     dpo_fsdp = dpo_cfg(root / "dpo_fsdp", dpo_rankings, *EXACT, *RM_COMMON, "train.batch_prompts=4",
                        "train.parallel=fsdp", "eval.kl_prompts=2")
+    ptx = [f"data.ptx={write_dpo_demos(root / 'dpo_demos.jsonl')}", "dpo.ptx_coef=1.0"]
+    ptx_one = dpo_cfg(root / "ptx_one", dpo_rankings, *EXACT, *RM_COMMON, *ptx, "train.batch_prompts=8")
+    ptx_fsdp = dpo_cfg(root / "ptx_fsdp", dpo_rankings, *EXACT, *RM_COMMON, *ptx, "train.batch_prompts=4",
+                       "train.parallel=fsdp")
     sft.train(one)
     sft.train(one_bf16)
     sft.train(lora_one)
     reward.train(rm_one)
     reward.train(rm_lora_one)
     dpo.train(dpo_one)
+    dpo.train(ptx_one)
     jobs = [("sft", fsdp, False, None), ("sft", ddp, False, None), ("sft", cut, False, 4), ("sft", cut, True, None),
             ("sft", fsdp_bf16, False, None), ("rm", rm_fsdp, False, None), ("dpo", dpo_fsdp, False, None),
-            ("sft", lora_fsdp, False, None), ("rm", rm_lora_fsdp, False, None)]
+            ("dpo", ptx_fsdp, False, None), ("sft", lora_fsdp, False, None), ("rm", rm_lora_fsdp, False, None)]
     jobs = [(stage, cfg.model_dump_json(), resume, stop_at) for stage, cfg, resume, stop_at in jobs]
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), jobs), nprocs=2)
     return {d.name: d / "run" for d in root.iterdir() if d.is_dir()}
@@ -225,6 +231,15 @@ def test_dpo_two_fsdp_ranks_equal_one_rank(runs):
         assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5), key
     assert not losses(runs["dpo_fsdp"], "val/kl")
     assert "no KL to the reference" in (runs["dpo_fsdp"] / "log.txt").read_text()
+
+
+def test_dpo_with_demonstrations_on_two_fsdp_ranks_equals_one_rank(runs):
+    """The SFT-loss term's demonstrations ride the sharded forward pass: the same update as one process."""
+    assert max_param_diff(model_weights(runs["ptx_one"] / "model"), model_weights(runs["ptx_fsdp"] / "model")) < 1e-5
+    for key in ("train/loss", "train/ptx_nll"):
+        rows, ref = losses(runs["ptx_fsdp"], key), losses(runs["ptx_one"], key)
+        assert [s for s, _ in rows] == [s for s, _ in ref] and rows, key
+        assert [v for _, v in rows] == pytest.approx([v for _, v in ref], abs=1e-5), key
 
 
 def test_two_launches_joined_by_rendezvous_equal_one_launch(runs, tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 
 from preflab import distributed, models
 from preflab.config import DPOConfig
-from preflab.data.chat import render_prompt
+from preflab.data.chat import IGNORE, Example, render_prompt
 from preflab.data.jsonl import atomic_write_text
 from preflab.data.rankings import Group, encode_pair
 from preflab.lm import unwrap
@@ -41,12 +41,16 @@ REFERENCE_CACHE = "reference_logps.json"
 class Ranked:
     """One prompt's K encoded responses: ``ids[i]`` = prompt + response + EOS (``encode_pair``),
     ``prompt_len[i]`` its prompt tokens, ``ranks[i]`` its tier (0 best). ``ref[i]``: the
-    reference's summed log-prob of response i, once computed."""
+    reference's summed log-prob of response i, once computed. ``targets[i]``, where set, marks the
+    tokens that count instead of everything after the prompt (a demonstration's assistant turns).
+    ``demo``: the demonstration paired with this ranking for the SFT-loss term (``dpo.ptx_coef``)."""
 
     ids: list[list[int]]
     prompt_len: list[int]
     ranks: list[int]
     ref: list[float] = field(default_factory=list)
+    targets: list[list[bool]] | None = None
+    demo: Ranked | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -71,33 +75,65 @@ def encode_ranked(tokenizer, groups: list[Group], max_length: int) -> list[Ranke
     return out
 
 
-def collate_ranked(batch: list[Ranked], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+def encode_demos(rows: list[Example]) -> list[Ranked]:
+    """Tokenized demonstrations (``data.chat.read_lm_rows``) as one-response ``Ranked``: the tokens
+    with a label are the ones that count (every assistant turn; every token but the first of a
+    ``{text}`` row)."""
+    out = []
+    for e in rows:
+        targets = [label != IGNORE for label in e.labels]
+        targets[0] = False  # nothing predicts the first token
+        out.append(Ranked([list(e.input_ids)], [targets.index(True)], [0], targets=[targets]))
+    return out
+
+
+def pair_demos(examples: list[Ranked], demos: list[Ranked], seed: int) -> None:
+    """Give each training ranking its demonstration: a seeded permutation of ``demos``, cycled when
+    there are fewer demonstrations than rankings. The same on every rank and on resume."""
+    order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(seed)).tolist()
+    for i, e in enumerate(examples):
+        e.demo = demos[order[i % len(order)]]
+
+
+def collate_ranked(batch: list[Ranked], pad_id: int, share_prefix: bool = False,
+                   demos: bool = False) -> dict[str, torch.Tensor]:
     """Prompts of any K -> rows (sum K, T) right-padded, ``response_mask`` (sum K, T) on response
     tokens, ``lengths`` (sum K,), ``ref`` (sum K,) when cached, and (P, Kmax) ranks and validity.
 
     ``share_prefix``: each prompt's common prefix, cut one token short of its shortest prompt (so
     every response token is predicted from inside its row), becomes one left-padded row of
     ``prefix_ids`` (P, Tp); ``group`` (sum K,) maps a row to its prefix (as ``scoring.collate_groups``).
+
+    ``demos``: each ranking's paired demonstration follows the rankings' rows as one more row (its
+    own prefix), so one forward pass scores both; ``demo_tokens`` (P,) counts each one's targets.
+    ``ranks``, ``valid``, ``lengths`` and ``ref`` describe the rankings alone.
     """
-    cut = [min(shared_prefix(g.ids), min(g.prompt_len) - 1) if share_prefix else 0 for g in batch]
+    groups = batch + [g.demo for g in batch] if demos else batch
+    cut = [min(shared_prefix(g.ids), min(g.prompt_len) - 1) if share_prefix else 0 for g in groups]
     cut = [max(0, c) for c in cut]
-    rows = [(ids[c:], p - c) for g, c in zip(batch, cut) for ids, p in zip(g.ids, g.prompt_len)]
-    width = max(len(r) for r, _ in rows)
+    rows = [(ids[c:], p - c, g.targets[i][c:] if g.targets else None)
+            for g, c in zip(groups, cut) for i, (ids, p) in enumerate(zip(g.ids, g.prompt_len))]
+    width = max(len(r) for r, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     resp = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, start) in enumerate(rows):
+    for i, (r, start, targets) in enumerate(rows):
         input_ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-        resp[i, start:len(r)] = True
+        if targets is None:
+            resp[i, start:len(r)] = True
+        else:
+            resp[i, :len(r)] = torch.tensor(targets)
     ranks, valid = padded_ranks(batch)
     out = {"input_ids": input_ids, "attention_mask": mask, "response_mask": resp, "ranks": ranks, "valid": valid,
            "lengths": torch.tensor([n for g in batch for n in g.lengths], dtype=torch.long)}
     if all(g.ref for g in batch):
         out["ref"] = torch.tensor([x for g in batch for x in g.ref], dtype=torch.float64)
+    if demos:
+        out["demo_tokens"] = torch.tensor([sum(g.demo.targets[0]) for g in batch], dtype=torch.long)
     if share_prefix:
-        out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(batch, cut)], pad_id)
-        out["group"] = torch.tensor([p for p, g in enumerate(batch) for _ in g.ids], dtype=torch.long)
+        out["prefix_ids"], out["prefix_mask"] = left_pad([g.ids[0][:c] for g, c in zip(groups, cut)], pad_id)
+        out["group"] = torch.tensor([p for p, g in enumerate(groups) for _ in g.ids], dtype=torch.long)
     return out
 
 
@@ -275,8 +311,9 @@ def sampled_kl(policy: nn.Module, reference: Reference, tokenizer, prompts: list
 
 class PreferenceSums(NamedTuple):
     """Sums of a step's (or a held-out pass's) preference statistics: the loss summed over prompts,
-    then prompts, pairs and pairs ranked right, and the implicit rewards and summed log-probs of
-    the winners and losers summed over pairs (``loop.reduce_sums`` adds them over batches and ranks)."""
+    then prompts, pairs and pairs ranked right, the implicit rewards and summed log-probs of
+    the winners and losers summed over pairs, and the paired demonstrations' per-token NLL summed
+    over prompts (``loop.reduce_sums`` adds them over batches and ranks)."""
 
     loss: float
     prompts: float
@@ -286,16 +323,18 @@ class PreferenceSums(NamedTuple):
     rejected: float
     logps_chosen: float
     logps_rejected: float
+    ptx_nll: float = 0.0
 
     @classmethod
-    def of(cls, parts: PreferenceParts) -> PreferenceSums:
+    def of(cls, parts: PreferenceParts, ptx_nll: float = 0.0) -> PreferenceSums:
         return cls(float(parts.total.detach()), parts.n_prompts, parts.n_pairs, parts.n_correct, parts.chosen_reward,
-                   parts.rejected_reward, parts.chosen_logps, parts.rejected_logps)
+                   parts.rejected_reward, parts.chosen_logps, parts.rejected_logps, ptx_nll)
 
     def named(self, prefix: str) -> dict[str, float]:
-        """Per prompt (the loss) and per pair (the rest), as ``PREFIX/...`` metrics."""
+        """Per prompt (the loss, the demonstrations' NLL) and per pair (the rest), as ``PREFIX/...`` metrics."""
         pairs = max(1.0, self.pairs)
-        return {f"{prefix}/loss": self.loss / max(1.0, self.prompts),
+        ptx = {f"{prefix}/ptx_nll": self.ptx_nll / max(1.0, self.prompts)} if self.ptx_nll else {}  # TRAIN_PTX_NLL
+        return {**ptx, f"{prefix}/loss": self.loss / max(1.0, self.prompts),
                 f"{prefix}/rewards/chosen": self.chosen / pairs, f"{prefix}/rewards/rejected": self.rejected / pairs,
                 f"{prefix}/rewards/margin": (self.chosen - self.rejected) / pairs,
                 f"{prefix}/rewards/accuracy": self.correct / pairs,
@@ -306,12 +345,20 @@ class PreferenceSums(NamedTuple):
         return {**self.named("train"), "train/prompts": prompts}
 
 
-def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig) -> PreferenceParts:
-    """``rl.preference.preference_loss`` of a ``collate_ranked`` batch from its (sum K,) policy log-probs."""
+def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig) -> tuple[PreferenceParts, float]:
+    """``rl.preference.preference_loss`` of a ``collate_ranked`` batch from its policy log-probs
+    (the rankings' rows, then the paired demonstrations' where the batch has them), and the
+    demonstrations' per-token NLL summed over prompts. With demonstrations the loss ``total``
+    gains ``dpo.ptx_coef`` x that NLL, so each prompt's loss gains gamma x its demonstration's."""
     valid = batch["valid"].to(flat.device)
+    n = int(valid.sum())
     ref = pad_rewards(batch["ref"].to(flat.device, torch.float32), valid) if cfg.dpo.loss not in REFERENCE_FREE else None
-    return preference_loss(pad_rewards(flat.float(), valid), ref,
-                           pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
-                           batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
-                           label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
-                           nll_coef=cfg.dpo.nll_coef)
+    parts = preference_loss(pad_rewards(flat[:n].float(), valid), ref,
+                            pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
+                            batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
+                            label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
+                            nll_coef=cfg.dpo.nll_coef)
+    if "demo_tokens" not in batch:
+        return parts, 0.0
+    nll = -(flat[n:].float() / batch["demo_tokens"].to(flat.device).clamp(min=1)).sum()
+    return parts._replace(total=parts.total + cfg.dpo.ptx_coef * nll), float(nll.detach())

@@ -102,6 +102,7 @@ PREFERENCE_SPLITS = ("train", "val")
 PREFERENCE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                    "logps/chosen", "logps/rejected")
 TRAIN_REWARDS_ACCURACY = "train/rewards/accuracy"
+TRAIN_PTX_NLL = "train/ptx_nll"  # with dpo.ptx_coef: the paired demonstrations' mean per-token NLL
 
 # --- rejection sampling: "round{r}/..." ----------------------------------------------------------
 RS_ROUND_KEYS = ("reward_mean", "best_reward_mean", "ended", "picks", "kept", "pick_reward_mean")

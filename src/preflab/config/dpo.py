@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from preflab.config.base import (
     LENGTH_GROUPS_HELP,
@@ -24,7 +24,10 @@ class DPOModel(ModelSection):
                                                     "responses are computed once and cached in the run directory.")
 
 
-DPOData = RankingData
+class DPOData(RankingData):
+    ptx: str | None = Field(None, description="Demonstrations JSONL (or {text} rows) for the SFT-loss term "
+                                              "`dpo.ptx_coef`: each training ranking is paired with one row, "
+                                              "truncated at max_length.")
 
 
 class DPOLoss(Section):
@@ -39,6 +42,10 @@ class DPOLoss(Section):
     nll_coef: float = Field(0.0, ge=0, description="alpha of DPO + NLL (RPO): adds alpha x the per-token NLL of "
                                                    "each prompt's best-ranked response, so preferred answers keep "
                                                    "their likelihood (0: off).")
+    ptx_coef: float = Field(0.0, ge=0, description="gamma of the SFT-loss term on demonstrations (`data.ptx`): "
+                                                   "each prompt's loss gains gamma x the per-token NLL of the "
+                                                   "demonstration paired with it, as PPO-ptx mixes in its "
+                                                   "pretraining rows (0: off).")
 
     def resolved_beta(self) -> float:
         return self.beta if self.beta is not None else (2.0 if self.loss == "simpo" else 0.1)
@@ -84,6 +91,12 @@ class DPOConfig(Section):
     train: DPOTrain = Field(default_factory=DPOTrain)
     eval: DPOEval = Field(default_factory=DPOEval)
     run: DPORun = Field(default_factory=DPORun)
+
+    @model_validator(mode="after")
+    def _ptx_has_data(self) -> DPOConfig:
+        if self.dpo.ptx_coef > 0 and not self.data.ptx:
+            raise ValueError("dpo.ptx_coef > 0 needs data.ptx: a JSONL of demonstrations or {text} rows")
+        return self
 
 
 class RSModels(Section):
@@ -141,9 +154,11 @@ class RSConfig(Section):
 
 def dpo_recipe(run: RecipeInputs) -> dict[str, Any]:
     """The DPO stage on a pipeline run: the store's RM rankings (10% of the prompts held out) at the
-    RM's sequence length, from the run's policy, one epoch at lr 5e-6."""
+    RM's sequence length, from the run's policy, one epoch at lr 5e-6; the run's demonstrations
+    are at hand for the SFT-loss term (off unless ``dpo.ptx_coef`` > 0)."""
     return {"model": {"path": run.policy, **run.model, **({"reference": run.reference} if run.reference else {})},
-            "data": {"train": f"store:{run.store}", "split": "rm", "val_fraction": 0.1, "max_length": run.max_length},
+            "data": {"train": f"store:{run.store}", "split": "rm", "val_fraction": 0.1, "max_length": run.max_length,
+                     "ptx": run.demos},
             "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
             "run": {"out": run.out, "seed": run.seed, "progress": True}}
 

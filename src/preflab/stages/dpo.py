@@ -11,7 +11,9 @@ the RM. By default (``train.share_prompt``) a prompt runs once and its K respons
 cached keys and values, and the vocabulary projection runs only at response positions.
 Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``) like
 ``stages/reward.py``: the loss is normalised by the step's global count of prompts, so accumulation
-and ranks are exact; rank 0 alone writes. Under FSDP the KL to the reference on fresh samples is
+and ranks are exact; rank 0 alone writes. With ``dpo.ptx_coef`` each training ranking brings one
+demonstration (``data.ptx``) scored in the same forward pass, and its per-token NLL, times gamma,
+joins the prompt's loss: the SFT loss as PPO-ptx mixes it in, normalised like the rest. Under FSDP the KL to the reference on fresh samples is
 not measured (sampling on sharded weights would need every rank to decode in lockstep).
 """
 
@@ -25,6 +27,7 @@ import torch
 
 from preflab import distributed, loop, models
 from preflab.config import DPOConfig
+from preflab.data.chat import read_lm_rows
 from preflab.dpo_update import (
     REFERENCE_CACHE,
     PreferenceSums,
@@ -32,11 +35,14 @@ from preflab.dpo_update import (
     SequenceLogps,
     batch_loss,
     collate_ranked,
+    encode_demos,
     encode_ranked,
     model_inputs,
+    pair_demos,
     reference_logps,
     sampled_kl,
 )
+from preflab.errors import DataError
 from preflab.feedback.ranking_sources import read_train_val
 from preflab.lm import unwrap
 from preflab.optim import make_optimizer
@@ -61,6 +67,13 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     total_steps = loop.total_steps(len(train_ex), global_batch, cfg.train.epochs, cfg.train.max_steps, d.train,
                                    "rankings with an untied pair (batch_prompts x grad_accum x ranks)")
     kl_prompts = list({json.dumps(g.prompt): g.prompt for g in val_g}.values())[:cfg.eval.kl_prompts]
+    ptx = cfg.dpo.ptx_coef > 0
+    if ptx:  # the SFT-loss term: one demonstration per training ranking, scored in the same forward pass
+        demos = encode_demos(read_lm_rows(d.ptx, tokenizer, d.max_length))
+        if not demos:
+            raise DataError(f"{d.ptx}: no demonstration with a response token (data.ptx, for dpo.ptx_coef)")
+        pair_demos(train_ex, demos, cfg.run.seed + 13)
+        run.log(f"dpo: {len(demos)} demonstrations for the SFT-loss term (gamma {cfg.dpo.ptx_coef})")
     run.log(f"dpo: {len(train_ex)} train rankings ({n_tied} all-tied dropped) / {len(val_ex)} "
             f"held out, {total_steps} steps, loss {cfg.dpo.loss} beta {cfg.dpo.resolved_beta()}")
     if not val_ex:
@@ -106,7 +119,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                 for chunk, counted in distributed.even_batches(chunks, val_ex[:1], sharded):
                     batch = collate_ranked(chunk, pad_id, share_prefix=share)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        result = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
+                        result, _ = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
                     if counted:
                         parts.append(PreferenceSums.of(result))
             model.train()
@@ -120,13 +133,13 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     # 5. the loop: one global batch of prompts per optimizer step, the loss normalised by the
     #    step's global count of prompts ------------------------------------------------------------
     def train_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PreferenceSums]:
-        parts = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
-        return parts.total, PreferenceSums.of(parts)
+        parts, ptx_nll = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
+        return parts.total, PreferenceSums.of(parts, ptx_nll)
 
     steps = loop.Steps(train_ex, global_batch, cfg.train.batch_prompts,
-                       collate=lambda part: collate_ranked(part, pad_id, share_prefix=share),
+                       collate=lambda part: collate_ranked(part, pad_id, share_prefix=share, demos=ptx),
                        count=lambda batches: sum(len(b["ranks"]) for b in batches), batch_loss=train_loss,
-                       length=lambda e: max(map(len, e.ids)))
+                       length=lambda e: max(map(len, e.ids + (e.demo.ids if e.demo else []))))
     loop.run_steps(ctx, cfg, steps, model=model, module=fn, optimizer=optimizer, scheduler=scheduler, start=start,
                    total=total_steps, validate=lambda step: loop.Validation(held_out(step)), validate_last=False,
                    progress=("train/loss", "train/rewards/accuracy", "val/kl"))
