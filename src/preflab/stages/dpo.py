@@ -13,8 +13,9 @@ Works on one process or under ``torchrun`` (DDP or FSDP, ``train.parallel``) lik
 ``stages/reward.py``: the loss is normalised by the step's global count of prompts, so accumulation
 and ranks are exact; rank 0 alone writes. With ``dpo.ptx_coef`` each training ranking brings one
 demonstration (``data.ptx``) scored in the same forward pass, and its per-token NLL, times gamma,
-joins the prompt's loss: the SFT loss as PPO-ptx mixes it in, normalised like the rest. Under FSDP the KL to the reference on fresh samples is
-not measured (sampling on sharded weights would need every rank to decode in lockstep).
+joins the prompt's loss: the SFT loss as PPO-ptx mixes it in, normalised like the rest. Under
+FSDP the KL to the reference on fresh samples is not measured (sampling on sharded weights would
+need every rank to decode in lockstep).
 """
 
 from __future__ import annotations
