@@ -345,20 +345,24 @@ class PreferenceSums(NamedTuple):
         return {**self.named("train"), "train/prompts": prompts}
 
 
-def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig) -> tuple[PreferenceParts, float]:
+def batch_loss(flat: torch.Tensor, batch: dict[str, torch.Tensor], cfg: DPOConfig) -> PreferenceParts:
     """``rl.preference.preference_loss`` of a ``collate_ranked`` batch from its policy log-probs
-    (the rankings' rows, then the paired demonstrations' where the batch has them), and the
-    demonstrations' per-token NLL summed over prompts. With demonstrations the loss ``total``
-    gains ``dpo.ptx_coef`` x that NLL, so each prompt's loss gains gamma x its demonstration's."""
+    (the rankings' rows; the paired demonstrations' rows after them, where the batch has them,
+    are ``demo_nll``'s)."""
     valid = batch["valid"].to(flat.device)
     n = int(valid.sum())
     ref = pad_rewards(batch["ref"].to(flat.device, torch.float32), valid) if cfg.dpo.loss not in REFERENCE_FREE else None
-    parts = preference_loss(pad_rewards(flat[:n].float(), valid), ref,
-                            pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
-                            batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
-                            label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
-                            nll_coef=cfg.dpo.nll_coef)
+    return preference_loss(pad_rewards(flat[:n].float(), valid), ref,
+                           pad_rewards(batch["lengths"].to(flat.device, torch.float32), valid),
+                           batch["ranks"].to(flat.device), valid, loss=cfg.dpo.loss, beta=cfg.dpo.resolved_beta(),
+                           label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
+                           nll_coef=cfg.dpo.nll_coef)
+
+
+def demo_nll(flat: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The paired demonstrations' per-token NLL, summed over the batch's prompts (one each; 0 when
+    the batch has none): the SFT-loss term that ``dpo.ptx_coef`` weighs."""
     if "demo_tokens" not in batch:
-        return parts, 0.0
-    nll = -(flat[n:].float() / batch["demo_tokens"].to(flat.device).clamp(min=1)).sum()
-    return parts._replace(total=parts.total + cfg.dpo.ptx_coef * nll), float(nll.detach())
+        return flat.new_zeros((), dtype=torch.float32)
+    n = int(batch["valid"].sum())
+    return -(flat[n:].float() / batch["demo_tokens"].to(flat.device).clamp(min=1)).sum()

@@ -36,6 +36,7 @@ from preflab.dpo_update import (
     SequenceLogps,
     batch_loss,
     collate_ranked,
+    demo_nll,
     encode_demos,
     encode_ranked,
     model_inputs,
@@ -120,7 +121,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
                 for chunk, counted in distributed.even_batches(chunks, val_ex[:1], sharded):
                     batch = collate_ranked(chunk, pad_id, share_prefix=share)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        result, _ = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
+                        result = batch_loss(SequenceLogps(model)(**model_inputs(batch, device)), batch, cfg)
                     if counted:
                         parts.append(PreferenceSums.of(result))
             model.train()
@@ -134,8 +135,10 @@ def train(cfg: DPOConfig, resume: bool = False) -> Path:
     # 5. the loop: one global batch of prompts per optimizer step, the loss normalised by the
     #    step's global count of prompts ------------------------------------------------------------
     def train_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PreferenceSums]:
-        parts, ptx_nll = batch_loss(fn(**model_inputs(batch, device)), batch, cfg)
-        return parts.total, PreferenceSums.of(parts, ptx_nll)
+        flat = fn(**model_inputs(batch, device))
+        parts, ptx_nll = batch_loss(flat, batch, cfg), demo_nll(flat, batch)  # ptx_nll: 0 without dpo.ptx_coef
+        parts = parts._replace(total=parts.total + cfg.dpo.ptx_coef * ptx_nll)
+        return parts.total, PreferenceSums.of(parts, float(ptx_nll.detach()))
 
     steps = loop.Steps(train_ex, global_batch, cfg.train.batch_prompts,
                        collate=lambda part: collate_ranked(part, pad_id, share_prefix=share, demos=ptx),
