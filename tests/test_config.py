@@ -82,5 +82,7 @@ def test_dpo_yaml_trains_at_the_recipes_step():
     run = RecipeInputs(policy="p", reference=None, reward_model="r", reward_ensemble=[], store="s", prompts="q",
                        demos="d", model={}, out="o", seed=0, sample_tokens=128, max_length=320)
     cfg = load_config(DPOConfig, Path(__file__).parents[1] / "configs/dpo.yaml")
-    assert cfg.optim.lr == dpo_recipe(run)["optim"]["lr"] == 5e-6
+    assert cfg.optim.lr == dpo_recipe(run)["optim"]["lr"] == 2e-5
+    assert cfg.dpo.ptx_coef == dpo_recipe(run)["dpo"]["ptx_coef"] == 1.0
     assert dpo_recipe(run)["data"]["ptx"] == "d"  # the run's demonstrations, for dpo.ptx_coef
+    assert cfg.data.ptx == "runs/demo/data/demos.jsonl"  # where `make demo` writes them

@@ -154,12 +154,13 @@ class RSConfig(Section):
 
 def dpo_recipe(run: RecipeInputs) -> dict[str, Any]:
     """The DPO stage on a pipeline run: the store's RM rankings (10% of the prompts held out) at the
-    RM's sequence length, from the run's policy, one epoch at lr 5e-6; the run's demonstrations
-    are at hand for the SFT-loss term (off unless ``dpo.ptx_coef`` > 0)."""
+    RM's sequence length, from the run's policy, one epoch at lr 2e-5 with the SFT loss on the
+    run's demonstrations at weight 1 (``dpo.ptx_coef``; docs/results.md: the step with the term kept
+    IFEval and constraints where lr 6e-6 without it lost IFEval's instructions)."""
     return {"model": {"path": run.policy, **run.model, **({"reference": run.reference} if run.reference else {})},
             "data": {"train": f"store:{run.store}", "split": "rm", "val_fraction": 0.1, "max_length": run.max_length,
                      "ptx": run.demos},
-            "optim": {"lr": 5e-6}, "train": {"epochs": 1, "batch_prompts": 8},
+            "dpo": {"ptx_coef": 1.0}, "optim": {"lr": 2e-5}, "train": {"epochs": 1, "batch_prompts": 8},
             "run": {"out": run.out, "seed": run.seed, "progress": True}}
 
 
