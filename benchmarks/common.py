@@ -18,7 +18,6 @@ import datetime as dt
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -140,7 +139,9 @@ def version(module: str) -> str | None:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+    from preflab.run import peak_rss_mb  # this process's own peak, not its parent's at fork
+
+    return peak_rss_mb() / 1024
 
 
 def spawn(script: str, args: list[str], config: str, env: dict[str, str] | None = None) -> dict[str, Any]:

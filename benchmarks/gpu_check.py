@@ -58,7 +58,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -669,7 +668,9 @@ def child(name: str, c: Check, path: Path) -> None:
     """``--part NAME --result PATH``: run one part, write its result to PATH, leave at once (no
     teardown of process groups or engines that could hang once the result is safe)."""
     result = run_here(name, c)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from preflab.run import peak_rss_mb
+
+    result["peak_rss_mib"] = peak_rss_mb()  # this part's process, not the parent's memory at fork
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, default=str))
     tmp.rename(path)

@@ -192,3 +192,13 @@ def test_the_lock_is_taken_again_by_its_own_process(tmp_path, holder):
     assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
     unlock_run_dir(tmp_path)
     holder(tmp_path)  # another process takes it now
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents_at_fork():
+    """A stage started by a process that holds a model must report its own peak: Linux's ru_maxrss
+    keeps the parent's resident size across fork and exec (benchmarks/fsdp_memory.py's baseline
+    once read 1.4 GiB for a 0.4 GiB run because its parent held the benchmark's model)."""
+    blob = b"\x01" * (400 * 2**20)  # written, so resident in this process
+    out = subprocess.run([sys.executable, "-c", "from preflab.run import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert len(blob) and float(out) < 200, out

@@ -75,7 +75,16 @@ def versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process in MiB: Linux's VmHWM where there is one, since
+    ``ru_maxrss`` keeps the parent's resident size at fork across exec (a stage started by a
+    process holding a model would report that model); else ``ru_maxrss`` (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
