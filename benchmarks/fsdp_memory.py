@@ -4,7 +4,7 @@ A random Llama (``--hidden``, ``--layers``; the default has 90.4M parameters, wi
 byte-level tokenizer) is saved to a temporary directory, then trained ``--steps`` steps by
 ``torchrun --nproc_per_node 2 -m preflab.cli sft`` once with ``train.parallel=ddp`` and once with
 ``train.parallel=fsdp``: fp32 weights and AdamW, no bf16, 2 sequences of about 70 tokens per rank
-per step, no checkpoint before the last step. The figure is rank 0's peak RSS (``ru_maxrss``,
+per step, no checkpoint before the last step. The figure is rank 0's peak RSS (``VmHWM``,
 the ``perf/peak_rss_mb`` of the last step's metrics row, before the final checkpoint and export),
 beside the model state the arithmetic expects per rank: 16 bytes per parameter (fp32 weights,
 gradients, Adam's two moments), divided by the ranks under FSDP. Peak RSS also holds what every
@@ -25,6 +25,7 @@ No outside peer: DDP and FSDP (torch's, as ``train.parallel`` runs them) are eac
     .venv/bin/python benchmarks/fsdp_memory.py --smoke   # a 1-layer model of width 256, 1 step (seconds)
     .venv/bin/python benchmarks/fsdp_memory.py --stage rl   # the RL stage; fsdp_memory_rl.json
     .venv/bin/python benchmarks/fsdp_memory.py --stage rl --bf16   # in bf16; fsdp_memory_rl_bf16.json
+    .venv/bin/python benchmarks/fsdp_memory.py --stage rl --layers 24 --out benchmarks/results/fsdp_memory_rl_24l.json
 """
 
 from __future__ import annotations
