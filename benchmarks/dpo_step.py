@@ -11,7 +11,7 @@ depend on the text); TRL gets them pre-tokenised (``prompt_ids``, ``chosen_ids``
 Each tool runs in its own subprocess (``--one preflab|trl``), the tools alternating for
 ``--rounds`` rounds (preflab, trl, preflab, trl, ...): load, ``--warmup`` steps, then
 ``--steps`` timed steps. A tool's s/step is the median of its timed steps over all rounds;
-peak RSS is the largest ``ru_maxrss`` of its processes. The 1-minute load average is recorded
+peak RSS is the largest of its processes' own peaks (``VmHWM``). The 1-minute load average is recorded
 before and after every process (the machine is shared: read the ratio, which alternation keeps
 fair, more than the absolute times).
 
